@@ -1,0 +1,272 @@
+"""Backbones, projectors and the `SSLModel` wrapper every analysis works with.
+
+Notation (DESIGN.md): a patch ``x`` gives the embedding ``h = f(x)`` (pooled backbone output) and
+the projection ``z = g(h)``. EMP-SSL puts a ``pre_feature`` layer between them:
+``z = projection(pre_feature(h))``.
+
+The ResNets here keep torchvision's parameter names exactly (``conv1``, ``bn1``, ``layer1.0.conv1``,
+``layer1.0.downsample.0``, ...) so that every published checkpoint maps onto them by prefix
+stripping alone. They add two things torchvision's constructors cannot express:
+
+- ``width``: every channel count multiplied (VICReg's ``resnet50x2`` doubles every width and gives a
+  4096-d embedding; torchvision's ``wide_resnet50_2`` only widens the bottleneck and is *not* the
+  same network). Widths below 1 give narrow ResNets for CPU training.
+- the CIFAR stem: 3x3 convolution, stride 1, no max-pool, with padding 1 (EMP-SSL, lightly) or 2
+  (solo-learn; the final map of a 32 px input is then 5x5 instead of 4x4).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+ARCHS = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 1.0),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 1.0),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 1.0),
+    "resnet50x2": (Bottleneck, (3, 4, 6, 3), 2.0),
+}
+
+
+class ResNet(nn.Module):
+    """A torchvision-compatible ResNet trunk that returns the pooled embedding ``h``.
+
+    There is no ``fc`` layer: the classifier of a checkpoint is dropped by the loader.
+    """
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: Sequence[int],
+        width: float = 1.0,
+        stem: str = "imagenet",
+        cifar_padding: int = 1,
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        base = max(1, int(round(64 * width)))
+        self.inplanes = base
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool: nn.Module = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(3, base, kernel_size=3, stride=1, padding=cifar_padding, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, base, layers[0])
+        self.layer2 = self._make_layer(block, base * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, base * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.embedding_dim = base * 8 * block.expansion
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        # base_width=64 keeps the bottleneck's inner width equal to `planes`, so scaling `planes`
+        # scales every width (VICReg's "widen"), unlike torchvision's width_per_group.
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(self.feature_map(x)), 1)
+
+
+def build_backbone(
+    arch: str, stem: str = "imagenet", cifar_padding: int = 1, width: float | None = None
+) -> tuple[ResNet, int]:
+    """Build a backbone by name; returns ``(model, embedding_dim)`` like vicreg/dino do.
+
+    ``width`` overrides the arch's own multiplier (``resnet50x2`` is resnet50 at width 2).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    block, layers, arch_width = ARCHS[arch]
+    model = ResNet(block, layers, width=arch_width if width is None else width, stem=stem,
+                   cifar_padding=cifar_padding)
+    return model, model.embedding_dim
+
+
+class L2Normalize(nn.Module):
+    """Divides by the L2 norm along the last dimension (EMP-SSL's projection output)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+
+def build_mlp(dims: Sequence[int], last_bias: bool = True, last_bn: bool = False) -> nn.Sequential:
+    """Linear-BN-ReLU blocks between ``dims``, a plain Linear at the end (VICReg's projector).
+
+    Module indices follow facebookresearch/vicreg's ``Projector`` (``0``: Linear, ``1``: BN,
+    ``2``: ReLU, ..., last: Linear), so its state_dict keys load without renaming.
+    """
+    if len(dims) < 2:
+        raise ValueError(f"a projector needs at least input and output dims, got {list(dims)}")
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=last_bias))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Preprocess:
+    """How a model wants its pixels: square input side, and the normalisation it was trained with.
+
+    ``mean``/``std`` are ``None`` when the model takes raw ``[0, 1]`` pixels (``normalize=False``).
+    """
+
+    input_size: int = 224
+    mean: tuple[float, float, float] | None = IMAGENET_MEAN
+    std: tuple[float, float, float] | None = IMAGENET_STD
+
+    @property
+    def normalize(self) -> bool:
+        return self.mean is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"] = list(self.mean) if self.mean is not None else None
+        d["std"] = list(self.std) if self.std is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        mean, std = d.get("mean"), d.get("std")
+        return cls(
+            input_size=int(d.get("input_size", 224)),
+            mean=tuple(float(v) for v in mean) if mean is not None else None,
+            std=tuple(float(v) for v in std) if std is not None else None,
+        )
+
+
+@dataclass
+class ModelInfo:
+    """What a loaded model is and where it came from (printed by the loader, stored with results)."""
+
+    method: str = "unknown"
+    arch: str = "resnet50"
+    stem: str = "imagenet"
+    cifar_padding: int | None = None
+    width: float = 1.0
+    embedding_dim: int = 0
+    projector_dims: list[int] | None = None
+    pre_feature_dims: list[int] | None = None
+    projection_normalized: bool = False
+    source: str | None = None
+    format: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SSLModel(nn.Module):
+    """A self-supervised backbone ``f`` with its optional projector ``g``.
+
+    Inputs to :meth:`embed` and :meth:`forward` are RGB images with values in ``[0, 1]`` (float,
+    B x 3 x S x S); the model applies its own normalisation (``preprocess``), so callers never need
+    to know which mean/std a checkpoint was trained with.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector: nn.Module | None = None,
+        pre_feature: nn.Module | None = None,
+        preprocess: Preprocess | None = None,
+        info: ModelInfo | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.pre_feature = pre_feature
+        self.preprocess = preprocess or Preprocess()
+        self.info = info or ModelInfo()
+        if self.preprocess.normalize:
+            mean = torch.tensor(self.preprocess.mean).view(1, 3, 1, 1)
+            std = torch.tensor(self.preprocess.std).view(1, 3, 1, 1)
+        else:
+            mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.info.embedding_dim
+
+    @property
+    def has_projector(self) -> bool:
+        return self.projector is not None
+
+    def normalize_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape B x 3 x H x W, got {tuple(x.shape)}")
+        return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``h = f(x)``: the pooled backbone output for ``[0, 1]`` RGB images."""
+        return self.backbone(self.normalize_pixels(x))
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """``z = g(h)`` (through ``pre_feature`` first for EMP-SSL)."""
+        if self.projector is None:
+            raise RuntimeError(
+                f"this checkpoint ({self.info.source or 'unknown source'}) has no projector: "
+                "only the embedding h is available"
+            )
+        if self.pre_feature is not None:
+            h = self.pre_feature(h)
+        return self.projector(h)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All representations of one batch: ``{"h": ..., "pre_feature": ..., "z": ...}``.
+
+        Keys for layers the model does not have are absent.
+        """
+        h = self.embed(x)
+        out = {"h": h}
+        if self.pre_feature is not None:
+            out["pre_feature"] = self.pre_feature(h)
+        if self.projector is not None:
+            out["z"] = self.projector(out.get("pre_feature", h))
+        return out

@@ -1,0 +1,45 @@
+"""Shared fixtures. Tests that need the real data sets skip, with the reason, when they are absent."""
+import os
+from pathlib import Path
+
+import pytest
+
+DATA_ENV = "SSL_PATCH_ANALYSIS_DATA"
+
+
+def shared_data_root() -> Path:
+    """The folder holding cifar10_jpeg.npz / imagenette_jpeg.npz (the Makefile sets the variable)."""
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return shared_data_root()
+
+
+def _need(name: str) -> Path:
+    path = shared_data_root() / name
+    if not path.exists():
+        pytest.skip(f"real data file {path} is absent (set {DATA_ENV} to the folder holding {name})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar10_npz() -> Path:
+    return _need("cifar10_jpeg.npz")
+
+
+@pytest.fixture(scope="session")
+def imagenette_npz() -> Path:
+    return _need("imagenette_jpeg.npz")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep decoded-data caches of the test run out of the user's cache folder."""
+    if "SSL_PATCH_ANALYSIS_CACHE" not in os.environ:
+        os.environ["SSL_PATCH_ANALYSIS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
