@@ -148,6 +148,63 @@ def build_mlp(dims: Sequence[int], last_bias: bool = True, last_bn: bool = False
     return nn.Sequential(*layers)
 
 
+def mlp_layout(mlp: nn.Sequential) -> list[dict[str, Any]]:
+    """Describe a projector as plain values (layer types and sizes), enough to rebuild it.
+
+    Supports the layers every supported projector is made of: Linear, BatchNorm1d, ReLU,
+    Identity and L2Normalize. The layout is what the project's own checkpoint format stores.
+    """
+    layout: list[dict[str, Any]] = []
+    for index, layer in enumerate(mlp):
+        if isinstance(layer, nn.Linear):
+            layout.append({"type": "linear", "in": layer.in_features, "out": layer.out_features,
+                           "bias": layer.bias is not None})
+        elif isinstance(layer, nn.BatchNorm1d):
+            layout.append({"type": "batchnorm", "features": layer.num_features, "affine": layer.affine,
+                           "eps": layer.eps})
+        elif isinstance(layer, nn.ReLU):
+            layout.append({"type": "relu"})
+        elif isinstance(layer, nn.Identity):
+            layout.append({"type": "identity"})
+        elif isinstance(layer, L2Normalize):
+            layout.append({"type": "l2normalize"})
+        else:
+            raise ValueError(
+                f"cannot describe projector layer {index} ({type(layer).__name__}): only Linear, "
+                "BatchNorm1d, ReLU, Identity and L2Normalize layers are supported"
+            )
+    return layout
+
+
+def build_mlp_from_layout(layout: Sequence[dict[str, Any]]) -> nn.Sequential:
+    """Rebuild a projector from :func:`mlp_layout`'s description (same module indices)."""
+    layers: list[nn.Module] = []
+    for index, spec in enumerate(layout):
+        kind = spec.get("type")
+        if kind == "linear":
+            layers.append(nn.Linear(int(spec["in"]), int(spec["out"]), bias=bool(spec.get("bias", True))))
+        elif kind == "batchnorm":
+            layers.append(nn.BatchNorm1d(int(spec["features"]), eps=float(spec.get("eps", 1e-5)),
+                                         affine=bool(spec.get("affine", True))))
+        elif kind == "relu":
+            layers.append(nn.ReLU(inplace=True))
+        elif kind == "identity":
+            layers.append(nn.Identity())
+        elif kind == "l2normalize":
+            layers.append(L2Normalize())
+        else:
+            raise ValueError(f"unknown projector layer type {kind!r} at index {index} of the layout")
+    return nn.Sequential(*layers)
+
+
+def mlp_dims(layout: Sequence[dict[str, Any]]) -> list[int]:
+    """The feature sizes along a projector: input of the first Linear, then each Linear's output."""
+    linears = [spec for spec in layout if spec.get("type") == "linear"]
+    if not linears:
+        return []
+    return [int(linears[0]["in"])] + [int(spec["out"]) for spec in linears]
+
+
 @dataclass
 class Preprocess:
     """How a model wants its pixels: square input side, and the normalisation it was trained with.

@@ -1,0 +1,779 @@
+"""One loader for every supported self-supervised checkpoint format.
+
+``load_model`` reads a checkpoint (always with ``weights_only=True``: checkpoints are untrusted
+input), detects its layout, maps its keys onto torchvision's ResNet names (stripping ``module.``,
+``backbone.``, ``encoder.``, dropping classifiers, momentum encoders and predictors), infers the
+architecture from the tensor shapes, builds an :class:`SSLModel` and loads it with
+``strict=True``. When the keys do not match, the error names the missing, unexpected and
+mis-shaped keys.
+
+Formats (``detect_format`` returns the name on the left):
+
+- ``ssl_patch_analysis``: the project's own format, written by :func:`save_checkpoint`.
+- ``backbone``: a bare ResNet state_dict with torchvision names and no ``fc`` (VICReg's
+  ``resnet50.pth``, DINO's ``dino_resnet50_pretrain.pth``).
+- ``torchvision``: the same with its ``fc`` classifier (dropped).
+- ``vicreg-full``: facebookresearch/vicreg ``{"epoch", "model", "optimizer"}`` with
+  ``module.backbone.*`` and ``module.projector.*``.
+- ``backbone-projector``: a raw ``state_dict()`` of a model with ``backbone``/``projector``
+  submodules (VICReg-style module saved directly).
+- ``solo-learn``: a Lightning ``.ckpt`` of vturrisi/solo-learn (``backbone.*`` or the older
+  ``encoder.*``, ``projector.*``); ``args.json`` beside the file is read when present.
+- ``emp-ssl``: tsb0601/EMP-SSL ``{epoch}.pt`` (``module.backbone``, ``module.pre_feature``,
+  ``module.projection``; the projection is L2-normalised).
+- ``lightly``: lightly-ai/lightly models (``backbone`` = ``nn.Sequential`` of torchvision's
+  children, ``projection_head.layers``), raw or inside a Lightning ``.ckpt``.
+- ``sthalles-simclr``: sthalles/SimCLR ``{"epoch", "arch", "state_dict"}``, projection head in
+  ``backbone.fc``.
+- ``vissl``: VISSL ``classy_state_dict -> base_model -> model -> {trunk, heads}``.
+- ``dino-full``: facebookresearch/dino full checkpoint; the ``teacher`` backbone is loaded. The
+  DINO head (MLP + weight-normalised prototypes) is not a projector in this project's sense and is
+  ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .models import (
+    ARCHS,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    L2Normalize,
+    ModelInfo,
+    Preprocess,
+    ResNet,
+    SSLModel,
+    build_backbone,
+    build_mlp,
+    build_mlp_from_layout,
+    mlp_dims,
+    mlp_layout,
+)
+from .weights import NAMED_WEIGHTS, resolve_checkpoint
+
+OWN_FORMAT = "ssl_patch_analysis"
+OWN_VERSION = 1
+
+FORMATS: dict[str, str] = {
+    OWN_FORMAT: "this project's own checkpoint (save_checkpoint)",
+    "backbone": "bare ResNet state_dict, torchvision names, no fc (VICReg resnet50.pth, DINO backbone)",
+    "torchvision": "plain torchvision ResNet state_dict with its fc classifier",
+    "vicreg-full": "facebookresearch/vicreg full checkpoint {epoch, model, optimizer}",
+    "backbone-projector": "raw state_dict of a model with backbone/projector submodules",
+    "solo-learn": "vturrisi/solo-learn Lightning .ckpt (state_dict with backbone./encoder., projector.)",
+    "emp-ssl": "tsb0601/EMP-SSL {epoch}.pt (backbone, pre_feature, projection)",
+    "lightly": "lightly-ai/lightly model (backbone = Sequential of torchvision children, projection_head)",
+    "sthalles-simclr": "sthalles/SimCLR {epoch, arch, state_dict} with the head in backbone.fc",
+    "vissl": "facebookresearch/vissl classy_state_dict (trunk _feature_blocks, heads)",
+    "dino-full": "facebookresearch/dino full checkpoint {student, teacher, ...}",
+}
+
+# Means/stds solo-learn normalises each data set with (solo/data/pretrain_dataloader.py).
+SOLO_LEARN_MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4914, 0.4823, 0.4466), (0.247, 0.243, 0.261)),
+    "imagenet100": (IMAGENET_MEAN, IMAGENET_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+EMP_SSL_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+# torchvision's ResNet children in order; lightly's backbone is nn.Sequential(*children[:-1]).
+_TORCHVISION_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
+
+
+def _unpickled_function_placeholder(*args: Any, **kwargs: Any) -> None:
+    """Stands in for a function reference pickled inside an optimizer state (never called)."""
+    raise RuntimeError("placeholder for a function stored in a checkpoint's optimizer state")
+
+
+# Globals that real checkpoints carry outside their weights and that are safe to unpickle:
+# DINO's full checkpoint stores its argparse Namespace; VICReg's full checkpoint stores the LARS
+# filter function in the optimizer's param_groups (under the script's module name). Functions are
+# mapped to a placeholder, so no code from the file ever runs.
+_BENIGN_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    (_unpickled_function_placeholder, "__main__.exclude_bias_and_norm"),
+    (_unpickled_function_placeholder, "main_vicreg.exclude_bias_and_norm"),
+]
+
+
+@dataclass
+class _Parts:
+    """What a format handler extracts: state_dicts in torchvision/Sequential names plus hints."""
+
+    backbone: dict[str, torch.Tensor]
+    projector: dict[str, torch.Tensor] | None = None
+    projector_layout: list[dict[str, Any]] | None = None
+    pre_feature: dict[str, torch.Tensor] | None = None
+    pre_feature_layout: list[dict[str, Any]] | None = None
+    method: str = "unknown"
+    cifar_padding: int | None = None
+    preprocess: Preprocess | None = None
+    input_size: int | None = None
+    mean_std: tuple[Any, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint file {path} is empty (0 bytes): an interrupted download or copy? "
+                         "Fetch or copy it again.")
+    try:
+        with torch.serialization.safe_globals(_BENIGN_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path)
+        if unsafe or "Unsupported global" in str(err):
+            found = ", ".join(unsafe) if unsafe else str(err).splitlines()[0]
+            raise RuntimeError(
+                f"{path} contains Python objects that are not plain tensors/containers ({found}), so it "
+                "was refused for safety: unpickling them could run arbitrary code. If you trust the file, "
+                "re-save only its weights in a trusted session, e.g. torch.save(obj.state_dict(), "
+                "'weights.pth') for a pickled model, and load that file instead."
+            ) from err
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
+                         f"{str(err).splitlines()[-1]}); fetch or copy it again") from err
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: {err}); "
+                         "fetch or copy it again") from err
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Names of the globals a checkpoint would need beyond the allowed ones (zip files only)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - a legacy or corrupt file: the caller reports torch's message
+        return []
+    allowed = {item[1] if isinstance(item, tuple) else f"{item.__module__}.{item.__qualname__}"
+               for item in _BENIGN_GLOBALS}
+    return [name for name in found if name not in allowed]
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _strip(key: str, prefixes: tuple[str, ...]) -> str:
+    """Remove each prefix once, in order, where present (``str.removeprefix``, never lstrip)."""
+    for prefix in prefixes:
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _is_lightly(keys: list[str]) -> bool:
+    return any(k.startswith("projection_head.") or re.match(r"backbone\.\d+\.", k) for k in keys)
+
+
+def detect_format(obj: dict) -> str:
+    """Name the layout of a loaded checkpoint object (one of :data:`FORMATS`)."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"unknown checkpoint layout: the file holds a {type(obj).__name__}, not a dict; "
+                         f"known formats: {_formats_list()}")
+    if obj.get("format") == OWN_FORMAT:
+        return OWN_FORMAT
+    if isinstance(obj.get("classy_state_dict"), Mapping):
+        return "vissl"
+    if isinstance(obj.get("teacher"), Mapping):
+        return "dino-full"
+    state = obj.get("state_dict")
+    if _is_tensor_dict(state):
+        keys = list(state)
+        if "arch" in obj and any(k.startswith("backbone.fc.") for k in keys):
+            return "sthalles-simclr"
+        if _is_lightly(keys):
+            return "lightly"
+        if any(k.startswith(("backbone.", "encoder.")) for k in keys):
+            return "solo-learn"
+    model = obj.get("model")
+    if _is_tensor_dict(model) and any(_strip(k, ("module.",)).startswith("backbone.") for k in model):
+        return "vicreg-full"
+    if _is_tensor_dict(obj):
+        keys = [_strip(k, ("module.",)) for k in obj]
+        if any(k.startswith("pre_feature.") for k in keys):
+            return "emp-ssl"
+        if _is_lightly(keys):
+            return "lightly"
+        if any(k.startswith(("backbone.", "encoder.")) for k in keys):
+            return "backbone-projector"
+        if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+            return "torchvision" if "fc.weight" in keys else "backbone"
+    found = ", ".join(repr(k) for k in list(obj)[:12]) + (" ..." if len(obj) > 12 else "")
+    raise ValueError(f"unknown checkpoint layout: top-level keys found: {found or '(none)'}; "
+                     f"known formats: {_formats_list()}")
+
+
+def _formats_list() -> str:
+    return "; ".join(f"{name} ({desc})" for name, desc in FORMATS.items())
+
+
+# ----------------------------------------------------------------------------- key mapping
+
+
+def _sub_state(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _torchvision_backbone(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep the trunk, drop ``fc.*`` (a classifier or SimCLR head): returns (trunk, dropped keys)."""
+    trunk = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return trunk, [k for k in state if k.startswith("fc.")]
+
+
+def _lightly_backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ``0.weight`` / ``4.0.conv1.weight`` (Sequential of torchvision children) to torchvision names."""
+    renamed = {}
+    for key, value in state.items():
+        index, _, rest = key.partition(".")
+        if not index.isdigit() or int(index) >= len(_TORCHVISION_CHILDREN):
+            renamed[key] = value  # left as is: reported as unexpected by the strict load
+            continue
+        renamed[f"{_TORCHVISION_CHILDREN[int(index)]}.{rest}"] = value
+    return renamed
+
+
+def _group_by_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in state:
+        head = key.split(".", 1)[0]
+        counts[head] = counts.get(head, 0) + 1
+    return counts
+
+
+def infer_mlp_layout(state: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """Rebuild a projector's layer list from its ``nn.Sequential`` state_dict alone.
+
+    A layer with ``running_mean`` is a BatchNorm1d, one with a 2-D ``weight`` a Linear. Indices
+    without parameters between them are activations: ReLU in every supported projector
+    (VICReg, SimCLR, BYOL, lightly, solo-learn, EMP-SSL heads).
+    """
+    by_index: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit():
+            raise ValueError(f"projector key {key!r} is not of the form '<index>.<param>' of an nn.Sequential")
+        by_index.setdefault(int(index), {})[name] = value
+    layout: list[dict[str, Any]] = []
+    for index in range(max(by_index) + 1 if by_index else 0):
+        params = by_index.get(index)
+        if params is None:
+            layout.append({"type": "relu"})
+        elif "running_mean" in params:
+            layout.append({"type": "batchnorm", "features": params["running_mean"].numel(),
+                           "affine": "weight" in params})
+        elif "weight" in params and params["weight"].ndim == 2:
+            out_features, in_features = params["weight"].shape
+            layout.append({"type": "linear", "in": int(in_features), "out": int(out_features),
+                           "bias": "bias" in params})
+        else:
+            raise ValueError(f"projector layer {index} has parameters {sorted(params)}: neither a Linear "
+                             "nor a BatchNorm1d, so it cannot be rebuilt")
+    return layout
+
+
+# ----------------------------------------------------------------------------- format handlers
+
+
+def _solo_learn_args(path: Path) -> dict[str, Any]:
+    args_file = path.parent / "args.json"
+    if not args_file.is_file():
+        return {}
+    try:
+        return json.loads(args_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{args_file} (solo-learn's run arguments beside the checkpoint) is not valid "
+                         f"JSON: {err}") from err
+
+
+def _lookup(args: Mapping[str, Any], *paths: str) -> Any:
+    """First value found at any dotted path (solo-learn's newer nested and older flat args.json)."""
+    for dotted in paths:
+        node: Any = args
+        for part in dotted.split("."):
+            if isinstance(node, list):
+                node = node[0] if node else None
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            return node
+    return None
+
+
+def _parts_solo_learn(obj: Mapping[str, Any], path: Path) -> _Parts:
+    state = {_strip(k, ("module.",)): v for k, v in obj["state_dict"].items()}
+    prefix = "backbone." if any(k.startswith("backbone.") for k in state) else "encoder."
+    backbone, dropped = _torchvision_backbone(_sub_state(state, prefix))
+    projector = _sub_state(state, "projector.") or None
+    kept = {prefix.rstrip("."), "projector"}
+    extra: dict[str, Any] = {"dropped": {k: n for k, n in _group_by_prefix(state).items() if k not in kept}}
+    if dropped:
+        extra["dropped"]["backbone.fc"] = len(dropped)
+    args = _solo_learn_args(path)
+    parts = _Parts(backbone=backbone, projector=projector, method=str(args.get("method", "unknown")),
+                   cifar_padding=2, extra=extra)  # solo-learn's CIFAR conv1 always uses padding=2
+    if args:
+        extra["args_json"] = str(path.parent / "args.json")
+        dataset = _lookup(args, "data.dataset", "dataset")
+        mean = _lookup(args, "augmentations.mean", "mean")
+        std = _lookup(args, "augmentations.std", "std")
+        if dataset in SOLO_LEARN_MEAN_STD:
+            parts.mean_std = SOLO_LEARN_MEAN_STD[dataset]
+        elif mean is not None and std is not None:
+            parts.mean_std = (tuple(mean), tuple(std))
+        else:
+            parts.mean_std = (IMAGENET_MEAN, IMAGENET_STD)
+        crop = _lookup(args, "augmentations.crop_size", "crop_size")
+        if isinstance(crop, list):
+            crop = crop[0] if crop else None
+        if crop is not None:
+            parts.input_size = int(crop)
+        extra["dataset"] = dataset
+    return parts
+
+
+def _parts_vicreg_full(obj: Mapping[str, Any]) -> _Parts:
+    state = {_strip(k, ("module.",)): v for k, v in obj["model"].items()}
+    backbone, _ = _torchvision_backbone(_sub_state(state, "backbone."))
+    projector = _sub_state(state, "projector.") or None
+    return _Parts(backbone=backbone, projector=projector, method="vicreg",
+                  extra={"epoch": obj.get("epoch")})
+
+
+def _parts_backbone_projector(obj: Mapping[str, Any]) -> _Parts:
+    state = {_strip(k, ("module.",)): v for k, v in obj.items()}
+    prefix = "backbone." if any(k.startswith("backbone.") for k in state) else "encoder."
+    backbone, _ = _torchvision_backbone(_sub_state(state, prefix))
+    kept = {prefix.rstrip("."), "projector"}
+    return _Parts(backbone=backbone, projector=_sub_state(state, "projector.") or None,
+                  extra={"dropped": {k: n for k, n in _group_by_prefix(state).items() if k not in kept}})
+
+
+def _parts_emp_ssl(obj: Mapping[str, Any]) -> _Parts:
+    state = {_strip(k, ("module.",)): v for k, v in obj.items()}
+    backbone, _ = _torchvision_backbone(_sub_state(state, "backbone."))
+    pre_feature = _sub_state(state, "pre_feature.")
+    projection = _sub_state(state, "projection.")
+    # EMP-SSL: pre_feature = Linear-BN-ReLU (the trailing ReLU has no weights to show it),
+    # z = F.normalize(projection(pre_feature(h))).
+    return _Parts(
+        backbone=backbone,
+        pre_feature=pre_feature, pre_feature_layout=infer_mlp_layout(pre_feature) + [{"type": "relu"}],
+        projector=projection, projector_layout=infer_mlp_layout(projection) + [{"type": "l2normalize"}],
+        method="emp-ssl", cifar_padding=1, mean_std=EMP_SSL_MEAN_STD,
+        extra={"note": "EMP-SSL evaluates on the pre_feature output (the 'pre_feature' key of forward)"},
+    )
+
+
+def _parts_lightly(obj: Mapping[str, Any]) -> _Parts:
+    state = obj["state_dict"] if _is_tensor_dict(obj.get("state_dict")) else obj
+    state = {_strip(k, ("module.",)): v for k, v in state.items()}
+    backbone = _lightly_backbone(_sub_state(state, "backbone."))
+    projector = _sub_state(state, "projection_head.layers.") or None
+    kept = {"backbone", "projection_head"}
+    return _Parts(
+        backbone=backbone, projector=projector,
+        # lightly's transforms normalise with ImageNet statistics by default, CIFAR included.
+        mean_std=(IMAGENET_MEAN, IMAGENET_STD),
+        extra={"dropped": {k: n for k, n in _group_by_prefix(state).items() if k not in kept}},
+    )
+
+
+def _parts_sthalles(obj: Mapping[str, Any], path: Path) -> _Parts:
+    state = _sub_state(obj["state_dict"], "backbone.")
+    backbone, _ = _torchvision_backbone(state)
+    extra: dict[str, Any] = {"arch_in_file": obj.get("arch"), "epoch": obj.get("epoch")}
+    # sthalles/SimCLR trains without Normalize (ToTensor only) on STL10 (96 px, its default) or
+    # CIFAR-10 (32 px); config.yml beside the checkpoint names the data set.
+    input_size, dataset = 96, None
+    config = path.parent / "config.yml"
+    if config.is_file():
+        match = re.search(r"^dataset_name:\s*(\S+)", config.read_text(), re.MULTILINE)
+        dataset = match.group(1) if match else None
+    if dataset == "cifar10":
+        input_size = 32
+    elif dataset is None:
+        extra.setdefault("assumed", []).append("input size 96 (STL10, sthalles/SimCLR's default data set)")
+    extra["dataset"] = dataset
+    return _Parts(backbone=backbone, projector=_sub_state(state, "fc."), method="simclr",
+                  preprocess=Preprocess(input_size=input_size, mean=None, std=None), extra=extra)
+
+
+def _parts_vissl(obj: Mapping[str, Any]) -> _Parts:
+    model = obj["classy_state_dict"].get("base_model", {}).get("model", {})
+    trunk = model.get("trunk")
+    if not _is_tensor_dict(trunk):
+        raise ValueError("VISSL checkpoint without classy_state_dict['base_model']['model']['trunk'] weights")
+    backbone, _ = _torchvision_backbone({_strip(k, ("module.", "_feature_blocks.")): v for k, v in trunk.items()})
+    heads = model.get("heads")
+    parts = _Parts(backbone=backbone, extra={"phase_idx": obj.get("phase_idx")})
+    if _is_tensor_dict(heads):
+        # heads is a ModuleList of VISSL MLPs ("<head>.clf.<layer>"); chained, they form the
+        # projection head. A ReLU follows every head but the last (use_relu in VISSL's SimCLR
+        # config); it has no weights, so it is assumed.
+        layout: list[dict[str, Any]] = []
+        projector: dict[str, torch.Tensor] = {}
+        head_ids = sorted({int(k.split(".", 1)[0]) for k in heads})
+        for position, head in enumerate(head_ids):
+            head_state = _sub_state(heads, f"{head}.clf.")
+            head_layout = infer_mlp_layout(head_state)
+            for key, value in head_state.items():
+                index, _, name = key.partition(".")
+                projector[f"{len(layout) + int(index)}.{name}"] = value
+            layout += head_layout
+            if position < len(head_ids) - 1:
+                layout.append({"type": "relu"})
+        parts.projector, parts.projector_layout = projector, layout
+        if len(head_ids) > 1:
+            parts.extra.setdefault("assumed", []).append("ReLU between VISSL heads (SimCLR config)")
+    return parts
+
+
+def _parts_dino_full(obj: Mapping[str, Any]) -> _Parts:
+    state = {_strip(k, ("module.",)): v for k, v in obj["teacher"].items()}
+    backbone, _ = _torchvision_backbone(_sub_state(state, "backbone."))
+    head_keys = [k for k in state if not k.startswith("backbone.")]
+    return _Parts(backbone=backbone, method="dino",
+                  extra={"dropped": {"teacher head (DINO head, not loaded)": len(head_keys)},
+                         "epoch": obj.get("epoch")})
+
+
+def _parts_plain(obj: Mapping[str, Any]) -> _Parts:
+    state = {_strip(k, ("module.", "backbone.", "encoder.")): v for k, v in obj.items()}
+    backbone, dropped = _torchvision_backbone(state)
+    return _Parts(backbone=backbone, extra={"dropped": {"fc": len(dropped)}} if dropped else {})
+
+
+# ----------------------------------------------------------------------------- architecture
+
+
+def infer_backbone_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, str, float]:
+    """``(arch, stem, width)`` of a ResNet state_dict with torchvision names, from shapes alone.
+
+    The stem is ``cifar`` when conv1 is 3x3 (stride and padding are not stored in weights) and
+    ``imagenet`` when it is 7x7; the width is conv1's channel count over 64 (VICReg's
+    ``resnet50x2`` has 128).
+    """
+    conv1 = state.get("conv1.weight")
+    if conv1 is None or conv1.ndim != 4:
+        raise ValueError("cannot infer the architecture: no 4-D 'conv1.weight' among the backbone keys "
+                         f"(found e.g. {', '.join(list(state)[:5]) or 'nothing'})")
+    kernel = conv1.shape[-1]
+    if kernel not in (3, 7):
+        raise ValueError(f"cannot infer the stem: conv1 is {kernel}x{kernel} (expected 7x7 ImageNet or 3x3 CIFAR)")
+    stem = "imagenet" if kernel == 7 else "cifar"
+    width = conv1.shape[0] / 64
+    block = Bottleneck if any(k.startswith("layer1.0.conv3.") for k in state) else BasicBlock
+    layers = tuple(
+        len({int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()})
+        for i in range(1, 5)
+    )
+    matches = [(name, arch_width) for name, (b, l, arch_width) in ARCHS.items() if b is block and tuple(l) == layers]
+    if not matches:
+        raise ValueError(f"unsupported ResNet: {block.__name__} blocks {layers} per stage; supported: "
+                         + ", ".join(f"{n} {b.__name__} {tuple(l)}" for n, (b, l, _) in ARCHS.items()))
+    for name, arch_width in matches:
+        if arch_width == width:
+            return name, stem, width
+    base = next(name for name, arch_width in matches if arch_width == 1.0)
+    return base, stem, width
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, source: str) -> None:
+    """``load_state_dict(strict=True)`` after naming every missing, unexpected and mis-shaped key."""
+    expected = module.state_dict()
+    # A BatchNorm counter that old files lack; BatchNorm's loader fills it in, it never affects outputs.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshaped:
+        def some(items: list[str]) -> str:
+            return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "") if items else "none"
+        raise RuntimeError(
+            f"the {what} weights of {source} do not match the model built for them: "
+            f"{len(missing)} missing ({some(missing)}); {len(unexpected)} unexpected ({some(unexpected)}); "
+            f"{len(misshaped)} mis-shaped ({some(misshaped)}). Check the arch/stem arguments, or report "
+            "the file's layout if it is a supported format."
+        )
+    module.load_state_dict(dict(state), strict=True)
+
+
+def _float32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- own format
+
+
+def save_checkpoint(model: SSLModel, path: str | Path, train: dict | None = None, half: bool = False) -> None:
+    """Write ``model`` in the project's own format: one ``torch.save`` of tensors and plain values.
+
+    ``train`` holds what produced the model (method, patch size, epochs, data set, final
+    metrics). ``half=True`` stores floating tensors as float16 (for shipped models); they are
+    read back as float32. The file is written to a temporary name and renamed, so a crash never
+    leaves a partial checkpoint under ``path``.
+    """
+    if not isinstance(model.backbone, ResNet):
+        raise ValueError(f"save_checkpoint supports ResNet backbones only, got {type(model.backbone).__name__}")
+    info = model.info
+    # Read the architecture off the module itself, not off model.info, so that the file always
+    # describes the weights it holds.
+    arch_name, stem, width = infer_backbone_arch(model.backbone.state_dict())
+    padding = int(model.backbone.conv1.padding[0]) if stem == "cifar" else None
+
+    def tensors(module: nn.Module | None) -> dict[str, torch.Tensor] | None:
+        if module is None:
+            return None
+        state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        return {k: v.half() if half and v.is_floating_point() else v for k, v in state.items()}
+
+    projector_layout = mlp_layout(model.projector) if model.projector is not None else None
+    pre_feature_layout = mlp_layout(model.pre_feature) if model.pre_feature is not None else None
+    linears = [s for s in projector_layout or [] if s["type"] == "linear"]
+    arch = {
+        "name": arch_name, "stem": stem, "cifar_padding": padding, "width": float(width),
+        "embedding_dim": int(model.backbone.embedding_dim),
+        "projector_dims": mlp_dims(projector_layout) if projector_layout else None,
+        "projector_last_bias": bool(linears[-1]["bias"]) if linears else None,
+        "projector_layout": projector_layout,
+        "pre_feature_dims": mlp_dims(pre_feature_layout) if pre_feature_layout else None,
+        "pre_feature_layout": pre_feature_layout,
+        "projection_normalized": bool(projector_layout and projector_layout[-1]["type"] == "l2normalize"),
+    }
+    train = dict(train or {})
+    train.setdefault("method", info.method)
+    checkpoint = {
+        "format": OWN_FORMAT, "version": OWN_VERSION, "arch": arch,
+        "preprocess": model.preprocess.to_dict(),
+        "backbone": tensors(model.backbone), "projector": tensors(model.projector), "train": train,
+    }
+    if model.pre_feature is not None:
+        checkpoint["pre_feature"] = tensors(model.pre_feature)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_own(obj: Mapping[str, Any], source: str) -> SSLModel:
+    if obj.get("version") != OWN_VERSION:
+        raise ValueError(f"{source} is version {obj.get('version')!r} of the {OWN_FORMAT} format; this code "
+                         f"reads version {OWN_VERSION}: update ssl_patch_analysis")
+    arch = obj["arch"]
+    stem = arch.get("stem", "imagenet")
+    padding = arch.get("cifar_padding") or 1
+    backbone, dim = build_backbone(arch["name"], stem=stem, cifar_padding=padding, width=arch.get("width"))
+    _load_strict(backbone, _float32(obj["backbone"]), "backbone", source)
+
+    def head(kind: str) -> nn.Sequential | None:
+        state = obj.get(kind)
+        if state is None:
+            return None
+        layout = arch.get(f"{kind}_layout")
+        if layout is None:  # a hand-written file may give the VICReg-style dims only
+            module = build_mlp(arch[f"{kind}_dims"], last_bias=arch.get(f"{kind}_last_bias", True))
+            if kind == "projector" and arch.get("projection_normalized"):
+                module.append(L2Normalize())
+        else:
+            module = build_mlp_from_layout(layout)
+        _load_strict(module, _float32(state), kind, source)
+        return module
+
+    projector, pre_feature = head("projector"), head("pre_feature")
+    train = obj.get("train") or {}
+    info = ModelInfo(
+        method=str(train.get("method", "unknown")), arch=arch["name"], stem=stem,
+        cifar_padding=padding if stem == "cifar" else None, width=float(arch.get("width") or 1.0),
+        embedding_dim=dim, projection_normalized=bool(arch.get("projection_normalized")),
+        projector_dims=mlp_dims(mlp_layout(projector)) if projector is not None else None,
+        pre_feature_dims=mlp_dims(mlp_layout(pre_feature)) if pre_feature is not None else None,
+        extra={"train": train},
+    )
+    return SSLModel(backbone, projector, pre_feature, Preprocess.from_dict(obj["preprocess"]), info)
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def _extract(obj: Mapping[str, Any], fmt: str, path: Path) -> _Parts:
+    if fmt == "solo-learn":
+        return _parts_solo_learn(obj, path)
+    if fmt == "vicreg-full":
+        return _parts_vicreg_full(obj)
+    if fmt == "backbone-projector":
+        return _parts_backbone_projector(obj)
+    if fmt == "emp-ssl":
+        return _parts_emp_ssl(obj)
+    if fmt == "lightly":
+        return _parts_lightly(obj)
+    if fmt == "sthalles-simclr":
+        return _parts_sthalles(obj, path)
+    if fmt == "vissl":
+        return _parts_vissl(obj)
+    if fmt == "dino-full":
+        return _parts_dino_full(obj)
+    return _parts_plain(obj)
+
+
+def _build_from_parts(parts: _Parts, source: str, arch: str | None, stem: str | None,
+                      cifar_padding: int | None) -> SSLModel:
+    inferred_arch, inferred_stem, width = infer_backbone_arch(parts.backbone)
+    if arch is not None:
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+        width = ARCHS[arch][2]
+    arch = arch or inferred_arch
+    stem = stem or inferred_stem
+    assumed: list[str] = list(parts.extra.pop("assumed", []))
+    padding: int | None = None
+    if stem == "cifar":
+        padding = cifar_padding or parts.cifar_padding
+        if padding is None:
+            padding = 1
+            assumed.append("CIFAR stem padding 1 (not visible in weights; pass cifar_padding=2 for solo-learn-style nets)")
+    backbone, dim = build_backbone(arch, stem=stem, cifar_padding=padding or 1, width=width)
+    _load_strict(backbone, parts.backbone, "backbone", source)
+
+    def head(state: dict | None, layout: list | None, what: str) -> nn.Sequential | None:
+        if not state:
+            return None
+        module = build_mlp_from_layout(layout if layout is not None else infer_mlp_layout(state))
+        _load_strict(module, state, what, source)
+        return module
+
+    pre_feature = head(parts.pre_feature, parts.pre_feature_layout, "pre_feature")
+    projector = head(parts.projector, parts.projector_layout, "projector")
+
+    preprocess = parts.preprocess
+    if preprocess is None:
+        if parts.mean_std is not None:
+            mean, std = parts.mean_std
+        elif stem == "cifar":
+            mean, std = CIFAR10_MEAN, CIFAR10_STD
+            assumed.append("CIFAR-10 mean/std (the file does not say how inputs were normalised)")
+        else:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        size = parts.input_size or (32 if stem == "cifar" else 224)
+        preprocess = Preprocess(input_size=size, mean=tuple(float(v) for v in mean),
+                                std=tuple(float(v) for v in std))
+    if assumed:
+        parts.extra["assumed"] = assumed
+    info = ModelInfo(
+        method=parts.method, arch=arch, stem=stem,
+        cifar_padding=padding, width=width, embedding_dim=dim,
+        projector_dims=mlp_dims(mlp_layout(projector)) if projector is not None else None,
+        pre_feature_dims=mlp_dims(mlp_layout(pre_feature)) if pre_feature is not None else None,
+        projection_normalized=projector is not None and isinstance(projector[-1], L2Normalize),
+        extra=parts.extra,
+    )
+    return SSLModel(backbone, projector, pre_feature, preprocess, info)
+
+
+def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", download: bool = False,
+               arch: str | None = None, stem: str | None = None, verbose: bool = True,
+               cifar_padding: int | None = None) -> SSLModel:
+    """Load any supported checkpoint (a path, a published name, or a shipped name) as an SSLModel.
+
+    ``arch``/``stem``/``cifar_padding`` override what is inferred from the file. Published names
+    (``vicreg-resnet50``, ...) are downloaded into the torch hub cache only with ``download=True``.
+    The model is returned in eval mode on ``device``; ``model.info`` says what was loaded and
+    ``model.info.extra["assumed"]`` lists anything the file did not say.
+    """
+    if stem is not None and stem not in ("imagenet", "cifar"):
+        raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+    if cifar_padding is not None and cifar_padding not in (1, 2):
+        raise ValueError(f"cifar_padding must be 1 or 2, got {cifar_padding!r}")
+    path, name = resolve_checkpoint(name_or_path, download=download, verbose=verbose)
+    obj = read_checkpoint(path)
+    fmt = detect_format(obj)
+    source = str(path)
+    if fmt == OWN_FORMAT:
+        model = _load_own(obj, source)
+    else:
+        model = _build_from_parts(_extract(obj, fmt, path), source, arch, stem, cifar_padding)
+    model.info.source, model.info.format = source, fmt
+    if name is not None:
+        model.info.extra["name"] = name
+        if name in NAMED_WEIGHTS:
+            model.info.method = NAMED_WEIGHTS[name].method
+            model.info.extra["url"] = NAMED_WEIGHTS[name].url
+    model = model.to(device).eval()
+    if verbose:
+        print(describe(model, one_line=True))
+    return model
+
+
+def describe(model: SSLModel, one_line: bool = False) -> str:
+    """What a loaded model is: format, method, arch, dims, preprocessing and parameter count."""
+    info, pre = model.info, model.preprocess
+    stem = info.stem + (f" stem, padding {info.cifar_padding}" if info.stem == "cifar" else " stem")
+    n_params = sum(p.numel() for p in model.parameters())
+    projector = "-".join(map(str, info.projector_dims)) if info.projector_dims else "none"
+    if one_line:
+        return (f"loaded {info.source} [{info.format}]: {info.method} {info.arch} ({stem}), "
+                f"h {info.embedding_dim}-d, projector {projector}, {n_params / 1e6:.2f}M params")
+    norm = f"mean {list(pre.mean)}, std {list(pre.std)}" if pre.normalize else "none (raw [0, 1] pixels)"
+    lines = [
+        f"source:        {info.source}",
+        f"format:        {info.format} ({FORMATS.get(info.format or '', '')})",
+        f"method:        {info.method}",
+        f"arch:          {info.arch} (width {info.width:g}, {stem})",
+        f"embedding h:   {info.embedding_dim}-d",
+        f"pre_feature:   {'-'.join(map(str, info.pre_feature_dims)) if info.pre_feature_dims else 'none'}",
+        f"projector g:   {projector}" + (" (L2-normalised output)" if info.projection_normalized else ""),
+        f"preprocess:    input {pre.input_size} px, normalisation {norm}",
+        f"parameters:    {n_params:,}",
+    ]
+    for key, value in info.extra.items():
+        lines.append(f"{key + ':':<15}{value}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Inspect a checkpoint: print the format detected, architecture, dims and preprocessing.")
+    parser.add_argument("checkpoint", help="path to a checkpoint, a published name (e.g. vicreg-resnet50) "
+                                           "or a shipped name (e.g. vicreg)")
+    parser.add_argument("--download", action="store_true", help="download a published name if not cached")
+    parser.add_argument("--arch", choices=list(ARCHS), help="override the architecture inferred from shapes")
+    parser.add_argument("--stem", choices=["imagenet", "cifar"], help="override the stem inferred from conv1")
+    parser.add_argument("--cifar-padding", type=int, choices=[1, 2], help="CIFAR stem conv1 padding")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.checkpoint, download=args.download, arch=args.arch, stem=args.stem,
+                           cifar_padding=args.cifar_padding, verbose=False)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        sys.exit(f"error: {err}")
+    print(describe(model))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,531 @@
+"""The loader reads each project's real checkpoint layout and reproduces the writer's outputs.
+
+Every writer below is built independently of the loader (torchvision ResNets and nn.Sequential
+heads with the original projects' module names), saved in that project's exact layout, loaded
+with ``load_model``, and compared on the same images: the embedding ``h`` and, where there is a
+head, the projection ``z`` must agree to 1e-5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+from ssl_patch_analysis import weights
+from ssl_patch_analysis.checkpoints import (
+    FORMATS,
+    detect_format,
+    infer_backbone_arch,
+    load_model,
+    main,
+    save_checkpoint,
+)
+from ssl_patch_analysis.models import SSLModel, build_backbone, build_mlp
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_SOLO = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+ATOL = 1e-5
+
+
+def _randomize_norms(module: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms, so a mis-mapped BN changes the outputs."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_(0, 0.2)
+    return module.eval()
+
+
+def _tv_resnet(depth: int, cifar_padding: int | None = None, num_classes: int = 1000) -> nn.Module:
+    net = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50}[depth](num_classes=num_classes)
+    if cifar_padding is not None:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=cifar_padding, bias=False)
+        net.maxpool = nn.Identity()
+    return _randomize_norms(net)
+
+
+def _trunk(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled torchvision trunk output, computed without the loader's ResNet."""
+    return torch.flatten(nn.Sequential(*list(net.children())[:-1])(x), 1)
+
+
+def _normalize(x: torch.Tensor, mean_std) -> torch.Tensor:
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in mean_std)
+    return (x - mean) / std
+
+
+def _images(size: int) -> torch.Tensor:
+    return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _load(path, **kwargs) -> SSLModel:
+    return load_model(path, verbose=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def test_vicreg_backbone_only_resnet50(tmp_path):
+    # facebookresearch/vicreg resnet.py: ConstantPad2d(1) then conv1 with padding 2 (= padding 3).
+    writer = _tv_resnet(50)
+    writer.conv1.padding = (2, 2)
+    state = {k: v for k, v in writer.state_dict().items() if not k.startswith("fc.")}
+    torch.save(state, tmp_path / "resnet50.pth")
+
+    model = _load(tmp_path / "resnet50.pth")
+    x = _images(64)
+    with torch.no_grad():
+        expected = _trunk(writer, F.pad(_normalize(x, IMAGENET), (1, 1, 1, 1)))
+        torch.testing.assert_close(model.embed(x), expected, atol=ATOL, rtol=0)
+    assert model.info.format == "backbone"
+    assert (model.info.arch, model.info.stem, model.info.embedding_dim) == ("resnet50", "imagenet", 2048)
+    assert model.projector is None and not model.training
+    assert model.preprocess.input_size == 224 and model.preprocess.mean == IMAGENET[0]
+
+
+def test_vicreg_full_checkpoint_with_ddp_prefix_and_lars_filters(tmp_path, monkeypatch):
+    backbone = _tv_resnet(50)
+    backbone.fc = nn.Identity()
+    projector = _randomize_norms(nn.Sequential(
+        nn.Linear(2048, 64), nn.BatchNorm1d(64), nn.ReLU(True),
+        nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(True), nn.Linear(64, 32, bias=False)))
+    vicreg = nn.Module()
+    vicreg.backbone, vicreg.projector = backbone, projector
+    ddp = nn.Module()
+    ddp.module = vicreg
+
+    # main_vicreg.py's LARS keeps exclude_bias_and_norm in its param_groups; torch.save pickles
+    # the function by reference under the script's module name.
+    def exclude_bias_and_norm(p):
+        return p.ndim == 1
+    exclude_bias_and_norm.__module__, exclude_bias_and_norm.__qualname__ = "__main__", "exclude_bias_and_norm"
+    monkeypatch.setattr(sys.modules["__main__"], "exclude_bias_and_norm", exclude_bias_and_norm, raising=False)
+    optimizer = torch.optim.SGD([{"params": ddp.parameters(), "weight_decay_filter": exclude_bias_and_norm,
+                                  "lars_adaptation_filter": exclude_bias_and_norm}], lr=0.1)
+    torch.save({"epoch": 100, "model": ddp.state_dict(), "optimizer": optimizer.state_dict()},
+               tmp_path / "model.pth")
+
+    model = _load(tmp_path / "model.pth")
+    x = _images(64)
+    with torch.no_grad():
+        h = backbone(_normalize(x, IMAGENET))
+        out = model(x)
+        torch.testing.assert_close(out["h"], h, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out["z"], projector(h), atol=ATOL, rtol=0)
+    assert model.info.format == "vicreg-full" and model.info.method == "vicreg"
+    assert model.info.projector_dims == [2048, 64, 64, 32]
+    assert model.projector[-1].bias is None
+
+
+def test_resnet50x2_shapes_map_onto_the_widened_resnet():
+    # VICReg/VISSL widen every width (inplanes 128, bottleneck planes 128..1024), which is not
+    # torchvision's wide_resnet50_2; built on the meta device to avoid allocating 94M params.
+    with torch.device("meta"):
+        writer = torchvision.models.resnet.ResNet(Bottleneck, [3, 4, 6, 3])
+        writer.inplanes = 128
+        writer.conv1 = nn.Conv2d(3, 128, kernel_size=7, stride=2, padding=3, bias=False)
+        writer.bn1 = nn.BatchNorm2d(128)
+        writer.layer1 = writer._make_layer(Bottleneck, 128, 3)
+        writer.layer2 = writer._make_layer(Bottleneck, 256, 4, stride=2)
+        writer.layer3 = writer._make_layer(Bottleneck, 512, 6, stride=2)
+        writer.layer4 = writer._make_layer(Bottleneck, 1024, 3, stride=2)
+        state = {k: v for k, v in writer.state_dict().items() if not k.startswith("fc.")}
+        arch, stem, width = infer_backbone_arch(state)
+        built, dim = build_backbone(arch, stem=stem, width=width)
+        wide = torchvision.models.wide_resnet50_2()
+    assert (arch, stem, width, dim) == ("resnet50x2", "imagenet", 2.0, 4096)
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in state.items()}
+    assert sum(v.numel() for v in state.values() if v.ndim > 1) > 90e6
+    wide_shapes = {k: v.shape for k, v in wide.state_dict().items() if not k.startswith("fc.")}
+    assert wide_shapes != {k: v.shape for k, v in state.items()}
+
+
+def _solo_learn_module(prefix: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """A solo-learn BYOL-like LightningModule: backbone, projector, predictor, momentum nets, classifier."""
+    backbone = _tv_resnet(18, cifar_padding=2)
+    backbone.fc = nn.Identity()
+    projector = _randomize_norms(nn.Sequential(
+        nn.Linear(512, 64), nn.BatchNorm1d(64), nn.ReLU(),
+        nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32)))
+    method = nn.Module()
+    setattr(method, prefix, backbone)
+    method.projector = projector
+    method.classifier = nn.Linear(512, 100)
+    method.predictor = nn.Sequential(nn.Linear(32, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 32))
+    method.momentum_backbone = _tv_resnet(18, cifar_padding=2)
+    method.momentum_projector = nn.Sequential(nn.Linear(512, 32))
+    return method, backbone, projector
+
+
+@pytest.mark.parametrize("layout", ["current", "older"])
+def test_solo_learn_ckpt_with_args_json(tmp_path, layout):
+    prefix = "backbone" if layout == "current" else "encoder"
+    method, backbone, projector = _solo_learn_module(prefix)
+    torch.save({"epoch": 999, "global_step": 1, "pytorch-lightning_version": "2.0.9",
+                "state_dict": method.state_dict(), "loops": {}, "callbacks": {},
+                "optimizer_states": [torch.optim.SGD(method.parameters(), lr=0.1).state_dict()],
+                "lr_schedulers": [{"last_epoch": 999, "base_lrs": [0.1]}]},
+               tmp_path / "byol-cifar100-abc-ep=999.ckpt")
+    if layout == "current":
+        args = {"method": "byol", "backbone": {"name": "resnet18", "kwargs": {}},
+                "data": {"dataset": "cifar100", "num_classes": 100},
+                "augmentations": [{"crop_size": 32, "rrc": {"enabled": True}}],
+                "method_kwargs": {"proj_hidden_dim": 64, "proj_output_dim": 32}}
+    else:
+        args = {"method": "byol", "encoder": "resnet18", "dataset": "cifar100", "crop_size": [32],
+                "proj_hidden_dim": 64, "output_dim": 32}
+    (tmp_path / "args.json").write_text(json.dumps(args))
+
+    model = _load(tmp_path / "byol-cifar100-abc-ep=999.ckpt")
+    x = _images(32)
+    with torch.no_grad():
+        h = backbone(_normalize(x, CIFAR100_SOLO))
+        out = model(x)
+        torch.testing.assert_close(out["h"], h, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out["z"], projector(h), atol=ATOL, rtol=0)
+    info = model.info
+    assert (info.format, info.method, info.stem, info.cifar_padding) == ("solo-learn", "byol", "cifar", 2)
+    assert set(info.extra["dropped"]) == {"classifier", "predictor", "momentum_backbone", "momentum_projector"}
+    assert model.preprocess.mean == CIFAR100_SOLO[0] and model.preprocess.input_size == 32
+    assert "assumed" not in info.extra
+
+
+def test_emp_ssl_checkpoint(tmp_path):
+    # tsb0601/EMP-SSL model.py: encoder(backbone, pre_feature, projection) inside nn.DataParallel.
+    backbone = _tv_resnet(18, cifar_padding=1)
+    backbone.fc = nn.Identity()
+    encoder = nn.Module()
+    encoder.backbone = backbone
+    encoder.pre_feature = _randomize_norms(nn.Sequential(nn.Linear(512, 64), nn.BatchNorm1d(64), nn.ReLU()))
+    encoder.projection = _randomize_norms(nn.Sequential(
+        nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16)))
+    torch.save(nn.DataParallel(encoder).state_dict(), tmp_path / "29.pt")
+
+    model = _load(tmp_path / "29.pt")
+    x = _images(32)
+    with torch.no_grad():
+        h = backbone(_normalize(x, ((0.5,) * 3, (0.5,) * 3)))
+        feature = encoder.pre_feature(h)
+        out = model(x)
+        torch.testing.assert_close(out["h"], h, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out["pre_feature"], feature, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out["z"], F.normalize(encoder.projection(feature), p=2), atol=ATOL, rtol=0)
+        torch.testing.assert_close(model.project(out["h"]), out["z"])
+    assert torch.allclose(out["z"].norm(dim=1), torch.ones(2))
+    info = model.info
+    assert (info.format, info.method, info.cifar_padding) == ("emp-ssl", "emp-ssl", 1)
+    assert info.pre_feature_dims == [512, 64] and info.projector_dims == [64, 64, 16]
+    assert info.projection_normalized and model.preprocess.mean == (0.5, 0.5, 0.5)
+
+
+def test_lightly_lightning_checkpoint(tmp_path):
+    # lightly examples: backbone = nn.Sequential(*list(resnet.children())[:-1]);
+    # SimCLRProjectionHead(batch_norm=True).layers = Linear(no bias)-BN-ReLU-Linear(no bias)-BN.
+    resnet = _tv_resnet(18)
+    simclr = nn.Module()
+    simclr.backbone = nn.Sequential(*list(resnet.children())[:-1])
+    head = nn.Module()
+    head.layers = _randomize_norms(nn.Sequential(
+        nn.Linear(512, 64, bias=False), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 16, bias=False),
+        nn.BatchNorm1d(16)))
+    simclr.projection_head = head
+    torch.save({"epoch": 9, "pytorch-lightning_version": "2.1.0", "state_dict": simclr.state_dict()},
+               tmp_path / "epoch=9-step=100.ckpt")
+
+    model = _load(tmp_path / "epoch=9-step=100.ckpt")
+    x = _images(64)
+    with torch.no_grad():
+        h = torch.flatten(simclr.backbone(_normalize(x, IMAGENET)), 1)
+        out = model(x)
+        torch.testing.assert_close(out["h"], h, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out["z"], head.layers(h), atol=ATOL, rtol=0)
+    assert model.info.format == "lightly" and model.info.arch == "resnet18"
+    assert model.info.projector_dims == [512, 64, 16]
+
+
+def test_sthalles_simclr_checkpoint(tmp_path):
+    # sthalles/SimCLR ResNetSimCLR: backbone.fc = Sequential(Linear(d, d), ReLU(), Linear(d, out_dim)).
+    backbone = _tv_resnet(18, num_classes=16)
+    backbone.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), backbone.fc)
+    simclr = nn.Module()
+    simclr.backbone = backbone
+    optimizer = torch.optim.Adam(simclr.parameters(), 3e-4)
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": simclr.state_dict(),
+                "optimizer": optimizer.state_dict()}, tmp_path / "checkpoint_0100.pth.tar")
+    (tmp_path / "config.yml").write_text("arch: resnet18\ndataset_name: cifar10\nepochs: 100\n")
+
+    model = _load(tmp_path / "checkpoint_0100.pth.tar")
+    x = _images(32)
+    with torch.no_grad():
+        h = _trunk(backbone, x)  # sthalles trains on ToTensor() pixels: no Normalize
+        out = model(x)
+        torch.testing.assert_close(out["h"], h, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out["z"], backbone.fc(h), atol=ATOL, rtol=0)
+    assert model.info.format == "sthalles-simclr" and model.info.method == "simclr"
+    assert not model.preprocess.normalize and model.preprocess.input_size == 32
+
+
+def test_vissl_simclr_checkpoint(tmp_path):
+    # VISSL: trunk keys "_feature_blocks.<torchvision name>", heads "<i>.clf.<j>" chained with a ReLU.
+    resnet = _tv_resnet(50)
+    trunk = {f"_feature_blocks.{k}": v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    head0, head1 = nn.Sequential(nn.Linear(2048, 64)), nn.Sequential(nn.Linear(64, 16))
+    heads = {**{f"0.clf.{k}": v for k, v in head0.state_dict().items()},
+             **{f"1.clf.{k}": v for k, v in head1.state_dict().items()}}
+    torch.save({"phase_idx": 799, "iteration": 1000, "type": "checkpoint",
+                "classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": heads}, "meta": {}},
+                                      "loss": {}}},
+               tmp_path / "model_final_checkpoint_phase799.torch")
+
+    model = _load(tmp_path / "model_final_checkpoint_phase799.torch")
+    x = _images(64)
+    with torch.no_grad():
+        h = _trunk(resnet, _normalize(x, IMAGENET))
+        out = model(x)
+        torch.testing.assert_close(out["h"], h, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out["z"], head1(F.relu(head0(h))), atol=ATOL, rtol=0)
+    assert model.info.format == "vissl" and model.info.projector_dims == [2048, 64, 16]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # DINO uses nn.utils.weight_norm (weight_g/weight_v keys)
+def test_dino_full_checkpoint_loads_teacher_backbone(tmp_path):
+    teacher, student = _tv_resnet(18), _tv_resnet(18)
+    for net in (teacher, student):
+        net.fc = nn.Identity()
+
+    def wrapper(backbone: nn.Module) -> nn.Module:
+        head = nn.Module()
+        head.mlp = nn.Sequential(nn.Linear(512, 32), nn.GELU(), nn.Linear(32, 8))
+        head.last_layer = nn.utils.weight_norm(nn.Linear(8, 100, bias=False))
+        multi_crop = nn.Module()
+        multi_crop.backbone, multi_crop.head = backbone, head
+        return multi_crop
+
+    torch.save({"student": nn.DataParallel(wrapper(student)).state_dict(), "teacher": wrapper(teacher).state_dict(),
+                "epoch": 100, "args": argparse.Namespace(arch="resnet50", out_dim=100, lr=0.03),
+                "dino_loss": {"center": torch.zeros(1, 100)}}, tmp_path / "checkpoint.pth")
+
+    model = _load(tmp_path / "checkpoint.pth")
+    x = _images(64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(x), teacher(_normalize(x, IMAGENET)), atol=ATOL, rtol=0)
+    assert model.info.format == "dino-full" and model.info.method == "dino"
+    assert not model.has_projector
+    with pytest.raises(RuntimeError, match="no projector"):
+        model.project(torch.zeros(1, 512))
+
+
+def test_plain_torchvision_state_dict_drops_fc(tmp_path):
+    net = _tv_resnet(18)
+    torch.save(net.state_dict(), tmp_path / "resnet18.pth")
+    model = _load(tmp_path / "resnet18.pth")
+    x = _images(64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(x), _trunk(net, _normalize(x, IMAGENET)), atol=ATOL, rtol=0)
+    assert model.info.format == "torchvision" and model.info.extra["dropped"] == {"fc": 2}
+
+
+def test_cifar_stem_without_padding_information_is_recorded_as_assumed(tmp_path):
+    net = _tv_resnet(18, cifar_padding=2)
+    torch.save(net.state_dict(), tmp_path / "net.pth")
+    assumed = _load(tmp_path / "net.pth")
+    told = _load(tmp_path / "net.pth", cifar_padding=2)
+    x = _images(32)
+    with torch.no_grad():
+        expected = _trunk(net, _normalize(x, CIFAR10))
+        torch.testing.assert_close(told.embed(x), expected, atol=ATOL, rtol=0)
+        assert not torch.allclose(assumed.embed(x), expected, atol=1e-3)
+    assert assumed.info.cifar_padding == 1 and any("padding 1" in a for a in assumed.info.extra["assumed"])
+    assert told.info.cifar_padding == 2
+
+
+# ----------------------------------------------------------------------------- own format
+
+
+def test_own_format_round_trip_full_and_half(tmp_path):
+    emp = nn.Module()
+    emp.backbone = _tv_resnet(18, cifar_padding=1)
+    emp.backbone.fc = nn.Identity()
+    emp.pre_feature = _randomize_norms(nn.Sequential(nn.Linear(512, 32), nn.BatchNorm1d(32), nn.ReLU()))
+    emp.projection = _randomize_norms(nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 8)))
+    torch.save({f"module.{k}": v for k, v in emp.state_dict().items()}, tmp_path / "0.pt")
+    original = _load(tmp_path / "0.pt")
+
+    save_checkpoint(original, tmp_path / "own.pt", train={"epochs": 1, "patch_size": 8})
+    save_checkpoint(original, tmp_path / "own16.pt", half=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.pt", "own.pt", "own16.pt"]  # no temp files
+
+    raw = torch.load(tmp_path / "own.pt", weights_only=True)
+    assert raw["format"] == "ssl_patch_analysis" and raw["version"] == 1
+    assert raw["arch"]["name"] == "resnet18" and raw["arch"]["cifar_padding"] == 1
+    assert raw["arch"]["pre_feature_dims"] == [512, 32] and raw["arch"]["projection_normalized"]
+    assert raw["train"] == {"epochs": 1, "patch_size": 8, "method": "emp-ssl"}
+    assert torch.load(tmp_path / "own16.pt", weights_only=True)["backbone"]["conv1.weight"].dtype == torch.float16
+
+    full, half = _load(tmp_path / "own.pt"), _load(tmp_path / "own16.pt")
+    x = _images(32)
+    with torch.no_grad():
+        expected = original(x)
+        for key, value in full(x).items():
+            torch.testing.assert_close(value, expected[key], atol=ATOL, rtol=0)
+        got = half(x)
+        assert all(p.dtype == torch.float32 for p in half.parameters())
+        torch.testing.assert_close(got["h"], expected["h"], atol=0.05, rtol=0.02)
+    assert full.info.format == "ssl_patch_analysis" and full.info.method == "emp-ssl"
+    assert full.preprocess == original.preprocess
+
+
+def test_own_format_reads_the_architecture_off_the_module(tmp_path):
+    backbone, dim = build_backbone("resnet18", stem="cifar", cifar_padding=2, width=0.25)
+    model = SSLModel(_randomize_norms(backbone), _randomize_norms(build_mlp([dim, 16, 8], last_bias=False))).eval()
+    save_checkpoint(model, tmp_path / "narrow.pt")  # model.info still holds the defaults (resnet50)
+    loaded = _load(tmp_path / "narrow.pt")
+    x = _images(32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["z"], model(x)["z"], atol=ATOL, rtol=0)
+    info = loaded.info
+    assert (info.arch, info.stem, info.cifar_padding, info.width, info.embedding_dim) == ("resnet18", "cifar", 2, 0.25, 128)
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def test_named_weights_download_only_when_asked(tmp_path, monkeypatch):
+    net = _tv_resnet(18)
+    source = tmp_path / "published" / "resnet18.pth"
+    source.parent.mkdir()
+    torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, source)
+    monkeypatch.setitem(weights.NAMED_WEIGHTS, "test-resnet18",
+                        weights.NamedWeights(source.as_uri(), "vicreg", "a local stand-in"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+    with pytest.raises(FileNotFoundError, match="download=True") as err:
+        _load("test-resnet18")
+    assert source.as_uri() in str(err.value)
+
+    model = _load("test-resnet18", download=True)
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "test-resnet18--resnet18.pth"
+    assert cached.is_file() and model.info.source == str(cached)
+    assert model.info.method == "vicreg" and model.info.extra["url"] == source.as_uri()
+    source.unlink()  # from now on only the cache can serve it
+    again = _load("test-resnet18")
+    x = _images(64)
+    with torch.no_grad():
+        torch.testing.assert_close(again.embed(x), _trunk(net, _normalize(x, IMAGENET)), atol=ATOL, rtol=0)
+
+
+def test_named_weights_point_at_the_published_files():
+    assert weights.NAMED_WEIGHTS["vicreg-resnet50"].url == "https://dl.fbaipublicfiles.com/vicreg/resnet50.pth"
+    assert weights.NAMED_WEIGHTS["vicreg-resnet50x2"].url == "https://dl.fbaipublicfiles.com/vicreg/resnet50x2.pth"
+    assert weights.NAMED_WEIGHTS["vicreg-resnet50-full"].url.endswith("/vicreg/resnet50_fullckpt.pth")
+    assert weights.NAMED_WEIGHTS["dino-resnet50"].url.endswith("/dino_resnet50_pretrain/dino_resnet50_pretrain.pth")
+    assert weights.NAMED_WEIGHTS["simclr-resnet50-vissl"].url.endswith("model_final_checkpoint_phase799.torch")
+
+
+def test_shipped_names_resolve_to_the_pretrained_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSL_PATCH_ANALYSIS_PRETRAINED", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="vicreg-resnet18-cifar10.*not in this checkout yet"):
+        _load("vicreg")
+    backbone, dim = build_backbone("resnet18", stem="cifar", width=0.25)
+    save_checkpoint(SSLModel(backbone, build_mlp([dim, 8])), tmp_path / "vicreg-resnet18-cifar10.pt",
+                    train={"method": "vicreg"})
+    for name in ("vicreg", "vicreg-resnet18-cifar10"):
+        model = _load(name)
+        assert model.info.extra["name"] == "vicreg-resnet18-cifar10" and model.info.method == "vicreg"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_layout_lists_formats_and_keys(tmp_path):
+    torch.save({"weights_of_something": torch.zeros(3), "step": 5}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="unknown checkpoint layout") as err:
+        _load(tmp_path / "odd.pth")
+    assert "'weights_of_something'" in str(err.value) and "'step'" in str(err.value)
+    assert all(name in str(err.value) for name in FORMATS)
+    with pytest.raises(ValueError, match="not a dict"):
+        detect_format([torch.zeros(1)])
+
+
+def test_mismatched_keys_are_named_with_counts(tmp_path):
+    state = _tv_resnet(18).state_dict()
+    del state["layer4.1.bn2.weight"]
+    state["layer3.0.conv2.weight"] = torch.zeros(256, 256, 1, 1)
+    state["extra_block.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(RuntimeError) as err:
+        _load(tmp_path / "broken.pth")
+    message = str(err.value)
+    assert "1 missing (layer4.1.bn2.weight)" in message
+    assert "1 unexpected (extra_block.weight)" in message
+    assert "1 mis-shaped (layer3.0.conv2.weight (file (256, 256, 1, 1), model (256, 256, 3, 3)))" in message
+    with pytest.raises(RuntimeError, match=r"\d+ missing \(layer1\.2\."):
+        _load(tmp_path / "broken.pth", arch="resnet34")
+
+
+class PickledCode:
+    """Any custom class: unpickling it would import and run code named by the file."""
+
+    def __init__(self):
+        self.weights = torch.zeros(2)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save(PickledCode(), tmp_path / "model.pth")
+    with pytest.raises(RuntimeError, match="refused for safety") as err:
+        _load(tmp_path / "model.pth")
+    assert "PickledCode" in str(err.value) and "state_dict" in str(err.value)
+
+
+def test_truncated_and_empty_files(tmp_path):
+    torch.save(_tv_resnet(18).state_dict(), tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "half.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        _load(tmp_path / "half.pth")
+    with pytest.raises(ValueError, match="empty"):
+        _load(tmp_path / "empty.pth")
+
+
+def test_missing_path_lists_known_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a known name") as err:
+        _load(tmp_path / "nope.pth")
+    assert "vicreg-resnet50" in str(err.value) and "bagssl" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="dino-resnet50"):
+        _load("no-such-model")
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def test_verbose_line_and_cli(tmp_path, capsys):
+    method, _, _ = _solo_learn_module("backbone")
+    torch.save({"pytorch-lightning_version": "2.0.9", "state_dict": method.state_dict()}, tmp_path / "last.ckpt")
+    model = load_model(tmp_path / "last.ckpt")
+    line = capsys.readouterr().out.strip()
+    assert line.count("\n") == 0 and "[solo-learn]" in line and "resnet18" in line and "M params" in line
+
+    main([str(tmp_path / "last.ckpt")])
+    out = capsys.readouterr().out
+    assert "format:        solo-learn" in out and "projector g:   512-64-64-32" in out
+    n_params = sum(p.numel() for p in model.parameters())
+    assert "padding 2" in out and f"parameters:    {n_params:,}" in out
+    with pytest.raises(SystemExit, match="not a known name"):
+        main([str(tmp_path / "missing.ckpt")])
