@@ -1,0 +1,598 @@
+"""Dense patch embeddings, fast: crop and resize every box of a batch on the device, embed in chunks.
+
+``extract_patch_embeddings(model, data, sampler)`` gives, for every image, the embedding ``h`` (and
+the projection ``z``, EMP-SSL's ``pre_feature``) of each patch the sampler places on it. Per batch
+of images: the uint8 pixels go to the device, the boxes of all patches are cut and resized there by
+``torchvision.ops.roi_align`` (or gathered exactly when no resize is needed), and the patches go
+through the model in chunks under ``torch.inference_mode`` (autocast and ``channels_last`` on
+CUDA). With ``out=DIR`` the rows stream into a resumable on-disk store (:mod:`.store`), so memory
+does not grow with the data set and an interrupted run continues where it stopped.
+
+Command line (``torchrun --nproc_per_node=K -m ssl_patch_analysis.extract ...`` shares the images
+between K processes writing one store)::
+
+    python -m ssl_patch_analysis.extract --model M --data cifar10 --split test --grid 8 --stride 4 --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from torchvision.ops import roi_align
+from tqdm import tqdm
+
+from .data import ImageDataset, TensorImageDataset, load_dataset
+from .models import SSLModel
+from .patches import PatchSampler, central, grid, random_fixed, random_resized
+from .store import LAYERS, STORE_DTYPES, PatchEmbeddings, StoreLayout, StoreWriter, prepare_store
+
+# Patches per forward pass when chunk_size is not given: small inputs (CIFAR-sized) are cheap per
+# patch; ImageNet-sized ones take ~50x the activation memory each.
+DEFAULT_CHUNK_SMALL_INPUT = 1024
+DEFAULT_CHUNK_LARGE_INPUT = 256
+SMALL_INPUT_MAX_SIDE = 64
+
+
+def crop_patches(images: torch.Tensor, boxes: torch.Tensor, output_size: int) -> torch.Tensor:
+    """Cut the boxes ``B x P x 4`` (``x0, y0, x1, y1``) out of ``images`` ``B x 3 x H x W``, each resized to
+    ``output_size`` squared: returns ``(B * P) x 3 x S x S``, patch ``k`` from image ``k // P``.
+
+    ``images`` are floats. When every box already is ``output_size`` pixels on integer positions the
+    pixels are gathered exactly; otherwise one ``roi_align`` call (``aligned=True``: pixel ``i``
+    spans ``[i, i + 1)``) samples every box, averaging ``ceil(box / output)`` points per output
+    pixel and axis so that shrinking a large box does not alias.
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"images must be float B x 3 x H x W, got {images.dtype} of shape {tuple(images.shape)}")
+    if boxes.ndim != 3 or boxes.shape[0] != images.shape[0] or boxes.shape[2] != 4:
+        raise ValueError(f"boxes must be B x P x 4 with B={images.shape[0]}, got shape {tuple(boxes.shape)}")
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    image_index = torch.arange(boxes.shape[0], device=images.device).repeat_interleave(boxes.shape[1])
+    flat = boxes.reshape(-1, 4)
+    _check_boxes(flat, images.shape[-2:])
+    return _crop(images, flat, image_index, output_size, _is_exact(flat, output_size))
+
+
+def _is_exact(boxes: torch.Tensor, output_size: int) -> bool:
+    """Whether every box is ``output_size`` wide and high on integer pixel edges (no resampling needed)."""
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    return bool((sizes == output_size).all() and (boxes == boxes.round()).all())
+
+
+def _check_boxes(boxes: torch.Tensor, image_size: Sequence[int]) -> None:
+    height, width = int(image_size[0]), int(image_size[1])
+    inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= width) & (boxes[:, 3] <= height)
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    bad = ~(inside & nonempty)
+    if bool(bad.any()):
+        box = [round(float(v), 2) for v in boxes[int(bad.nonzero()[0])]]
+        raise ValueError(
+            f"box {box} (x0, y0, x1, y1) is empty or leaves the {height}x{width} image: the sampler must place "
+            "every patch inside the image (use a smaller patch size)"
+        )
+
+
+def _crop(images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, size: int, exact: bool) -> torch.Tensor:
+    if exact:
+        offsets = torch.arange(size, device=images.device)
+        rows = boxes[:, 1].long()[:, None] + offsets
+        cols = boxes[:, 0].long()[:, None] + offsets
+        # Advanced indexing puts the index dimensions first: K x S x S x 3, i.e. channels_last.
+        return images[image_index[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    rois = torch.cat([image_index[:, None].to(boxes.dtype), boxes], dim=1)
+    # sampling_ratio=-1: ceil(box side / output side) samples per bin and axis, chosen per box.
+    return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+class _ImageSource:
+    """The images to embed, whatever form they came in: ``get_batch(indices) -> B x 3 x H x W``."""
+
+    def __init__(self, data: ImageDataset | torch.Tensor | np.ndarray):
+        if isinstance(data, (torch.Tensor, np.ndarray)):
+            images = torch.as_tensor(data)
+            if images.ndim != 4 or images.shape[1] != 3:
+                channels_last = images.ndim == 4 and images.shape[-1] == 3
+                raise ValueError(
+                    f"images must be N x 3 x H x W (RGB, channels first), got shape {tuple(images.shape)}"
+                    + ("; permute(0, 3, 1, 2) N x H x W x 3 images first" if channels_last else "")
+                )
+            if images.dtype != torch.uint8 and not images.is_floating_point():
+                raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
+            if images.is_floating_point() and images.numel() and (images.min() < 0 or images.max() > 1):
+                low, high = float(images.min()), float(images.max())
+                raise ValueError(
+                    f"float images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]; "
+                    "pass uint8 pixels or divide by 255"
+                )
+            self.images: torch.Tensor | None = images
+            self.dataset: ImageDataset | None = None
+            self.name, self.split, self.class_names = "tensor", "", []
+            self.labels = np.full(len(images), -1, dtype=np.int64)
+            self.image_size = (int(images.shape[2]), int(images.shape[3]))
+            self.lazy = False
+        elif hasattr(data, "get_batch") and hasattr(data, "labels"):
+            if data.image_size is None:
+                raise ValueError(
+                    f"the images of {data.name} vary in size, but one batch of boxes needs one size: load it with "
+                    "load_dataset(..., image_size=S) (--image-size S) to resize and centre-crop every image to S x S"
+                )
+            self.images = data.images if isinstance(data, TensorImageDataset) else None
+            self.dataset = data
+            self.name, self.split, self.class_names = data.name, data.split, list(data.class_names)
+            self.labels = np.asarray(data.labels, dtype=np.int64)
+            self.image_size = (int(data.image_size[0]), int(data.image_size[1]))
+            self.lazy = not isinstance(data, TensorImageDataset)
+        else:
+            raise ValueError(
+                "data must be an ImageDataset (load_dataset(...)) or an N x 3 x H x W tensor, "
+                f"got {type(data).__name__}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get_batch(self, indices: np.ndarray) -> torch.Tensor:
+        if self.images is not None:
+            return self.images[torch.from_numpy(indices)]
+        batch = self.dataset.get_batch(torch.from_numpy(indices))  # type: ignore[union-attr]
+        if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != (3, *self.image_size):
+            raise ValueError(
+                f"{self.name} returned a batch of {batch.dtype} {tuple(batch.shape)}, expected uint8 "
+                f"B x 3 x {self.image_size[0]} x {self.image_size[1]}"
+            )
+        return batch
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data in a store's settings (a digest of the pixels when they are in memory)."""
+        description: dict[str, Any] = {
+            "name": self.name, "split": self.split, "size": len(self), "image_size": list(self.image_size),
+            "labels_sha256": hashlib.sha256(self.labels.tobytes()).hexdigest(),
+        }
+        if self.dataset is None and self.images is not None:
+            description["pixels_sha256"] = _tensor_sha256(self.images)
+        return description
+
+
+class _BatchReader(Dataset):
+    """One item per batch of images, so DataLoader workers decode whole batches in parallel."""
+
+    def __init__(self, source: _ImageSource, batches: Sequence[np.ndarray]):
+        self.source, self.batches = source, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.source.get_batch(self.batches[k])
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+
+
+def model_sha256(model: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer (names, dtypes, shapes, values): which weights made a store."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(bytes.fromhex(_tensor_sha256(tensor)))
+    return digest.hexdigest()
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast(value: Any, world_size: int) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def _autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    if amp is None:
+        amp = device.type == "cuda"
+    if not amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+class _Embedder:
+    """Runs patches through the model in chunks, halving the chunk when CUDA runs out of memory."""
+
+    def __init__(self, model: SSLModel, device: torch.device, layers: Sequence[str], chunk_size: int,
+                 amp_dtype: torch.dtype | None):
+        self.model, self.device, self.layers = model, device, list(layers)
+        self.chunk_size, self.amp_dtype = chunk_size, amp_dtype
+        self.channels_last = device.type == "cuda"
+        self._warned = False
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last:
+            patches = patches.contiguous(memory_format=torch.channels_last)
+        enabled = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=enabled):
+            outputs = self.model(patches)
+        return {name: outputs[name].float() for name in self.layers}
+
+    def embed(self, images: torch.Tensor, boxes: torch.Tensor, size: int, exact: bool,
+              host: dict[str, torch.Tensor]) -> None:
+        """Embed every box of one batch into the host buffers ``host`` (``K x D`` rows, K = B * P)."""
+        num_patches = boxes.shape[1]
+        flat = boxes.reshape(-1, 4)
+        start = 0
+        while start < flat.shape[0]:
+            stop = min(start + self.chunk_size, flat.shape[0])
+            index = torch.arange(start, stop, device=self.device)
+            try:
+                outputs = self.forward(_crop(images, flat[start:stop], index // num_patches, size, exact))
+            except torch.OutOfMemoryError:
+                if self.chunk_size == 1:
+                    raise RuntimeError(
+                        "CUDA ran out of memory embedding a single patch: use a smaller --resize-to or another device"
+                    ) from None
+                self.chunk_size = max(1, self.chunk_size // 2)
+                torch.cuda.empty_cache()
+                if not self._warned:
+                    warnings.warn(f"CUDA ran out of memory; continuing with chunks of {self.chunk_size} patches "
+                                  "(pass a smaller chunk_size / --chunk-size to start there)", RuntimeWarning)
+                    self._warned = True
+                continue
+            for name in self.layers:
+                # Cast on the device: float16 storage halves the transfer.
+                host[name][start:stop].copy_(outputs[name].to(host[name].dtype), non_blocking=True)
+            start = stop
+
+
+def _layer_dims(model: SSLModel, size: int, device: torch.device) -> dict[str, int]:
+    """Every layer the model outputs, with its dimension, from one forward pass of a blank patch."""
+    with torch.inference_mode():
+        outputs = model(torch.zeros(1, 3, size, size, device=device))
+    return {name: int(outputs[name].shape[-1]) for name in LAYERS if name in outputs}
+
+
+def _as_image_ids(image_ids: Iterable[int] | np.ndarray | torch.Tensor | None, num_images: int) -> np.ndarray:
+    if image_ids is None:
+        return np.arange(num_images, dtype=np.int64)
+    if isinstance(image_ids, torch.Tensor):
+        ids = image_ids.cpu().numpy()
+    else:
+        ids = np.asarray(image_ids if isinstance(image_ids, np.ndarray) else list(image_ids))
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(
+            f"image_ids must be a non-empty 1-D list of integer dataset indices, got {ids.dtype} of shape {ids.shape}"
+        )
+    if ids.min() < 0 or ids.max() >= num_images:
+        raise ValueError(f"image_ids must lie in 0..{num_images - 1} (the data set has {num_images} images), "
+                         f"got {int(ids.min())}..{int(ids.max())}")
+    return ids.astype(np.int64)
+
+
+def _batches(rows: int, batch_size: int) -> list[slice]:
+    return [slice(start, min(start + batch_size, rows)) for start in range(0, rows, batch_size)]
+
+
+def _image_batches(source: _ImageSource, ids: Sequence[np.ndarray], device: torch.device,
+                   num_workers: int | None) -> Iterator[torch.Tensor]:
+    """The uint8 pixels of each list of image ids, decoded ahead by DataLoader workers when lazy."""
+    if not source.lazy:
+        yield from (source.get_batch(batch) for batch in ids)
+        return
+    workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
+    loader = DataLoader(_BatchReader(source, ids), batch_size=None, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    yield from loader
+
+
+def extract_patch_embeddings(
+    model: SSLModel,
+    data: ImageDataset | torch.Tensor | np.ndarray,
+    sampler: PatchSampler,
+    *,
+    layers: Sequence[str] | None = None,
+    image_ids: Iterable[int] | np.ndarray | torch.Tensor | None = None,
+    batch_size: int = 64,
+    chunk_size: int | None = None,
+    resize_to: int | None = None,
+    device: str | torch.device | None = None,
+    out: str | os.PathLike | None = None,
+    dtype: str = "float16",
+    progress: bool = True,
+    amp: bool | None = None,
+    overwrite: bool = False,
+    num_workers: int | None = None,
+) -> PatchEmbeddings:
+    """Embed every patch the ``sampler`` places on each image of ``data``.
+
+    - ``data``: an :class:`~.data.ImageDataset` or an ``N x 3 x H x W`` tensor (uint8 0..255 or
+      float 0..1; its labels are then -1). All images must share one size.
+    - ``layers``: among ``"h"``, ``"z"``, ``"pre_feature"`` (default: all the model has).
+    - ``image_ids``: the dataset indices to embed (default all), in the order of the result's rows.
+    - ``batch_size``: images per batch (the unit of progress on disk); ``chunk_size``: patches per
+      forward pass (default 1024 for inputs up to 64 px, else 256), halved automatically when CUDA
+      runs out of memory.
+    - ``resize_to``: side every patch is resized to (default the model's ``preprocess.input_size``).
+    - ``out``: a store directory to stream into (None keeps everything in memory). Re-running with
+      the same settings resumes an interrupted store or returns a complete one as is; other
+      settings raise ValueError unless ``overwrite=True``.
+    - ``dtype``: ``"float16"`` (default) or ``"float32"`` for the stored embeddings.
+    - ``amp``: autocast (bf16 where supported, else fp16); default on for CUDA only.
+    - ``num_workers``: DataLoader workers decoding lazily-loaded data sets (default min(4, CPUs)).
+
+    The model is moved to ``device`` (default CUDA when available) and run in eval mode. When
+    ``torch.distributed`` is initialised (``torchrun``), each rank embeds its share of the batches
+    into the one store ``out``.
+    """
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    source = _ImageSource(data)
+    ids = _as_image_ids(image_ids, len(source))
+    size = int(resize_to if resize_to is not None else model.preprocess.input_size)
+    if size < 1:
+        raise ValueError(f"resize_to must be a positive number of pixels, got {size}")
+    num_patches = sampler.num_patches(source.image_size)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size = _distributed()
+    if out is None and world_size > 1:
+        raise ValueError("with several processes (torchrun), pass out=DIR (--out) so that all ranks write one store")
+    if chunk_size is None:
+        chunk_size = DEFAULT_CHUNK_SMALL_INPUT if size <= SMALL_INPUT_MAX_SIDE else DEFAULT_CHUNK_LARGE_INPUT
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+
+    was_training = model.training
+    model.eval().to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    try:
+        dims = _layer_dims(model, size, device)
+        layers = list(dims) if layers is None else list(layers)
+        unknown = [name for name in layers if name not in dims]
+        if unknown or "h" not in layers:
+            raise ValueError(
+                f"layers must include 'h' and be among those the model has ({', '.join(dims)}), got {layers}"
+            )
+        # What decides the numbers; a store made with other settings is not resumed. The model is
+        # identified by its weights and preprocessing, not by where its file was.
+        settings = {
+            "model_sha256": model_sha256(model),
+            "preprocess": model.preprocess.to_dict(),
+            "sampler": sampler.to_dict(),
+            "resize_to": size,
+            "dataset": source.fingerprint(),
+            "image_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+            "layers_extracted": layers,
+            "dtype": dtype,
+        }
+        layout = StoreLayout(num_patches=num_patches, layer_dims={name: dims[name] for name in layers},
+                             image_ids=ids, labels=source.labels[ids], batch_size=batch_size, dtype=dtype)
+        runner = _Run(model, source, sampler, layout, device, chunk_size, _autocast_dtype(device, amp),
+                      size, progress and rank == 0, num_workers)
+        info = {"model": model.info.to_dict(), "class_names": source.class_names}
+        if out is None:
+            return runner.in_memory(settings, info)
+        return runner.into_store(Path(out), settings, info, overwrite, rank, world_size)
+    finally:
+        model.train(was_training)
+
+
+class _Run:
+    """One extraction: the batch loop shared by the in-memory and the on-disk paths."""
+
+    def __init__(self, model: SSLModel, source: _ImageSource, sampler: PatchSampler, layout: StoreLayout,
+                 device: torch.device, chunk_size: int, amp_dtype: torch.dtype | None, size: int, progress: bool,
+                 num_workers: int | None):
+        self.source, self.sampler, self.layout, self.device = source, sampler, layout, device
+        self.size, self.progress, self.num_workers = size, progress, num_workers
+        self.embedder = _Embedder(model, device, list(layout.layer_dims), chunk_size, amp_dtype)
+        self.run_info = {"device": str(device), "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else None}
+
+    def rows(self, batches: Sequence[slice]) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
+        """``(rows, arrays)`` for each batch of rows: every layer ``B x P x D`` and the ``boxes``."""
+        layout, pinned = self.layout, self.device.type == "cuda"
+        rows_per_batch = max(s.stop - s.start for s in batches) * layout.num_patches
+        store_dtype = getattr(torch, layout.dtype)
+        host = {name: torch.empty(rows_per_batch, dim, dtype=store_dtype, pin_memory=pinned)
+                for name, dim in layout.layer_dims.items()}
+        ids = [layout.image_ids[s] for s in batches]
+        total = sum(s.stop - s.start for s in batches)
+        started, done_images = time.perf_counter(), 0
+        with tqdm(total=total, unit="img", disable=not self.progress, dynamic_ncols=True, mininterval=0.5,
+                  desc=f"embedding {layout.num_patches} patches/img") as bar:
+            pixel_batches = _image_batches(self.source, ids, self.device, self.num_workers)
+            for span, batch_ids, pixels in zip(batches, ids, pixel_batches):
+                boxes = torch.as_tensor(self.sampler.boxes(batch_ids, self.source.image_size), dtype=torch.float32)
+                flat = boxes.reshape(-1, 4)
+                _check_boxes(flat, self.source.image_size)
+                count = flat.shape[0]
+                # Inside the loop, not around the generator: the mode must not leak into the caller between yields.
+                with torch.inference_mode():
+                    images = pixels.to(self.device, non_blocking=True)
+                    images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+                    self.embedder.embed(images, boxes.to(self.device, non_blocking=True), self.size,
+                                        _is_exact(flat, self.size), host)
+                if pinned:
+                    torch.cuda.current_stream(self.device).synchronize()
+                n = span.stop - span.start
+                arrays = {name: host[name][:count].numpy().reshape(n, layout.num_patches, -1) for name in host}
+                arrays["boxes"] = boxes.numpy()
+                yield span, arrays
+                done_images += n
+                bar.update(n)
+                rate = done_images * layout.num_patches / (time.perf_counter() - started)
+                bar.set_postfix_str(f"{rate:,.0f} patches/s", refresh=False)
+        seconds = time.perf_counter() - started
+        self.run_info.update(images=done_images, seconds=round(seconds, 3),
+                             patches_per_s=round(done_images * layout.num_patches / max(seconds, 1e-9), 1))
+
+    def in_memory(self, settings: dict[str, Any], info: dict[str, Any]) -> PatchEmbeddings:
+        layout = self.layout
+        n, p = layout.num_images, layout.num_patches
+        arrays = {name: np.empty((n, p, dim), dtype=layout.dtype) for name, dim in layout.layer_dims.items()}
+        boxes = np.empty((n, p, 4), dtype=np.float32)
+        for span, rows in self.rows(_batches(n, layout.batch_size)):
+            for name in arrays:
+                arrays[name][span] = rows[name]
+            boxes[span] = rows["boxes"]
+        meta = {**info, **settings, "dtype": layout.dtype, "num_images": n, "num_patches": p,
+                "layers": {name: list(array.shape) for name, array in arrays.items()}, "last_run": self.run_info}
+        return PatchEmbeddings(h=arrays["h"], z=arrays.get("z"), pre_feature=arrays.get("pre_feature"), boxes=boxes,
+                               image_ids=layout.image_ids.copy(), labels=np.asarray(layout.labels, dtype=np.int64),
+                               meta=meta)
+
+    def into_store(self, out: Path, settings: dict[str, Any], info: dict[str, Any], overwrite: bool, rank: int,
+                   world_size: int) -> PatchEmbeddings:
+        status: tuple[str, str] | bool = False
+        if rank == 0:
+            try:
+                status = prepare_store(out, settings, self.layout, overwrite, info)
+            except (ValueError, OSError) as error:
+                status = (type(error).__name__, str(error))
+                if world_size == 1:
+                    raise
+        status = _broadcast(status, world_size)
+        if isinstance(status, tuple):
+            raise RuntimeError(f"rank 0 could not prepare the store {out}: {status[0]}: {status[1]}")
+        if status:  # complete already, with the same settings: nothing to compute
+            return PatchEmbeddings.load(out)
+        with StoreWriter(out, rank) as writer:
+            pending = _broadcast(writer.pending_batches() if rank == 0 else None, world_size)
+            if rank == 0 and len(pending) < writer.num_batches:
+                print(f"resuming {out}: {writer.num_batches - len(pending)} of {writer.num_batches} batches "
+                      "already written", file=sys.stderr)
+            # Every rank has read the same pending list before any rank writes a flag.
+            _barrier(world_size)
+            mine = pending[rank::world_size]
+            if mine:
+                for span, rows in self.rows([writer.batch_rows(b) for b in mine]):
+                    writer.write_batch(span.start // writer.batch_size, rows)
+            _barrier(world_size)
+            if rank == 0:
+                writer.mark_complete({"last_run": {**self.run_info, "world_size": world_size}})
+            _barrier(world_size)
+        return PatchEmbeddings.load(out)
+
+
+def _sampler_from_args(args: argparse.Namespace) -> PatchSampler:
+    if args.grid is not None:
+        return grid(args.grid, args.stride)
+    if args.random is not None:
+        if args.patch_size is None:
+            raise SystemExit("--random N needs --patch-size P (the side of the fixed-scale patches)")
+        return random_fixed(args.random, args.patch_size, seed=args.seed)
+    if args.multiscale is not None:
+        try:
+            low, high = (float(v) for v in args.scale.split(","))
+        except ValueError:
+            raise SystemExit(f"--scale must be two numbers MIN,MAX (e.g. 0.08,1), got {args.scale!r}") from None
+        return random_resized(args.multiscale, scale=(low, high), seed=args.seed)
+    return central(args.central or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssl_patch_analysis.extract",
+        description="Embed the patches of a data set with a self-supervised model into a resumable store. "
+        "Several GPUs: torchrun --nproc_per_node=K -m ssl_patch_analysis.extract ...",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint name or path (see ssl_patch_analysis.checkpoints)")
+    parser.add_argument("--data", required=True, help="cifar10, cifar100, imagenette, or an image folder")
+    parser.add_argument("--split", default="test", help="data split (default: test)")
+    parser.add_argument("--data-root", default=None, help="folder holding the data (default: $SSL_PATCH_ANALYSIS_DATA)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize + centre-crop folder images to this square")
+    parser.add_argument("--download", action="store_true", help="allow downloading the model and data")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--grid", type=int, metavar="P", help="every PxP patch of a grid (stride --stride)")
+    where.add_argument("--random", type=int, metavar="N", help="N fixed-scale patches of side --patch-size")
+    where.add_argument("--multiscale", type=int, metavar="N", help="N RandomResizedCrop boxes (scale --scale)")
+    where.add_argument("--central", type=int, nargs="?", const=0, metavar="SIZE",
+                       help="the central view (default the whole square image)")
+    parser.add_argument("--stride", type=int, default=None, help="grid stride (default: the patch size)")
+    parser.add_argument("--patch-size", type=int, default=None, help="side of --random patches")
+    parser.add_argument("--scale", default="0.08,1", help="area range MIN,MAX of --multiscale (default 0.08,1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random samplers (default 0)")
+    parser.add_argument("--num-images", type=int, default=None, help="embed only the first N images")
+    parser.add_argument("--layers", default=None, help="comma-separated among h,z,pre_feature (default all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="patches per forward pass (default 1024, 256 above 64 px)")
+    parser.add_argument("--resize-to", type=int, default=None,
+                        help="patch side fed to the model (default its input size)")
+    parser.add_argument("--dtype", choices=STORE_DTYPES, default="float16", help="stored dtype (default float16)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cuda when available)")
+    parser.add_argument("--workers", type=int, default=None, help="data decoding workers (default min(4, CPUs))")
+    parser.add_argument("--no-amp", action="store_true", help="no autocast on CUDA (full float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    parser.add_argument("--out", required=True, help="store directory (re-run the same command to resume)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from .checkpoints import load_model  # the loader pulls in every checkpoint format; only the CLI needs it
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device
+    if world_size > 1:
+        use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        rank = dist.get_rank() if world_size > 1 else 0
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(args.model, device=device, download=args.download, verbose=rank == 0)
+        data = load_dataset(args.data, split=args.split, root=args.data_root, download=args.download,
+                            image_size=args.image_size)
+        if args.num_images is not None and not 1 <= args.num_images <= len(data):
+            raise SystemExit(f"--num-images must be between 1 and {len(data)} (the size of {args.data} {args.split})")
+        image_ids = np.arange(args.num_images) if args.num_images is not None else None
+        embeddings = extract_patch_embeddings(
+            model, data, _sampler_from_args(args), layers=args.layers.split(",") if args.layers else None,
+            image_ids=image_ids, batch_size=args.batch_size, chunk_size=args.chunk_size, resize_to=args.resize_to,
+            device=device, out=args.out, dtype=args.dtype, amp=False if args.no_amp else None,
+            overwrite=args.overwrite, num_workers=args.workers,
+        )
+        if rank == 0:
+            print(f"store: {Path(args.out).resolve()}")
+            for name in embeddings.layers:
+                print(f"  {name}: {tuple(embeddings.layer(name).shape)} {embeddings.layer(name).dtype}")
+            run = embeddings.meta.get("last_run", {})
+            if run.get("patches_per_s"):
+                print(f"  {run['patches_per_s']:,.0f} patches/s on {run['device']} "
+                      f"(rank 0 of {run.get('world_size', 1)}, run that completed the store)")
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""Patch extraction: crops equal independent crops, stores equal in-memory runs, resume and ranks lose nothing."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from ssl_patch_analysis.checkpoints import save_checkpoint
+from ssl_patch_analysis.data import ImageFolderDataset, TensorImageDataset
+from ssl_patch_analysis.extract import crop_patches, extract_patch_embeddings
+from ssl_patch_analysis.models import (
+    CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp,
+)
+from ssl_patch_analysis.patches import grid, random_fixed, random_resized
+from ssl_patch_analysis.store import PatchEmbeddings, done_batches
+
+
+def tiny_model(seed: int = 0, projector: bool = True, input_size: int = 32) -> SSLModel:
+    """A narrow ResNet-18 whose batch-norm statistics were measured on random images.
+
+    Calibrated statistics keep activations in a normal range; with the initial ones (mean 0, var 1)
+    some inputs drive the CPU into slow subnormal arithmetic.
+    """
+    torch.manual_seed(seed)
+    backbone, dim = build_backbone("resnet18", stem="cifar", width=0.125)
+    head = build_mlp([dim, 32, 16]) if projector else None
+    info = ModelInfo(method="test", arch="resnet18", stem="cifar", width=0.125, embedding_dim=dim)
+    model = SSLModel(backbone, head, preprocess=Preprocess(input_size, CIFAR10_MEAN, CIFAR10_STD), info=info)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # a plain average over the calibration batch
+    with torch.no_grad():
+        model.train()(torch.rand(64, 3, input_size, input_size))
+    return model.eval()
+
+
+def smooth_image(size: int = 64, period: float = 64.0) -> torch.Tensor:
+    """3 x size x size in [0.25, 0.75], one slow wave per channel: bilinear variants nearly agree on it."""
+    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                          indexing="ij")
+    channels = [0.5 + 0.25 * torch.sin(2 * math.pi * (x / period + c / 3))
+                * torch.cos(2 * math.pi * (y / (1.3 * period) + c / 5)) for c in range(3)]
+    return torch.stack(channels).float()
+
+
+def random_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+def test_same_size_boxes_are_exact_pixel_slices():
+    images = torch.rand(2, 3, 20, 24)
+    boxes = torch.tensor([[[0, 0, 8, 8], [16, 12, 24, 20]], [[3, 5, 11, 13], [9, 1, 17, 9]]], dtype=torch.float32)
+    crops = crop_patches(images, boxes, 8)
+    assert crops.shape == (4, 3, 8, 8)
+    for k, (x0, y0, x1, y1) in enumerate(boxes.reshape(-1, 4).long().tolist()):
+        assert torch.equal(crops[k], images[k // 2, :, y0:y1, x0:x1])
+
+
+def test_roi_align_convention_pixel_i_spans_i_to_i_plus_1():
+    # A box shifted by half a pixel samples exactly halfway between two pixel centres.
+    image = torch.rand(1, 3, 16, 16, dtype=torch.float32)
+    crops = crop_patches(image, torch.tensor([[[2.5, 3.0, 10.5, 11.0]]]), 8)
+    expected = (image[0, :, 3:11, 2:10] + image[0, :, 3:11, 3:11]) / 2
+    assert torch.allclose(crops[0], expected, atol=1e-6)
+
+
+def test_resized_crops_match_torchvision_resized_crop():
+    image = smooth_image()
+    boxes = torch.tensor([[[0, 0, 64, 64], [5, 7, 53, 55], [10, 3, 42, 35], [20, 30, 28, 38], [3, 9, 27, 49]]],
+                         dtype=torch.float32)
+    crops = crop_patches(image[None], boxes, 16)
+    for k, (x0, y0, x1, y1) in enumerate(boxes[0].long().tolist()):
+        expected = TF.resized_crop(image, y0, x0, y1 - y0, x1 - x0, [16, 16], antialias=True)
+        error = (crops[k] - expected).abs()
+        # Both are bilinear with antialiasing, but roi_align averages ceil(box/16)^2 points per output
+        # pixel (a box filter) where torchvision uses a triangle filter, and near the crop border it reads
+        # the true neighbours where torchvision clamps to the crop. On this wave (|grad| <= 0.035/px,
+        # |curvature| <= 0.001/px^2) that is at most about 0.01 at the border and 0.003 inside.
+        assert error.max() < 0.012, (k, float(error.max()))
+        assert error[:, 2:-2, 2:-2].max() < 0.004, (k, float(error[:, 2:-2, 2:-2].max()))
+
+
+def test_shrinking_does_not_alias():
+    # One-pixel checkerboard shrunk 4x: an antialiased resize gives flat grey; point sampling would keep
+    # picking one colour.
+    y, x = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    board = ((x + y) % 2).float().expand(3, 64, 64)
+    boxes = torch.tensor([[[0, 0, 64, 64], [8, 8, 40, 40]]], dtype=torch.float32)
+    crops = crop_patches(board[None].contiguous(), boxes, 16)
+    assert torch.allclose(crops, torch.full_like(crops, 0.5), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def test_embeddings_equal_the_model_on_independently_cut_patches():
+    model = tiny_model()
+    images = random_images(3)
+    emb = extract_patch_embeddings(model, images, grid(16, 8), batch_size=2, chunk_size=5, resize_to=16,
+                                   dtype="float32", progress=False)
+    assert emb.h.shape == (3, 9, 64) and emb.z.shape == (3, 9, 16) and emb.labels.tolist() == [-1, -1, -1]
+    patches = torch.stack([images[i, :, y:y + 16, x:x + 16] for i in range(3) for y in (0, 8, 16) for x in (0, 8, 16)])
+    with torch.no_grad():
+        expected = model(patches.float() / 255)
+    assert np.allclose(emb.h.reshape(-1, 64), expected["h"].numpy(), rtol=1e-4, atol=1e-5)
+    assert np.allclose(emb.z.reshape(-1, 16), expected["z"].numpy(), rtol=1e-4, atol=1e-5)
+    assert np.array_equal(emb.boxes, grid(16, 8).boxes([0, 1, 2], (32, 32)).numpy())
+
+
+def test_multiscale_embeddings_match_model_on_resized_crops():
+    model = tiny_model()
+    image = smooth_image(64)
+    images = (image * 255).round().to(torch.uint8)[None]
+    sampler = random_resized(6, scale=(0.2, 1.0), seed=3)
+    emb = extract_patch_embeddings(model, images, sampler, dtype="float32", progress=False)
+    pixels = images[0].float() / 255
+    boxes = sampler.boxes([0], (64, 64))[0].long().tolist()
+    crops = torch.stack([TF.resized_crop(pixels, y0, x0, y1 - y0, x1 - x0, [32, 32], antialias=True)
+                         for x0, y0, x1, y1 in boxes])
+    with torch.no_grad():
+        expected = model(crops)["h"].numpy()
+    got = emb.h[0]
+    # The crops differ by <~0.01 of the pixel range (test above), so the embeddings nearly coincide;
+    # embeddings of two different crops of the image are much further apart.
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    relative = np.linalg.norm(got - expected, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.999 and relative.max() < 0.03, (cosine, relative)
+    assert np.linalg.norm(got[0] - got[1]) / np.linalg.norm(got[1]) > 5 * relative.max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_store_equals_in_memory_result(tmp_path, dtype):
+    model, images = tiny_model(), random_images(10)
+    sampler = random_fixed(4, 12, seed=1)
+    memory = extract_patch_embeddings(model, images, sampler, batch_size=4, dtype="float32", progress=False)
+    stored = extract_patch_embeddings(model, images, sampler, batch_size=4, dtype=dtype, progress=False,
+                                      out=tmp_path / "s")
+    reloaded = PatchEmbeddings.load(tmp_path / "s")
+    for emb in (stored, reloaded):
+        assert isinstance(emb.h, np.memmap) and emb.h.dtype == np.dtype(dtype)
+        assert np.array_equal(emb.h, memory.h.astype(dtype)) and np.array_equal(emb.z, memory.z.astype(dtype))
+        assert np.array_equal(emb.boxes, memory.boxes) and np.array_equal(emb.image_ids, np.arange(10))
+    assert reloaded.meta["sampler"] == sampler.to_dict() and reloaded.meta["resize_to"] == 32
+    assert reloaded.meta["model"]["method"] == "test" and reloaded.meta["dtype"] == dtype
+
+
+def test_complete_store_is_reused_and_other_settings_are_refused(tmp_path):
+    model, images = tiny_model(projector=False), random_images(6)
+    first = extract_patch_embeddings(model, images, grid(16), batch_size=4, out=tmp_path / "s", progress=False)
+    assert first.layers == ["h"]
+    embedded = []
+    model.backbone.register_forward_hook(lambda module, inputs, output: embedded.append(len(output)))
+    again = extract_patch_embeddings(model, images, grid(16), batch_size=4, out=tmp_path / "s", progress=False)
+    assert sum(embedded) <= 1  # at most the one-patch probe of the output sizes; no image re-embedded
+    assert np.array_equal(again.h, first.h)
+    with pytest.raises(ValueError, match=r"different: sampler.*--overwrite"):
+        extract_patch_embeddings(model, images, grid(8), out=tmp_path / "s", progress=False)
+    with pytest.raises(ValueError, match=r"different: model_sha256"):
+        extract_patch_embeddings(tiny_model(seed=1, projector=False), images, grid(16), out=tmp_path / "s",
+                                 progress=False)
+    replaced = extract_patch_embeddings(model, images, grid(8), out=tmp_path / "s", overwrite=True, progress=False)
+    assert replaced.h.shape == (6, 16, 64)
+
+
+def test_cuda_out_of_memory_halves_the_chunk_and_changes_nothing():
+    class FailsOnLargeChunks(SSLModel):
+        def forward(self, x):
+            if len(x) > 8:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().forward(x)
+
+    reference = tiny_model()
+    model = FailsOnLargeChunks(reference.backbone, reference.projector, preprocess=reference.preprocess,
+                               info=reference.info)
+    images = random_images(4)
+    expected = extract_patch_embeddings(reference, images, grid(16, 8), chunk_size=6, dtype="float32", progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = extract_patch_embeddings(model, images, grid(16, 8), chunk_size=64, dtype="float32", progress=False)
+    messages = [str(w.message) for w in caught if "out of memory" in str(w.message)]
+    assert len(messages) == 1, messages  # said once, although the chunk was halved three times (64 -> 8)
+    assert np.allclose(got.h, expected.h, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_images_are_explained():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"N x 3 x H x W.*permute"):
+        extract_patch_embeddings(model, torch.zeros(2, 32, 32, 3, dtype=torch.uint8), grid(8), progress=False)
+    with pytest.raises(ValueError, match=r"N x 3 x H x W"):
+        extract_patch_embeddings(model, torch.zeros(3, 32, 32, dtype=torch.uint8), grid(8), progress=False)
+    with pytest.raises(ValueError, match=r"uint8 \(0..255\) or float"):
+        extract_patch_embeddings(model, torch.zeros(2, 3, 32, 32, dtype=torch.int32), grid(8), progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 1\].*divide by 255"):
+        extract_patch_embeddings(model, torch.full((2, 3, 32, 32), 255.0), grid(8), progress=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        extract_patch_embeddings(model, random_images(2), grid(40), progress=False)
+    with pytest.raises(ValueError, match=r"image_ids must lie in 0..1"):
+        extract_patch_embeddings(model, random_images(2), grid(8), image_ids=[0, 2], progress=False)
+    with pytest.raises(ValueError, match=r"layers must .*\(h, z\)"):
+        extract_patch_embeddings(model, random_images(2), grid(8), layers=["h", "pre_feature"], progress=False)
+
+
+def test_images_of_mixed_sizes_ask_for_image_size(tmp_path):
+    for name, size in (("a", (40, 30)), ("b", (32, 32))):
+        (tmp_path / "cls").mkdir(exist_ok=True)
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / "cls" / f"{name}.png")
+    with pytest.raises(ValueError, match=r"vary in size.*image_size"):
+        extract_patch_embeddings(tiny_model(), ImageFolderDataset(tmp_path), grid(8), progress=False)
+    same_size = ImageFolderDataset(tmp_path, image_size=24)
+    emb = extract_patch_embeddings(tiny_model(), same_size, grid(8), progress=False, num_workers=0)
+    assert emb.h.shape == (2, 9, 64) and emb.labels.tolist() == [0, 0]
+
+
+# ----------------------------------------------------------------------------- resume, ranks, CLI
+
+
+def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path, cifar10_npz):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model(), checkpoint)
+    num_images, batch_size = 240, 4
+    num_batches = num_images // batch_size
+
+    def command(out):
+        return [sys.executable, "-m", "ssl_patch_analysis.extract", "--model", str(checkpoint), "--data", "cifar10",
+                "--data-root", str(cifar10_npz.parent), "--grid", "8", "--stride", "4", "--num-images",
+                str(num_images), "--batch-size", str(batch_size), "--device", "cpu", "--out", str(out)]
+
+    # One thread each: the two final runs share the CPUs, and compute bit-identical numbers.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "store"
+    victim = subprocess.Popen(command(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    written = 0
+    while time.monotonic() < deadline and victim.poll() is None and written < 3:
+        try:
+            written = int(done_batches(out).sum())
+        except (FileNotFoundError, ValueError, OSError):
+            written = 0  # the store is not created yet
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert 3 <= written < num_batches, f"could not interrupt the run part-way ({written} batches written)"
+    with pytest.raises(RuntimeError, match="re-run the same extract command"):
+        PatchEmbeddings.load(out)
+
+    resumed = subprocess.Popen(command(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    fresh = subprocess.Popen(command(tmp_path / "fresh"), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    (resumed_out, resumed_err), (_, fresh_err) = resumed.communicate(timeout=120), fresh.communicate(timeout=120)
+    assert resumed.returncode == 0, resumed_err
+    assert fresh.returncode == 0, fresh_err
+    already = int(resumed_err.split("resuming")[1].split(":")[1].split("of")[0])
+    assert written <= already < num_batches
+    assert f"h: ({num_images}, 49, 64) float16" in resumed_out and f"z: ({num_images}, 49, 16)" in resumed_out
+
+    got, want = PatchEmbeddings.load(out), PatchEmbeddings.load(tmp_path / "fresh")
+    assert np.array_equal(got.image_ids, np.arange(num_images)) and np.array_equal(got.labels, want.labels)
+    assert np.array_equal(got.boxes, want.boxes)
+    assert np.array_equal(got.h, want.h) and np.array_equal(got.z, want.z)
+    assert len(np.unique(got.h.reshape(num_images, -1), axis=0)) == num_images  # no row written twice or left empty
+
+
+def _rank_worker(rank: int, world_size: int, rendezvous: str, weights: str, images: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    try:
+        model = tiny_model()
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        data = torch.load(images, weights_only=True)
+        dataset = TensorImageDataset(data["images"], data["labels"], [str(c) for c in range(10)], name="synthetic")
+        extract_patch_embeddings(model, dataset, grid(16, 8), batch_size=4, dtype="float32", out=out,
+                                 progress=False, device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_write_one_store_equal_to_a_single_process(tmp_path):
+    model = tiny_model(seed=5)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    images, labels = random_images(18, seed=2), torch.arange(18) % 10
+    torch.save({"images": images, "labels": labels}, tmp_path / "images.pt")
+    out = tmp_path / "ranks"
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "rdv"), str(tmp_path / "weights.pt"), str(tmp_path / "images.pt"),
+                                 str(out)), nprocs=2, join=True)
+    dataset = TensorImageDataset(images, labels, [str(c) for c in range(10)], name="synthetic")
+    single = extract_patch_embeddings(model, dataset, grid(16, 8), batch_size=4, dtype="float32", progress=False)
+    shared = PatchEmbeddings.load(out)
+    assert shared.meta["last_run"]["world_size"] == 2
+    # Batches 0..4 (the last one short), dealt out in turn: each rank wrote its own.
+    assert np.load(out / "done.rank0.npy").tolist() == [True, False, True, False, True]
+    assert np.load(out / "done.rank1.npy").tolist() == [False, True, False, True, False]
+    assert np.array_equal(shared.image_ids, single.image_ids) and np.array_equal(shared.labels, labels.numpy())
+    assert np.array_equal(shared.boxes, single.boxes)
+    # Each rank ran one thread, this process may run two: equal up to float32 summation order.
+    assert np.allclose(shared.h, single.h, rtol=1e-5, atol=1e-6)
+    assert np.allclose(shared.z, single.z, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,181 @@
+"""The patch-embedding store: exact round trips, batch-wise progress, settings checks, full disks."""
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ssl_patch_analysis import store
+from ssl_patch_analysis.store import (
+    PatchEmbeddings, StoreLayout, StoreWriter, done_batches, prepare_store,
+)
+
+N, P, DH, DZ = 7, 5, 6, 3
+
+
+def random_embeddings(dtype=np.float32, with_z=True) -> PatchEmbeddings:
+    rng = np.random.default_rng(0)
+    return PatchEmbeddings(
+        h=rng.standard_normal((N, P, DH)).astype(dtype),
+        z=rng.standard_normal((N, P, DZ)).astype(dtype) if with_z else None,
+        pre_feature=None,
+        boxes=rng.uniform(0, 32, (N, P, 4)).astype(np.float32),
+        image_ids=np.arange(10, 10 + N, dtype=np.int64),
+        labels=rng.integers(0, 10, N).astype(np.int64),
+        meta={"sampler": {"kind": "grid", "patch_size": 8, "stride": 8}},
+    )
+
+
+def layout(batch_size=3, dtype="float16") -> StoreLayout:
+    return StoreLayout(num_patches=P, layer_dims={"h": DH, "z": DZ}, image_ids=np.arange(N) * 2,
+                       labels=np.arange(N) % 3, batch_size=batch_size, dtype=dtype)
+
+
+def rows_of(emb: PatchEmbeddings, span: slice) -> dict:
+    return {"h": emb.h[span], "z": emb.z[span], "boxes": emb.boxes[span]}
+
+
+SETTINGS = {"sampler": {"kind": "grid", "patch_size": 8, "stride": 4}, "dtype": "float16", "resize_to": 32}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_save_load_round_trip_is_exact(tmp_path, dtype):
+    emb = random_embeddings(dtype)
+    emb.save(tmp_path / "s")
+    for mmap in (True, False):
+        back = PatchEmbeddings.load(tmp_path / "s", mmap=mmap)
+        assert isinstance(back.h, np.memmap) == mmap
+        for name in ("h", "z", "boxes", "image_ids", "labels"):
+            got, want = getattr(back, name), getattr(emb, name)
+            assert got.dtype == want.dtype and np.array_equal(got, want), name
+        assert back.pre_feature is None and back.layers == ["h", "z"]
+        assert back.meta["sampler"] == emb.meta["sampler"] and back.meta["complete"] is True
+
+
+def test_layer_names_what_is_missing():
+    emb = random_embeddings(with_z=False)
+    assert emb.layer("h") is emb.h
+    with pytest.raises(ValueError, match="no layer 'z'.*available: h"):
+        emb.layer("z")
+    with pytest.raises(ValueError, match="unknown layer 'q'"):
+        emb.layer("q")
+
+
+def test_save_refuses_non_empty_target_and_load_needs_a_store(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        random_embeddings().save(tmp_path / "taken")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+        PatchEmbeddings.load(tmp_path / "nowhere")
+
+
+def test_batches_written_in_any_order_by_two_writers_give_the_exact_rows(tmp_path):
+    path = tmp_path / "s"
+    emb = random_embeddings()
+    assert prepare_store(path, SETTINGS, layout(), info={"model": {"arch": "resnet18"}}) is False
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["complete"] is False and meta["num_batches"] == 3 and meta["model"] == {"arch": "resnet18"}
+    with pytest.raises(RuntimeError, match=r"incomplete \(0 of 3 batches.*re-run the same"):
+        PatchEmbeddings.load(path)
+
+    with StoreWriter(path, rank=1) as second, StoreWriter(path, rank=0) as first:
+        assert first.pending_batches() == [0, 1, 2]
+        second.write_batch(2, rows_of(emb, second.batch_rows(2)))  # the short last batch (1 row)
+        first.write_batch(0, rows_of(emb, first.batch_rows(0)))
+        assert done_batches(path).tolist() == [True, False, True]
+        assert first.pending_batches() == [1]
+        with pytest.raises(RuntimeError, match="1 of 3 batches are missing"):
+            first.mark_complete()
+        first.write_batch(1, rows_of(emb, first.batch_rows(1)))
+        first.mark_complete({"last_run": {"seconds": 1.0}})
+    # Each process flags only its own batches.
+    assert np.load(path / "done.rank0.npy").tolist() == [True, True, False]
+    assert np.load(path / "done.rank1.npy").tolist() == [False, False, True]
+
+    back = PatchEmbeddings.load(path)
+    assert back.h.dtype == np.float16
+    assert np.array_equal(back.h, emb.h.astype(np.float16)) and np.array_equal(back.z, emb.z.astype(np.float16))
+    assert np.array_equal(back.boxes, emb.boxes)
+    assert back.image_ids.tolist() == (np.arange(N) * 2).tolist()
+    assert back.labels.tolist() == (np.arange(N) % 3).tolist()
+    assert back.meta["last_run"] == {"seconds": 1.0} and back.meta["sampler"] == SETTINGS["sampler"]
+
+
+def test_write_batch_checks_row_shapes(tmp_path):
+    prepare_store(tmp_path / "s", SETTINGS, layout())
+    emb = random_embeddings()
+    with StoreWriter(tmp_path / "s") as writer, pytest.raises(ValueError, match="must have shape"):
+        writer.write_batch(0, rows_of(emb, slice(0, 2)))
+
+
+def test_settings_decide_resume_refuse_or_overwrite(tmp_path):
+    path = tmp_path / "s"
+    prepare_store(path, SETTINGS, layout())
+    with StoreWriter(path) as writer:
+        writer.write_batch(0, rows_of(random_embeddings(), writer.batch_rows(0)))
+    # Same settings (a tuple reads back from JSON as a list): the partial store is resumed.
+    same = {**SETTINGS, "sampler": {"kind": "grid", "patch_size": 8, "stride": 4}}
+    assert prepare_store(path, same, layout()) is False
+    assert done_batches(path).tolist() == [True, False, False]
+    other = {**SETTINGS, "dtype": "float32"}
+    with pytest.raises(ValueError, match=r"different: dtype.*another --out.*--overwrite"):
+        prepare_store(path, other, layout(dtype="float32"))
+    assert prepare_store(path, other, layout(dtype="float32"), overwrite=True) is False
+    assert done_batches(path).tolist() == [False, False, False]
+    assert np.load(path / "h.npy", mmap_mode="r").dtype == np.float32
+
+
+def test_prepare_store_never_writes_into_a_foreign_folder(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"\xff\xd8")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="not a patch-embedding store"):
+            prepare_store(tmp_path / "photos", SETTINGS, layout(), overwrite=overwrite)
+    assert (tmp_path / "photos" / "cat.jpg").exists()
+
+
+def test_full_disk_while_writing_leaves_a_resumable_store(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    emb = random_embeddings()
+    prepare_store(path, SETTINGS, layout())
+    real_pwrite = os.pwrite
+    calls = []
+
+    def pwrite_until_full(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 4:  # batch 0 (h, z, boxes, flag) fits, batch 1 does not
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    with StoreWriter(path) as writer:
+        monkeypatch.setattr(store.os, "pwrite", pwrite_until_full)
+        writer.write_batch(0, rows_of(emb, writer.batch_rows(0)))
+        with pytest.raises(OSError, match="full.*re-run the same command") as error:
+            writer.write_batch(1, rows_of(emb, writer.batch_rows(1)))
+        assert error.value.errno == errno.ENOSPC
+        monkeypatch.setattr(store.os, "pwrite", real_pwrite)
+        assert done_batches(path).tolist() == [True, False, False]
+        for batch in writer.pending_batches():
+            writer.write_batch(batch, rows_of(emb, writer.batch_rows(batch)))
+        writer.mark_complete()
+    assert np.array_equal(PatchEmbeddings.load(path).h, emb.h.astype(np.float16))
+
+
+def test_full_disk_at_creation_fails_early_and_leaves_nothing(tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "posix_fallocate", no_space)
+    with pytest.raises(OSError, match="full"):
+        prepare_store(tmp_path / "s", SETTINGS, layout())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_layout_rejects_bad_requests():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        layout(dtype="int8")
+    with pytest.raises(ValueError, match="include 'h'"):
+        StoreLayout(num_patches=1, layer_dims={"z": 3}, image_ids=np.arange(2), labels=np.zeros(2), batch_size=1)
