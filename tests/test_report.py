@@ -1,0 +1,52 @@
+"""The shared output helpers: file names, JSON of arrays/tensors, tables, figures."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_patch_analysis.report import data_label, format_table, output_stem, save_figure, save_json, slug
+
+
+def test_output_stem_names_analysis_model_and_data(tmp_path):
+    stem = output_stem(tmp_path / "figs", "convergence", "pretrained/vicreg-resnet18-cifar10.pt", "cifar10")
+    assert stem == tmp_path / "figs" / "convergence_vicreg-resnet18-cifar10_cifar10"
+    assert stem.parent.is_dir()
+    assert slug("/data/My Images!") == "data-my-images"
+
+
+def test_save_json_converts_arrays_tensors_and_nan(tmp_path):
+    path = save_json({"a": np.arange(3), "b": torch.tensor([1.5]), "c": float("nan"), 4: np.float32(2.5)},
+                     tmp_path / "x.json")
+    assert json.loads(path.read_text()) == {"a": [0, 1, 2], "b": [1.5], "c": None, "4": 2.5}
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_format_table_aligns_columns():
+    lines = format_table([["h", 0.12345, 3], ["z", 1.0, 40]], ["layer", "score", "n"]).splitlines()
+    assert lines[0] == "| layer | score | n  |"
+    assert lines[2] == "| h     | 0.123 | 3  |"
+    assert len({len(line) for line in lines}) == 1
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    paths = save_figure(fig, tmp_path / "plot", pdf=True)
+    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert paths[1].read_bytes()[:4] == b"%PDF"
+
+
+@pytest.mark.parametrize("description, split, expected", [("CIFAR-10 (JPEG copy)", "test", "CIFAR-10 (JPEG copy) test"),
+                                                          ("Imagenette", "", "Imagenette")])
+def test_data_label(description, split, expected):
+    class Data:
+        pass
+    data = Data()
+    data.description, data.split = description, split
+    assert data_label(data) == expected
