@@ -575,9 +575,14 @@ def save_checkpoint(model: SSLModel, path: str | Path, train: dict | None = None
         checkpoint["pre_feature"] = tensors(model.pre_feature)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(checkpoint, path)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary name, then rename: a crash never leaves a partial file at ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(checkpoint, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import Augmentation
-from .checkpoints import SOLO_LEARN_MEAN_STD, save_checkpoint
+from .checkpoints import SOLO_LEARN_MEAN_STD, atomic_torch_save, save_checkpoint
 from .data import ARCHIVE_DATASETS, ImageDataset, TensorImageDataset, load_dataset
 from .extract import crop_patches
 from .knn import knn_accuracy
@@ -417,15 +417,6 @@ def knn_top1(model: SSLModel, data: TrainingData, size: int, amp: bool) -> float
 # ----------------------------------------------------------------------------- checkpoints and logs
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _rng_states() -> dict[str, Any]:
     states: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -658,7 +649,7 @@ def _train(args: argparse.Namespace, processes: Processes) -> Path:
             train_info = _train_info(args, data, epoch + 1, peak_lr, wall, device, knn, stopped_early)
             export_model.load_state_dict(ssl_model.state_dict())
             save_checkpoint(export_model, checkpoint_path, train=train_info)
-            _atomic_save({"model": ssl_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+            atomic_torch_save({"model": ssl_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                           "step": step, "rng": _rng_states(), "args": vars(args), "wall_time_s": wall}, resume_path)
             _append_log(log_path, record)
             tqdm.write(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4g}  lr {lr:.3g}  "
