@@ -1,0 +1,538 @@
+"""Patch retrieval (paper Fig. 5): the nearest patches of a query patch among all patches of a data set.
+
+A :class:`PatchIndex` holds the L2-normalised embeddings of every patch of a
+:class:`~ssl_patch_analysis.store.PatchEmbeddings` (layer ``h`` or ``z``) in a FAISS index, exact
+inner product (``IndexFlatIP``: cosine similarity) by default, ``IndexIVFFlat`` for large patch
+sets, on the GPU when the installed faiss has GPU support and the device is CUDA. Beside every
+vector it keeps where the patch came from (image id, patch index, box, label), so results are
+patches, not row numbers; ``save(dir)`` / ``PatchIndex.load(dir)`` keep both.
+
+:func:`neighbour_statistics` measures, over many random query patches, which fraction of their
+``k`` neighbours come from the query's own image and from other images of its class: the
+projection ``z`` is expected to be more invariant (more same-class neighbours from other images),
+the embedding ``h`` more local (more neighbours from the same image).
+
+Command line (writes ``figures/retrieval_<model>_<data>.png`` and ``.json``, prints the table)::
+
+    python -m ssl_patch_analysis.retrieval --model vicreg --data cifar10 --patch-size 16 --stride 8 \\
+        --num-images 1000 --k 8
+"""
+from __future__ import annotations
+
+# faiss before torch: both bring an OpenMP runtime, and loading faiss's first avoids clashes (DESIGN.md).
+import faiss  # isort: skip
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .extract import extract_patch_embeddings
+from .patches import grid
+from .report import (
+    add_model_data_args, data_label, format_table, load_model_and_data, model_label, output_stem, save_figure,
+    save_json,
+)
+from .store import PatchEmbeddings
+
+INDEX_KINDS = ("flat", "ivf")
+RETRIEVAL_LAYERS = ("z", "h")  # the figure's row order: projection first, as in the paper
+# FAISS's k-means wants at least 39 training points per list; more than 256 per list adds little.
+IVF_TRAIN_POINTS_PER_LIST = 256
+_NORMALISE_ROWS = 65536  # rows converted to float32 at a time, so a float16 memmap is never copied whole
+_INDEX_FILE, _METADATA_FILE, _INFO_FILE = "index.faiss", "metadata.npz", "info.json"
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One retrieved patch: where it is (image, patch index, box ``x0, y0, x1, y1``) and how similar it is."""
+
+    image_id: int
+    patch_index: int
+    box: tuple[float, float, float, float]
+    label: int
+    similarity: float
+    row: int
+
+
+def normalised_float32(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` (``V x D``, any float dtype, memmap allowed) as a new C-contiguous float32 array of unit rows.
+
+    All-zero rows stay zero (their cosine similarity to anything is 0), instead of becoming NaN.
+    """
+    vectors = np.asarray(vectors) if not isinstance(vectors, np.memmap) else vectors
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be 2-D (V x D), got shape {vectors.shape}")
+    out = np.empty(vectors.shape, dtype=np.float32)
+    for start in range(0, len(vectors), _NORMALISE_ROWS):
+        chunk = np.asarray(vectors[start:start + _NORMALISE_ROWS], dtype=np.float32)
+        if not np.isfinite(chunk).all():
+            raise ValueError("vectors contain NaN or infinite values: the embeddings are damaged, re-extract them")
+        norms = np.linalg.norm(chunk, axis=1, keepdims=True)
+        out[start:start + len(chunk)] = chunk / np.maximum(norms, np.finfo(np.float32).tiny)
+    return out
+
+
+def _faiss_gpu_device(device: str | torch.device | None) -> int | None:
+    """The GPU number FAISS should use, or ``None`` for the CPU (no CUDA device asked, or no GPU faiss)."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return None
+    return device.index or 0
+
+
+class PatchIndex:
+    """Cosine k-NN over patch vectors, with each vector's image id, patch index, box and label.
+
+    Build it with :meth:`from_embeddings` (a patch-embedding store) or :meth:`from_vectors`. The
+    CPU index is kept even when searches run on a GPU copy: it is what is saved and what gives a
+    stored vector back (:meth:`vector`).
+    """
+
+    def __init__(self, cpu_index: faiss.Index, image_ids: np.ndarray, patch_index: np.ndarray, boxes: np.ndarray,
+                 labels: np.ndarray, info: dict[str, Any], device: str | torch.device | None = None):
+        count = cpu_index.ntotal
+        if count == 0:
+            raise ValueError("the index is empty: build it from at least one patch vector")
+        for name, array, shape in (("image_ids", image_ids, (count,)), ("patch_index", patch_index, (count,)),
+                                   ("boxes", boxes, (count, 4)), ("labels", labels, (count,))):
+            if np.shape(array) != shape:
+                raise ValueError(f"{name} must have shape {shape} (one per indexed vector), got {np.shape(array)}")
+        self.cpu_index = cpu_index
+        self.image_ids = np.asarray(image_ids, dtype=np.int64)
+        self.patch_index = np.asarray(patch_index, dtype=np.int64)
+        self.boxes = np.asarray(boxes, dtype=np.float32)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        unique_ids, counts = np.unique(self.image_ids, return_counts=True)
+        self._patches_per_image = dict(zip(unique_ids.tolist(), counts.tolist()))
+        gpu = _faiss_gpu_device(device)
+        if gpu is None:
+            self.search_index = cpu_index
+            where = "cpu" if device is None or torch.device(device).type != "cuda" else \
+                "cpu (this faiss has no GPU support)"
+        else:
+            self._gpu_resources = faiss.StandardGpuResources()  # must outlive the GPU index
+            self.search_index = faiss.index_cpu_to_gpu(self._gpu_resources, gpu, cpu_index)
+            where = f"cuda:{gpu} (faiss GPU)"
+        if info.get("index") == "ivf":
+            self.search_index.nprobe = int(info["nprobe"])
+        self.info = {**info, "num_vectors": count, "dim": cpu_index.d, "faiss_device": where,
+                     "metric": "cosine (inner product of L2-normalised float32 vectors)"}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_vectors(cls, vectors: np.ndarray, image_ids: np.ndarray, patch_index: np.ndarray, boxes: np.ndarray,
+                     labels: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 8,
+                     device: str | torch.device | None = None, seed: int = 0,
+                     info: dict[str, Any] | None = None) -> "PatchIndex":
+        """Index ``vectors`` (``V x D``; normalised here) of the patches described by the other arrays.
+
+        ``kind="ivf"`` clusters the vectors into ``nlist`` lists (default ``~sqrt(V)``), trained on
+        a random sample of at most ``256 * nlist`` of them (``seed``), and searches ``nprobe`` lists.
+        """
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
+        if np.ndim(vectors) != 2 or len(vectors) == 0:
+            raise ValueError(f"vectors must be a non-empty V x D array, got shape {np.shape(vectors)}; "
+                             "the index needs at least one patch vector")
+        unit = normalised_float32(vectors)
+        count, dim = unit.shape
+        info = {**(info or {}), "index": kind}
+        if kind == "flat":
+            index: faiss.Index = faiss.IndexFlatIP(dim)
+        else:
+            nlist = int(nlist) if nlist is not None else max(1, int(round(np.sqrt(count))))
+            if not 1 <= nlist <= count:
+                raise ValueError(f"nlist must be between 1 and the number of vectors ({count}), got {nlist}")
+            if not 1 <= nprobe:
+                raise ValueError(f"nprobe must be at least 1, got {nprobe}")
+            nprobe = min(int(nprobe), nlist)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = seed
+            sample = np.random.default_rng(seed).permutation(count)[:IVF_TRAIN_POINTS_PER_LIST * nlist]
+            index.train(unit[np.sort(sample)])
+            info.update(nlist=nlist, nprobe=nprobe, train_vectors=len(sample))
+        index.add(unit)
+        if kind == "ivf":
+            index.make_direct_map()  # so stored vectors can be read back (queries by patch, recall)
+        return cls(index, image_ids, patch_index, boxes, labels, info, device=device)
+
+    @classmethod
+    def from_embeddings(cls, embeddings: PatchEmbeddings, layer: str = "h", kind: str = "flat",
+                        nlist: int | None = None, nprobe: int = 8, device: str | torch.device | None = None,
+                        seed: int = 0) -> "PatchIndex":
+        """Index every patch of ``embeddings`` in ``layer`` (``"h"`` embedding or ``"z"`` projection).
+
+        Vector ``row = i * P + j`` is patch ``j`` of image ``embeddings.image_ids[i]``.
+        """
+        array = embeddings.layer(layer)
+        num_images, num_patches = array.shape[:2]
+        meta = embeddings.meta
+        info = {"layer": layer, "num_images": num_images, "patches_per_image": num_patches,
+                "model": meta.get("model"), "sampler": meta.get("sampler"), "dataset": meta.get("dataset"),
+                "class_names": meta.get("class_names")}
+        return cls.from_vectors(
+            array.reshape(num_images * num_patches, array.shape[2]),
+            image_ids=np.repeat(np.asarray(embeddings.image_ids, dtype=np.int64), num_patches),
+            patch_index=np.tile(np.arange(num_patches, dtype=np.int64), num_images),
+            boxes=np.asarray(embeddings.boxes, dtype=np.float32).reshape(-1, 4),
+            labels=np.repeat(np.asarray(embeddings.labels, dtype=np.int64), num_patches),
+            kind=kind, nlist=nlist, nprobe=nprobe, device=device, seed=seed, info=info)
+
+    # ------------------------------------------------------------------ disk
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index (``index.faiss``), the per-vector metadata (``metadata.npz``) and ``info.json``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.cpu_index, str(path / _INDEX_FILE))
+        np.savez(path / _METADATA_FILE, image_ids=self.image_ids, patch_index=self.patch_index, boxes=self.boxes,
+                 labels=self.labels)
+        info = {key: value for key, value in self.info.items() if key not in ("num_vectors", "dim", "faiss_device")}
+        save_json(info, path / _INFO_FILE)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "PatchIndex":
+        """Read an index written by :meth:`save` (searches on ``device``'s GPU when faiss supports it)."""
+        path = Path(path)
+        missing = [name for name in (_INDEX_FILE, _METADATA_FILE, _INFO_FILE) if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"no patch index at {path} (missing {', '.join(missing)}): write one with "
+                                    "PatchIndex.save(dir) or `python -m ssl_patch_analysis.retrieval --save-index DIR`")
+        index = faiss.read_index(str(path / _INDEX_FILE))
+        with np.load(path / _METADATA_FILE) as metadata:
+            arrays = {name: metadata[name] for name in ("image_ids", "patch_index", "boxes", "labels")}
+        info = json.loads((path / _INFO_FILE).read_text())
+        return cls(index, info=info, device=device, **arrays)
+
+    # ------------------------------------------------------------------ lookup
+    def __len__(self) -> int:
+        return int(self.cpu_index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.cpu_index.d)
+
+    def row(self, image_id: int, patch_index: int | None = None, box: Sequence[float] | None = None) -> int:
+        """The vector row of patch ``patch_index`` (or the patch with box ``box``) of image ``image_id``."""
+        if (patch_index is None) == (box is None):
+            raise ValueError("give exactly one of patch_index and box to name the query patch")
+        in_image = self.image_ids == int(image_id)
+        if not in_image.any():
+            raise ValueError(f"image {image_id} is not in the index (it holds {len(self._patches_per_image)} images, "
+                             f"ids {self.image_ids.min()}..{self.image_ids.max()})")
+        if patch_index is not None:
+            rows = np.flatnonzero(in_image & (self.patch_index == int(patch_index)))
+            what = f"patch {patch_index}"
+        else:
+            rows = np.flatnonzero(in_image & (self.boxes == np.asarray(box, dtype=np.float32)).all(axis=1))
+            what = f"a patch with box {list(box)}"
+        if len(rows) == 0:
+            raise ValueError(f"image {image_id} has no {what} in the index (it has patches 0.."
+                             f"{self._patches_per_image[int(image_id)] - 1}); to search with any other patch, "
+                             "embed it and use query_vectors")
+        return int(rows[0])
+
+    def vector(self, row: int) -> np.ndarray:
+        """The stored (unit) vector of ``row``."""
+        if not 0 <= int(row) < len(self):
+            raise ValueError(f"row must be in 0..{len(self) - 1}, got {row}")
+        return self.cpu_index.reconstruct(int(row))
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None,
+               exclude_image_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` most cosine-similar vectors of each query: ``(similarities, rows)``, each ``Q x k``.
+
+        ``exclude_rows[q]`` (a row, or -1 for none) and every vector of image ``exclude_image_ids[q]``
+        are left out of query ``q``'s results; more neighbours are fetched so that ``k`` remain. An
+        IVF index that finds fewer than ``k`` in the lists it probes pads with row -1, similarity NaN.
+        """
+        queries = np.atleast_2d(np.asarray(queries))
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be Q x {self.dim} (the index's dimension), got shape {queries.shape}: "
+                             "query with vectors of the layer the index was built from")
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        k = int(k)
+        num_queries = len(queries)
+        skip_rows = np.full(num_queries, -1, np.int64) if exclude_rows is None else \
+            np.asarray(exclude_rows, np.int64).reshape(num_queries)
+        skip_images = None if exclude_image_ids is None else np.asarray(exclude_image_ids, np.int64).reshape(num_queries)
+        excluded = (skip_rows >= 0).astype(np.int64)
+        if skip_images is not None:
+            excluded = np.array([self._patches_per_image.get(int(i), 0) for i in skip_images], np.int64)
+            excluded += [(r >= 0 and self.image_ids[r] != i) for r, i in zip(skip_rows, skip_images)]
+        available = len(self) - (int(excluded.max()) if num_queries else 0)
+        if k > available:
+            raise ValueError(f"k={k} is larger than the {available} vectors a query can be given (the index holds "
+                             f"{len(self)}, minus the excluded ones): pass k <= {available}")
+        fetch = k + (int(excluded.max()) if num_queries else 0)
+        similarities, rows = self.search_index.search(normalised_float32(queries), fetch)
+        keep = (rows != skip_rows[:, None]) & (rows >= 0)
+        if skip_images is not None:
+            keep &= self.image_ids[np.maximum(rows, 0)] != skip_images[:, None]
+        out_rows = np.full((num_queries, k), -1, np.int64)
+        out_similarities = np.full((num_queries, k), np.nan, np.float32)
+        for q in range(num_queries):
+            kept = np.flatnonzero(keep[q])[:k]
+            out_rows[q, :len(kept)] = rows[q, kept]
+            out_similarities[q, :len(kept)] = similarities[q, kept]
+        return out_similarities, out_rows
+
+    def neighbours(self, similarities: np.ndarray, rows: np.ndarray) -> list[Neighbour]:
+        """One query's ``(similarities, rows)`` (from :meth:`search`) as :class:`Neighbour` records."""
+        return [Neighbour(int(self.image_ids[r]), int(self.patch_index[r]),
+                          tuple(float(v) for v in self.boxes[r]), int(self.labels[r]), float(s), int(r))
+                for s, r in zip(similarities, rows) if r >= 0]
+
+    def query(self, image_id: int, patch_index: int | None = None, box: Sequence[float] | None = None, k: int = 8,
+              exclude_same_image: bool = False, include_query: bool = False) -> list[Neighbour]:
+        """The ``k`` nearest patches of an indexed patch (by ``patch_index`` or ``box``), nearest first.
+
+        The query patch itself (similarity 1) is left out unless ``include_query``; with
+        ``exclude_same_image`` every patch of its image is.
+        """
+        row = self.row(image_id, patch_index, box)
+        similarities, rows = self.search(self.vector(row)[None], k,
+                                         exclude_rows=None if include_query else np.array([row]),
+                                         exclude_image_ids=np.array([image_id]) if exclude_same_image else None)
+        return self.neighbours(similarities[0], rows[0])
+
+    def query_vectors(self, vectors: np.ndarray, k: int = 8,
+                      exclude_image_ids: Sequence[int] | None = None) -> list[list[Neighbour]]:
+        """The ``k`` nearest patches of each vector (``Q x D`` or ``D``), leaving out image ``exclude_image_ids[q]``."""
+        similarities, rows = self.search(vectors, k, exclude_image_ids=None if exclude_image_ids is None
+                                         else np.asarray(exclude_image_ids))
+        return [self.neighbours(s, r) for s, r in zip(similarities, rows)]
+
+    def recall_at_k(self, k: int = 10, num_queries: int = 1000, seed: int = 0) -> float:
+        """Mean fraction of the exact top-``k`` (brute-force ``IndexFlatIP``) this index finds, over random stored
+        vectors as queries. 1.0 for an exact index; below 1 for an IVF index that probes too few lists."""
+        if len(self) < k:
+            raise ValueError(f"k={k} is larger than the index ({len(self)} vectors)")
+        stored = self.cpu_index.reconstruct_n(0, len(self))
+        exact_index = faiss.IndexFlatIP(self.dim)
+        exact_index.add(stored)
+        picks = np.random.default_rng(seed).choice(len(self), size=min(num_queries, len(self)), replace=False)
+        queries = stored[np.sort(picks)]
+        _, exact = exact_index.search(queries, k)
+        _, found = self.search_index.search(queries, k)
+        return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)]))
+
+
+def neighbour_statistics(index: PatchIndex, k: int = 8, num_queries: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Where the ``k`` nearest neighbours of random query patches come from, the query itself excluded.
+
+    Returns the mean fractions of neighbours from the query's own image (``same_image``), from other
+    images of its class (``same_class_other_image``) and from other classes (``other_class``), each
+    beside its chance level (the fraction of the index's other vectors in that group). Class
+    fractions are NaN when labels are unknown (-1).
+    """
+    if num_queries < 1:
+        raise ValueError(f"num_queries must be at least 1, got {num_queries}")
+    picks = np.sort(np.random.default_rng(seed).choice(len(index), size=min(num_queries, len(index)), replace=False))
+    queries = index.cpu_index.reconstruct_batch(picks)
+    similarities, rows = index.search(queries, k, exclude_rows=picks)
+    found = rows >= 0
+    same_image = (index.image_ids[rows] == index.image_ids[picks][:, None]) & found
+    same_class = (index.labels[rows] == index.labels[picks][:, None]) & found
+    per_query = found.sum(axis=1)
+    others = len(index) - 1
+    image_sizes = np.array([index._patches_per_image[int(i)] for i in index.image_ids[picks]])
+    labels_known = bool((index.labels >= 0).all())
+    class_sizes = np.bincount(index.labels, minlength=1)[index.labels[picks]] if labels_known else np.zeros(len(picks))
+
+    def fraction(mask: np.ndarray) -> float:
+        return float(np.mean(mask.sum(axis=1) / np.maximum(per_query, 1)))
+
+    nan = float("nan")
+    return {
+        "k": k, "num_queries": len(picks), "query_rows": picks,
+        "same_image": fraction(same_image),
+        "same_class_other_image": fraction(same_class & ~same_image) if labels_known else nan,
+        "other_class": fraction(~same_class & found) if labels_known else nan,
+        "chance_same_image": float(np.mean((image_sizes - 1) / others)),
+        "chance_same_class_other_image": float(np.mean((class_sizes - image_sizes) / others)) if labels_known else nan,
+        "mean_similarity": float(np.nanmean(similarities)),
+    }
+
+
+# ---------------------------------------------------------------------- figure
+_RELATION_COLOURS = {"same image": "tab:blue", "same class, other image": "tab:green", "other class": "tab:gray"}
+
+
+def _relation(neighbour: Neighbour, query_image: int, query_label: int) -> str:
+    if neighbour.image_id == query_image:
+        return "same image"
+    return "same class, other image" if neighbour.label == query_label else "other class"
+
+
+def _draw_box(ax, box: Sequence[float], colour: str, linestyle: str = "-") -> None:
+    from matplotlib.patches import Rectangle
+
+    x0, y0, x1, y1 = box
+    # imshow centres pixel i on i, so the pixel edges of columns x0..x1-1 are x0-0.5 and x1-0.5.
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2,
+                           linestyle=linestyle))
+
+
+def plot_retrieval(data, query_image: int, query_box: Sequence[float], query_label: int,
+                   neighbours_by_layer: dict[str, list[Neighbour]], class_names: Sequence[str] | None = None,
+                   title: str = "Patch retrieval"):
+    """Paper Fig. 5: the query patch in its image (red dashed box), then one row of nearest patches per layer.
+
+    ``data`` gives the pixels (``data.get_batch(ids)``, uint8 ``B x 3 x H x W``). Every neighbour is
+    shown as its source image with the patch boxed in the colour of its relation to the query: same
+    image (blue), same class from another image (green), other class (grey). Returns a matplotlib
+    ``Figure`` made without pyplot, so it draws the same on any backend.
+    """
+    # A bare Figure (no pyplot): the same on any backend, in a script or a notebook.
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    layers = list(neighbours_by_layer)
+    columns = 1 + max(len(n) for n in neighbours_by_layer.values())
+    ids = sorted({query_image} | {n.image_id for ns in neighbours_by_layer.values() for n in ns})
+    pixels = dict(zip(ids, data.get_batch(ids).permute(0, 2, 3, 1).numpy()))
+    name = (lambda label: class_names[label] if class_names and 0 <= label < len(class_names) else str(label))
+    layer_names = {"z": "projection z", "h": "embedding h", "pre_feature": "pre-feature"}
+
+    fig = Figure(figsize=(1.6 * columns, 2.2 * len(layers) + 0.8))
+    axes = fig.subplots(len(layers), columns, squeeze=False)
+    for r, layer in enumerate(layers):
+        axes[r, 0].imshow(pixels[query_image], interpolation="nearest")
+        _draw_box(axes[r, 0], query_box, "red", "--")
+        axes[r, 0].set_title(f"query: image {query_image}", fontsize=8)
+        axes[r, 0].set_xlabel(name(query_label), fontsize=8)
+        axes[r, 0].set_ylabel(layer_names.get(layer, layer), fontsize=9)
+        for c in range(1, columns):
+            ax = axes[r, c]
+            if c - 1 >= len(neighbours_by_layer[layer]):
+                ax.axis("off")
+                continue
+            neighbour = neighbours_by_layer[layer][c - 1]
+            ax.imshow(pixels[neighbour.image_id], interpolation="nearest")
+            _draw_box(ax, neighbour.box, _RELATION_COLOURS[_relation(neighbour, query_image, query_label)])
+            ax.set_title(f"#{c}  cos {neighbour.similarity:.2f}", fontsize=8)
+            ax.set_xlabel(f"{name(neighbour.label)} (img {neighbour.image_id})", fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [Line2D([], [], color="red", linestyle="--", linewidth=2, label="query patch")]
+    handles += [Line2D([], [], color=colour, linewidth=2, label=label) for label, colour in _RELATION_COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+# ---------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssl_patch_analysis.retrieval",
+        description="Nearest patches of a query patch among all grid patches of a data set, in projection (z) and "
+                    "embedding (h) space (paper Fig. 5), and where the neighbours of many random queries come from.")
+    add_model_data_args(parser)
+    parser.add_argument("--patch-size", type=int, default=16, help="side of the grid patches (default 16)")
+    parser.add_argument("--stride", type=int, default=8, help="grid stride (default 8: 9 patches per CIFAR image)")
+    parser.add_argument("--num-images", type=int, default=1000, help="index the patches of the first N images "
+                        "(default 1000; 0: all)")
+    parser.add_argument("--k", type=int, default=8, help="neighbours per query (default 8)")
+    parser.add_argument("--num-queries", type=int, default=200,
+                        help="random query patches for the statistics (default 200)")
+    parser.add_argument("--query-image", type=int, default=0, help="image of the figure's query patch (default 0)")
+    parser.add_argument("--query-patch", type=int, default=None,
+                        help="patch index of the figure's query (default: the grid patch nearest the image centre)")
+    parser.add_argument("--exclude-same-image", action="store_true",
+                        help="leave the query's own image out of the figure's neighbours")
+    parser.add_argument("--index", choices=INDEX_KINDS, default="flat",
+                        help="flat: exact search (default); ivf: inverted lists (large patch sets)")
+    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~sqrt(number of patches))")
+    parser.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query (default 8)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="patch-embedding store directory to reuse, or to write (and resume) the extraction in")
+    parser.add_argument("--save-index", type=Path, default=None, help="also save the indexes to DIR/z and DIR/h")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per extraction batch (default 64)")
+    return parser
+
+
+def _central_patch(boxes: np.ndarray, image_size: Sequence[int]) -> int:
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    target = np.array([image_size[1], image_size[0]], dtype=np.float32) / 2
+    return int(np.argmin(((centres - target) ** 2).sum(axis=1)))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    model, data, device = load_model_and_data(args)
+    if not 0 <= args.num_images <= len(data):
+        raise SystemExit(f"--num-images must be between 0 (all) and {len(data)} (the size of the data set)")
+    num_images = args.num_images or len(data)
+    if not 0 <= args.query_image < num_images:
+        raise SystemExit(f"--query-image must be one of the indexed images 0..{num_images - 1}")
+    sampler = grid(args.patch_size, args.stride)
+    embeddings = extract_patch_embeddings(model, data, sampler, image_ids=np.arange(num_images),
+                                          batch_size=args.batch_size, device=device, out=args.store)
+    layers = [layer for layer in RETRIEVAL_LAYERS if layer in embeddings.layers]
+
+    query_boxes = np.asarray(embeddings.boxes[args.query_image])
+    query_patch = _central_patch(query_boxes, data.image_size) if args.query_patch is None else args.query_patch
+    if not 0 <= query_patch < len(query_boxes):
+        raise SystemExit(f"--query-patch must be in 0..{len(query_boxes) - 1} (patches per image)")
+    query_label = int(embeddings.labels[args.query_image])
+
+    results: dict[str, Any] = {}
+    figure_neighbours: dict[str, list[Neighbour]] = {}
+    for layer in layers:
+        index = PatchIndex.from_embeddings(embeddings, layer, kind=args.index, nlist=args.nlist, nprobe=args.nprobe,
+                                           device=device, seed=args.seed)
+        stats = neighbour_statistics(index, k=args.k, num_queries=args.num_queries, seed=args.seed)
+        if args.index == "ivf":
+            stats["recall_at_k"] = index.recall_at_k(args.k, num_queries=args.num_queries, seed=args.seed)
+        figure_neighbours[layer] = index.query(args.query_image, query_patch, k=args.k,
+                                               exclude_same_image=args.exclude_same_image)
+        results[layer] = {"index": index.info, "statistics": stats,
+                          "figure_neighbours": [asdict(n) for n in figure_neighbours[layer]]}
+        if args.save_index:
+            index.save(args.save_index / layer)
+
+    patches = f"{args.patch_size}x{args.patch_size} patches, stride {args.stride}"
+    title = (f"Nearest patches: {model_label(model)} on {data_label(data)}\n"
+             f"{patches}, {num_images} images ({len(index)} patches), k={args.k}")
+    fig = plot_retrieval(data, args.query_image, query_boxes[query_patch], query_label, figure_neighbours,
+                         class_names=data.class_names, title=title)
+    stem = output_stem(args.out, "retrieval", args.model, args.data)
+    paths = save_figure(fig, stem, pdf=args.pdf)
+    summary = {"model": model_label(model), "data": data_label(data), "patch_size": args.patch_size,
+               "stride": args.stride, "num_images": num_images, "k": args.k, "num_queries": args.num_queries,
+               "query": {"image_id": args.query_image, "patch_index": query_patch,
+                         "box": query_boxes[query_patch], "label": query_label},
+               "extraction": embeddings.meta.get("last_run"), "layers": results}
+    save_json(summary, stem.with_suffix(".json"))
+
+    headers = ["layer", "same image", "chance", "same class, other image", "chance", "other class", "mean cos"]
+    rows = [[layer, s["same_image"], s["chance_same_image"], s["same_class_other_image"],
+             s["chance_same_class_other_image"], s["other_class"], s["mean_similarity"]]
+            for layer in layers for s in [results[layer]["statistics"]]]
+    if args.index == "ivf":
+        headers.append(f"recall@{args.k}")
+        for row, layer in zip(rows, layers):
+            row.append(results[layer]["statistics"]["recall_at_k"])
+    print(f"{model_label(model)} on {data_label(data)}: {patches}; {args.k} nearest of {args.num_queries} random "
+          f"query patches among {len(index)} ({args.index} index on {index.info['faiss_device']})")
+    print(format_table(rows, headers))
+    print("wrote " + ", ".join(str(p) for p in [*paths, stem.with_suffix(".json")]))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
