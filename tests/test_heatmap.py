@@ -1,0 +1,240 @@
+"""Heatmaps (Fig. 4) and the locality score, checked against direct computations and known answers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from matplotlib.image import AxesImage
+from PIL import Image
+from scipy.stats import spearmanr
+
+from ssl_patch_analysis.checkpoints import save_checkpoint
+from ssl_patch_analysis.data import load_dataset
+from ssl_patch_analysis.heatmap import (
+    compare_locality, default_grid, locality_score, main, patch_similarity_maps, plot_heatmaps, spearman_rho,
+)
+from ssl_patch_analysis.models import (
+    CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Preprocess, SSLModel, build_backbone,
+    build_mlp,
+)
+from ssl_patch_analysis.patches import grid
+
+
+def tiny_model(stem: str = "cifar", input_size: int = 32, projector: bool = True, seed: int = 0) -> SSLModel:
+    """A narrow random ResNet-18 whose batch-norm statistics were measured on random images (eval mode)."""
+    torch.manual_seed(seed)
+    backbone, dim = build_backbone("resnet18", stem=stem, width=0.125)
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if stem == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
+    info = ModelInfo(method="test", arch="resnet18", stem=stem, width=0.125, embedding_dim=dim)
+    model = SSLModel(backbone, build_mlp([dim, 32, 16]) if projector else None,
+                     preprocess=Preprocess(input_size, mean, std), info=info)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+    with torch.no_grad():
+        model.train()(torch.rand(32, 3, input_size, input_size))
+    return model.eval()
+
+
+def random_images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 3, size, size), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+
+
+@torch.no_grad()
+def direct_maps(model: SSLModel, image: torch.Tensor, patch: int, stride: int, cell: tuple[int, int]):
+    """Similarity maps computed the plain way: slice every patch, run the model, cosine to the query."""
+    rows, cols = (image.shape[1] - patch) // stride + 1, (image.shape[2] - patch) // stride + 1
+    crops = torch.stack([image[:, r * stride:r * stride + patch, c * stride:c * stride + patch]
+                         for r in range(rows) for c in range(cols)]).float() / 255
+    out = model(crops)
+    maps = {}
+    for layer, vectors in out.items():
+        unit = F.normalize(vectors.double(), dim=1)
+        maps[layer] = (unit @ unit[cell[0] * cols + cell[1]]).reshape(rows, cols).numpy()
+    return maps
+
+
+# ----------------------------------------------------------------------------- similarity maps
+
+
+def test_maps_equal_direct_computation_and_query_scores_one():
+    model, images = tiny_model(), random_images(2)
+    cells = [(3, 3), (0, 6), (5, 1)]
+    result = patch_similarity_maps(model, images, [1, 0], patch_size=8, stride=4, queries=cells, resize_to=8,
+                                   device="cpu")
+    assert result.grid_shape == (7, 7) and result.layers == ["z", "h"]
+    assert result.queries.tolist() == [[0, 3, 3], [0, 0, 6], [0, 5, 1], [1, 3, 3], [1, 0, 6], [1, 5, 1]]
+    for q, (index, row, col) in enumerate(result.queries.tolist()):
+        image_id = result.image_ids[index]
+        expected = direct_maps(model, images[image_id], 8, 4, (row, col))
+        for layer in ("z", "h"):
+            assert result.maps[layer][q].shape == (7, 7)
+            assert result.maps[layer][q][row, col] == pytest.approx(1.0, abs=1e-6)
+            np.testing.assert_allclose(result.maps[layer][q], expected[layer], atol=1e-4)
+        np.testing.assert_array_equal(result.query_box(q), [col * 4, row * 4, col * 4 + 8, row * 4 + 8])
+    np.testing.assert_array_equal(result.images[0], images[1].permute(1, 2, 0).numpy())
+
+
+def test_identical_patches_elsewhere_score_one():
+    model = tiny_model()
+    tile = random_images(1, size=16, seed=3)[0]
+    tiled = tile.repeat(1, 2, 2)[None]  # a 32 x 32 image of 2 x 2 copies of one 16 x 16 tile
+    # Patches at their own size (no resampling): resizing would blend in pixels just outside each box,
+    # which differ between the copies.
+    result = patch_similarity_maps(model, tiled, [0], patch_size=16, stride=16, queries=[(0, 0), (1, 1)],
+                                   resize_to=16, device="cpu")
+    for layer in ("z", "h"):
+        np.testing.assert_allclose(result.maps[layer], 1.0, atol=1e-5)
+
+    # Period 8, stride 4: every other cell repeats the query's pixels exactly, the cells between do not.
+    periodic = random_images(1, size=8, seed=4)[0].repeat(1, 4, 4)[None]
+    result = patch_similarity_maps(model, periodic, [0], patch_size=8, stride=4, queries=[(2, 4)], resize_to=8,
+                                   device="cpu")
+    for layer in ("z", "h"):
+        similarity = result.maps[layer][0]
+        np.testing.assert_allclose(similarity[::2, ::2], 1.0, atol=1e-5)
+        assert similarity[1::2, 1::2].max() < 0.999
+
+
+def test_imagenet_shaped_model_on_real_imagenette(imagenette_npz):
+    data = load_dataset("imagenette", "val", root=imagenette_npz.parent)
+    model = tiny_model(stem="imagenet", input_size=56)
+    patch, stride = default_grid(data.image_size)
+    assert (patch, stride) == (56, 14) and grid(patch, stride).grid_shape((224, 224)) == (13, 13)
+    result = patch_similarity_maps(model, data, [5], patch_size=56, stride=56, queries=[(1, 2)], device="cpu")
+    assert result.grid_shape == (4, 4) and result.resize_to == 56 and result.images.shape == (1, 224, 224, 3)
+    expected = direct_maps(model, data.get_batch([5])[0], 56, 56, (1, 2))
+    for layer in ("z", "h"):
+        np.testing.assert_allclose(result.maps[layer][0], expected[layer], atol=1e-4)
+    fig = plot_heatmaps(result, "imagenette")
+    assert fig.axes[0].get_xlim() == (0.0, 224.0)
+
+
+def test_default_and_random_queries_and_clear_errors():
+    model, images = tiny_model(), random_images(2)
+    result = patch_similarity_maps(model, images, [0, 1], patch_size=8, stride=4, resize_to=8, device="cpu")
+    assert result.queries.tolist() == [[0, 3, 3], [1, 3, 3]]  # the centre cell of the 7 x 7 grid
+    result = patch_similarity_maps(model, images, [0, 1], patch_size=8, stride=4, queries=5, resize_to=8,
+                                   device="cpu", seed=1)
+    assert result.num_queries == 10
+    for index in (0, 1):
+        cells = {tuple(c) for c in result.queries[result.queries[:, 0] == index, 1:].tolist()}
+        assert len(cells) == 5  # distinct cells per image
+    with pytest.raises(ValueError, match=r"inside the 7 x 7 grid"):
+        patch_similarity_maps(model, images, [0], patch_size=8, stride=4, queries=[(7, 0)], device="cpu")
+    with pytest.raises(ValueError, match="has h; pass layers among those"):
+        patch_similarity_maps(tiny_model(projector=False), images, [0], patch_size=8, stride=4, device="cpu")
+
+
+def test_plot_puts_every_map_on_one_colour_scale_with_cells_on_patch_centres():
+    result = patch_similarity_maps(tiny_model(), random_images(2), [0, 1], patch_size=8, stride=4,
+                                   queries=[(3, 3), (0, 0)], resize_to=8, device="cpu")
+    fig = plot_heatmaps(result, "tiny model on random images")
+    maps = [image for ax in fig.axes for image in ax.get_images() if image.get_label() in ("z", "h")]
+    assert len(maps) == 2 * result.num_queries
+    assert all(isinstance(image, AxesImage) for image in maps)
+    clims = {image.get_clim() for image in maps}
+    assert len(clims) == 1
+    low, high = clims.pop()
+    assert low == pytest.approx(min(m.min() for m in result.maps.values()))
+    assert high == pytest.approx(1.0, abs=1e-6)
+    colorbars = [ax for ax in fig.axes if "cosine similarity" in ax.get_ylabel()]
+    assert len(colorbars) == 1
+    # Cell (r, c) is a stride-wide square centred on the centre of patch (r, c): x = c * 4 + 4.
+    left, right, bottom, top = maps[0].get_extent()
+    assert (left + 2, right - 2, top + 2, bottom - 2) == (4, 4 + 6 * 4, 4, 4 + 6 * 4)
+    assert fig.legends and fig.get_suptitle() == "tiny model on random images"
+
+
+# ----------------------------------------------------------------------------- locality score
+
+
+def blob_embeddings(centers: np.ndarray, sigma: float = 6.0) -> np.ndarray:
+    """Gaussian bumps on a fine grid of anchors: cosine similarity ~ exp(-distance^2 / (4 sigma^2))."""
+    axis = np.arange(-40, 73, 2.0)
+    anchors = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
+    squared = ((centers[:, None, :] - anchors[None, :, :]) ** 2).sum(-1)
+    return np.exp(-squared / (2 * sigma ** 2))
+
+
+def test_locality_is_one_when_similarity_falls_with_distance_and_zero_when_shuffled():
+    boxes = grid(8, 2).boxes([0], (32, 32))[0].numpy()
+    centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+    local = np.repeat(blob_embeddings(centers)[None], 3, axis=0)
+    score = locality_score(local, boxes)
+    assert score["locality_mean"] > 0.99 and score["num_images"] == 3 and score["queries_per_image"] == 169
+    np.testing.assert_allclose(score["locality"], -score["rho"])
+
+    rng = np.random.default_rng(0)
+    shuffled = np.stack([blob_embeddings(centers)[rng.permutation(len(centers))] for _ in range(40)])
+    score = locality_score(shuffled, boxes, queries=20)
+    assert abs(score["locality_mean"]) < 0.05 and score["queries_per_image"] == 20
+
+    compared = compare_locality({"h": local, "z": shuffled[:3]}, boxes)
+    assert compared["paired_h_minus_z"]["fraction_h_more_local"] == 1.0
+    assert compared["paired_h_minus_z"]["mean"] > 0.8
+
+
+def test_locality_matches_scipy_spearman_pair_by_pair():
+    rng = np.random.default_rng(1)
+    embeddings = rng.normal(size=(3, 6, 4))
+    corners = rng.integers(0, 20, size=(3, 6, 2)).astype(float)
+    boxes = np.concatenate([corners, corners + 5], axis=-1)
+    for queries in (None, [0, 4]):
+        score = locality_score(embeddings, boxes, queries=queries)
+        for i in range(3):
+            similarity, distance = [], []
+            for q in (range(6) if queries is None else queries):
+                for j in range(6):
+                    if j != q:
+                        a, b = embeddings[i, q], embeddings[i, j]
+                        similarity.append(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+                        distance.append(np.hypot(*(corners[i, q] - corners[i, j])))
+            assert score["rho"][i] == pytest.approx(spearmanr(similarity, distance).statistic, abs=1e-12)
+    ties = np.array([1, 1, 2, 3, 3, 3, 7.0])
+    values = np.array([0.3, 0.1, 0.5, 0.2, 0.9, 0.4, 0.8])
+    assert spearman_rho(values, ties) == pytest.approx(spearmanr(values, ties).statistic, abs=1e-12)
+    assert np.isnan(spearman_rho(np.ones(5), np.arange(5.0)))
+    with pytest.raises(ValueError, match="boxes must be 3 x 6 x 4"):
+        locality_score(embeddings, boxes[:, :5])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_writes_figure_and_json(tmp_path, cifar10_npz):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model(), checkpoint)
+    record = main(["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(cifar10_npz.parent),
+                   "--device", "cpu", "--patch-size", "16", "--stride", "8", "--queries", "1,1;0,2",
+                   "--image-ids", "0,3", "--locality-images", "4", "--out", str(tmp_path / "figs")])
+    png, saved = tmp_path / "figs" / "heatmap_tiny_cifar10.png", tmp_path / "figs" / "heatmap_tiny_cifar10.json"
+    assert Image.open(png).size[0] > 300
+    written = json.loads(saved.read_text())
+    assert written["data"] == "CIFAR-10 (JPEG copy) test"
+    queries = written["heatmaps"]["queries"]
+    assert [(q["image_id"], q["cell"], q["class"]) for q in queries] == [
+        (0, [1, 1], "cat"), (0, [0, 2], "cat"), (3, [1, 1], "airplane"), (3, [0, 2], "airplane")]
+    assert np.asarray(queries[1]["maps"]["h"]).shape == (3, 3) and queries[1]["maps"]["h"][0][2] == 1.0
+    for layer in ("z", "h"):
+        scores = written["locality"]["layers"][layer]
+        assert scores["num_images"] == 4 and len(scores["rho"]) == 4
+        assert scores["locality_mean"] == pytest.approx(record["locality"]["layers"][layer]["locality_mean"])
+        assert -1 <= scores["locality_mean"] <= 1
+    assert len(written["locality"]["image_ids"]) == 4
+
+
+def test_cli_explains_bad_queries(tmp_path, cifar10_npz, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model(), checkpoint)
+    common = ["--model", str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu",
+              "--patch-size", "16", "--stride", "8", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(common + ["--queries", "1-1"])
+    assert "'row,col;row,col'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(common + ["--queries", "3,0", "--locality-images", "0"])
+    assert "inside the 3 x 3 grid" in capsys.readouterr().err
+    assert not list(tmp_path.glob("heatmap_*"))
