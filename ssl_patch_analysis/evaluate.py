@@ -1,0 +1,656 @@
+"""Patch-protocol evaluation (paper Fig. 2 and 3b): k-NN and a linear probe on central / 1 / n patches.
+
+A *protocol* says how one image becomes one feature vector; the same protocol builds the training
+and the test features of the classifiers:
+
+- ``"central"``: the standard single view (the whole square image), resized to the model's input;
+- ``"N"`` (a positive integer): the mean embedding of ``N`` patches drawn at the pretraining scale
+  (a fixed side for BagSSL-style models, ``RandomResizedCrop``'s area range for multi-scale ones),
+  each resized to the model's input; ``"1"`` is the single-patch protocol;
+- ``"grid:P"``: the mean embedding of every patch of a non-overlapping ``P``-pixel tiling grid.
+
+Each feature set is classified by a weighted k-NN (cosine, temperature 0.07, as DINO and
+solo-learn do; :mod:`.knn`) and by a linear probe: multinomial logistic regression on the frozen
+features, standardised with the training mean and standard deviation, trained with Adam
+(``lr`` 1e-3, cosine decay to 0, L2 weight decay 1e-4, batch 256, 100 epochs, zero init, seeded
+shuffling) on the device. The probe is deliberately plain and fixed, not tuned per model: the
+protocols are compared with one classifier.
+
+Command line::
+
+    python -m ssl_patch_analysis.evaluate --model bagssl --protocols central,1,16 --train-size 2000 --test-size 1000
+    python -m ssl_patch_analysis.evaluate --model vicreg --boost          # + central vs n-patch figure
+
+writes ``figures/evaluate_<model>_<data>.png`` and ``.json`` (and ``evaluate_boost_*`` with
+``--boost``), and prints the Fig. 2 table (protocol x {kNN k=20, kNN k=200, linear}).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import ImageDataset, load_dataset
+from .extract import extract_patch_embeddings, model_sha256
+from .knn import knn_accuracy
+from .models import SSLModel
+from .patches import PatchSampler, central, grid, random_fixed, random_resized
+from .report import (
+    add_model_data_args, data_label, format_table, load_model_and_data, model_label, output_stem, resolve_device,
+    save_figure, save_json, slug,
+)
+
+DEFAULT_PROTOCOLS = ("central", "1", "16")
+DEFAULT_KS = (20, 200)
+DEFAULT_TEMPERATURE = 0.07
+# Patches embedded per in-memory block: bounds the memory of one protocol's raw embeddings
+# (65536 x 512 float32 = 128 MiB for a ResNet-18) whatever the number of images.
+PATCHES_PER_BLOCK = 65536
+
+
+@dataclass(frozen=True)
+class PatchScale:
+    """The scale patches are drawn at: a fixed side in pixels (BagSSL), or an area range (multi-scale)."""
+
+    patch_size: int | None = None
+    scale: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.patch_size is None) == (self.scale is None):
+            raise ValueError("a patch scale is either a fixed patch_size or an area range scale=(min, max), "
+                             f"exactly one of them; got patch_size={self.patch_size}, scale={self.scale}")
+
+    def describe(self) -> str:
+        if self.patch_size is not None:
+            return f"{self.patch_size}x{self.patch_size} px patches"
+        low, high = self.scale  # type: ignore[misc]
+        return f"RandomResizedCrop scale ({low:g}, {high:g})"
+
+
+def pretraining_scale(model: SSLModel) -> PatchScale:
+    """The patch scale ``model`` was trained with, as its checkpoint records it (``info.extra["train"]``)."""
+    train = model.info.extra.get("train") or {}
+    if train.get("patch_size"):
+        return PatchScale(patch_size=int(train["patch_size"]))
+    if train.get("min_scale") is not None and train.get("max_scale") is not None:
+        return PatchScale(scale=(float(train["min_scale"]), float(train["max_scale"])))
+    raise ValueError(
+        f"the checkpoint {model.info.source or ''} does not record the patch scale it was trained with "
+        "(no patch_size or min_scale/max_scale in its training settings): pass it, e.g. --patch-size 16 "
+        "(fixed-scale patches) or --scale 0.08,1 (multi-scale crops)"
+    )
+
+
+def protocol_sampler(protocol: str, patch_scale: PatchScale | None = None, seed: int = 0) -> PatchSampler:
+    """The patch sampler of ``protocol`` (``"central"``, ``"N"``, ``"grid:P"``; see the module docstring)."""
+    text = protocol.strip().lower()
+    if text == "central":
+        return central()
+    if text.startswith("grid:"):
+        size = text.removeprefix("grid:")
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"protocol {protocol!r}: grid:P needs a positive patch side P in pixels, e.g. grid:8")
+        return grid(int(size))
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"unknown protocol {protocol!r}: use central, a number of patches N >= 1 (e.g. 1 or 16), "
+                         "or grid:P (every patch of a P-pixel tiling grid)")
+    if patch_scale is None:
+        raise ValueError(f"protocol {protocol!r} draws patches at the pretraining scale: pass patch_scale")
+    if patch_scale.patch_size is not None:
+        return random_fixed(int(text), patch_scale.patch_size, seed=seed)
+    return random_resized(int(text), scale=patch_scale.scale, seed=seed)  # type: ignore[arg-type]
+
+
+def protocol_title(protocol: str) -> str:
+    """How a figure or table names a protocol: "central", "1 patch", "16 patches", "grid 8 px"."""
+    text = protocol.strip().lower()
+    if text.isdigit():
+        return f"{int(text)} patch" if int(text) == 1 else f"{int(text)} patches"
+    if text.startswith("grid:"):
+        return f"all {text.removeprefix('grid:')} px grid patches"
+    return text
+
+
+def _needs_scale(protocol: str) -> bool:
+    return protocol.strip().isdigit()
+
+
+def subset_ids(labels: np.ndarray, size: int | None, seed: int = 0, exclude: np.ndarray | None = None) -> np.ndarray:
+    """A fixed, seeded, class-stratified random subset of ``size`` indices (sorted); ``None``: all.
+
+    Each class gets ``floor(size * its share)`` images, and the remainder goes to the first unused
+    indices of one seeded permutation. ``exclude``: indices not to draw (a test subset taken from
+    the split that holds the training subset).
+    """
+    labels = np.asarray(labels)
+    pool = np.setdiff1d(np.arange(len(labels)), exclude) if exclude is not None else np.arange(len(labels))
+    if size is None:
+        return pool
+    if not 1 <= size <= len(pool):
+        raise ValueError(f"subset size must be between 1 and {len(pool)} (the images available), got {size}")
+    order = np.random.default_rng(seed).permutation(pool)
+    chosen = np.zeros(len(labels), dtype=bool)
+    classes, counts = np.unique(labels[pool], return_counts=True)
+    for label, count in zip(classes, counts):
+        quota = (size * int(count)) // len(pool)
+        chosen[order[labels[order] == label][:quota]] = True
+    remainder = size - int(chosen.sum())
+    chosen[order[~chosen[order]][:remainder]] = True
+    return np.flatnonzero(chosen)
+
+
+def _store_path(store_dir: Path, model: SSLModel, data: ImageDataset, protocol: str, sampler: PatchSampler,
+                ids: np.ndarray, layer: str, resize_to: int) -> Path:
+    """One store per (model weights, data, sampler, images, layer, size), so re-runs reuse only their own."""
+    key = json.dumps([model_sha256(model), data.name, data.split, sampler.to_dict(), layer, resize_to,
+                      hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return store_dir / f"{slug(data.name)}-{slug(data.split)}-{slug(protocol)}-{layer}-{len(ids)}img-{digest}"
+
+
+def _mean_over_patches(embeddings: np.ndarray, rows_per_block: int = 4096) -> np.ndarray:
+    """``N x P x D`` -> ``N x D`` float32, block by block (the array may be a memory map)."""
+    out = np.empty((embeddings.shape[0], embeddings.shape[2]), dtype=np.float32)
+    for start in range(0, embeddings.shape[0], rows_per_block):
+        out[start:start + rows_per_block] = embeddings[start:start + rows_per_block].astype(np.float32).mean(axis=1)
+    return out
+
+
+def protocol_features(
+    model: SSLModel,
+    data: ImageDataset,
+    protocol: str,
+    *,
+    patch_scale: PatchScale | None = None,
+    layer: str = "h",
+    image_ids: np.ndarray | Sequence[int] | None = None,
+    seed: int = 0,
+    resize_to: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    store_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(features N x D float32, labels N)``: one feature per image of ``data`` under ``protocol``.
+
+    The feature is the mean of the ``layer`` embeddings of the protocol's patches (one patch for
+    ``"central"``). ``patch_scale`` defaults to the model's :func:`pretraining_scale` (only the
+    ``"N"`` protocols need it); ``resize_to`` is the side every patch is resized to (default the
+    model's input size). With ``store_dir`` the patch embeddings are cached on disk (float32), so
+    a re-run reads them back instead of embedding again.
+    """
+    if _needs_scale(protocol) and patch_scale is None:
+        patch_scale = pretraining_scale(model)
+    sampler = protocol_sampler(protocol, patch_scale, seed=seed)
+    ids = np.arange(len(data)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
+    size = int(resize_to or model.preprocess.input_size)
+    layers = ["h"] if layer == "h" else ["h", layer]
+    options = dict(layers=layers, batch_size=batch_size, resize_to=size, device=device, dtype="float32",
+                   progress=progress)
+    if store_dir is not None:
+        path = _store_path(Path(store_dir), model, data, protocol, sampler, ids, layer, size)
+        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, **options)
+        return _mean_over_patches(embeddings.layer(layer)), np.asarray(embeddings.labels, dtype=np.int64)
+    images_per_block = max(batch_size, PATCHES_PER_BLOCK // sampler.num_patches(tuple(data.image_size)))
+    features, labels = [], []
+    for start in range(0, len(ids), images_per_block):
+        block = extract_patch_embeddings(model, data, sampler, image_ids=ids[start:start + images_per_block],
+                                         **options)
+        features.append(_mean_over_patches(block.layer(layer)))
+        labels.append(np.asarray(block.labels, dtype=np.int64))
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def knn_eval(
+    train_x: np.ndarray | torch.Tensor,
+    train_y: np.ndarray | torch.Tensor,
+    test_x: np.ndarray | torch.Tensor,
+    test_y: np.ndarray | torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    device: str | torch.device | None = None,
+) -> dict[int, float]:
+    """Top-1 accuracy (percent) of the weighted cosine k-NN (:func:`.knn.knn_accuracy`) for each ``k``."""
+    device = resolve_device(device)
+    bank = torch.as_tensor(train_x, dtype=torch.float32, device=device)
+    bank_labels = torch.as_tensor(train_y, dtype=torch.int64, device=device)
+    queries = torch.as_tensor(test_x, dtype=torch.float32, device=device)
+    query_labels = torch.as_tensor(test_y, dtype=torch.int64)
+    return {int(k): knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=int(k),
+                                 temperature=temperature) for k in ks}
+
+
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """How the linear probe is trained: Adam, cosine decay of ``lr`` to 0, L2 ``weight_decay``."""
+
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
+            raise ValueError(f"the probe needs epochs >= 1, batch_size >= 1, lr > 0 and weight_decay >= 0; got "
+                             f"{self}")
+
+    def describe(self) -> str:
+        return (f"Adam, {self.epochs} epochs, batch {self.batch_size}, lr {self.lr:g} (cosine to 0), "
+                f"weight decay {self.weight_decay:g} (L2), zero init, features standardised with train mean/std")
+
+
+@dataclass
+class ProbeResult:
+    """A trained linear probe: test and train accuracy (percent), its final training loss and schedule.
+
+    ``weight`` (``C x D``) and ``bias`` (``C``) act on standardised features ``(x - mean) / std``.
+    """
+
+    accuracy: float
+    train_accuracy: float
+    final_loss: float
+    schedule: ProbeSchedule
+    seed: int
+    weight: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def _as_labels(labels: np.ndarray | torch.Tensor, count: int, num_classes: int, what: str) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.shape != (count,) or labels.is_floating_point():
+        raise ValueError(f"{what} labels must be {count} integers (one per feature), got {labels.dtype} "
+                         f"of shape {tuple(labels.shape)}")
+    if count and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+        raise ValueError(f"{what} labels must lie in 0..{num_classes - 1} (num_classes={num_classes}), got "
+                         f"{int(labels.min())}..{int(labels.max())}")
+    return labels.to(torch.int64)
+
+
+def linear_probe(
+    train_x: np.ndarray | torch.Tensor,
+    train_y: np.ndarray | torch.Tensor,
+    test_x: np.ndarray | torch.Tensor,
+    test_y: np.ndarray | torch.Tensor,
+    num_classes: int,
+    schedule: ProbeSchedule = ProbeSchedule(),
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> ProbeResult:
+    """Multinomial logistic regression on frozen features (see :class:`ProbeSchedule`), deterministic given ``seed``.
+
+    The weights start at zero, so ``seed`` only orders the minibatches; the features are
+    standardised with the training mean and standard deviation (constant features stay 0).
+    """
+    device = resolve_device(device)
+    x = torch.as_tensor(train_x, dtype=torch.float32, device=device)
+    x_test = torch.as_tensor(test_x, dtype=torch.float32, device=device)
+    if x.ndim != 2 or x_test.ndim != 2 or x.shape[1] != x_test.shape[1] or len(x) == 0 or len(x_test) == 0:
+        raise ValueError(f"features must be non-empty N x D arrays of one dimension D, got train "
+                         f"{tuple(x.shape)} and test {tuple(x_test.shape)}")
+    if not (torch.isfinite(x).all() and torch.isfinite(x_test).all()):
+        raise ValueError("the features hold NaN or infinite values: check the model and the extraction")
+    y = _as_labels(train_y, len(x), num_classes, "train").to(device)
+    y_test = _as_labels(test_y, len(x_test), num_classes, "test").to(device)
+
+    mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False)
+    # A constant feature carries nothing: dividing by 1 keeps it at 0 after centring.
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+
+    classifier = torch.nn.Linear(x.shape[1], num_classes).to(device)
+    torch.nn.init.zeros_(classifier.weight)
+    torch.nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    steps = schedule.epochs * math.ceil(len(x) / schedule.batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    shuffler = torch.Generator().manual_seed(seed)
+    for _ in range(schedule.epochs):
+        order = torch.randperm(len(x), generator=shuffler).to(device)
+        for start in range(0, len(x), schedule.batch_size):
+            batch = order[start:start + schedule.batch_size]
+            loss = F.cross_entropy(classifier(x[batch]), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+
+    with torch.no_grad():
+        train_logits = classifier(x)
+        final_loss = float(F.cross_entropy(train_logits, y))
+        train_accuracy = 100.0 * float((train_logits.argmax(1) == y).float().mean())
+        accuracy = 100.0 * float((classifier(x_test).argmax(1) == y_test).float().mean())
+    return ProbeResult(
+        accuracy=accuracy, train_accuracy=train_accuracy, final_loss=final_loss, schedule=schedule, seed=seed,
+        weight=classifier.weight.detach().cpu().numpy(), bias=classifier.bias.detach().cpu().numpy(),
+        mean=mean.cpu().numpy(), std=std.cpu().numpy(),
+    )
+
+
+def evaluate_features(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    num_classes: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    schedule: ProbeSchedule = ProbeSchedule(),
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Both classifiers on one feature set: ``{"knn": {k: acc}, "linear": acc, "linear_train": acc, ...}``."""
+    started = time.perf_counter()
+    knn = knn_eval(train_x, train_y, test_x, test_y, num_classes, ks, temperature, device)
+    knn_seconds = time.perf_counter() - started
+    probe = linear_probe(train_x, train_y, test_x, test_y, num_classes, schedule, seed=seed, device=device)
+    return {"knn": knn, "linear": probe.accuracy, "linear_train": probe.train_accuracy,
+            "linear_final_loss": probe.final_loss,
+            "seconds": {"knn": knn_seconds, "probe": time.perf_counter() - started - knn_seconds}}
+
+
+def evaluate_protocols(
+    model: SSLModel,
+    train_data: ImageDataset,
+    test_data: ImageDataset,
+    protocols: Sequence[str] = DEFAULT_PROTOCOLS,
+    *,
+    patch_scale: PatchScale | None = None,
+    layer: str = "h",
+    train_ids: np.ndarray | None = None,
+    test_ids: np.ndarray | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    schedule: ProbeSchedule = ProbeSchedule(),
+    seed: int = 0,
+    resize_to: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    store_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """k-NN and linear probe for every protocol; the train and test features are built the same way.
+
+    Returns the numbers behind the Fig. 2 table as plain values: ``results["protocols"]`` holds, per
+    protocol, ``{"protocol", "title", "sampler", "patches_per_image", "feature_dim", "knn": {k: acc},
+    "linear", "linear_train", "linear_final_loss", "seconds"}``; accuracies are top-1 percent.
+    """
+    if not protocols:
+        raise ValueError("pass at least one protocol (central, N, grid:P)")
+    if set(train_data.class_names) != set(test_data.class_names) or len(train_data.class_names) == 0:
+        raise ValueError(f"train ({train_data.name} {train_data.split}) and test ({test_data.name} "
+                         f"{test_data.split}) data must share their classes")
+    if patch_scale is None and any(_needs_scale(p) for p in protocols):
+        patch_scale = pretraining_scale(model)
+    for protocol in protocols:
+        protocol_sampler(protocol, patch_scale, seed)  # reject a bad protocol before any embedding
+    num_classes = len(train_data.class_names)
+    train_ids = np.arange(len(train_data)) if train_ids is None else np.asarray(train_ids)
+    test_ids = np.arange(len(test_data)) if test_ids is None else np.asarray(test_ids)
+    options = dict(patch_scale=patch_scale, layer=layer, seed=seed, resize_to=resize_to, batch_size=batch_size,
+                   device=device, store_dir=store_dir, progress=progress)
+    rows = []
+    for protocol in protocols:
+        started = time.perf_counter()
+        train_x, train_y = protocol_features(model, train_data, protocol, image_ids=train_ids, **options)
+        test_x, test_y = protocol_features(model, test_data, protocol, image_ids=test_ids, **options)
+        feature_seconds = time.perf_counter() - started
+        scores = evaluate_features(train_x, train_y, test_x, test_y, num_classes, ks, temperature, schedule,
+                                   seed, device)
+        sampler = protocol_sampler(protocol, patch_scale, seed)
+        rows.append({"protocol": protocol, "title": protocol_title(protocol), "sampler": sampler.to_dict(),
+                     "patches_per_image": sampler.num_patches(tuple(test_data.image_size)),
+                     "feature_dim": int(train_x.shape[1]), **scores,
+                     "seconds": {"features": feature_seconds, **scores["seconds"]}})
+    return {
+        "model": model_label(model), "model_source": model.info.source, "method": model.info.method,
+        "train_data": data_label(train_data), "test_data": data_label(test_data),
+        "train_size": len(train_ids), "test_size": len(test_ids), "num_classes": num_classes,
+        "layer": layer, "seed": seed, "resize_to": int(resize_to or model.preprocess.input_size),
+        "patch_scale": asdict(patch_scale) if patch_scale is not None else None,
+        "patch_scale_text": patch_scale.describe() if patch_scale is not None else None,
+        "knn_settings": {"ks": [int(k) for k in ks], "temperature": temperature, "similarity": "cosine"},
+        "probe_schedule": {**asdict(schedule), "text": schedule.describe()},
+        "protocols": rows,
+    }
+
+
+def patch_boost(results: dict[str, Any]) -> dict[str, Any]:
+    """Central vs the largest n-patch protocol of the same model: accuracies and the gain, per classifier."""
+    by_protocol = {row["protocol"]: row for row in results["protocols"]}
+    many = [p for p in by_protocol if p.strip().isdigit() and int(p) > 1]
+    if "central" not in by_protocol or not many:
+        raise ValueError("the patch boost compares the central view with n > 1 patches: evaluate the protocols "
+                         "central and N (e.g. --protocols central,1,16)")
+    patches = max(many, key=int)
+    rows = []
+    for name, pick in _classifiers(results):
+        before, after = pick(by_protocol["central"]), pick(by_protocol[patches])
+        rows.append({"classifier": name, "central": before, "patches": after, "delta": after - before})
+    return {"patch_protocol": patches, "patch_title": protocol_title(patches), "rows": rows}
+
+
+def _classifiers(results: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``(name, accuracy of a protocol row)`` for each classifier evaluated, in table order."""
+    knn = [(f"kNN k={k}", lambda row, k=k: _knn_score(row, k)) for k in results["knn_settings"]["ks"]]
+    return knn + [("linear", lambda row: row["linear"])]
+
+
+def _knn_score(row: dict[str, Any], k: int) -> float:
+    # JSON turns the integer keys into strings; accept both so results read back from disk work too.
+    return row["knn"][k] if k in row["knn"] else row["knn"][str(k)]
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The Fig. 2 table: one row per protocol, one column per classifier (top-1 %)."""
+    classifiers = _classifiers(results)
+    rows = [[row["title"], row["patches_per_image"], *(pick(row) for _, pick in classifiers)]
+            for row in results["protocols"]]
+    return format_table(rows, ["protocol", "patches", *(name for name, _ in classifiers)], floatfmt=".1f")
+
+
+def boost_table(boost: dict[str, Any]) -> str:
+    rows = [[row["classifier"], row["central"], row["patches"], f"{row['delta']:+.1f}"] for row in boost["rows"]]
+    return format_table(rows, ["classifier", "central", boost["patch_title"], "gain (points)"], floatfmt=".1f")
+
+
+def _subtitle(results: dict[str, Any]) -> str:
+    scale = f", {results['patch_scale_text']}" if results.get("patch_scale_text") else ""
+    return (f"train {results['train_size']} / test {results['test_size']} images, layer {results['layer']}"
+            f"{scale}")
+
+
+def plot_evaluation(results: dict[str, Any]):
+    """Grouped bars: one group per protocol, one bar per classifier, with the chance level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classifiers = _classifiers(results)
+    protocols = results["protocols"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.9 * len(protocols) + 2), 4.6))
+    width = 0.8 / len(classifiers)
+    positions = np.arange(len(protocols))
+    for i, (name, pick) in enumerate(classifiers):
+        values = [pick(row) for row in protocols]
+        bars = ax.bar(positions + (i - (len(classifiers) - 1) / 2) * width, values, width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.axhline(100.0 / results["num_classes"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(positions, [row["title"] for row in protocols])
+    ax.set_xlabel("evaluation protocol (same for train and test features)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{results['model']} on {results['test_data']}: k-NN and linear probe per protocol\n"
+                 f"{_subtitle(results)}", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, ncols=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_boost(results: dict[str, Any], boost: dict[str, Any]):
+    """Central view vs the n-patch mean for each classifier, with the gain written above the pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = boost["rows"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    positions = np.arange(len(rows))
+    for offset, key, label in ((-0.2, "central", "central view"), (0.2, "patches", f"mean of {boost['patch_title']}")):
+        bars = ax.bar(positions + offset, [row[key] for row in rows], 0.4, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    for x, row in zip(positions, rows):
+        top = max(row["central"], row["patches"])
+        ax.annotate(f"{row['delta']:+.1f} pts", (x, top + 6), ha="center", fontsize=9, fontweight="bold")
+    ax.axhline(100.0 / results["num_classes"], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(positions, [row["classifier"] for row in rows])
+    ax.set_xlabel("classifier on frozen features")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{results['model']} on {results['test_data']}: patch aggregation boost\n{_subtitle(results)}",
+                 fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"{flag} must list positive integers, got {text!r}")
+    return values
+
+
+def _patch_scale_from_args(args: argparse.Namespace) -> PatchScale | None:
+    if args.patch_size is not None and args.scale is not None:
+        raise SystemExit("pass --patch-size (fixed-scale patches) or --scale (multi-scale crops), not both")
+    if args.patch_size is not None:
+        return PatchScale(patch_size=args.patch_size)
+    if args.scale is not None:
+        try:
+            low, high = (float(v) for v in args.scale.split(","))
+        except ValueError:
+            raise SystemExit(f"--scale must be two numbers MIN,MAX (e.g. 0.08,1), got {args.scale!r}") from None
+        return PatchScale(scale=(low, high))
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssl_patch_analysis.evaluate",
+        description="k-NN and linear-probe accuracy of a self-supervised model under the central, 1-patch and "
+                    "n-patch protocols (paper Fig. 2, 3b).",
+    )
+    add_model_data_args(parser)
+    parser.add_argument("--train-split", default="train",
+                        help="split the classifiers are fitted on (default: train; with the test split itself, "
+                             "the two subsets are disjoint)")
+    parser.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS),
+                        help="comma-separated: central, N (mean of N patches at the pretraining scale), grid:P "
+                             f"(every patch of a P-px tiling grid) (default: {','.join(DEFAULT_PROTOCOLS)})")
+    parser.add_argument("--patch-size", type=int, default=None,
+                        help="fixed patch side in pixels (default: the checkpoint's pretraining patch size)")
+    parser.add_argument("--scale", default=None,
+                        help="multi-scale crops MIN,MAX area fraction, e.g. 0.08,1 (default: the checkpoint's)")
+    parser.add_argument("--layer", default="h", choices=("h", "z", "pre_feature"),
+                        help="embedding h (default) or projection z")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="seeded class-stratified subset of the train split (default: all)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="seeded class-stratified subset of the test split (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
+    parser.add_argument("--resize-to", type=int, default=None,
+                        help="side every patch is resized to (default: the model's input size)")
+    parser.add_argument("--k", default=",".join(map(str, DEFAULT_KS)), help="k-NN neighbours (default 20,200)")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help=f"k-NN vote temperature (default {DEFAULT_TEMPERATURE})")
+    defaults = ProbeSchedule()
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help=f"linear probe epochs (default {defaults.epochs})")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"linear probe Adam lr (default {defaults.lr})")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
+                        help=f"linear probe L2 weight decay (default {defaults.weight_decay})")
+    parser.add_argument("--probe-batch-size", type=int, default=defaults.batch_size,
+                        help=f"linear probe minibatch (default {defaults.batch_size})")
+    parser.add_argument("--boost", action="store_true",
+                        help="also write evaluate_boost_<model>_<data>: central vs the n-patch mean, with the gain")
+    parser.add_argument("--store-dir", type=Path, default=None,
+                        help="cache the patch embeddings here, so that a re-run does not embed again")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    ks = _int_list(args.k, "--k")
+    patch_scale = _patch_scale_from_args(args)
+    try:
+        schedule = ProbeSchedule(args.epochs, args.lr, args.weight_decay, args.probe_batch_size)
+        model, test_data, device = load_model_and_data(args)
+        train_data = load_dataset(args.data, args.train_split, root=args.data_root, download=args.download,
+                                  image_size=args.image_size)
+        if patch_scale is None and any(_needs_scale(p) for p in protocols):
+            patch_scale = pretraining_scale(model)
+        for protocol in protocols:
+            protocol_sampler(protocol, patch_scale, args.seed)
+        train_ids = subset_ids(train_data.labels, args.train_size, args.seed)
+        same_split = train_data.split == test_data.split
+        test_ids = subset_ids(test_data.labels, args.test_size, args.seed + 1,
+                              exclude=train_ids if same_split else None)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"model: {model_label(model)}; train: {data_label(train_data)} ({len(train_ids)} images), "
+          f"test: {data_label(test_data)} ({len(test_ids)} images); layer {args.layer}; device {device}")
+    if patch_scale is not None:
+        print(f"patches: {patch_scale.describe()}, seed {args.seed}")
+    print(f"k-NN: cosine, k = {', '.join(map(str, ks))}, temperature {args.temperature:g}")
+    print(f"linear probe: {schedule.describe()}, seed {args.seed}")
+    started = time.perf_counter()
+    results = evaluate_protocols(
+        model, train_data, test_data, protocols, patch_scale=patch_scale, layer=args.layer, train_ids=train_ids,
+        test_ids=test_ids, ks=ks, temperature=args.temperature, schedule=schedule, seed=args.seed,
+        resize_to=args.resize_to, batch_size=args.batch_size, device=device, store_dir=args.store_dir,
+        progress=not args.no_progress,
+    )
+    results["wall_seconds"] = time.perf_counter() - started
+    results["command"] = "python -m ssl_patch_analysis.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    print()
+    print(results_table(results))
+    stem = output_stem(args.out, "evaluate", args.model, args.data)
+    written = save_figure(plot_evaluation(results), stem, pdf=args.pdf)
+    if args.boost:
+        try:
+            results["boost"] = patch_boost(results)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+        print()
+        print(boost_table(results["boost"]))
+        boost_stem = output_stem(args.out, "evaluate_boost", args.model, args.data)
+        written += save_figure(plot_boost(results, results["boost"]), boost_stem, pdf=args.pdf)
+        context = {key: value for key, value in results.items() if key != "protocols"}
+        written.append(save_json(context, boost_stem.with_suffix(".json")))
+    written.append(save_json(results, stem.with_suffix(".json")))
+    print(f"\n{results['wall_seconds']:.0f} s; wrote " + ", ".join(str(p) for p in written))
+    return results
+
+
+if __name__ == "__main__":
+    main()
