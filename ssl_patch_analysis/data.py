@@ -24,7 +24,7 @@ import os
 import pickle
 import tempfile
 import warnings
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Sequence
 
@@ -65,6 +65,19 @@ def default_data_root() -> Path:
     """``$SSL_PATCH_ANALYSIS_DATA`` if set, else ``($XDG_CACHE_HOME or ~/.cache)/ssl_patch_analysis/data``."""
     env = os.environ.get(DATA_ENV)
     return Path(env).expanduser() if env else _user_cache_root() / "ssl_patch_analysis" / "data"
+
+
+def data_roots() -> list[Path]:
+    """Where data sets are looked for when no ``root`` is given, in order.
+
+    ``$SSL_PATCH_ANALYSIS_DATA`` alone when it is set; otherwise the user cache folder, then the
+    ``shared/data`` folder beside this checkout (where the project keeps its real data sets), so
+    that the commands run offline from a checkout without any set-up.
+    """
+    if os.environ.get(DATA_ENV):
+        return [default_data_root()]
+    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return [default_data_root(), beside_checkout]
 
 
 def cache_dir() -> Path:
@@ -486,10 +499,17 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
         splits, _, native, _ = ARCHIVE_DATASETS[key]
         _check_split(key, split, splits)
         _check_native_size(key, image_size, native)
-        data_root = Path(root).expanduser() if root is not None else default_data_root()
-        if key == "imagenette":
-            return _load_imagenette(split, data_root, download)
-        return _load_cifar(key, split, data_root, download)
+        loader = _load_imagenette if key == "imagenette" else partial(_load_cifar, key)
+        roots = [Path(root).expanduser()] if root is not None else data_roots()
+        missing = []
+        for data_root in roots:
+            try:
+                return loader(split, data_root, download)
+            except FileNotFoundError as e:
+                missing.append(e)
+        if len(missing) == 1:
+            raise missing[0]
+        raise FileNotFoundError("\n".join(str(e) for e in missing))
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _load_folder(folder, split, image_size)

@@ -318,6 +318,22 @@ def test_missing_data_lists_every_path_tried(tmp_path, monkeypatch):
     assert str(empty / "imagenette_jpeg.npz") in message and "imagenette2" in message
 
 
+def test_without_the_variable_the_user_cache_then_the_shared_folder_beside_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv("SSL_PATCH_ANALYSIS_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    beside = Path(data.__file__).resolve().parents[2] / "shared" / "data"
+    assert data.data_roots() == [tmp_path / "cache" / "ssl_patch_analysis" / "data", beside]
+    archive = beside / "cifar10_jpeg.npz"
+    if archive.is_file():
+        # The checkout sits beside the project's shared/ folder (as in CI): found with no set-up at all.
+        assert len(load_dataset("cifar10", "test")) == 10_000
+    else:
+        with pytest.raises(FileNotFoundError) as error:
+            load_dataset("cifar10", "test")
+        assert str(tmp_path / "cache" / "ssl_patch_analysis" / "data" / "cifar10_jpeg.npz") in str(error.value)
+        assert str(archive) in str(error.value)
+
+
 def test_wrong_names_splits_and_sizes(tmp_path):
     with pytest.raises(ValueError, match="valid splits: train, test"):
         load_dataset("cifar10", "val", root=tmp_path)
