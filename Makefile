@@ -24,3 +24,20 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# FIGURES: regenerate the committed figures/ of the shipped models with the exact settings recorded in
+# their JSON files (CPU, as they were made: about 45 min on 2 cores; FIGURES_DEVICE=cuda is much faster,
+# autocast then changes the last digits). Evaluation embeddings are cached in FIGURES_STORE.
+FIGURES_DEVICE ?= cpu
+FIGURES_STORE ?= $(HOME)/.cache/ssl_patch_analysis/evaluate-store
+.PHONY: figures
+figures: venv
+	$(PY) -m ssl_patch_analysis.convergence --model vicreg --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.convergence --model bagssl --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.heatmap --model vicreg --data cifar10 --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.heatmap --model bagssl --data cifar10 --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.heatmap --model vicreg --data imagenette --resize-to 32 --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.retrieval --model vicreg --data cifar10 --patch-size 16 --stride 8 --num-images 1000 --k 8 --num-queries 200 --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.retrieval --model bagssl --data cifar10 --patch-size 16 --stride 8 --num-images 1000 --k 8 --num-queries 200 --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.evaluate --model vicreg --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --store-dir $(FIGURES_STORE) --no-progress --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.evaluate --model bagssl --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --store-dir $(FIGURES_STORE) --no-progress --device $(FIGURES_DEVICE)
