@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine: the training of the shipped models, their model-card
 # numbers, then the extraction benchmark, all written under $OUT.
-# Data travel in the ignored folder .gpu_data (CIFAR-10 and a 400-image Imagenette subset).
+# Data travel in the ignored folder .gpu_data (CIFAR-10 and a 400-image Imagenette subset), made by
+# benchmarks/make_gpu_data.py; the call: run(command="bash benchmarks/gpu_session.sh", carry=[".gpu_data"]).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 SSL_PATCH_ANALYSIS_DATA=$PWD/.gpu_data SSL_PATCH_ANALYSIS_CACHE=/tmp/cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
