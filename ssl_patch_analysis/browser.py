@@ -148,7 +148,8 @@ class PatchBrowser:
     ``sources`` maps a data-set name to its :class:`BrowsedData`. After each update,
     ``neighbours`` holds the ``k`` nearest patches (nearest first, the query itself left out),
     ``figure`` the matplotlib figure, ``png`` its bytes, ``seconds`` how long the update took, and
-    ``output`` (an ``ipywidgets.Output``) shows the figure.
+    ``output`` (an ``ipywidgets.Image``) shows the figure. An Image widget, not an Output widget:
+    each update is one state change of the widget, with no captured display messages to route.
     """
 
     def __init__(self, model: SSLModel, sources: Mapping[str, BrowsedData], k: int = 8, layer: str = "z",
@@ -183,7 +184,7 @@ class PatchBrowser:
         self.k_slider = widgets.IntSlider(value=k, min=1, max=max(16, k), description="k", continuous_update=False)
         self.exclude_box = widgets.Checkbox(value=exclude_same_image, description="leave out the query's image")
         self.summary = widgets.HTML()
-        self.output = widgets.Output()
+        self.output = widgets.Image(format="png")
         for control in (self.data_choice, self.image_slider, self.row_slider, self.col_slider, self.layer_buttons,
                         self.k_slider, self.exclude_box):
             control.observe(self._on_change, names="value")
@@ -291,11 +292,7 @@ class PatchBrowser:
                 f"nearest: {marks} &nbsp; | &nbsp; {self.seconds * 1000:.0f} ms")
 
     def _show(self) -> None:
-        from IPython.display import Image, display
-
-        self.output.clear_output(wait=True)
-        with self.output:
-            display(Image(data=self.png, format="png"))
+        self.output.value = self.png
 
 
 def build_browser(model: str | Path | SSLModel = "vicreg", datasets: Sequence[str] = ("cifar10", "imagenette"),
