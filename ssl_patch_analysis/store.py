@@ -288,8 +288,12 @@ def prepare_store(
         if not differing:
             return bool(meta.get("complete"))
         if not overwrite:
+            shown = [f"{key} (store {meta.get(key)!r}, now {settings[key]!r})"
+                     if len(repr(meta.get(key))) + len(repr(settings[key])) < 80 else key for key in differing]
+            hint = (" (to resume, match the store's precision: --amp/--no-amp, amp=True/False)"
+                    if "precision" in differing else "")
             raise ValueError(
-                f"the store at {path} was made with other settings (different: {', '.join(differing)}); "
+                f"the store at {path} was made with other settings (different: {', '.join(shown)}){hint}; "
                 "choose another --out, or pass --overwrite (overwrite=True) to replace it"
             )
         shutil.rmtree(path)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.data import ImageFolderDataset, TensorImageDataset
-from ssl_patch_analysis.extract import crop_patches, extract_patch_embeddings
+from ssl_patch_analysis.extract import cpu_has_bf16, crop_patches, default_num_workers, extract_patch_embeddings
 from ssl_patch_analysis.models import (
     CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp,
 )
@@ -193,6 +193,53 @@ def test_cuda_out_of_memory_halves_the_chunk_and_changes_nothing():
     messages = [str(w.message) for w in caught if "out of memory" in str(w.message)]
     assert len(messages) == 1, messages  # said once, although the chunk was halved three times (64 -> 8)
     assert np.allclose(got.h, expected.h, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_and_bf16_runs_agree_with_float32():
+    model, images = tiny_model(), random_images(3)
+    # 27 patches in chunks of 10: the last chunk (7) is padded to the compiled shape and cut back.
+    options = dict(chunk_size=10, dtype="float32", progress=False)
+    eager = extract_patch_embeddings(model, images, grid(16, 8), **options)
+    compiled = extract_patch_embeddings(model, images, grid(16, 8), compile=True, **options)
+    assert compiled.h.shape == eager.h.shape == (3, 9, 64)
+    assert np.allclose(compiled.h, eager.h, rtol=1e-3, atol=1e-4) and np.allclose(compiled.z, eager.z, rtol=1e-3,
+                                                                                   atol=1e-4)
+    bf16 = extract_patch_embeddings(model, images, grid(16, 8), amp=True, compile=True, **options)
+    assert eager.meta["precision"] == "float32" and bf16.meta["precision"] == "bfloat16"
+    assert bf16.meta["last_run"]["compile"] is True
+    got, want = bf16.h.reshape(27, -1), eager.h.reshape(27, -1)
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.99, cosine.min()
+    # bf16 is not float32: the difference is real, so the precision is part of what a store records
+    assert not np.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_never_serves_a_graph_of_old_weights():
+    # Compiled graphs hold the weights as constants; after the weights change the extractor must
+    # compile again rather than reuse torch.compile's cached graph for the same module.
+    model, images = tiny_model(), random_images(2)
+    options = dict(chunk_size=8, dtype="float32", progress=False)
+    before = extract_patch_embeddings(model, images, grid(16, 8), compile=True, **options)
+    with torch.no_grad():
+        model.projector[0].weight.mul_(-1)
+    after = extract_patch_embeddings(model, images, grid(16, 8), compile=True, **options)
+    eager = extract_patch_embeddings(model, images, grid(16, 8), **options)
+    assert np.allclose(after.h, before.h, rtol=1e-3, atol=1e-4)  # the backbone did not change
+    assert np.allclose(after.z, eager.z, rtol=1e-3, atol=1e-4)
+    assert not np.allclose(after.z, before.z, rtol=1e-2, atol=1e-3)
+
+
+def test_store_of_another_precision_is_not_resumed(tmp_path):
+    model, images = tiny_model(projector=False), random_images(4)
+    extract_patch_embeddings(model, images, grid(16), out=tmp_path / "s", progress=False)
+    with pytest.raises(ValueError, match=r"different: precision"):
+        extract_patch_embeddings(model, images, grid(16), out=tmp_path / "s", amp=True, progress=False)
+
+
+def test_cpu_defaults():
+    assert default_num_workers(torch.device("cpu")) == 0  # workers would only compete with the forward pass
+    assert default_num_workers(torch.device("cuda")) == min(4, os.cpu_count() or 1)
+    assert isinstance(cpu_has_bf16(), bool)
 
 
 # ----------------------------------------------------------------------------- bad input
