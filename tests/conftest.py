@@ -11,7 +11,7 @@ def shared_data_root() -> Path:
     """The folder holding cifar10_jpeg.npz / imagenette_jpeg.npz (the Makefile sets the variable)."""
     env = os.environ.get(DATA_ENV)
     if env:
-        return Path(env)
+        return Path(env).resolve()  # absolute: notebook kernels run in another folder
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
