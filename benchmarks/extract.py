@@ -1,17 +1,24 @@
 """Patch-embedding throughput: naive hand-written loop vs the extractor vs the bare forward pass.
 
 Same images, same boxes, same model for all three:
-  (a) naive   - per image, per patch: PIL crop + resize + to_tensor, one forward per image;
+  (a) naive   - per image, per patch: PIL crop + resize + to_tensor, one float32 forward per image
+                (the loop a user writes, on its own copy of the model in PyTorch's default layout);
   (b) extract - ssl_patch_analysis.extract.extract_patch_embeddings (roi_align on the device, chunked);
-  (c) forward - the model's forward pass alone on ready tensors of the same shape (the ceiling).
+  (c) forward - the model's forward pass alone on ready tensors of the same shape, with the
+                extractor's settings (the ceiling).
+(b) and (c) run once per mode: the extractor's default ("float32" on a CPU, "bf16" autocast on
+CUDA) and "bf16+compile" (amp=True, compile=True: bf16 autocast and torch.compile, --amp --compile
+on the command line). "min cos (b)~(a)" is the smallest cosine similarity between the extractor's and
+the naive loop's embedding of the same patch (interpolation and precision differences).
 Prints one table: patches/s for each, (b)/(a) and (b)/(c).
 
-    python benchmarks/extract.py                      # CPU, both set-ups
-    python benchmarks/extract.py --device cuda --scale 20
+    python benchmarks/extract.py                      # CPU, both set-ups, both modes
+    python benchmarks/extract.py --device cuda --scale 5 --repeats 5
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 
@@ -21,11 +28,19 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from ssl_patch_analysis.data import load_dataset
-from ssl_patch_analysis.extract import default_chunk_size, extract_patch_embeddings
+from ssl_patch_analysis.extract import (
+    _autocast_dtype, _Embedder, cpu_has_bf16, default_chunk_size, extract_patch_embeddings,
+)
 from ssl_patch_analysis.models import (
     CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone,
 )
 from ssl_patch_analysis.patches import grid
+
+# The extractor's default on the device, then its fastest settings.
+MODES = {
+    "cpu": {"float32": dict(amp=False, compile=False), "bf16+compile": dict(amp=True, compile=True)},
+    "cuda": {"bf16": dict(amp=True, compile=False), "bf16+compile": dict(amp=True, compile=True)},
+}
 
 
 def make_model(arch: str, stem: str, images_uint8: torch.Tensor) -> SSLModel:
@@ -54,28 +69,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def naive(model, images_uint8, boxes, size, device) -> None:
+def naive(model, images_uint8, boxes, size, device) -> torch.Tensor:
+    outputs = []
     with torch.inference_mode():
         for image, image_boxes in zip(images_uint8, boxes):
             pil = Image.fromarray(image.permute(1, 2, 0).numpy())
             crops = [TF.to_tensor(pil.crop(tuple(int(v) for v in b)).resize((size, size), Image.BILINEAR))
                      for b in image_boxes.tolist()]
-            model.embed(torch.stack(crops).to(device))
+            outputs.append(model.embed(torch.stack(crops).to(device)))
     sync(device)
+    return torch.cat(outputs).float().cpu()
 
 
-def forward_only(model, num_patches, size, chunk, device) -> None:
-    # the extractor's own settings: channels_last and bf16 autocast on CUDA, plain float32 on the CPU
+def forward_only(embedder: _Embedder, num_patches, size, device) -> None:
+    """The extractor's own forward (channels_last, autocast, compiled or not) on ready patches."""
+    chunk = embedder.chunk_size
     x = torch.rand(chunk, 3, size, size, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-        model = model.to(memory_format=torch.channels_last)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with torch.inference_mode(), amp:
+    with torch.inference_mode():
         done = 0
         while done < num_patches:
             n = min(chunk, num_patches - done)
-            model(x[:n])
+            embedder.forward(x[:n])
             done += n
     sync(device)
 
@@ -89,6 +103,10 @@ def median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1).min())
+
+
 def run_setup(name, data, model, sampler, num_images, device, repeats):
     ids = list(range(num_images))
     size = model.preprocess.input_size
@@ -96,24 +114,34 @@ def run_setup(name, data, model, sampler, num_images, device, repeats):
     images = data.get_batch(ids)
     boxes = sampler.boxes(ids, data.image_size)
     patches = boxes.shape[0] * boxes.shape[1]
+    # The hand-written loop gets its own copy: the extractor switches its model to channels_last.
+    user_model = copy.deepcopy(model).to(device)
     model = model.to(device)
 
-    def extract():
-        extract_patch_embeddings(model, data, sampler, image_ids=ids, chunk_size=chunk, device=device,
-                                 progress=False)
-        sync(device)
+    naive(user_model, images[:2], boxes[:2], size, device)  # warm-up
+    t_naive = median_time(lambda: naive(user_model, images, boxes, size, device), repeats)
+    reference = naive(user_model, images, boxes, size, device)
+    rows = []
+    for mode, options in MODES[device.type].items():
+        def extract():
+            result = extract_patch_embeddings(model, data, sampler, image_ids=ids, chunk_size=chunk, device=device,
+                                              progress=False, layers=["h"], dtype="float32", **options)
+            sync(device)
+            return result
 
-    # warm-up: the first calls pay for allocator growth and kernel selection
-    extract_patch_embeddings(model, data, sampler, image_ids=ids[: max(1, num_images // 8)], chunk_size=chunk,
-                             device=device, progress=False)
-    forward_only(model, chunk, size, chunk, device)
-    t_naive = median_time(lambda: naive(model, images, boxes, size, device), repeats)
-    t_extract = median_time(extract, repeats)
-    t_forward = median_time(lambda: forward_only(model, patches, size, chunk, device), repeats)
-    return {
-        "setup": name, "patches": patches, "chunk": chunk,
-        "naive": patches / t_naive, "extract": patches / t_extract, "forward": patches / t_forward,
-    }
+        # warm-up: allocator growth, kernel selection, and for compile=True the compilation itself
+        extract_patch_embeddings(model, data, sampler, image_ids=ids[: max(1, num_images // 8)], chunk_size=chunk,
+                                 device=device, progress=False, layers=["h"], **options)
+        t_extract = median_time(extract, repeats)
+        agreement = min_cosine(torch.from_numpy(extract().h.reshape(patches, -1)), reference)
+        embedder = _Embedder(model, device, ["h"], chunk, _autocast_dtype(device, options["amp"]), options["compile"])
+        forward_only(embedder, chunk, size, device)  # warm-up (compiles)
+        t_forward = median_time(lambda: forward_only(embedder, patches, size, device), repeats)
+        rows.append({
+            "setup": name, "mode": mode, "patches": patches, "chunk": chunk, "naive": patches / t_naive,
+            "extract": patches / t_extract, "forward": patches / t_forward, "cos": agreement,
+        })
+    return rows
 
 
 def main() -> None:
@@ -128,21 +156,25 @@ def main() -> None:
 
     rows = []
     cifar = load_dataset("cifar10", "test", root=args.data_root)
-    rows.append(run_setup("CIFAR-10 (JPEG copy) test, 32 px, CIFAR ResNet-18, grid 16/4 -> 32 px",
+    rows.extend(run_setup("CIFAR-10 (JPEG copy) test, 32 px, CIFAR ResNet-18, grid 16/4 -> 32 px",
                           cifar, make_model("resnet18", "cifar", cifar.get_batch(range(64))), grid(16, 4),
-                          64 * args.scale, device, args.repeats))
+                          128 * args.scale, device, args.repeats))
     imagenette = load_dataset("imagenette", "val", root=args.data_root)
-    rows.append(run_setup("Imagenette val, 224 px, ResNet-50, grid 112/56 -> 224 px",
+    rows.extend(run_setup("Imagenette val, 224 px, ResNet-50, grid 112/56 -> 224 px",
                           imagenette, make_model("resnet50", "imagenet", imagenette.get_batch(range(32))), grid(112, 56),
-                          8 * args.scale, device, args.repeats))
+                          64 * args.scale, device, args.repeats))
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads, "
+             f"bf16 matrix units (AMX/AVX512-BF16): {'yes' if cpu_has_bf16() else 'no'}")
     print(f"device: {where}; torch {torch.__version__}")
-    print(f"| set-up | patches | chunk | (a) naive p/s | (b) extract p/s | (c) forward p/s | (b)/(a) | (b)/(c) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| set-up | mode | patches | chunk | (a) naive p/s | (b) extract p/s | (c) forward p/s | (b)/(a) | (b)/(c) "
+          "| min cos (b)~(a) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['setup']} | {r['patches']} | {r['chunk']} | {r['naive']:.1f} | {r['extract']:.1f} | {r['forward']:.1f} "
-              f"| {r['extract'] / r['naive']:.2f} | {r['extract'] / r['forward']:.2f} |")
+        print(f"| {r['setup']} | {r['mode']} | {r['patches']} | {r['chunk']} | {r['naive']:.1f} | {r['extract']:.1f} "
+              f"| {r['forward']:.1f} | {r['extract'] / r['naive']:.2f} | {r['extract'] / r['forward']:.2f} "
+              f"| {r['cos']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -23,5 +23,5 @@ done
 tar czf "$OUT/logs.tgz" -C /tmp/ship train.log $(cd /tmp/ship && ls *.jsonl 2>/dev/null) || true
 $py pretrained/model_card.py /tmp/ship/*-resnet18-cifar10.pt --device "$DEVICE" --amp-check --json "$OUT/model_card.json" \
   ${CARD_FLAGS:-} 2>&1 | tail -8 | tee -a "$OUT/session.log"
-[ -n "${SKIP_BENCH:-}" ] || $py benchmarks/extract.py --device "$DEVICE" --scale "${BENCH_SCALE:-10}" --repeats 2 2>&1 | tail -6 | tee -a "$OUT/session.log"
+[ -n "${SKIP_BENCH:-}" ] || $py benchmarks/extract.py --device "$DEVICE" --scale "${BENCH_SCALE:-5}" --repeats 5 2>&1 | tail -8 | tee -a "$OUT/session.log"
 ls -la "$OUT"
