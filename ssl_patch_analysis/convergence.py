@@ -44,8 +44,8 @@ from .extract import extract_patch_embeddings
 from .models import SSLModel
 from .patches import central, grid
 from .report import (
-    add_model_data_args, data_label, format_table, load_model_and_data, model_label, output_stem, save_figure,
-    save_json,
+    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, output_stem,
+    save_figure, save_json,
 )
 
 if TYPE_CHECKING:
@@ -448,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> ConvergenceResult:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with extraction_flags(args):
+        return _main(args, parser, argv)
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> ConvergenceResult:
     started = time.perf_counter()
     try:
         n_values = parse_n_values(args.n_values)

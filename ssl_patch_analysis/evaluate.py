@@ -46,8 +46,8 @@ from .knn import knn_accuracy
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
 from .report import (
-    add_model_data_args, data_label, format_table, load_model_and_data, model_label, output_stem, resolve_device,
-    save_figure, save_json, slug,
+    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, output_stem,
+    resolve_device, save_figure, save_json, slug,
 )
 
 DEFAULT_PROTOCOLS = ("central", "1", "16")
@@ -599,6 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    with extraction_flags(args):
+        return _main(args, argv)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     ks = _int_list(args.k, "--k")
     patch_scale = _patch_scale_from_args(args)

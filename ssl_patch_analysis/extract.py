@@ -17,6 +17,8 @@ between K processes writing one store)::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import functools
 import hashlib
 import os
@@ -263,6 +265,26 @@ def _autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | Non
     return torch.bfloat16
 
 
+_OPTIONS: contextvars.ContextVar[dict[str, bool]] = contextvars.ContextVar("extraction_options", default={})
+
+
+@contextlib.contextmanager
+def extraction_options(*, amp: bool | None = None, compile: bool | None = None) -> Iterator[None]:
+    """Defaults of ``amp`` and ``compile`` for every :func:`extract_patch_embeddings` call in the block
+    that does not pass them itself: how the analyses (convergence, heatmap, retrieval, evaluate) take
+    ``--amp`` / ``--compile``. None leaves a default as it is::
+
+        with extraction_options(amp=True, compile=True):
+            result = convergence_curve(model, data)
+    """
+    chosen = {name: value for name, value in (("amp", amp), ("compile", compile)) if value is not None}
+    token = _OPTIONS.set({**_OPTIONS.get(), **chosen})
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
 _last_compiled: tuple[int, str, str] | None = None
 
 
@@ -432,7 +454,7 @@ def extract_patch_embeddings(
     dtype: str = "float16",
     progress: bool = True,
     amp: bool | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     overwrite: bool = False,
     num_workers: int | None = None,
 ) -> PatchEmbeddings:
@@ -457,6 +479,8 @@ def extract_patch_embeddings(
     - ``compile``: run the model through ``torch.compile`` (a one-off 5-60 s compilation, then
       faster chunks: with ``amp=True`` on the CPU above about 4x the float32 eager speed; see
       benchmarks/RESULTS.md). Needs a C++ compiler on the CPU, Triton on CUDA.
+    - ``amp`` and ``compile`` left at None take the defaults of an enclosing
+      :func:`extraction_options` block (else: autocast on CUDA only, no compile).
     - ``num_workers``: DataLoader workers decoding lazily-loaded data sets (default min(4, CPUs) on
       a GPU, 0 on the CPU: :func:`default_num_workers`).
 
@@ -466,6 +490,9 @@ def extract_patch_embeddings(
     """
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    defaults = _OPTIONS.get()
+    amp = defaults.get("amp") if amp is None else amp
+    compile = bool(defaults.get("compile", False)) if compile is None else compile
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     source = _ImageSource(data)
@@ -635,6 +662,21 @@ def _sampler_from_args(args: argparse.Namespace) -> PatchSampler:
     return central(args.central or None)
 
 
+def add_speed_args(parser: argparse.ArgumentParser) -> None:
+    """``--amp`` / ``--no-amp`` / ``--compile``: shared by this command and every analysis command."""
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--amp", action="store_true",
+                           help="bf16 autocast on the CPU too (fast on CPUs with AMX; default: on CUDA only)")
+    precision.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (no autocast)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model for the patch embeddings (one-off compilation, then faster)")
+
+
+def amp_from_args(args: argparse.Namespace) -> bool | None:
+    """``--amp`` -> True, ``--no-amp`` -> False, neither -> None (the device's default)."""
+    return True if getattr(args, "amp", False) else (False if getattr(args, "no_amp", False) else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ssl_patch_analysis.extract",
@@ -669,12 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cuda when available)")
     parser.add_argument("--workers", type=int, default=None,
                         help="data decoding workers (default min(4, CPUs) on a GPU, 0 on the CPU)")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--amp", action="store_true",
-                           help="bf16 autocast on the CPU too (fast on CPUs with AMX; default: CUDA only)")
-    precision.add_argument("--no-amp", action="store_true", help="no autocast on CUDA (full float32)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model (one-off compilation, then faster; see README)")
+    add_speed_args(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     parser.add_argument("--out", required=True, help="store directory (re-run the same command to resume)")
     return parser
@@ -705,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         embeddings = extract_patch_embeddings(
             model, data, _sampler_from_args(args), layers=args.layers.split(",") if args.layers else None,
             image_ids=image_ids, batch_size=args.batch_size, chunk_size=args.chunk_size, resize_to=args.resize_to,
-            device=device, out=args.out, dtype=args.dtype, amp=False if args.no_amp else (True if args.amp else None),
+            device=device, out=args.out, dtype=args.dtype, amp=amp_from_args(args),
             compile=args.compile, overwrite=args.overwrite, num_workers=args.workers,
         )
         if rank == 0:

@@ -39,8 +39,8 @@ from .extract import extract_patch_embeddings
 from .models import SSLModel
 from .patches import grid
 from .report import (
-    add_model_data_args, data_label, format_table, load_model_and_data, model_label, output_stem, save_figure,
-    save_json,
+    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, output_stem,
+    save_figure, save_json,
 )
 
 LAYER_TITLES = {"z": "projection z", "h": "embedding h", "pre_feature": "pre-feature"}
@@ -471,6 +471,11 @@ def _title(model: SSLModel, data, result: HeatmapResult, locality: dict[str, Any
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with extraction_flags(args):
+        return _main(args, parser, argv)
+
+
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
     layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     try:
         cells = _parse_cells(args.queries) if args.queries else None

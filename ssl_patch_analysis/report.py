@@ -1,8 +1,9 @@
 """What every analysis command shares: its model/data flags, and how it writes what a person reads.
 
 Each analysis (``python -m ssl_patch_analysis.<name>``) takes the same ``--model``, ``--data``,
-``--split``, ``--data-root``, ``--device``, ``--download``, ``--seed`` and ``--out`` flags
-(:func:`add_model_data_args`, :func:`load_model_and_data`), and writes a figure (PNG, plus PDF with
+``--split``, ``--data-root``, ``--device``, ``--download``, ``--seed``, ``--amp``/``--no-amp``,
+``--compile`` and ``--out`` flags (:func:`add_model_data_args`, :func:`load_model_and_data`,
+:func:`extraction_flags`), and writes a figure (PNG, plus PDF with
 ``--pdf``) and the numbers behind it (JSON) to ``--out`` (default ``figures/``), then prints a short
 table (:func:`format_table`). Figure titles name the model and the data (:func:`model_label`).
 """
@@ -18,6 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from .extract import add_speed_args, amp_from_args, extraction_options
 
 DEFAULT_OUT = Path("figures")
 
@@ -40,8 +43,14 @@ def add_model_data_args(parser: argparse.ArgumentParser, model_default: str | No
     parser.add_argument("--download", action="store_true",
                         help="allow downloading published weights / CIFAR (needs internet)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    add_speed_args(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT}/)")
     parser.add_argument("--pdf", action="store_true", help="also write the figure as PDF")
+
+
+def extraction_flags(args: argparse.Namespace):
+    """An :func:`~.extract.extraction_options` block from ``--amp`` / ``--no-amp`` / ``--compile``."""
+    return extraction_options(amp=amp_from_args(args), compile=True if getattr(args, "compile", False) else None)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -35,8 +35,8 @@ import torch
 from .extract import extract_patch_embeddings
 from .patches import grid
 from .report import (
-    add_model_data_args, data_label, format_table, load_model_and_data, model_label, output_stem, save_figure,
-    save_json,
+    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, output_stem,
+    save_figure, save_json,
 )
 from .store import PatchEmbeddings
 
@@ -473,6 +473,11 @@ def _central_patch(boxes: np.ndarray, image_size: Sequence[int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    with extraction_flags(args):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> dict[str, Any]:
     model, data, device = load_model_and_data(args)
     if not 0 <= args.num_images <= len(data):
         raise SystemExit(f"--num-images must be between 0 (all) and {len(data)} (the size of the data set)")

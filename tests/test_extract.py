@@ -17,7 +17,9 @@ from PIL import Image
 
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.data import ImageFolderDataset, TensorImageDataset
-from ssl_patch_analysis.extract import cpu_has_bf16, crop_patches, default_num_workers, extract_patch_embeddings
+from ssl_patch_analysis.extract import (
+    cpu_has_bf16, crop_patches, default_num_workers, extract_patch_embeddings, extraction_options,
+)
 from ssl_patch_analysis.models import (
     CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp,
 )
@@ -234,6 +236,22 @@ def test_store_of_another_precision_is_not_resumed(tmp_path):
     extract_patch_embeddings(model, images, grid(16), out=tmp_path / "s", progress=False)
     with pytest.raises(ValueError, match=r"different: precision"):
         extract_patch_embeddings(model, images, grid(16), out=tmp_path / "s", amp=True, progress=False)
+
+
+def test_extraction_options_set_defaults_inside_the_block_only():
+    model, images = tiny_model(projector=False), random_images(2)
+
+    def precision(**kwargs):
+        return extract_patch_embeddings(model, images, grid(16), progress=False, **kwargs).meta["precision"]
+
+    with extraction_options(amp=True):
+        assert precision() == "bfloat16"
+        assert precision(amp=False) == "float32"  # an explicit argument wins
+        with extraction_options(compile=None):  # None keeps the enclosing default
+            assert precision() == "bfloat16"
+        with extraction_options(amp=False):
+            assert precision() == "float32"
+    assert precision() == "float32"
 
 
 def test_cpu_defaults():

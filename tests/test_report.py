@@ -50,3 +50,30 @@ def test_data_label(description, split, expected):
     data = Data()
     data.description, data.split = description, split
     assert data_label(data) == expected
+
+
+@pytest.mark.parametrize("command", ["convergence", "heatmap", "retrieval", "evaluate"])
+@pytest.mark.parametrize("flags, expected", [
+    ([], {}),
+    (["--amp", "--compile"], {"amp": True, "compile": True}),
+    (["--no-amp"], {"amp": False}),
+])
+def test_analysis_commands_hand_amp_and_compile_to_the_extractor(monkeypatch, command, flags, expected):
+    import importlib
+
+    from ssl_patch_analysis import extract
+
+    module = importlib.import_module(f"ssl_patch_analysis.{command}")
+    seen = []
+    monkeypatch.setattr(module, "_main", lambda *args: seen.append(dict(extract._OPTIONS.get())) or "done")
+    assert module.main(flags) == "done"
+    assert seen == [expected]
+    assert extract._OPTIONS.get() == {}  # nothing leaks past the command
+
+
+def test_amp_and_no_amp_exclude_each_other(capsys):
+    from ssl_patch_analysis import convergence
+
+    with pytest.raises(SystemExit):
+        convergence.build_parser().parse_args(["--amp", "--no-amp"])
+    assert "not allowed with argument" in capsys.readouterr().err
