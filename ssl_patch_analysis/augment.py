@@ -99,6 +99,11 @@ def adjust_hue(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     shift = _per_image(factors, images).view(-1, 1, 1)
     if bool((shift.abs() > 0.5).any()):
         raise ValueError("hue factors must lie in [-0.5, 0.5] (fractions of a full turn)")
+    return _rotate_hue(images, shift)
+
+
+def _rotate_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    # Unchecked (no wait for the device): Augmentation draws its shifts inside [-0.5, 0.5] itself.
     hsv = _rgb_to_hsv(images)
     hue = (hsv[:, 0] + shift).remainder(1.0)
     return _hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
@@ -117,6 +122,11 @@ def gaussian_blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) 
     sigmas = _per_image(sigmas, images).view(-1, 1)
     if bool((sigmas <= 0).any()):
         raise ValueError("blur sigmas must be positive")
+    return _blur(images, sigmas, kernel_size)
+
+
+def _blur(images: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    # Unchecked (no wait for the device): Augmentation draws positive sigmas itself.
     batch, channels, height, width = images.shape
     offsets = torch.arange(kernel_size, dtype=images.dtype, device=images.device) - (kernel_size - 1) / 2
     kernels = torch.exp(-0.5 * (offsets / sigmas) ** 2)
@@ -172,6 +182,8 @@ class Augmentation:
                 raise ValueError(f"{name} must be non-negative (the factor is drawn from [1 - {name}, 1 + {name}])")
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue must lie in [0, 0.5] (a fraction of a turn), got {self.hue}")
+        if self.blur_kernel_size is not None and (self.blur_kernel_size < 1 or self.blur_kernel_size % 2 == 0):
+            raise ValueError(f"blur_kernel_size must be a positive odd number of pixels, got {self.blur_kernel_size}")
         if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
             raise ValueError(f"blur_sigma must be (min, max) with 0 < min <= max, got {self.blur_sigma}")
 
@@ -196,14 +208,17 @@ class Augmentation:
             jittered = adjust_contrast(jittered, factor(3, self.contrast))
             jittered = adjust_saturation(jittered, factor(4, self.saturation))
             if self.hue > 0:
-                jittered = adjust_hue(jittered, self.hue * (2 * u[:, 5] - 1))
+                jittered = _rotate_hue(jittered, (self.hue * (2 * u[:, 5] - 1)).view(-1, 1, 1))
             x = torch.where(chosen(1, self.jitter_p), jittered, x)
         if self.grayscale_p > 0:
             x = torch.where(chosen(6, self.grayscale_p), grayscale(x).expand_as(x), x)
         if self.blur_p > 0:
             kernel_size = self.blur_kernel_size or default_blur_kernel_size(min(images.shape[-2:]))
             sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u[:, 8]
-            x = torch.where(chosen(7, self.blur_p), gaussian_blur(x, sigma, kernel_size), x)
+            if kernel_size // 2 >= min(images.shape[-2:]):
+                raise ValueError(f"a blur kernel of {kernel_size} pixels needs images larger than {kernel_size // 2} "
+                                 f"pixels; pass a smaller blur_kernel_size")
+            x = torch.where(chosen(7, self.blur_p), _blur(x, sigma.view(-1, 1), kernel_size), x)
         if self.solarize_p > 0:
             x = torch.where(chosen(9, self.solarize_p), solarize(x), x)
         return x

@@ -75,10 +75,28 @@ def crop_patches(images: torch.Tensor, boxes: torch.Tensor, output_size: int) ->
     if boxes.ndim != 3 or boxes.shape[0] != images.shape[0] or boxes.shape[2] != 4:
         raise ValueError(f"boxes must be B x P x 4 with B={images.shape[0]}, got shape {tuple(boxes.shape)}")
     boxes = boxes.to(device=images.device, dtype=torch.float32)
-    image_index = torch.arange(boxes.shape[0], device=images.device).repeat_interleave(boxes.shape[1])
     flat = boxes.reshape(-1, 4)
     _check_boxes(flat, images.shape[-2:])
-    return _crop(images, flat, image_index, output_size, _is_exact(flat, output_size))
+    return crop_checked_patches(images, boxes, output_size, exact=_is_exact(flat, output_size))
+
+
+def crop_checked_patches(images: torch.Tensor, boxes: torch.Tensor, output_size: int, *, exact: bool) -> torch.Tensor:
+    """:func:`crop_patches` for boxes already checked (inside the images, non-empty) and whose exactness
+    (:func:`boxes_are_exact`) is known: no checks, so no wait for the device (the trainer checks the
+    boxes of a whole epoch once, on the CPU, and crops every step without a host sync)."""
+    boxes = boxes.to(device=images.device, dtype=torch.float32)
+    image_index = torch.arange(boxes.shape[0], device=images.device).repeat_interleave(boxes.shape[1])
+    return _crop(images, boxes.reshape(-1, 4), image_index, output_size, exact)
+
+
+def check_boxes(boxes: torch.Tensor, image_size: Sequence[int]) -> None:
+    """Raise ValueError naming the first box (``... x 4``) that is empty or leaves an ``H x W`` image."""
+    _check_boxes(boxes.reshape(-1, 4).float(), image_size)
+
+
+def boxes_are_exact(boxes: torch.Tensor, output_size: int) -> bool:
+    """Whether every box (``... x 4``) is ``output_size`` pixels on integer edges: cropped by gathering pixels."""
+    return _is_exact(boxes.reshape(-1, 4).float(), output_size)
 
 
 def _is_exact(boxes: torch.Tensor, output_size: int) -> bool:

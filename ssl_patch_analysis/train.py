@@ -3,19 +3,24 @@
 The patch methods (``bagssl``, ``emp-ssl``) cut ``--num-patches`` fixed-scale patches of side
 ``--patch-size`` at random positions out of every image; the baselines (``vicreg``, ``simclr``)
 take two ``RandomResizedCrop(--min-scale, --max-scale)`` views. Every crop is resized to the
-model's input size (32 px on CIFAR, 224 px otherwise) and colour-augmented on its own.
+model's input size (32 px on CIFAR, 224 px otherwise) and colour-augmented on its own. What
+differs between the methods (loss, crops, projector, optimiser and augmentation defaults) is one
+row of :data:`METHODS`.
 
 Everything runs on the device: the whole uint8 training set is copied there once, batches are
-indexed there, crops are cut by ``roi_align`` (:func:`.extract.crop_patches`) and augmented by
-:class:`.augment.Augmentation`. bf16 autocast and ``channels_last`` on CUDA, float32 on CPU.
+indexed there, crops are cut by ``roi_align`` (:func:`.extract.crop_checked_patches`, the boxes of
+an epoch checked once on the CPU) and augmented by :class:`.augment.Augmentation`; the step never
+waits for the device (the loss is checked for NaN one interval behind). ``channels_last`` on every
+device; bf16 autocast (``--amp``) by default on CUDA and on CPUs with bf16 units (AMX, AVX512-BF16);
+``--compile`` runs the model through ``torch.compile``.
 
 Each epoch writes, in ``--out``:
 
 - ``checkpoint.pt``: the model in the project's own format (``load_model`` reads it), its
   ``train`` dict saying how it was made;
 - ``resume.pt``: what ``--resume`` needs to continue exactly (model and optimizer state, epoch,
-  step, RNG states, args), plain tensors and values so that ``weights_only=True`` loads it;
-- ``log.jsonl``: a header line (command line and args), then one record per epoch (loss terms,
+  step, RNG states, config), plain tensors and values so that ``weights_only=True`` loads it;
+- ``log.jsonl``: a header line (command line and config), then one record per epoch (loss terms,
   learning rate, images/s, epoch time, online weighted k-NN top-1 on the central view).
 
 Randomness is a function of ``(--seed, epoch)`` for the data order and the crops, and of
@@ -23,19 +28,24 @@ Randomness is a function of ``(--seed, epoch)`` for the data order and the crops
 uninterrupted one. Several GPUs: ``torchrun --nproc_per_node=K -m ssl_patch_analysis.train ...``
 (``--batch-size`` is the global batch, split over the ranks).
 
+From Python, :func:`train` takes a :class:`TrainConfig`::
+
+    train(TrainConfig(method="emp-ssl", epochs=1, schedule_epochs=2, batch_size=100, num_patches=20))
+
     python -m ssl_patch_analysis.train --method bagssl --data cifar10 --epochs 100
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -46,28 +56,176 @@ from tqdm import tqdm
 from .augment import Augmentation
 from .checkpoints import SOLO_LEARN_MEAN_STD, atomic_torch_save, save_checkpoint
 from .data import ARCHIVE_DATASETS, ImageDataset, TensorImageDataset, load_dataset
-from .extract import crop_patches
+from .extract import boxes_are_exact, check_boxes, cpu_has_bf16, crop_checked_patches
 from .knn import knn_accuracy
 from .losses import BagSSLLoss, EMPSSLLoss, LossOutput, NTXentLoss, VICRegLoss
 from .models import IMAGENET_MEAN, IMAGENET_STD, L2Normalize, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp
 from .patches import central, random_fixed, random_resized
 
-METHODS = ("bagssl", "emp-ssl", "vicreg", "simclr")
-PATCH_METHODS = ("bagssl", "emp-ssl")
-# Projector output sizes after the embedding (after pre_feature for EMP-SSL), per method.
-DEFAULT_PROJECTOR = {"bagssl": "2048-2048-2048", "vicreg": "2048-2048-2048", "simclr": "2048-128",
-                     "emp-ssl": "4096-1024"}
-DEFAULT_PROJECTOR_LARGE = {**DEFAULT_PROJECTOR, "bagssl": "8192-8192-8192", "vicreg": "8192-8192-8192"}
-# LARS base learning rates (per 256 images) and weight decays: solo-learn's CIFAR settings for
-# VICReg and SimCLR, EMP-SSL's for EMP-SSL; BagSSL uses VICReg's.
-DEFAULT_BASE_LR = {"bagssl": 0.3, "vicreg": 0.3, "simclr": 0.4, "emp-ssl": 0.3}
-DEFAULT_WEIGHT_DECAY = {"bagssl": 1e-4, "vicreg": 1e-4, "simclr": 1e-5, "emp-ssl": 1e-4}
-# Arguments a resumed run must share with the run it continues (the others may change).
+# ----------------------------------------------------------------------------- the methods
+
+
+@dataclass(frozen=True)
+class LarsOptions:
+    """The LARS flavour of a method (see :class:`LARS`)."""
+
+    eta: float = 0.001
+    clip: bool = False
+    nesterov: bool = False
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything that differs between two methods: the loss, the crops and the defaults of the rest.
+
+    ``projector`` lists the projector's output sizes after the embedding on images of 64 px or
+    less, ``projector_large`` on larger ones (after the ``pre_feature`` layer where there is one).
+    The learning rate is ``base_lr * batch / 256`` or, where ``base_lr`` is None, the absolute ``lr``.
+    ``augmentation`` is the colour augmentation; its ``blur_p`` of None means 0 on inputs of 64 px
+    or less and 0.5 on larger ones.
+    """
+
+    loss: Callable[[], nn.Module]
+    patches: bool
+    projector: str
+    projector_large: str
+    weight_decay: float
+    base_lr: float | None = None
+    lr: float | None = None
+    warmup_epochs: float = 10.0
+    batch_size: int = 256
+    num_patches: int = 16
+    pre_feature: bool = False
+    lars: LarsOptions = LarsOptions()
+    augmentation: Augmentation = Augmentation()
+    blur_p: float | None = None
+    reference: str = ""
+
+
+VICREG_LARS = LarsOptions(eta=0.001, clip=False, nesterov=False)
+
+METHODS: dict[str, MethodSpec] = {
+    "bagssl": MethodSpec(
+        loss=BagSSLLoss, patches=True, projector="2048-2048-2048", projector_large="8192-8192-8192",
+        base_lr=0.3, weight_decay=1e-4, lars=VICREG_LARS,
+        reference="VICReg's optimiser and augmentation (solo-learn's CIFAR settings), fixed-scale patches"),
+    "emp-ssl": MethodSpec(
+        loss=EMPSSLLoss, patches=True, projector="4096-1024", projector_large="4096-1024", pre_feature=True,
+        lr=0.3, weight_decay=1e-4, warmup_epochs=0.0, batch_size=100, num_patches=20,
+        lars=LarsOptions(eta=0.005, clip=True, nesterov=True),
+        augmentation=Augmentation(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2, solarize_p=0.1),
+        blur_p=0.1,
+        reference="tsb0601/EMP-SSL main.py and dataset/aug.py: batch 100, lr 0.3 (not scaled), no warm-up, "
+                  "SGD-Nesterov in solo-learn's clipped LARS (eta 0.005), ColorJitter(0.4, 0.4, 0.4, 0.2), "
+                  "blur and solarize p=0.1"),
+    "vicreg": MethodSpec(
+        loss=VICRegLoss, patches=False, projector="2048-2048-2048", projector_large="8192-8192-8192",
+        base_lr=0.3, weight_decay=1e-4, lars=VICREG_LARS, reference="solo-learn's CIFAR VICReg settings"),
+    "simclr": MethodSpec(
+        loss=NTXentLoss, patches=False, projector="2048-128", projector_large="2048-128",
+        base_lr=0.4, weight_decay=1e-5, lars=VICREG_LARS, reference="solo-learn's CIFAR SimCLR settings"),
+}
+PATCH_METHODS = tuple(name for name, spec in METHODS.items() if spec.patches)
+
+
+@dataclass
+class TrainConfig:
+    """A training run; the command-line flags are these fields (``--batch-size`` is ``batch_size``).
+
+    Fields left at None take the method's default (:data:`METHODS`) or the data's (32 px inputs on
+    images of 64 px or less, else 224) when the run starts; the log and the checkpoint record the
+    values used.
+    """
+
+    method: str = "bagssl"
+    data: str = "cifar10"
+    data_root: str | None = None
+    image_size: int = 224
+    train_size: int | None = None
+    arch: str = "resnet18"
+    width: float = 1.0
+    cifar_padding: int = 1
+    input_size: int | None = None
+    projector: str | None = None
+    pre_feature: int = 4096
+    patch_size: int | None = None
+    num_patches: int | None = None
+    min_scale: float = 0.08
+    max_scale: float = 1.0
+    blur_p: float | None = None
+    solarize_p: float | None = None
+    epochs: int = 100
+    schedule_epochs: int | None = None
+    batch_size: int | None = None
+    base_lr: float | None = None
+    lr: float | None = None
+    optimizer: str = "lars"
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    amp: bool | None = None
+    compile: bool = False
+    device: str | None = None
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    time_limit: float | None = None
+    knn_every: int = 1
+    knn_train_size: int = 5000
+    knn_test_size: int = 1000
+    command: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace | "TrainConfig") -> "TrainConfig":
+        if isinstance(args, TrainConfig):
+            return dataclasses.replace(args)
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in names}
+        return cls(**values)
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    def resolve(self, image_side: int, device: torch.device) -> None:
+        """Fill the fields left at None with the method's and the data's defaults."""
+        spec, small = self.spec, image_side <= 64
+        if self.input_size is None:
+            self.input_size = 32 if small else 224
+        if self.projector is None:
+            self.projector = spec.projector if small else spec.projector_large
+        if self.patch_size is None:
+            self.patch_size = 16 if small else 32
+        if self.num_patches is None:
+            self.num_patches = spec.num_patches
+        if self.batch_size is None:
+            self.batch_size = spec.batch_size
+        if self.base_lr is None and self.lr is None:
+            self.base_lr, self.lr = spec.base_lr, spec.lr
+        if self.weight_decay is None:
+            self.weight_decay = spec.weight_decay
+        if self.warmup_epochs is None:
+            self.warmup_epochs = spec.warmup_epochs
+        if self.blur_p is None:
+            self.blur_p = spec.blur_p if spec.blur_p is not None else (0.0 if self.input_size <= 64 else 0.5)
+        if self.solarize_p is None:
+            self.solarize_p = spec.augmentation.solarize_p
+        if self.amp is None:
+            self.amp = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+    def augmentation(self) -> Augmentation:
+        return dataclasses.replace(self.spec.augmentation, blur_p=self.blur_p, solarize_p=self.solarize_p)
+
+
+# Settings a resumed run must share with the run it continues (the others may change).
 RESUME_FIXED_ARGS = ("method", "data", "arch", "width", "cifar_padding", "projector", "pre_feature", "patch_size",
                      "num_patches", "min_scale", "max_scale", "batch_size", "lr", "base_lr", "optimizer",
                      "weight_decay", "warmup_epochs", "seed", "train_size", "input_size", "image_size", "blur_p",
-                     "solarize_p")
-# Steps between checks of the loss for NaN/inf (each check waits for the device).
+                     "solarize_p", "schedule_epochs")
+# Steps between checks of the loss for NaN/inf (read one interval late, so the step never waits).
 CHECK_EVERY = 10
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -77,58 +235,81 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+def _method_table() -> str:
+    rows = []
+    for name, spec in METHODS.items():
+        lr = f"base lr {spec.base_lr} per 256" if spec.base_lr is not None else f"lr {spec.lr}"
+        rows.append(f"{name}: {'patches' if spec.patches else 'two views'}, projector {spec.projector}, {lr}, "
+                    f"wd {spec.weight_decay:g}, warm-up {spec.warmup_epochs:g}, batch {spec.batch_size}")
+    return "; ".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m ssl_patch_analysis.train",
         description="Train a BagSSL / EMP-SSL / VICReg / SimCLR model from scratch (checkpoints in the project's "
-                    "own format, resumable, torchrun for several GPUs).",
+                    "own format, resumable, torchrun for several GPUs). Method defaults: " + _method_table(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = parser.add_argument
-    add("--method", choices=METHODS, default="bagssl",
+    add("--method", choices=tuple(METHODS), default=defaults.method,
         help="bagssl/emp-ssl: fixed-scale patches of one image are positives; vicreg/simclr: two multi-scale views")
-    add("--data", default="cifar10",
+    add("--data", default=defaults.data,
         help="cifar10, cifar100, imagenette (its only split, val, trains; k-NN uses disjoint subsets of it) or an "
              "image-folder path (<folder>/[train/]<class>/<image>, decoded into memory)")
     add("--data-root", default=None, help="folder holding the data files (default: $SSL_PATCH_ANALYSIS_DATA)")
-    add("--image-size", type=int, default=224, help="image folders only: resize and centre-crop every image to this")
+    add("--image-size", type=int, default=defaults.image_size,
+        help="image folders only: resize and centre-crop every image to this")
     add("--train-size", type=int, default=None, help="train on a fixed random subset of this many images (all: None)")
-    add("--arch", choices=("resnet18", "resnet50"), default="resnet18", help="backbone")
-    add("--width", type=float, default=1.0, help="channel multiplier of the backbone (0.25: a narrow net for CPUs)")
-    add("--cifar-padding", type=int, choices=(1, 2), default=1,
+    add("--arch", choices=("resnet18", "resnet50"), default=defaults.arch, help="backbone")
+    add("--width", type=float, default=defaults.width,
+        help="channel multiplier of the backbone (0.25: a narrow net for CPUs)")
+    add("--cifar-padding", type=int, choices=(1, 2), default=defaults.cifar_padding,
         help="padding of the CIFAR stem's 3x3 conv (used automatically on images of 64 px or less)")
     add("--input-size", type=int, default=None, help="side every crop is resized to (default: 32 on 32 px data, else 224)")
     add("--projector", default=None,
-        help="projector output sizes after the embedding, e.g. 2048-2048-2048 (default: 2048-2048-2048 for "
-             "bagssl/vicreg on 32 px data, 8192-8192-8192 on larger images; 2048-128 for simclr; 4096-1024 for "
-             "emp-ssl, L2-normalised, after its pre_feature layer)")
-    add("--pre-feature", type=int, default=4096, help="emp-ssl only: width of the Linear-BN-ReLU pre_feature layer")
+        help="projector output sizes after the embedding, e.g. 2048-2048-2048 (default: the method's; emp-ssl's "
+             "4096-1024 is L2-normalised and follows its pre_feature layer)")
+    add("--pre-feature", type=int, default=defaults.pre_feature,
+        help="emp-ssl only: width of the Linear-BN-ReLU pre_feature layer")
     add("--patch-size", type=int, default=None,
         help="bagssl/emp-ssl: side of the fixed-scale patches (default: 16 on 32 px data, 32 on larger images)")
-    add("--num-patches", type=int, default=16, help="bagssl/emp-ssl: patches per image (EMP-SSL used 20 to 200)")
-    add("--min-scale", type=float, default=0.08, help="vicreg/simclr: RandomResizedCrop's smallest area fraction")
-    add("--max-scale", type=float, default=1.0, help="vicreg/simclr: RandomResizedCrop's largest area fraction")
+    add("--num-patches", type=int, default=None, help="bagssl/emp-ssl: patches per image (default: 16; emp-ssl 20)")
+    add("--min-scale", type=float, default=defaults.min_scale, help="vicreg/simclr: RandomResizedCrop's smallest area fraction")
+    add("--max-scale", type=float, default=defaults.max_scale, help="vicreg/simclr: RandomResizedCrop's largest area fraction")
     add("--blur-p", type=float, default=None,
-        help="Gaussian blur probability (default: 0 on 32 px inputs, 0.5 on larger ones)")
-    add("--solarize-p", type=float, default=0.0, help="solarization probability")
-    add("--epochs", type=int, default=100, help="epochs to train")
-    add("--batch-size", type=int, default=256, help="images per step over all processes (each gives several crops)")
+        help="Gaussian blur probability (default: emp-ssl 0.1; others 0 on 32 px inputs, 0.5 on larger ones)")
+    add("--solarize-p", type=float, default=None, help="solarization probability (default: emp-ssl 0.1, others 0)")
+    add("--epochs", type=int, default=defaults.epochs, help="epochs to train")
+    add("--schedule-epochs", type=int, default=None,
+        help="length of the learning-rate schedule in epochs (default: --epochs); EMP-SSL's one-epoch recipe "
+             "trains 1 epoch of a 2-epoch schedule")
+    add("--batch-size", type=int, default=None,
+        help="images per step over all processes, each giving several crops (default: 256; emp-ssl 100)")
     add("--base-lr", type=float, default=None,
-        help="learning rate per 256 images: lr = base_lr * batch_size / 256 (default: 0.3 for bagssl, vicreg, "
-             "emp-ssl; 0.4 for simclr)")
-    add("--lr", type=float, default=None, help="absolute peak learning rate (overrides --base-lr)")
-    add("--optimizer", choices=("lars", "sgd", "adamw"), default="lars",
-        help="LARS as in vicreg (biases and norm weights get no weight decay and no LARS adaptation)")
+        help="learning rate per 256 images: lr = base_lr * batch_size / 256 (default: 0.3 for bagssl and vicreg, "
+             "0.4 for simclr)")
+    add("--lr", type=float, default=None,
+        help="absolute peak learning rate (overrides --base-lr; default: emp-ssl 0.3, as in EMP-SSL)")
+    add("--optimizer", choices=("lars", "sgd", "adamw"), default=defaults.optimizer,
+        help="LARS (biases and norm weights get no weight decay and no LARS adaptation; vicreg's flavour, or "
+             "EMP-SSL's clipped Nesterov one for emp-ssl)")
     add("--weight-decay", type=float, default=None, help="weight decay (default: 1e-4; 1e-5 for simclr)")
-    add("--warmup-epochs", type=float, default=10, help="linear warm-up epochs before the per-step cosine decay")
+    add("--warmup-epochs", type=float, default=None,
+        help="linear warm-up epochs before the per-step cosine decay (default: 10; emp-ssl 0)")
+    add("--amp", action=argparse.BooleanOptionalAction, default=None,
+        help="bf16 autocast (default: on CUDA and on CPUs with bf16 units, AMX or AVX512-BF16)")
+    add("--compile", action="store_true", help="run the model through torch.compile (a one-off compilation)")
     add("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
-    add("--seed", type=int, default=0, help="seed of the initial weights, data order, crops and augmentation")
+    add("--seed", type=int, default=defaults.seed, help="seed of the initial weights, data order, crops and augmentation")
     add("--out", default=None, help="output folder (default: runs/<method>-<arch>-<data>)")
     add("--resume", action="store_true", help="continue the run in --out from its last epoch")
     add("--time-limit", type=float, default=None,
         help="seconds: stop (saving a checkpoint) after the epoch after which another epoch would exceed this")
-    add("--knn-every", type=int, default=1, help="online k-NN every this many epochs and at the end (0: only at the end)")
-    add("--knn-train-size", type=int, default=5000, help="k-NN bank: this many training images (fixed subset)")
-    add("--knn-test-size", type=int, default=1000, help="k-NN queries: this many test images (fixed subset)")
+    add("--knn-every", type=int, default=defaults.knn_every,
+        help="online k-NN every this many epochs and at the end (0: only at the end)")
+    add("--knn-train-size", type=int, default=defaults.knn_train_size, help="k-NN bank: this many training images (fixed subset)")
+    add("--knn-test-size", type=int, default=defaults.knn_test_size, help="k-NN queries: this many test images (fixed subset)")
     return parser
 
 
@@ -199,45 +380,45 @@ def _all_images(data: ImageDataset, indices: torch.Tensor, show: bool) -> torch.
                                                               disable=not show, delay=2.0)])
 
 
-def _held_out_split(args: argparse.Namespace) -> ImageDataset | None:
+def _held_out_split(config: TrainConfig) -> ImageDataset | None:
     """The split the k-NN queries come from, or None when the data set has a single split."""
-    key = args.data.lower()
+    key = config.data.lower()
     if key in ("cifar10", "cifar100"):
-        return load_dataset(key, "test", root=args.data_root)
+        return load_dataset(key, "test", root=config.data_root)
     if key in ARCHIVE_DATASETS:
         return None
     for split in ("val", "test"):
-        if (Path(args.data).expanduser() / split).is_dir():
-            return load_dataset(args.data, split, image_size=args.image_size)
+        if (Path(config.data).expanduser() / split).is_dir():
+            return load_dataset(config.data, split, image_size=config.image_size)
     return None
 
 
-def load_training_data(args: argparse.Namespace, device: torch.device, show: bool) -> TrainingData:
-    key = args.data.lower()
+def load_training_data(config: TrainConfig, device: torch.device, show: bool) -> TrainingData:
+    key = config.data.lower()
     if key in ARCHIVE_DATASETS:
         train_split = ARCHIVE_DATASETS[key][0][0]
-        train = load_dataset(key, train_split, root=args.data_root)
+        train = load_dataset(key, train_split, root=config.data_root)
     else:
-        train = load_dataset(args.data, "train", image_size=args.image_size)
-    held_out = _held_out_split(args)
+        train = load_dataset(config.data, "train", image_size=config.image_size)
+    held_out = _held_out_split(config)
     n = len(train)
-    pick = torch.Generator().manual_seed(mixed_seed(args.seed, 1))
-    if args.train_size is not None:
-        if not 2 <= args.train_size <= n:
-            raise ValueError(f"--train-size must lie in 2..{n} (the training split's size), got {args.train_size}")
-        train_indices = torch.randperm(n, generator=pick)[:args.train_size].sort().values
+    pick = torch.Generator().manual_seed(mixed_seed(config.seed, 1))
+    if config.train_size is not None:
+        if not 2 <= config.train_size <= n:
+            raise ValueError(f"--train-size must lie in 2..{n} (the training split's size), got {config.train_size}")
+        train_indices = torch.randperm(n, generator=pick)[:config.train_size].sort().values
     else:
         train_indices = torch.arange(n)
-    knn_order = torch.randperm(n, generator=torch.Generator().manual_seed(mixed_seed(args.seed, 2)))
-    bank = knn_order[:min(args.knn_train_size, n)].sort().values
+    knn_order = torch.randperm(n, generator=torch.Generator().manual_seed(mixed_seed(config.seed, 2)))
+    bank = knn_order[:min(config.knn_train_size, n)].sort().values
     if held_out is not None:
-        test_order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(mixed_seed(args.seed, 3)))
-        test = test_order[:min(args.knn_test_size, len(held_out))].sort().values
+        test_order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(mixed_seed(config.seed, 3)))
+        test = test_order[:min(config.knn_test_size, len(held_out))].sort().values
         test_source, knn_split = held_out, f"bank: {train.split or 'train'}, queries: {held_out.split}"
     else:
         # A single split: bank and queries are disjoint subsets of it.
-        bank = knn_order[:min(args.knn_train_size, n // 2)].sort().values
-        test = knn_order[len(bank):len(bank) + min(args.knn_test_size, n - len(bank))].sort().values
+        bank = knn_order[:min(config.knn_train_size, n // 2)].sort().values
+        test = knn_order[len(bank):len(bank) + min(config.knn_test_size, n - len(bank))].sort().values
         test_source, knn_split = train, f"disjoint subsets of {train.split or 'the only split'}"
     labels = torch.as_tensor(train.labels)
     return TrainingData(
@@ -265,90 +446,124 @@ def parse_dims(text: str) -> list[int]:
     return dims
 
 
-def build_model(args: argparse.Namespace, image_side: int) -> SSLModel:
+def build_model(config: TrainConfig | argparse.Namespace, image_side: int) -> SSLModel:
     """The backbone (CIFAR stem on images of 64 px or less) and the method's projector."""
     small = image_side <= 64
     stem = "cifar" if small else "imagenet"
-    backbone, dim = build_backbone(args.arch, stem=stem, cifar_padding=args.cifar_padding, width=args.width)
-    dims = parse_dims(args.projector)
+    backbone, dim = build_backbone(config.arch, stem=stem, cifar_padding=config.cifar_padding, width=config.width)
+    dims = parse_dims(config.projector)
     pre_feature = None
-    if args.method == "emp-ssl":
+    if METHODS[config.method].pre_feature:
         # EMP-SSL: h -> Linear-BN-ReLU (pre_feature) -> Linear-BN-ReLU-Linear -> L2 normalisation.
-        pre_feature = nn.Sequential(nn.Linear(dim, args.pre_feature), nn.BatchNorm1d(args.pre_feature),
+        pre_feature = nn.Sequential(nn.Linear(dim, config.pre_feature), nn.BatchNorm1d(config.pre_feature),
                                     nn.ReLU(inplace=True))
-        projector = build_mlp([args.pre_feature, *dims])
+        projector = build_mlp([config.pre_feature, *dims])
         projector.append(L2Normalize())
     else:
         projector = build_mlp([dim, *dims])
-    key = args.data.lower()
+    key = config.data.lower()
     if key in SOLO_LEARN_MEAN_STD:
         mean, std = SOLO_LEARN_MEAN_STD[key]
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-    preprocess = Preprocess(input_size=args.input_size, mean=tuple(mean), std=tuple(std))
-    info = ModelInfo(method=args.method, arch=args.arch, stem=stem, cifar_padding=args.cifar_padding if small else None,
-                     width=args.width, embedding_dim=dim, projector_dims=[args.pre_feature if pre_feature else dim, *dims],
-                     pre_feature_dims=[dim, args.pre_feature] if pre_feature else None,
-                     projection_normalized=args.method == "emp-ssl")
+    preprocess = Preprocess(input_size=config.input_size, mean=tuple(mean), std=tuple(std))
+    info = ModelInfo(method=config.method, arch=config.arch, stem=stem,
+                     cifar_padding=config.cifar_padding if small else None, width=config.width, embedding_dim=dim,
+                     projector_dims=[config.pre_feature if pre_feature else dim, *dims],
+                     pre_feature_dims=[dim, config.pre_feature] if pre_feature else None,
+                     projection_normalized=pre_feature is not None)
     return SSLModel(backbone, projector, pre_feature, preprocess, info)
 
 
 def build_loss(method: str) -> nn.Module:
-    return {"bagssl": BagSSLLoss, "emp-ssl": EMPSSLLoss, "vicreg": VICRegLoss, "simclr": NTXentLoss}[method]()
+    return METHODS[method].loss()
 
 
 def method_loss(method: str, loss: nn.Module, z: torch.Tensor) -> LossOutput:
     """The loss of projections ``z`` (``B x crops x D``): a bag of patches, or a pair of views."""
-    if method in PATCH_METHODS:
+    if METHODS[method].patches:
         return loss(z)
     return loss(z[:, 0], z[:, 1])
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as in facebookresearch/vicreg; groups with ``lars_exclude=True`` (biases and
-    norm weights) get neither weight decay nor the trust-ratio adaptation.
+    """LARS (You et al. 2017) in two flavours, as one multi-tensor update per group (no per-parameter loop).
 
-    The exclusion is a plain flag of the parameter group (vicreg stores a function there), so the
-    optimizer state loads with ``weights_only=True``.
+    Groups with ``lars_exclude=True`` (biases and norm weights) get neither weight decay nor the
+    trust ratio. For the others, with ``u = grad + weight_decay * w``:
+
+    - ``clip=False``, facebookresearch/vicreg's: ``u *= eta * |w| / |u|``;
+    - ``clip=True``, solo-learn's ``LARS(clip_lr=True)`` that EMP-SSL wraps around SGD:
+      ``u *= min(eta * |w| / (|grad| + weight_decay * |w| + 1e-8) / lr, 1)``;
+
+    (no scaling where ``|w|`` or the denominator is 0), then momentum ``mu = momentum * mu + u``
+    and ``w -= lr * mu`` (``w -= lr * (u + momentum * mu)`` with ``nesterov``). The exclusion is a
+    plain flag of the group, so the optimizer state loads with ``weights_only=True``.
     """
 
     def __init__(self, params: Iterable, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                 eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_exclude=False))
+                 eta: float = 0.001, clip: bool = False, nesterov: bool = False):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, clip=clip,
+                                      nesterov=nesterov, lars_exclude=False))
 
     @torch.no_grad()
     def step(self, closure=None) -> None:  # type: ignore[override]
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                update = p.grad
-                if not group["lars_exclude"]:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(update)
-                    one = torch.ones_like(param_norm)
-                    trust = torch.where(param_norm > 0.0,
-                                        torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one), one)
-                    update = update.mul(trust)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars_exclude"]:
+                updates = list(grads)
+            else:
+                updates = self._scaled_updates(params, grads, group)
+            moments = []
+            for p in params:
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(update)
-                p.add_(mu, alpha=-group["lr"])
+                moments.append(state["mu"])
+            torch._foreach_mul_(moments, group["momentum"])
+            torch._foreach_add_(moments, updates)
+            if group["nesterov"]:
+                steps = torch._foreach_add(updates, moments, alpha=group["momentum"])
+            else:
+                steps = moments
+            torch._foreach_add_(params, steps, alpha=-group["lr"])
+
+    @staticmethod
+    def _scaled_updates(params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        decay, eta, lr = group["weight_decay"], group["eta"], group["lr"]
+        param_norms = torch.stack(torch._foreach_norm(params))
+        if group["clip"]:
+            # solo-learn leaves a gradient of norm 0 (or a weight of norm 0) as it is, without decay.
+            grad_norms = torch.stack(torch._foreach_norm(grads))
+            usable = (param_norms > 0) & (grad_norms > 0)
+            decays = torch._foreach_mul(params, list((decay * usable).unbind()))
+            updates = torch._foreach_add(grads, decays)
+            trust = torch.clamp(eta * param_norms / (grad_norms + decay * param_norms + 1e-8) / lr, max=1.0)
+        else:
+            updates = torch._foreach_add(grads, params, alpha=decay)
+            update_norms = torch.stack(torch._foreach_norm(updates))
+            usable = (param_norms > 0) & (update_norms > 0)
+            trust = eta * param_norms / torch.where(usable, update_norms, torch.ones_like(update_norms))
+        trust = torch.where(usable, trust, torch.ones_like(trust))
+        torch._foreach_mul_(updates, list(trust.unbind()))
+        return updates
 
 
-def build_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     # Biases and norm weights are the 1-D parameters (vicreg's exclude_bias_and_norm).
     weights = [p for p in model.parameters() if p.ndim > 1]
     others = [p for p in model.parameters() if p.ndim <= 1]
-    if args.optimizer == "lars":
+    if config.optimizer == "lars":
+        lars = METHODS[config.method].lars
         return LARS([{"params": weights}, {"params": others, "lars_exclude": True}], lr=lr,
-                    weight_decay=args.weight_decay)
+                    weight_decay=config.weight_decay, eta=lars.eta, clip=lars.clip, nesterov=lars.nesterov)
     groups = [{"params": weights}, {"params": others, "weight_decay": 0.0}]
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=args.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=config.weight_decay)
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -376,16 +591,24 @@ class CropPlan:
 
     def boxes(self, epoch: int, image_ids: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         seed = mixed_seed(self.seed, 4, epoch)
-        if self.method in PATCH_METHODS:
+        if METHODS[self.method].patches:
             sampler = random_fixed(self.num_crops, self.patch_size, seed=seed)
         else:
             sampler = random_resized(self.num_crops, scale=(self.min_scale, self.max_scale), seed=seed)
         return sampler.boxes(image_ids.cpu(), image_size)
 
 
-def crops_of(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Float ``[0, 1]`` crops ``(B * P) x 3 x size x size`` of uint8 images ``B x 3 x H x W``."""
-    return crop_patches(images.float().div_(255), boxes.to(images.device), size)
+def crops_of(images: torch.Tensor, boxes: torch.Tensor, size: int, exact: bool | None = None) -> torch.Tensor:
+    """Float ``[0, 1]`` crops ``(B * P) x 3 x size x size`` of uint8 images ``B x 3 x H x W``.
+
+    ``exact`` given means the boxes were checked already (:func:`.extract.check_boxes`) and whether
+    they need resampling is known: then nothing here waits for the device.
+    """
+    pixels = images.float().div_(255)
+    if exact is None:
+        check_boxes(boxes, images.shape[-2:])
+        exact = boxes_are_exact(boxes, size)
+    return crop_checked_patches(pixels, boxes, size, exact=exact)
 
 
 @torch.no_grad()
@@ -404,7 +627,9 @@ def central_embeddings(model: SSLModel, images: torch.Tensor, size: int, amp: bo
 
 
 def _device_layout(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+    # channels_last on every device: oneDNN's CPU convolutions are faster in it too (measured in
+    # benchmarks/train.py), as cuDNN's are under autocast.
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def knn_top1(model: SSLModel, data: TrainingData, size: int, amp: bool) -> float:
@@ -439,54 +664,44 @@ def _append_log(path: Path, record: dict[str, Any]) -> None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    bf16 = "bf16 units" if cpu_has_bf16() else "no bf16 units"
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {bf16})"
 
 
-def _resolve_defaults(args: argparse.Namespace, image_side: int) -> None:
-    """Fill the per-method and per-data defaults in ``args`` (so that the log records the values used)."""
-    small = image_side <= 64
-    if args.input_size is None:
-        args.input_size = 32 if small else 224
-    if args.projector is None:
-        args.projector = (DEFAULT_PROJECTOR if small else DEFAULT_PROJECTOR_LARGE)[args.method]
-    if args.patch_size is None:
-        args.patch_size = 16 if small else 32
-    if args.base_lr is None:
-        args.base_lr = DEFAULT_BASE_LR[args.method]
-    if args.weight_decay is None:
-        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.method]
-    if args.blur_p is None:
-        args.blur_p = 0.0 if args.input_size <= 64 else 0.5
-
-
-def _check_args(args: argparse.Namespace, world_size: int, image_size: tuple[int, int]) -> None:
-    if args.batch_size < 2 or args.batch_size % world_size:
-        raise ValueError(f"--batch-size ({args.batch_size}) must be at least 2 and divisible by the number of "
+def _check_args(config: TrainConfig, world_size: int, image_size: tuple[int, int]) -> None:
+    if config.batch_size < 2 or config.batch_size % world_size:
+        raise ValueError(f"--batch-size ({config.batch_size}) must be at least 2 and divisible by the number of "
                          f"processes ({world_size})")
-    if args.batch_size // world_size < 2:
+    if config.batch_size // world_size < 2:
         raise ValueError("each process needs at least 2 images per step (the losses compare images of a batch)")
-    if args.method in PATCH_METHODS:
-        if args.num_patches < 2:
+    if config.method in PATCH_METHODS:
+        if config.num_patches < 2:
             raise ValueError(f"--num-patches must be at least 2 (patches of one image are the positives), "
-                             f"got {args.num_patches}")
-        if not 1 <= args.patch_size <= min(image_size):
+                             f"got {config.num_patches}")
+        if not 1 <= config.patch_size <= min(image_size):
             raise ValueError(f"--patch-size must lie in 1..{min(image_size)} for {image_size[0]}x{image_size[1]} "
-                             f"images, got {args.patch_size}")
-    if not 0 < args.min_scale <= args.max_scale <= 1:
-        raise ValueError(f"need 0 < --min-scale <= --max-scale <= 1, got {args.min_scale} and {args.max_scale}")
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+                             f"images, got {config.patch_size}")
+    if not 0 < config.min_scale <= config.max_scale <= 1:
+        raise ValueError(f"need 0 < --min-scale <= --max-scale <= 1, got {config.min_scale} and {config.max_scale}")
+    if config.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {config.epochs}")
+    if config.schedule_epochs is not None and config.schedule_epochs < 1:
+        raise ValueError(f"--schedule-epochs must be at least 1, got {config.schedule_epochs}")
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The command that runs ``args`` (every flag that differs from its default; ``--resume`` left out)."""
+def command_line(config: TrainConfig | argparse.Namespace) -> str:
+    """The command that runs ``config`` (every flag that differs from its default; ``--resume`` left out)."""
     parts = ["python -m ssl_patch_analysis.train"]
     for action in build_parser()._actions:
         if not action.option_strings or action.dest in ("help", "resume"):
             continue
-        value = getattr(args, action.dest, action.default)
+        value = getattr(config, action.dest, action.default)
         if value != action.default:
-            parts.append(action.option_strings[0] if isinstance(value, bool) else f"{action.option_strings[0]} {value}")
+            if isinstance(value, bool):
+                flag = action.option_strings[0] if value else f"--no-{action.option_strings[0][2:]}"
+                parts.append(flag)
+            else:
+                parts.append(f"{action.option_strings[0]} {value}")
     return " ".join(parts)
 
 
@@ -499,173 +714,308 @@ def _nonfinite_message(step: int, record: torch.Tensor, names: list[str]) -> str
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(args: argparse.Namespace) -> Path:
-    """Run the training described by ``args`` (from :func:`build_parser`); returns the checkpoint path.
+@dataclass
+class TrainingRun:
+    """A run set up and ready for its next epoch: data, model, optimiser and where it stands."""
+
+    config: TrainConfig
+    processes: Processes
+    data: TrainingData
+    image_size: tuple[int, int]
+    out: Path
+    ssl_model: SSLModel
+    model: nn.Module
+    forward: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    export_model: SSLModel
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    crop_plan: CropPlan
+    augmentation: Augmentation
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    start_epoch: int
+    step: int
+    previous_wall: float
+    start_time: float
+
+    @property
+    def local_batch(self) -> int:
+        return self.config.batch_size // self.processes.world_size
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def resume_path(self) -> Path:
+        return self.out / "resume.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out / "log.jsonl"
+
+
+@dataclass
+class EpochResult:
+    terms: dict[str, float]
+    train_time: float
+    lr: float
+
+
+def train(config: TrainConfig | argparse.Namespace) -> Path:
+    """Run the training described by ``config`` (a :class:`TrainConfig`, or the namespace
+    :func:`build_parser` gives); returns the checkpoint path.
 
     Raises :class:`TrainingDiverged` when the loss becomes NaN or infinite.
     """
-    # Plain values only: args go into the JSON log and into resume.pt (read with weights_only=True).
-    args = argparse.Namespace(**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()})
-    args.command = command_line(args)
-    processes = setup_processes(args.device)
+    config = TrainConfig.from_namespace(config)
+    config.command = command_line(config)
+    processes = setup_processes(config.device)
     try:
-        return _train(args, processes)
+        run = setup_run(config, processes)
+        for epoch in range(run.start_epoch, config.epochs):
+            result = train_one_epoch(run, epoch)
+            stopped_early = end_of_epoch(run, epoch, result)
+            if stopped_early:
+                if processes.main:
+                    print(f"stopping after epoch {epoch + 1}: {stopped_early}; continue with --resume")
+                break
+        if processes.main:
+            print(f"checkpoint: {run.checkpoint_path}")
+        return run.checkpoint_path
     finally:
         if processes.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args: argparse.Namespace, processes: Processes) -> Path:
+def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
+    """Load the data, build the model and optimiser, and restore them from ``resume.pt`` with ``--resume``."""
     start_time = time.time()
     device, main = processes.device, processes.main
-    data = load_training_data(args, device, show=main)
+    data = load_training_data(config, device, show=main)
     image_size = (int(data.images.shape[2]), int(data.images.shape[3]))
-    _resolve_defaults(args, min(image_size))
-    _check_args(args, processes.world_size, image_size)
-    data_name = Path(args.data).name if args.data.lower() not in ARCHIVE_DATASETS else args.data.lower()
-    out = Path(args.out or f"runs/{args.method}-{args.arch}-{data_name}")
-    checkpoint_path, resume_path, log_path = out / "checkpoint.pt", out / "resume.pt", out / "log.jsonl"
+    config.resolve(min(image_size), device)
+    _check_args(config, processes.world_size, image_size)
+    data_name = Path(config.data).name if config.data.lower() not in ARCHIVE_DATASETS else config.data.lower()
+    out = Path(config.out or f"runs/{config.method}-{config.arch}-{data_name}")
 
-    amp = device.type == "cuda"
-    torch.manual_seed(args.seed)
-    model = build_model(args, min(image_size)).to(device)
+    torch.manual_seed(config.seed)
+    ssl_model = build_model(config, min(image_size)).to(device).to(memory_format=torch.channels_last)
     # A plain copy on the CPU that checkpoints are written from: SyncBatchNorm layers (several GPUs)
     # are not the BatchNorm1d the checkpoint format describes, but their state_dicts are the same.
-    export_model = build_model(args, min(image_size))
-    if amp:
-        model = model.to(memory_format=torch.channels_last)
-    steps_per_epoch = len(data.images) // args.batch_size
+    export_model = build_model(config, min(image_size))
+    steps_per_epoch = len(data.images) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the training set ({len(data.images)} images)")
-    peak_lr = args.lr if args.lr is not None else args.base_lr * args.batch_size / 256
-    optimizer = build_optimizer(args, model, peak_lr)
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(data.images)} images)")
+    optimizer = build_optimizer(config, ssl_model, config.peak_lr)
 
     start_epoch, step, previous_wall = 0, 0, 0.0
-    if args.resume:
+    resume_path = out / "resume.pt"
+    if config.resume:
         if not resume_path.is_file():
             raise FileNotFoundError(f"--resume: {resume_path} does not exist; run without --resume to start")
         state = torch.load(resume_path, map_location=device, weights_only=True)
-        changed = [k for k in RESUME_FIXED_ARGS if state["args"].get(k) != getattr(args, k)]
+        changed = [k for k in RESUME_FIXED_ARGS if state["args"].get(k) != getattr(config, k)]
         if changed:
             raise ValueError("--resume needs the settings of the run it continues; these differ: " + ", ".join(
-                f"{k} (was {state['args'].get(k)!r}, now {getattr(args, k)!r})" for k in changed))
-        model.load_state_dict(state["model"])
+                f"{k} (was {state['args'].get(k)!r}, now {getattr(config, k)!r})" for k in changed))
+        ssl_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, previous_wall = int(state["epoch"]), int(state["step"]), float(state["wall_time_s"])
         _restore_rng_states(state["rng"])
-    elif checkpoint_path.exists():
-        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or another --out")
+    elif (out / "checkpoint.pt").exists():
+        raise FileExistsError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, or another --out")
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _append_log(log_path, {"command": args.command, "args": vars(args),
-                               "resumed_from_epoch": start_epoch if args.resume else None,
-                               "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
-                               "world_size": processes.world_size, "device": _device_name(device)})
+        _append_log(out / "log.jsonl", {
+            "command": config.command, "args": _plain(config), "resumed_from_epoch": start_epoch if config.resume else None,
+            "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
+            "world_size": processes.world_size, "device": _device_name(device)})
 
-    ssl_model = model
+    model: nn.Module = ssl_model
     if processes.world_size > 1:
         if device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            ssl_model = model
+            ssl_model = model  # type: ignore[assignment]
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = build_loss(args.method)
-    crop_plan = CropPlan(args.method, args.seed, args.num_patches if args.method in PATCH_METHODS else 2,
-                         args.patch_size, args.min_scale, args.max_scale)
-    augmentation = Augmentation(blur_p=args.blur_p, solarize_p=args.solarize_p)
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = int(round(args.warmup_epochs * steps_per_epoch))
-    local_batch = args.batch_size // processes.world_size
-    term_names: list[str] = []
+    forward = torch.compile(model) if config.compile else model
+    schedule_epochs = config.schedule_epochs or config.epochs
+    return TrainingRun(
+        config=config, processes=processes, data=data, image_size=image_size, out=out, ssl_model=ssl_model,
+        model=model, forward=forward, export_model=export_model, optimizer=optimizer,
+        loss_fn=build_loss(config.method),
+        crop_plan=CropPlan(config.method, config.seed, config.num_patches if config.method in PATCH_METHODS else 2,
+                           config.patch_size, config.min_scale, config.max_scale),
+        augmentation=config.augmentation(), steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * schedule_epochs,
+        warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
+        start_epoch=start_epoch, step=step, previous_wall=previous_wall, start_time=start_time)
+
+
+def _plain(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain values (it goes into the JSON log and into resume.pt, read with weights_only=True)."""
+    return dataclasses.asdict(config)
+
+
+def train_one_epoch(run: TrainingRun, epoch: int) -> EpochResult:
+    """One pass over the training set; returns the epoch's mean loss terms."""
+    config, processes, device = run.config, run.processes, run.processes.device
+    epoch_start = time.time()
+    run.model.train()
+    order = torch.randperm(len(run.data.images),
+                           generator=torch.Generator().manual_seed(mixed_seed(config.seed, 5, epoch)))
+    # This rank's images of every step, and all their boxes drawn (and checked) at once: one
+    # vectorised sampler call per epoch instead of CPU work, or waits for the device, between steps.
+    epoch_ids = order[:run.steps_per_epoch * config.batch_size].view(run.steps_per_epoch, processes.world_size,
+                                                                        run.local_batch)[:, processes.rank]
+    epoch_boxes = run.crop_plan.boxes(epoch, epoch_ids.reshape(-1), run.image_size)
+    check_boxes(epoch_boxes, run.image_size)
+    exact = boxes_are_exact(epoch_boxes, config.input_size)
+    epoch_boxes = epoch_boxes.to(device).view(run.steps_per_epoch, run.local_batch, run.crop_plan.num_crops, 4)
+    epoch_ids = epoch_ids.to(device)
+    monitor = LossMonitor(run.steps_per_epoch, run.step, processes)
+    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not processes.main,
+               leave=False)
+    lr = 0.0
+    for i in bar:
+        lr = learning_rate(run.step, run.total_steps, run.warmup_steps, config.peak_lr)
+        output = training_step(run, run.data.images[epoch_ids[i]], epoch_boxes[i], exact, lr)
+        monitor.record(i, output)
+        run.step += 1
+        if monitor.checked_loss is not None:
+            bar.set_postfix(loss=f"{monitor.checked_loss:.4g}",
+                            img_s=f"{(i + 1) * config.batch_size / (time.time() - epoch_start):.0f}")
+    bar.close()
+    mean_terms = monitor.finish()
+    if not all(bool(torch.isfinite(p).all()) for p in run.ssl_model.parameters()):
+        raise TrainingDiverged(f"the weights became NaN or infinite during epoch {epoch + 1} although the loss "
+                               "stayed finite; the last good checkpoint is kept. Try a lower --lr / --base-lr.")
+    train_time = time.time() - epoch_start
+    if processes.world_size > 1:
+        dist.all_reduce(mean_terms)
+        mean_terms /= processes.world_size
+    return EpochResult(dict(zip(monitor.names, mean_terms.tolist())), train_time, lr)
+
+
+def training_step(run: TrainingRun, images: torch.Tensor, boxes: torch.Tensor, exact: bool, lr: float) -> LossOutput:
+    """Crop, augment, forward, loss, backward and optimiser step for one batch of uint8 ``images``."""
+    config, device = run.config, run.processes.device
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    generator = torch.Generator(device=device).manual_seed(mixed_seed(config.seed, 6, run.step, run.processes.rank))
+    crops = crops_of(images, boxes, config.input_size, exact)
+    crops = _device_layout(run.augmentation(crops, generator))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(config.amp)):
+        z = run.forward(crops)["z"]
+    output = method_loss(config.method, run.loss_fn, z.float().view(run.local_batch, run.crop_plan.num_crops, -1))
+    run.optimizer.zero_grad(set_to_none=True)
+    output.total.backward()
+    run.optimizer.step()
+    return output
+
+
+class LossMonitor:
+    """The loss terms of an epoch's steps, kept on the device, checked for NaN/inf every
+    :data:`CHECK_EVERY` steps.
+
+    On CUDA the rows are copied to the host without waiting and checked one interval later, when
+    the copy has long finished: the training step never waits for the device.
+    """
+
+    def __init__(self, steps: int, first_step: int, processes: Processes):
+        self.processes, self.first_step = processes, first_step
+        self.device = processes.device
+        self.records: torch.Tensor | None = None
+        self.names: list[str] = []
+        self.steps = steps
+        self.sent = 0
+        self.pending: tuple[torch.Tensor, Any, int] | None = None
+        self.checked_loss: float | None = None
+
+    def record(self, i: int, output: LossOutput) -> None:
+        if self.records is None:
+            self.names = ["loss", *output.terms]
+            self.records = torch.zeros(self.steps, len(self.names), device=self.device)
+        self.records[i] = torch.stack([output.total.detach(), *output.terms.values()])
+        if (i + 1) % CHECK_EVERY == 0:
+            self._check_pending()
+            self._send(i + 1)
+
+    def finish(self) -> torch.Tensor:
+        """Check every remaining row; the epoch's mean of each term."""
+        assert self.records is not None
+        self._check_pending()
+        self._send(self.steps)
+        self._check_pending()
+        return self.records.mean(dim=0)
+
+    def _send(self, stop: int) -> None:
+        assert self.records is not None
+        rows = self.records[self.sent:stop]
+        event = None
+        if self.device.type == "cuda":
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = rows
+        self.pending = (host, event, self.sent)
+        self.sent = stop
+
+    def _check_pending(self) -> None:
+        if self.pending is None:
+            return
+        host, event, start = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        _check_finite(host, self.first_step + start, self.names, self.processes)
+        if len(host):
+            self.checked_loss = float(host[-1, 0])
+
+
+def end_of_epoch(run: TrainingRun, epoch: int, result: EpochResult) -> str | None:
+    """k-NN, checkpoint, resume state and log record after an epoch; says why to stop early, if so."""
+    config, processes, device = run.config, run.processes, run.processes.device
+    elapsed = time.time() - run.start_time
+    last_epoch = epoch + 1 == config.epochs
     stopped_early = None
-
-    for epoch in range(start_epoch, args.epochs):
-        epoch_start = time.time()
-        model.train()
-        order = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(mixed_seed(args.seed, 5, epoch)))
-        # This rank's images of every step, and all their boxes drawn at once: one vectorised
-        # sampler call per epoch instead of CPU work between the steps.
-        epoch_ids = order[:steps_per_epoch * args.batch_size].view(steps_per_epoch, processes.world_size, local_batch)
-        epoch_ids = epoch_ids[:, processes.rank]
-        epoch_boxes = crop_plan.boxes(epoch, epoch_ids.reshape(-1), image_size).to(device)
-        epoch_boxes = epoch_boxes.view(steps_per_epoch, local_batch, crop_plan.num_crops, 4)
-        epoch_ids = epoch_ids.to(device)
-        records = torch.zeros(steps_per_epoch, 8, device=device)
-        checked = 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main, leave=False)
-        for i in bar:
-            lr = learning_rate(step, total_steps, warmup_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            generator = torch.Generator(device=device).manual_seed(mixed_seed(args.seed, 6, step, processes.rank))
-            crops = crops_of(data.images[epoch_ids[i]], epoch_boxes[i], args.input_size)
-            crops = _device_layout(augmentation(crops, generator))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                z = model(crops)["z"]
-            output = method_loss(args.method, loss_fn, z.float().view(local_batch, crop_plan.num_crops, -1))
-            optimizer.zero_grad(set_to_none=True)
-            output.total.backward()
-            optimizer.step()
-            term_names = ["loss", *output.terms]
-            records[i, :len(term_names)] = torch.stack([output.total.detach(), *output.terms.values()])
-            step += 1
-            if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_per_epoch:
-                _check_finite(records[checked:i + 1], step - (i + 1 - checked), term_names, processes)
-                checked = i + 1
-                if main:
-                    bar.set_postfix(loss=f"{float(records[i, 0]):.4g}",
-                                    img_s=f"{(i + 1) * args.batch_size / (time.time() - epoch_start):.0f}")
-        bar.close()
-
-        if not all(bool(torch.isfinite(p).all()) for p in ssl_model.parameters()):
-            raise TrainingDiverged(f"the weights became NaN or infinite during epoch {epoch + 1} although the loss "
-                                   "stayed finite; the last good checkpoint is kept. Try a lower --lr / --base-lr.")
-        train_time = time.time() - epoch_start
-        mean_terms = records[:, :len(term_names)].mean(dim=0)
+    if config.time_limit is not None and not last_epoch:
+        # Stop when another epoch like this one would cross the limit; rank 0's clock decides for all.
+        stop = torch.tensor([float(elapsed + result.train_time > config.time_limit)], device=device)
         if processes.world_size > 1:
-            dist.all_reduce(mean_terms)
-            mean_terms /= processes.world_size
-        elapsed = time.time() - start_time
-        last_epoch = epoch + 1 == args.epochs
-        if args.time_limit is not None and not last_epoch:
-            # Stop when another epoch like this one would cross the limit; rank 0's clock decides for all.
-            stop = torch.tensor([float(elapsed + train_time > args.time_limit)], device=device)
-            if processes.world_size > 1:
-                dist.broadcast(stop, src=0)
-            if bool(stop.item()):
-                stopped_early = f"time limit of {args.time_limit:g} s"
-        finishing = last_epoch or stopped_early is not None
-        if main:
-            knn = None
-            if finishing or (args.knn_every > 0 and (epoch + 1) % args.knn_every == 0):
-                knn = knn_top1(ssl_model, data, args.input_size, amp)
-            wall = previous_wall + time.time() - start_time
-            record = {"epoch": epoch + 1, "step": step, "lr": lr,
-                      **{name: float(v) for name, v in zip(term_names, mean_terms.tolist())},
-                      "images_per_s": steps_per_epoch * args.batch_size / train_time, "epoch_time_s": train_time,
-                      "knn_top1": knn, "wall_time_s": wall}
-            if processes.world_size > 1:
-                record["rank_param_max_diff"] = _rank_param_max_diff(ssl_model)
-            train_info = _train_info(args, data, epoch + 1, peak_lr, wall, device, knn, stopped_early)
-            export_model.load_state_dict(ssl_model.state_dict())
-            save_checkpoint(export_model, checkpoint_path, train=train_info)
-            atomic_torch_save({"model": ssl_model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                          "step": step, "rng": _rng_states(), "args": vars(args), "wall_time_s": wall}, resume_path)
-            _append_log(log_path, record)
-            tqdm.write(f"epoch {epoch + 1}/{args.epochs}  loss {record['loss']:.4g}  lr {lr:.3g}  "
-                       f"{record['images_per_s']:.0f} img/s  k-NN top-1 "
-                       f"{'-' if knn is None else f'{knn:.2f}%'}  ({train_time:.1f} s)")
-        elif processes.world_size > 1:
-            _rank_param_max_diff(ssl_model)
+            dist.broadcast(stop, src=0)
+        if bool(stop.item()):
+            stopped_early = f"time limit of {config.time_limit:g} s"
+    finishing = last_epoch or stopped_early is not None
+    if processes.main:
+        knn = None
+        if finishing or (config.knn_every > 0 and (epoch + 1) % config.knn_every == 0):
+            knn = knn_top1(run.ssl_model, run.data, config.input_size, bool(config.amp))
+        wall = run.previous_wall + time.time() - run.start_time
+        record = {"epoch": epoch + 1, "step": run.step, "lr": result.lr, **result.terms,
+                  "images_per_s": run.steps_per_epoch * config.batch_size / result.train_time,
+                  "epoch_time_s": result.train_time, "knn_top1": knn, "wall_time_s": wall}
         if processes.world_size > 1:
-            dist.barrier()
-        if stopped_early:
-            if main:
-                print(f"stopping after epoch {epoch + 1}: {stopped_early}; continue with --resume")
-            break
-    if main:
-        print(f"checkpoint: {checkpoint_path}")
-    return checkpoint_path
+            record["rank_param_max_diff"] = _rank_param_max_diff(run.ssl_model)
+        train_info = _train_info(config, run.data, epoch + 1, wall, device, knn, stopped_early)
+        run.export_model.load_state_dict(run.ssl_model.state_dict())
+        save_checkpoint(run.export_model, run.checkpoint_path, train=train_info)
+        atomic_torch_save({"model": run.ssl_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                           "epoch": epoch + 1, "step": run.step, "rng": _rng_states(), "args": _plain(config),
+                           "wall_time_s": wall}, run.resume_path)
+        _append_log(run.log_path, record)
+        tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.4g}  lr {result.lr:.3g}  "
+                   f"{record['images_per_s']:.0f} img/s  k-NN top-1 "
+                   f"{'-' if knn is None else f'{knn:.2f}%'}  ({result.train_time:.1f} s)")
+    elif processes.world_size > 1:
+        _rank_param_max_diff(run.ssl_model)
+    if processes.world_size > 1:
+        dist.barrier()
+    return stopped_early
 
 
 def _check_finite(records: torch.Tensor, first_step: int, names: list[str], processes: Processes) -> None:
@@ -673,6 +1023,7 @@ def _check_finite(records: torch.Tensor, first_step: int, names: list[str], proc
     bad = ~torch.isfinite(records[:, :len(names)]).all(dim=1)
     flag = bad.any().float().view(1)
     if processes.world_size > 1:
+        flag = flag.to(processes.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() > 0:
         if not bool(bad.any()):
@@ -692,27 +1043,29 @@ def _rank_param_max_diff(model: nn.Module) -> float:
     return float(diff)
 
 
-def _train_info(args: argparse.Namespace, data: TrainingData, epochs_done: int, peak_lr: float, wall: float,
-                device: torch.device, knn: float | None, stopped_early: str | None) -> dict[str, Any]:
+def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall: float, device: torch.device,
+                knn: float | None, stopped_early: str | None) -> dict[str, Any]:
     """What made the model, stored in its checkpoint's ``train`` dict (plain values only)."""
-    patch = args.method in PATCH_METHODS
+    patch = config.method in PATCH_METHODS
     return {
-        "method": args.method, "arch": args.arch, "width": args.width, "data": data.description,
-        "train_images": len(data.images), "input_size": args.input_size,
-        "patch_size": args.patch_size if patch else None, "num_patches": args.num_patches if patch else None,
-        "min_scale": None if patch else args.min_scale, "max_scale": None if patch else args.max_scale,
-        "projector": args.projector, "epochs": epochs_done, "epochs_planned": args.epochs,
-        "batch_size": args.batch_size, "lr": peak_lr, "base_lr": args.base_lr, "optimizer": args.optimizer,
-        "weight_decay": args.weight_decay, "seed": args.seed, "wall_time_s": wall, "device": _device_name(device),
-        "knn_top1": knn, "knn": f"weighted k-NN k={KNN_K} T={KNN_TEMPERATURE}, central view, {data.knn_split}",
-        "stopped_early": stopped_early, "command": args.command,
+        "method": config.method, "arch": config.arch, "width": config.width, "data": data.description,
+        "train_images": len(data.images), "input_size": config.input_size,
+        "patch_size": config.patch_size if patch else None, "num_patches": config.num_patches if patch else None,
+        "min_scale": None if patch else config.min_scale, "max_scale": None if patch else config.max_scale,
+        "projector": config.projector, "epochs": epochs_done, "epochs_planned": config.epochs,
+        "schedule_epochs": config.schedule_epochs or config.epochs,
+        "batch_size": config.batch_size, "lr": config.peak_lr, "base_lr": config.base_lr,
+        "optimizer": config.optimizer, "weight_decay": config.weight_decay, "amp": bool(config.amp), "seed": config.seed,
+        "wall_time_s": wall, "device": _device_name(device), "knn_top1": knn,
+        "knn": f"weighted k-NN k={KNN_K} T={KNN_TEMPERATURE}, central view, {data.knn_split}",
+        "stopped_early": stopped_early, "command": config.command,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        train(args)
+        train(TrainConfig.from_namespace(args))
     except TrainingDiverged as error:
         raise SystemExit(f"error: {error}") from None
 

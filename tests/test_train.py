@@ -1,4 +1,5 @@
 """The trainer on real CIFAR-10 images: learning, exact resume, checkpoints, logs, NaN stop, 2-process DDP."""
+import dataclasses
 import json
 import math
 import os
@@ -255,3 +256,108 @@ def test_image_folder_trains_with_its_val_split_as_knn_queries(cifar10_npz, tmp_
     # Folders are ImageNet-like: ImageNet normalisation; 32 px images still get the CIFAR stem.
     assert model.info.stem == "cifar" and model.preprocess.input_size == 32
     assert model.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def _lars_problem(seed: int = 0):
+    """Three parameters (a weight, a bias, a weight whose gradient is 0) and five gradient draws."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(4, 3, generator=g), torch.randn(4, generator=g), torch.randn(2, 2, generator=g)]
+    grads = [[torch.randn(4, 3, generator=g), torch.randn(4, generator=g), torch.zeros(2, 2)] for _ in range(5)]
+    return params, grads
+
+
+def test_emp_ssl_lars_matches_sgd_nesterov_inside_solo_learns_clipped_lars_wrapper():
+    """EMP-SSL's optimiser, written out as its code runs it: solo-learn's LARSWrapper (eta, clip, bias and
+    norm excluded, weight decay moved into the wrapper) around SGD(momentum=0.9, nesterov=True)."""
+    lr, decay, eta = 0.3, 1e-4, 0.005
+    params, grads = _lars_problem()
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    reference = [torch.nn.Parameter(p.clone()) for p in params]
+    optimizer = LARS([{"params": [ours[0], ours[2]]}, {"params": [ours[1]], "lars_exclude": True}], lr=lr,
+                     weight_decay=decay, eta=eta, clip=True, nesterov=True)
+    sgd = torch.optim.SGD(reference, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
+    for step_grads in grads:
+        for p, q, grad in zip(ours, reference, step_grads):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        for q in reference:
+            if q.ndim == 1:
+                continue  # excluded: no weight decay at all (the wrapper zeroes the group's decay)
+            p_norm, g_norm = float(q.detach().norm()), float(q.grad.norm())
+            if p_norm != 0 and g_norm != 0:
+                scaled = min(eta * p_norm / (g_norm + p_norm * decay + 1e-8) / lr, 1.0)
+                q.grad = (q.grad + decay * q.detach()) * scaled
+        optimizer.step()
+        sgd.step()
+        for p, q in zip(ours, reference):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_vicreg_lars_over_several_steps_matches_the_per_parameter_formula():
+    lr, decay, eta = 0.1, 0.5, 0.01
+    params, grads = _lars_problem(1)
+    ours = [torch.nn.Parameter(p.clone()) for p in params]
+    optimizer = LARS([{"params": [ours[0], ours[2]]}, {"params": [ours[1]], "lars_exclude": True}], lr=lr,
+                     weight_decay=decay, eta=eta)
+    expected = [p.clone() for p in params]
+    moments = [torch.zeros_like(p) for p in params]
+    for step_grads in grads:
+        for p, grad in zip(ours, step_grads):
+            p.grad = grad.clone()
+        optimizer.step()
+        for k, grad in enumerate(step_grads):
+            update = grad
+            if k != 1:
+                update = grad + decay * expected[k]
+                w, u = float(expected[k].norm()), float(update.norm())
+                update = update * (eta * w / u if w > 0 and u > 0 else 1.0)
+            moments[k] = 0.9 * moments[k] + update
+            expected[k] = expected[k] - lr * moments[k]
+        for p, e in zip(ours, expected):
+            torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+
+
+def test_method_table_gives_emp_ssl_its_published_recipe():
+    config = train_module.TrainConfig(method="emp-ssl")
+    config.resolve(32, torch.device("cpu"))
+    assert (config.batch_size, config.num_patches, config.patch_size, config.input_size) == (100, 20, 16, 32)
+    assert config.peak_lr == 0.3 and config.base_lr is None and config.warmup_epochs == 0
+    assert config.projector == "4096-1024" and config.pre_feature == 4096 and config.weight_decay == 1e-4
+    augmentation = config.augmentation()
+    assert (augmentation.saturation, augmentation.hue, augmentation.blur_p, augmentation.solarize_p) == (0.4, 0.2, 0.1, 0.1)
+    lars = train_module.METHODS["emp-ssl"].lars
+    assert (lars.eta, lars.clip, lars.nesterov) == (0.005, True, True)
+    # The others keep their settings: VICReg's LARS, lr per 256 images, 10 warm-up epochs.
+    vicreg = train_module.TrainConfig(method="vicreg", batch_size=512)
+    vicreg.resolve(32, torch.device("cpu"))
+    assert vicreg.peak_lr == pytest.approx(0.6) and vicreg.warmup_epochs == 10 and vicreg.blur_p == 0.0
+    # Flags win over the table.
+    custom = train_module.TrainConfig(method="emp-ssl", base_lr=0.5, blur_p=0.0, num_patches=8)
+    custom.resolve(32, torch.device("cpu"))
+    assert custom.peak_lr == pytest.approx(0.5 * 100 / 256) and custom.blur_p == 0.0 and custom.num_patches == 8
+
+
+def test_amp_defaults_to_the_cpus_bf16_units():
+    config = train_module.TrainConfig()
+    config.resolve(32, torch.device("cpu"))
+    assert config.amp == train_module.cpu_has_bf16()
+
+
+def test_a_typed_config_trains_from_python_with_a_longer_schedule_and_amp(cifar10_npz, tmp_path):
+    """train(TrainConfig(...)) without argparse; --schedule-epochs 2 with --epochs 1 stops half-way
+    down the cosine (EMP-SSL's one-epoch recipe); --amp runs bf16 autocast on the CPU."""
+    config = train_module.TrainConfig(
+        method="emp-ssl", data_root=str(cifar10_npz.parent), out=str(tmp_path), width=0.125, projector="64-64",
+        pre_feature=32, batch_size=16, train_size=32, num_patches=4, knn_train_size=100, knn_test_size=50,
+        device="cpu", epochs=1, schedule_epochs=2, amp=True)
+    path = train(config)
+    header, record = read_log(tmp_path)
+    assert header["args"]["schedule_epochs"] == 2 and header["args"]["amp"] is True
+    assert "--schedule-epochs 2" in header["command"] and "--amp" in header["command"]
+    # 2 steps per epoch, no warm-up, a 4-step cosine: the last lr is that of step 1 of 4.
+    assert record["lr"] == pytest.approx(learning_rate(1, 4, 0, 0.3)) and record["step"] == 2
+    assert math.isfinite(record["loss"]) and {"tcr", "invariance"} <= set(record)
+    info = read_checkpoint(path)["train"]
+    assert info["schedule_epochs"] == 2 and info["epochs"] == 1 and info["amp"] is True
+    with pytest.raises(ValueError, match=r"schedule_epochs \(was 2, now None\)"):
+        train(train_module.TrainConfig(**{**dataclasses.asdict(config), "schedule_epochs": None, "resume": True,
+                                          "epochs": 2}))
