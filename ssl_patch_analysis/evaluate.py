@@ -16,10 +16,16 @@ features, standardised with the training mean and standard deviation, trained wi
 shuffling) on the device. The probe is deliberately plain and fixed, not tuned per model: the
 protocols are compared with one classifier.
 
+EMP-SSL's own evaluation (its ``evaluate.py`` and ``func.py``'s ``linear``) is a preset of both
+halves: :meth:`ProbeSchedule.emp_ssl` (SGD on the raw features) and :data:`EMP_SSL_AUGMENTATION`,
+the training augmentation applied to every patch before the embeddings are averaged.
+
 Command line::
 
     python -m ssl_patch_analysis.evaluate --model bagssl --protocols central,1,16 --train-size 2000 --test-size 1000
     python -m ssl_patch_analysis.evaluate --model vicreg --boost          # + central vs n-patch figure
+    python -m ssl_patch_analysis.evaluate --model runs/emp-ssl-resnet18-cifar10/checkpoint.pt --layer pre_feature \
+        --protocols 20 --probe emp-ssl --augment-patches emp-ssl          # EMP-SSL's protocol
 
 writes ``figures/evaluate_<model>_<data>.png`` and ``.json`` (and ``evaluate_boost_*`` with
 ``--boost``), and prints the Fig. 2 table (protocol x {kNN k=20, kNN k=200, linear}).
@@ -27,6 +33,7 @@ writes ``figures/evaluate_<model>_<data>.png`` and ``.json`` (and ``evaluate_boo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,12 +41,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .augment import Augmentation
 from .data import ImageDataset, load_dataset
 from .extract import extract_patch_embeddings, model_sha256
 from .knn import knn_accuracy
@@ -56,6 +64,28 @@ DEFAULT_TEMPERATURE = 0.07
 # Patches embedded per in-memory block: bounds the memory of one protocol's raw embeddings
 # (65536 x 512 float32 = 128 MiB for a ResNet-18) whatever the number of images.
 PATCHES_PER_BLOCK = 65536
+# SGD's momentum in the probe (EMP-SSL's func.py; no Nesterov).
+SGD_MOMENTUM = 0.9
+
+# The augmentation EMP-SSL's evaluation gives every patch (its dataset/aug.py, the training one):
+# flip p=0.5, ColorJitter(0.4, 0.4, 0.4, 0.2) with p=0.8, grayscale p=0.2, Gaussian blur p=0.1
+# (sigma 0.1 to 2), solarization p=0.1.
+EMP_SSL_AUGMENTATION = Augmentation(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2, blur_p=0.1,
+                                    solarize_p=0.1)
+PATCH_AUGMENTATIONS: dict[str, Augmentation | None] = {"none": None, "emp-ssl": EMP_SSL_AUGMENTATION}
+
+
+def describe_augmentation(augmentation: Augmentation | None) -> str:
+    """What ``augmentation`` does to each patch, in words ("none" for None)."""
+    if augmentation is None:
+        return "none"
+    a = augmentation
+    kernel = (f"{a.blur_kernel_size} px kernel" if a.blur_kernel_size
+              else "kernel about 10% of the patch side, 5 px at 32 px")
+    return (f"flip p={a.flip_p:g}, colour jitter p={a.jitter_p:g} (brightness {a.brightness:g}, contrast "
+            f"{a.contrast:g}, saturation {a.saturation:g}, hue {a.hue:g}), grayscale p={a.grayscale_p:g}, "
+            f"Gaussian blur p={a.blur_p:g} (sigma {a.blur_sigma[0]:g}-{a.blur_sigma[1]:g}, {kernel}), "
+            f"solarize p={a.solarize_p:g}")
 
 
 @dataclass(frozen=True)
@@ -150,10 +180,17 @@ def subset_ids(labels: np.ndarray, size: int | None, seed: int = 0, exclude: np.
 
 
 def _store_path(store_dir: Path, model: SSLModel, data: ImageDataset, protocol: str, sampler: PatchSampler,
-                ids: np.ndarray, layer: str, resize_to: int) -> Path:
-    """One store per (model weights, data, sampler, images, layer, size), so re-runs reuse only their own."""
-    key = json.dumps([model_sha256(model), data.name, data.split, sampler.to_dict(), layer, resize_to,
-                      hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()])
+                ids: np.ndarray, layer: str, resize_to: int, augmentation: Augmentation | None = None,
+                augmentation_seed: int = 0) -> Path:
+    """One store per (model weights, data, sampler, images, layer, size, augmentation and its seed), so re-runs
+    reuse only their own. Without augmentation the key is the one from before augmentation existed: old caches
+    stay valid."""
+    parts: list[Any] = [model_sha256(model), data.name, data.split, sampler.to_dict(), layer, resize_to,
+                        hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()]
+    if augmentation is not None:
+        # The seed too: the central and grid samplers ignore theirs, the augmentation does not.
+        parts.append({**asdict(augmentation), "seed": augmentation_seed})
+    key = json.dumps(parts)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return store_dir / f"{slug(data.name)}-{slug(data.split)}-{slug(protocol)}-{layer}-{len(ids)}img-{digest}"
 
@@ -180,6 +217,7 @@ def protocol_features(
     device: str | torch.device | None = None,
     store_dir: str | Path | None = None,
     progress: bool = True,
+    augmentation: Augmentation | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(features N x D float32, labels N)``: one feature per image of ``data`` under ``protocol``.
 
@@ -188,6 +226,10 @@ def protocol_features(
     ``"N"`` protocols need it); ``resize_to`` is the side every patch is resized to (default the
     model's input size). With ``store_dir`` the patch embeddings are cached on disk (float32), so
     a re-run reads them back instead of embedding again.
+
+    ``augmentation`` (e.g. :data:`EMP_SSL_AUGMENTATION`) is applied to every resized patch before
+    the model sees it, as EMP-SSL's evaluation does, drawn per image from ``seed``
+    (:func:`.extract.augment_patches`): the same seed gives the same features.
     """
     if _needs_scale(protocol) and patch_scale is None:
         patch_scale = pretraining_scale(model)
@@ -196,9 +238,9 @@ def protocol_features(
     size = int(resize_to or model.preprocess.input_size)
     layers = ["h"] if layer == "h" else ["h", layer]
     options = dict(layers=layers, batch_size=batch_size, resize_to=size, device=device, dtype="float32",
-                   progress=progress)
+                   progress=progress, augmentation=augmentation, augmentation_seed=seed)
     if store_dir is not None:
-        path = _store_path(Path(store_dir), model, data, protocol, sampler, ids, layer, size)
+        path = _store_path(Path(store_dir), model, data, protocol, sampler, ids, layer, size, augmentation, seed)
         embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, **options)
         return _mean_over_patches(embeddings.layer(layer)), np.asarray(embeddings.labels, dtype=np.int64)
     images_per_block = max(batch_size, PATCHES_PER_BLOCK // sampler.num_patches(tuple(data.image_size)))
@@ -233,28 +275,76 @@ def knn_eval(
 
 @dataclass(frozen=True)
 class ProbeSchedule:
-    """How the linear probe is trained: Adam, cosine decay of ``lr`` to 0, L2 ``weight_decay``."""
+    """How the linear probe is trained.
+
+    The default: Adam, cosine decay of ``lr`` to 0 over every step, L2 ``weight_decay``, zero init,
+    features standardised with the training mean and standard deviation. The other choices:
+
+    - ``optimizer``: ``"adam"`` or ``"sgd"`` (momentum :data:`SGD_MOMENTUM`, no Nesterov);
+    - ``lr_step``: the cosine schedule stepped once per minibatch (``"step"``: ``T_max`` = all the
+      steps, ends at 0) or once per epoch (``"epoch"``: ``T_max`` = ``epochs``, as EMP-SSL's
+      ``CosineAnnealingLR(optimizer, 100)``; the last epoch runs at a small, non-zero lr);
+    - ``init``: ``"zeros"`` or ``"default"`` (PyTorch's ``nn.Linear`` init, drawn after
+      ``torch.manual_seed(seed)``, without touching the global random state);
+    - ``standardize``: False trains on the raw features;
+    - ``drop_last``: drop each epoch's last, partial minibatch (as a ``DataLoader(drop_last=True)``).
+    """
 
     epochs: int = 100
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 256
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr_step: Literal["step", "epoch"] = "step"
+    init: Literal["zeros", "default"] = "zeros"
+    standardize: bool = True
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
             raise ValueError(f"the probe needs epochs >= 1, batch_size >= 1, lr > 0 and weight_decay >= 0; got "
                              f"{self}")
+        for name, allowed in (("optimizer", ("adam", "sgd")), ("lr_step", ("step", "epoch")),
+                              ("init", ("zeros", "default"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"the probe's {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("standardize", "drop_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"the probe's {name} must be True or False, got {getattr(self, name)!r}")
+
+    @classmethod
+    def emp_ssl(cls) -> ProbeSchedule:
+        """EMP-SSL's probe (``func.py``'s ``linear`` with ``evaluate.py``'s lr 0.03): SGD, momentum 0.9,
+        weight decay 5e-5, batch 100 with the last partial batch dropped, 100 epochs, cosine stepped
+        per epoch, PyTorch's default init, raw features."""
+        return cls(epochs=100, lr=0.03, weight_decay=5e-5, batch_size=100, optimizer="sgd", lr_step="epoch",
+                   init="default", standardize=False, drop_last=True)
 
     def describe(self) -> str:
-        return (f"Adam, {self.epochs} epochs, batch {self.batch_size}, lr {self.lr:g} (cosine to 0), "
-                f"weight decay {self.weight_decay:g} (L2), zero init, features standardised with train mean/std")
+        optimizer = "Adam" if self.optimizer == "adam" else f"SGD (momentum {SGD_MOMENTUM:g}, no Nesterov)"
+        batch = f"batch {self.batch_size}" + (" (last partial batch dropped)" if self.drop_last else "")
+        decay = ("cosine to 0" if self.lr_step == "step"
+                 else f"cosine, T_max {self.epochs} epochs, stepped once per epoch")
+        init = "zero init" if self.init == "zeros" else "PyTorch's default init (seeded)"
+        features = ("features standardised with train mean/std" if self.standardize
+                    else "raw features (not standardised)")
+        return (f"{optimizer}, {self.epochs} epochs, {batch}, lr {self.lr:g} ({decay}), "
+                f"weight decay {self.weight_decay:g} (L2), {init}, {features}")
+
+
+# The --probe presets.
+PROBE_PRESETS: dict[str, ProbeSchedule] = {"adam": ProbeSchedule(), "emp-ssl": ProbeSchedule.emp_ssl()}
 
 
 @dataclass
 class ProbeResult:
     """A trained linear probe: test and train accuracy (percent), its final training loss and schedule.
 
-    ``weight`` (``C x D``) and ``bias`` (``C``) act on standardised features ``(x - mean) / std``.
+    ``accuracy`` is the test accuracy after the last epoch, the number to report.
+    ``epoch_accuracies`` holds the test accuracy after each epoch; its maximum (what EMP-SSL's
+    ``func.py`` prints as "best linear test acc") selects an epoch on the test set, so it is no
+    unbiased estimate. ``weight`` (``C x D``) and ``bias`` (``C``) act on the features
+    ``(x - mean) / std`` (``mean`` 0 and ``std`` 1 when the schedule does not standardise).
     """
 
     accuracy: float
@@ -266,6 +356,12 @@ class ProbeResult:
     bias: np.ndarray
     mean: np.ndarray
     std: np.ndarray
+    epoch_accuracies: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def best_epoch_accuracy_on_test(self) -> float:
+        """The best test accuracy over the epochs: selected on the test set (EMP-SSL's "best")."""
+        return max(self.epoch_accuracies)
 
 
 def _as_labels(labels: np.ndarray | torch.Tensor, count: int, num_classes: int, what: str) -> torch.Tensor:
@@ -291,8 +387,10 @@ def linear_probe(
 ) -> ProbeResult:
     """Multinomial logistic regression on frozen features (see :class:`ProbeSchedule`), deterministic given ``seed``.
 
-    The weights start at zero, so ``seed`` only orders the minibatches; the features are
-    standardised with the training mean and standard deviation (constant features stay 0).
+    ``seed`` orders the minibatches (a fresh permutation each epoch from ``torch.Generator().manual_seed(seed)``)
+    and, with ``init="default"``, draws the initial weights (after ``torch.manual_seed(seed)``); zero
+    init starts from zero. With ``standardize`` the features are standardised with the training mean
+    and standard deviation (constant features stay 0).
     """
     device = resolve_device(device)
     x = torch.as_tensor(train_x, dtype=torch.float32, device=device)
@@ -305,27 +403,46 @@ def linear_probe(
     y = _as_labels(train_y, len(x), num_classes, "train").to(device)
     y_test = _as_labels(test_y, len(x_test), num_classes, "test").to(device)
 
-    mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False)
-    # A constant feature carries nothing: dividing by 1 keeps it at 0 after centring.
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    x, x_test = (x - mean) / std, (x_test - mean) / std
+    batches = len(x) // schedule.batch_size if schedule.drop_last else math.ceil(len(x) / schedule.batch_size)
+    if batches == 0:
+        raise ValueError(f"dropping the last partial batch leaves nothing to train on: {len(x)} training features "
+                         f"are fewer than one batch of {schedule.batch_size}; pass a smaller batch size")
 
-    classifier = torch.nn.Linear(x.shape[1], num_classes).to(device)
-    torch.nn.init.zeros_(classifier.weight)
-    torch.nn.init.zeros_(classifier.bias)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
-    steps = schedule.epochs * math.ceil(len(x) / schedule.batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    if schedule.standardize:
+        mean, std = x.mean(dim=0), x.std(dim=0, unbiased=False)
+        # A constant feature carries nothing: dividing by 1 keeps it at 0 after centring.
+        std = torch.where(std > 0, std, torch.ones_like(std))
+        x, x_test = (x - mean) / std, (x_test - mean) / std
+    else:
+        mean, std = torch.zeros(x.shape[1], device=device), torch.ones(x.shape[1], device=device)
+
+    classifier = _initial_classifier(x.shape[1], num_classes, schedule.init, seed).to(device)
+    if schedule.optimizer == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(classifier.parameters(), lr=schedule.lr,
+                                                            weight_decay=schedule.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(classifier.parameters(), lr=schedule.lr, momentum=SGD_MOMENTUM,
+                                    weight_decay=schedule.weight_decay)
+    per_step = schedule.lr_step == "step"
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=schedule.epochs * batches if per_step else schedule.epochs)
     shuffler = torch.Generator().manual_seed(seed)
-    for _ in range(schedule.epochs):
+    # Filled on the device, read once at the end: no wait for the device between epochs.
+    epoch_accuracies = torch.empty(schedule.epochs, device=device)
+    for epoch in range(schedule.epochs):
         order = torch.randperm(len(x), generator=shuffler).to(device)
-        for start in range(0, len(x), schedule.batch_size):
+        for start in range(0, batches * schedule.batch_size, schedule.batch_size):
             batch = order[start:start + schedule.batch_size]
             loss = F.cross_entropy(classifier(x[batch]), y[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if per_step:
+                scheduler.step()
+        if not per_step:
             scheduler.step()
+        with torch.no_grad():
+            epoch_accuracies[epoch] = 100.0 * (classifier(x_test).argmax(1) == y_test).float().mean()
 
     with torch.no_grad():
         train_logits = classifier(x)
@@ -335,8 +452,20 @@ def linear_probe(
     return ProbeResult(
         accuracy=accuracy, train_accuracy=train_accuracy, final_loss=final_loss, schedule=schedule, seed=seed,
         weight=classifier.weight.detach().cpu().numpy(), bias=classifier.bias.detach().cpu().numpy(),
-        mean=mean.cpu().numpy(), std=std.cpu().numpy(),
+        mean=mean.cpu().numpy(), std=std.cpu().numpy(), epoch_accuracies=epoch_accuracies.cpu().tolist(),
     )
+
+
+def _initial_classifier(dim: int, num_classes: int, init: str, seed: int) -> torch.nn.Linear:
+    """The probe's ``nn.Linear`` before training, on the CPU: zeros, or PyTorch's default init drawn
+    after ``torch.manual_seed(seed)``; the caller's global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = torch.nn.Linear(dim, num_classes)
+    if init == "zeros":
+        torch.nn.init.zeros_(classifier.weight)
+        torch.nn.init.zeros_(classifier.bias)
+    return classifier
 
 
 def evaluate_features(
@@ -351,13 +480,19 @@ def evaluate_features(
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
-    """Both classifiers on one feature set: ``{"knn": {k: acc}, "linear": acc, "linear_train": acc, ...}``."""
+    """Both classifiers on one feature set: ``{"knn": {k: acc}, "linear": acc, "linear_train": acc, ...}``.
+
+    ``"linear"`` is the probe's test accuracy after its last epoch; ``"linear_each_epoch"`` lists it
+    after every epoch, and ``"linear_best_epoch_selected_on_test"`` is their maximum (EMP-SSL's
+    "best", which picks the epoch on the test set).
+    """
     started = time.perf_counter()
     knn = knn_eval(train_x, train_y, test_x, test_y, num_classes, ks, temperature, device)
     knn_seconds = time.perf_counter() - started
     probe = linear_probe(train_x, train_y, test_x, test_y, num_classes, schedule, seed=seed, device=device)
     return {"knn": knn, "linear": probe.accuracy, "linear_train": probe.train_accuracy,
-            "linear_final_loss": probe.final_loss,
+            "linear_final_loss": probe.final_loss, "linear_each_epoch": probe.epoch_accuracies,
+            "linear_best_epoch_selected_on_test": probe.best_epoch_accuracy_on_test,
             "seconds": {"knn": knn_seconds, "probe": time.perf_counter() - started - knn_seconds}}
 
 
@@ -380,12 +515,15 @@ def evaluate_protocols(
     device: str | torch.device | None = None,
     store_dir: str | Path | None = None,
     progress: bool = True,
+    augmentation: Augmentation | None = None,
 ) -> dict[str, Any]:
-    """k-NN and linear probe for every protocol; the train and test features are built the same way.
+    """k-NN and linear probe for every protocol; the train and test features are built the same way
+    (``augmentation``, if any, applied to the patches of both: see :func:`protocol_features`).
 
     Returns the numbers behind the Fig. 2 table as plain values: ``results["protocols"]`` holds, per
     protocol, ``{"protocol", "title", "sampler", "patches_per_image", "feature_dim", "knn": {k: acc},
-    "linear", "linear_train", "linear_final_loss", "seconds"}``; accuracies are top-1 percent.
+    "linear", "linear_train", "linear_final_loss", "linear_each_epoch",
+    "linear_best_epoch_selected_on_test", "seconds"}``; accuracies are top-1 percent.
     """
     if not protocols:
         raise ValueError("pass at least one protocol (central, N, grid:P)")
@@ -400,7 +538,7 @@ def evaluate_protocols(
     train_ids = np.arange(len(train_data)) if train_ids is None else np.asarray(train_ids)
     test_ids = np.arange(len(test_data)) if test_ids is None else np.asarray(test_ids)
     options = dict(patch_scale=patch_scale, layer=layer, seed=seed, resize_to=resize_to, batch_size=batch_size,
-                   device=device, store_dir=store_dir, progress=progress)
+                   device=device, store_dir=store_dir, progress=progress, augmentation=augmentation)
     rows = []
     for protocol in protocols:
         started = time.perf_counter()
@@ -423,6 +561,8 @@ def evaluate_protocols(
         "patch_scale_text": patch_scale.describe() if patch_scale is not None else None,
         "knn_settings": {"ks": [int(k) for k in ks], "temperature": temperature, "similarity": "cosine"},
         "probe_schedule": {**asdict(schedule), "text": schedule.describe()},
+        "augmentation": asdict(augmentation) if augmentation is not None else None,
+        "augmentation_text": describe_augmentation(augmentation),
         "protocols": rows,
     }
 
@@ -468,8 +608,9 @@ def boost_table(boost: dict[str, Any]) -> str:
 
 def _subtitle(results: dict[str, Any]) -> str:
     scale = f", {results['patch_scale_text']}" if results.get("patch_scale_text") else ""
+    augmented = ", augmented patches" if results.get("augmentation") else ""
     return (f"train {results['train_size']} / test {results['test_size']} images, layer {results['layer']}"
-            f"{scale}")
+            f"{scale}{augmented}")
 
 
 def plot_evaluation(results: dict[str, Any]):
@@ -552,6 +693,13 @@ def _patch_scale_from_args(args: argparse.Namespace) -> PatchScale | None:
     return None
 
 
+def probe_schedule_from_args(args: argparse.Namespace) -> ProbeSchedule:
+    """The ``--probe`` preset, with the numbers that ``--epochs --lr --weight-decay --probe-batch-size`` give."""
+    given = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+             "batch_size": args.probe_batch_size}
+    return dataclasses.replace(PROBE_PRESETS[args.probe], **{k: v for k, v in given.items() if v is not None})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ssl_patch_analysis.evaluate",
@@ -570,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", default=None,
                         help="multi-scale crops MIN,MAX area fraction, e.g. 0.08,1 (default: the checkpoint's)")
     parser.add_argument("--layer", default="h", choices=("h", "z", "pre_feature"),
-                        help="embedding h (default) or projection z")
+                        help="embedding h (default), projection z, or EMP-SSL's pre_feature")
     parser.add_argument("--train-size", type=int, default=None,
                         help="seeded class-stratified subset of the train split (default: all)")
     parser.add_argument("--test-size", type=int, default=None,
@@ -581,14 +729,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", default=",".join(map(str, DEFAULT_KS)), help="k-NN neighbours (default 20,200)")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                         help=f"k-NN vote temperature (default {DEFAULT_TEMPERATURE})")
-    defaults = ProbeSchedule()
-    parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help=f"linear probe epochs (default {defaults.epochs})")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"linear probe Adam lr (default {defaults.lr})")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
-                        help=f"linear probe L2 weight decay (default {defaults.weight_decay})")
-    parser.add_argument("--probe-batch-size", type=int, default=defaults.batch_size,
-                        help=f"linear probe minibatch (default {defaults.batch_size})")
+    adam, emp_ssl = PROBE_PRESETS["adam"], PROBE_PRESETS["emp-ssl"]
+    parser.add_argument("--probe", default="adam", choices=tuple(PROBE_PRESETS),
+                        help="linear probe: adam (default; Adam on standardised features, cosine per step, zero "
+                             "init) or emp-ssl (EMP-SSL's func.py linear: SGD momentum 0.9 on raw features, cosine "
+                             "per epoch, PyTorch's default init, last partial batch dropped)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"linear probe epochs (default: the --probe preset's, {adam.epochs} / {emp_ssl.epochs})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"linear probe lr (default: the --probe preset's, {adam.lr:g} / {emp_ssl.lr:g})")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help=f"linear probe L2 weight decay (default: the --probe preset's, {adam.weight_decay:g} / "
+                             f"{emp_ssl.weight_decay:g})")
+    parser.add_argument("--probe-batch-size", type=int, default=None,
+                        help=f"linear probe minibatch (default: the --probe preset's, {adam.batch_size} / "
+                             f"{emp_ssl.batch_size})")
+    parser.add_argument("--augment-patches", default="none", choices=tuple(PATCH_AUGMENTATIONS),
+                        help="augment every patch before embedding it (train and test features alike, seeded by "
+                             "--seed): none (default) or emp-ssl (EMP-SSL's evaluation: its training augmentation)")
     parser.add_argument("--boost", action="store_true",
                         help="also write evaluate_boost_<model>_<data>: central vs the n-patch mean, with the gain")
     parser.add_argument("--store-dir", type=Path, default=None,
@@ -608,7 +766,8 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     ks = _int_list(args.k, "--k")
     patch_scale = _patch_scale_from_args(args)
     try:
-        schedule = ProbeSchedule(args.epochs, args.lr, args.weight_decay, args.probe_batch_size)
+        schedule = probe_schedule_from_args(args)
+        augmentation = PATCH_AUGMENTATIONS[args.augment_patches]
         model, test_data, device = load_model_and_data(args)
         train_data = load_dataset(args.data, args.train_split, root=args.data_root, download=args.download,
                                   image_size=args.image_size)
@@ -620,6 +779,10 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
         same_split = train_data.split == test_data.split
         test_ids = subset_ids(test_data.labels, args.test_size, args.seed + 1,
                               exclude=train_ids if same_split else None)
+        if schedule.drop_last and len(train_ids) < schedule.batch_size:
+            raise ValueError(f"the {args.probe} probe drops the last partial batch, and {len(train_ids)} training "
+                             f"images are fewer than one batch of {schedule.batch_size}: pass a smaller "
+                             "--probe-batch-size or a larger --train-size")
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     print(f"model: {model_label(model)}; train: {data_label(train_data)} ({len(train_ids)} images), "
@@ -627,18 +790,27 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     if patch_scale is not None:
         print(f"patches: {patch_scale.describe()}, seed {args.seed}")
     print(f"k-NN: cosine, k = {', '.join(map(str, ks))}, temperature {args.temperature:g}")
-    print(f"linear probe: {schedule.describe()}, seed {args.seed}")
+    print(f"patch augmentation: {args.augment_patches}"
+          + (f" ({describe_augmentation(augmentation)}), seed {args.seed}" if augmentation is not None else ""))
+    print(f"linear probe ({args.probe}): {schedule.describe()}, seed {args.seed}")
     started = time.perf_counter()
     results = evaluate_protocols(
         model, train_data, test_data, protocols, patch_scale=patch_scale, layer=args.layer, train_ids=train_ids,
         test_ids=test_ids, ks=ks, temperature=args.temperature, schedule=schedule, seed=args.seed,
         resize_to=args.resize_to, batch_size=args.batch_size, device=device, store_dir=args.store_dir,
-        progress=not args.no_progress,
+        progress=not args.no_progress, augmentation=augmentation,
     )
+    results["probe"] = args.probe
+    results["patch_augmentation"] = args.augment_patches
     results["wall_seconds"] = time.perf_counter() - started
     results["command"] = "python -m ssl_patch_analysis.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
     print()
     print(results_table(results))
+    if args.probe == "emp-ssl":
+        best = ", ".join(f"{row['title']} {row['linear_best_epoch_selected_on_test']:.1f}"
+                         for row in results["protocols"])
+        print(f"linear, best epoch selected on the test set (what EMP-SSL's func.py prints as best; the table "
+              f"reports the last epoch): {best}")
     stem = output_stem(args.out, "evaluate", args.model, args.data)
     written = save_figure(plot_evaluation(results), stem, pdf=args.pdf)
     if args.boost:

@@ -26,8 +26,9 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
+from .augment import Augmentation
 from .data import ImageDataset, TensorImageDataset, load_dataset
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
@@ -51,6 +53,10 @@ SMALL_INPUT_MAX_SIDE = 64
 # chunk vs 11 at 64), so the CPU chunk holds about 64 patches of 32x32 pixels, and no fewer than 8.
 CPU_CHUNK_PIXELS = 64 * 32 * 32
 CPU_CHUNK_RANGE = (8, 64)
+# Mixed into the seed of each image's augmentation stream: the samplers key their boxes by the same
+# (seed, image id), and the two must not draw the same random numbers.
+_AUGMENTATION_STREAM = 0x6175676D656E74  # "augment"
+_MASK64 = (1 << 64) - 1
 
 
 def default_chunk_size(input_size: int, device: torch.device) -> int:
@@ -379,16 +385,27 @@ class _Embedder:
         return {name: outputs[name][:count].float() for name in self.layers}
 
     def embed(self, images: torch.Tensor, boxes: torch.Tensor, size: int, exact: bool,
-              host: dict[str, torch.Tensor]) -> None:
-        """Embed every box of one batch into the host buffers ``host`` (``K x D`` rows, K = B * P)."""
+              host: dict[str, torch.Tensor], augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Embed every box of one batch into the host buffers ``host`` (``K x D`` rows, K = B * P).
+
+        ``augment`` maps the batch's ``K`` float ``[0, 1]`` crops to augmented ones before the model
+        sees them. It needs every patch of an image at once, so the whole batch is cropped first then;
+        the forward passes keep the same chunks, so an identity ``augment`` changes nothing.
+        """
         num_patches = boxes.shape[1]
         flat = boxes.reshape(-1, 4)
+        augmented = None
+        if augment is not None:
+            augmented = augment(_crop(images, flat, torch.arange(flat.shape[0], device=self.device) // num_patches,
+                                      size, exact))
         start = 0
         while start < flat.shape[0]:
             stop = min(start + self.chunk_size, flat.shape[0])
             index = torch.arange(start, stop, device=self.device)
             try:
-                outputs = self.forward(_crop(images, flat[start:stop], index // num_patches, size, exact))
+                patches = (augmented[start:stop] if augmented is not None
+                           else _crop(images, flat[start:stop], index // num_patches, size, exact))
+                outputs = self.forward(patches)
             except torch.OutOfMemoryError:
                 if self.chunk_size == 1:
                     raise RuntimeError(
@@ -405,6 +422,29 @@ class _Embedder:
                 # Cast on the device: float16 storage halves the transfer.
                 host[name][start:stop].copy_(outputs[name].to(host[name].dtype), non_blocking=True)
             start = stop
+
+
+def _augmentation_generator(seed: int, image_id: int) -> torch.Generator:
+    """The CPU generator that draws the augmentation of one image's patches under one seed."""
+    state = np.random.SeedSequence([_AUGMENTATION_STREAM, seed & _MASK64, int(image_id)]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+def augment_patches(patches: torch.Tensor, image_ids: Sequence[int] | np.ndarray, augmentation: Augmentation,
+                    seed: int = 0) -> torch.Tensor:
+    """``augmentation`` applied to the float ``[0, 1]`` patches ``(B * P) x 3 x S x S`` of the images
+    ``image_ids`` (patch ``k`` from image ``k // P``), image by image.
+
+    The ``P`` patches of one image draw their random parameters from a CPU generator keyed by
+    ``(seed, image id)`` (a stream apart from the samplers'), so an image's augmentation does not
+    depend on the batch it is in, the chunk size, the device, or whether a store was resumed.
+    """
+    if len(image_ids) == 0 or patches.shape[0] % len(image_ids):
+        raise ValueError(f"need the same number of patches for each of the {len(image_ids)} images, got "
+                         f"{patches.shape[0]} patches")
+    per_image = patches.shape[0] // len(image_ids)
+    return torch.cat([augmentation(patches[k * per_image:(k + 1) * per_image], _augmentation_generator(seed, i))
+                      for k, i in enumerate(np.asarray(image_ids).tolist())])
 
 
 def _layer_dims(model: SSLModel, size: int, device: torch.device) -> dict[str, int]:
@@ -475,6 +515,8 @@ def extract_patch_embeddings(
     compile: bool | None = None,
     overwrite: bool = False,
     num_workers: int | None = None,
+    augmentation: Augmentation | None = None,
+    augmentation_seed: int = 0,
 ) -> PatchEmbeddings:
     """Embed every patch the ``sampler`` places on each image of ``data``.
 
@@ -501,6 +543,10 @@ def extract_patch_embeddings(
       :func:`extraction_options` block (else: autocast on CUDA only, no compile).
     - ``num_workers``: DataLoader workers decoding lazily-loaded data sets (default min(4, CPUs) on
       a GPU, 0 on the CPU: :func:`default_num_workers`).
+    - ``augmentation``: an :class:`~.augment.Augmentation` applied to every cropped, resized patch
+      (float ``[0, 1]``, before the model's normalisation), seeded per image by
+      ``augmentation_seed`` (:func:`augment_patches`): the same seed gives the same embeddings. A
+      store records it and is only resumed with the same augmentation and seed.
 
     The model is moved to ``device`` (default CUDA when available) and run in eval mode. When
     ``torch.distributed`` is initialised (``torchrun``), each rank embeds its share of the batches
@@ -508,6 +554,9 @@ def extract_patch_embeddings(
     """
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    if augmentation is not None and not isinstance(augmentation, Augmentation):
+        raise ValueError(f"augmentation must be an ssl_patch_analysis.augment.Augmentation or None, got "
+                         f"{type(augmentation).__name__}")
     defaults = _OPTIONS.get()
     amp = defaults.get("amp") if amp is None else amp
     compile = bool(defaults.get("compile", False)) if compile is None else compile
@@ -552,11 +601,14 @@ def extract_patch_embeddings(
             "layers_extracted": layers,
             "dtype": dtype,
             "precision": str(amp_dtype or torch.float32).removeprefix("torch."),
+            # Always present (None without one), so an augmented store and a plain one never resume each other.
+            "augmentation": None if augmentation is None else {**asdict(augmentation), "seed": int(augmentation_seed)},
         }
         layout = StoreLayout(num_patches=num_patches, layer_dims={name: dims[name] for name in layers},
                              image_ids=ids, labels=source.labels[ids], batch_size=batch_size, dtype=dtype)
         runner = _Run(model, source, sampler, layout, device, chunk_size, amp_dtype, compile, settings["model_sha256"],
-                      size, progress and rank == 0, num_workers)
+                      size, progress and rank == 0, num_workers,
+                      None if augmentation is None else (augmentation, int(augmentation_seed)))
         info = {"model": model.info.to_dict(), "class_names": source.class_names}
         if out is None:
             return runner.in_memory(settings, info)
@@ -570,9 +622,11 @@ class _Run:
 
     def __init__(self, model: SSLModel, source: _ImageSource, sampler: PatchSampler, layout: StoreLayout,
                  device: torch.device, chunk_size: int, amp_dtype: torch.dtype | None, compile: bool,
-                 weights_sha256: str, size: int, progress: bool, num_workers: int | None):
+                 weights_sha256: str, size: int, progress: bool, num_workers: int | None,
+                 augmentation: tuple[Augmentation, int] | None = None):
         self.source, self.sampler, self.layout, self.device = source, sampler, layout, device
         self.size, self.progress, self.num_workers = size, progress, num_workers
+        self.augmentation = augmentation
         self.embedder = _Embedder(model, device, list(layout.layer_dims), chunk_size, amp_dtype, compile,
                                   weights_sha256)
         self.run_info = {"device": str(device), "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
@@ -600,8 +654,12 @@ class _Run:
                 with torch.inference_mode():
                     images = pixels.to(self.device, non_blocking=True)
                     images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+                    augment = None
+                    if self.augmentation is not None:
+                        augment = functools.partial(augment_patches, image_ids=batch_ids,
+                                                    augmentation=self.augmentation[0], seed=self.augmentation[1])
                     self.embedder.embed(images, boxes.to(self.device, non_blocking=True), self.size,
-                                        _is_exact(flat, self.size), host)
+                                        _is_exact(flat, self.size), host, augment)
                 if pinned:
                     torch.cuda.current_stream(self.device).synchronize()
                 n = span.stop - span.start

@@ -1,17 +1,23 @@
 """Patch-protocol evaluation: k-NN votes by hand, a probe that separates what is separable, patch means by hand."""
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from ssl_patch_analysis import evaluate
+from ssl_patch_analysis.augment import Augmentation
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.data import TensorImageDataset
 from ssl_patch_analysis.evaluate import (
-    PatchScale, ProbeSchedule, evaluate_features, evaluate_protocols, knn_eval, linear_probe, main, patch_boost,
-    pretraining_scale, protocol_features, protocol_sampler, subset_ids,
+    EMP_SSL_AUGMENTATION, PatchScale, ProbeSchedule, build_parser, evaluate_features, evaluate_protocols, knn_eval,
+    linear_probe, main, patch_boost, pretraining_scale, probe_schedule_from_args, protocol_features, protocol_sampler,
+    subset_ids,
 )
+from ssl_patch_analysis.extract import augment_patches, extract_patch_embeddings
 from ssl_patch_analysis.models import (
     CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp,
 )
@@ -67,6 +73,45 @@ def tiny_model(train: dict | None = None) -> SSLModel:
     with torch.no_grad():
         model.train()(torch.rand(64, 3, 32, 32))
     return model.eval()
+
+
+def normalising_linear_model(channels: int = 6, seed: int = 0) -> SSLModel:
+    """:func:`linear_gap_model` that first normalises its pixels with the CIFAR-10 mean and std."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Conv2d(3, channels, kernel_size=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return SSLModel(backbone, preprocess=Preprocess(input_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD),
+                    info=ModelInfo(method="linear", embedding_dim=channels)).eval()
+
+
+def hand_written_sgd_probe(train_x, train_y, test_x, test_y, num_classes, epochs, lr, weight_decay, batch_size,
+                           seed):
+    """EMP-SSL's probe written out in float64 numpy: PyTorch's default ``nn.Linear`` init after
+    ``torch.manual_seed(seed)``; each epoch a permutation from a generator seeded with ``seed``, full
+    batches only, the softmax cross-entropy gradient by hand, SGD with momentum 0.9 and L2 weight decay
+    on weight and bias, and the lr of cosine annealing over the epochs, constant within an epoch.
+    Returns the final weight and bias and the test accuracy (percent) after each epoch."""
+    torch.manual_seed(seed)
+    init = nn.Linear(train_x.shape[1], num_classes)
+    weight, bias = init.weight.detach().double().numpy().copy(), init.bias.detach().double().numpy().copy()
+    velocity_weight, velocity_bias = np.zeros_like(weight), np.zeros_like(bias)
+    x, x_test = train_x.astype(np.float64), test_x.astype(np.float64)
+    shuffler = torch.Generator().manual_seed(seed)
+    accuracies = []
+    for epoch in range(epochs):
+        rate = lr * (1 + math.cos(math.pi * epoch / epochs)) / 2
+        order = torch.randperm(len(x), generator=shuffler).numpy()
+        for start in range(0, len(x) - batch_size + 1, batch_size):
+            batch = order[start:start + batch_size]
+            logits = x[batch] @ weight.T + bias
+            probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probabilities /= probabilities.sum(axis=1, keepdims=True)
+            probabilities[np.arange(batch_size), train_y[batch]] -= 1  # d(mean cross-entropy)/d(logits) * B
+            velocity_weight = 0.9 * velocity_weight + probabilities.T @ x[batch] / batch_size + weight_decay * weight
+            velocity_bias = 0.9 * velocity_bias + probabilities.sum(axis=0) / batch_size + weight_decay * bias
+            weight = weight - rate * velocity_weight
+            bias = bias - rate * velocity_bias
+        accuracies.append(100.0 * np.mean((x_test @ weight.T + bias).argmax(axis=1) == test_y))
+    return weight, bias, accuracies
 
 
 def gaussian_blobs(per_class: int, seed: int, dim: int = 5, classes: int = 3, spread: float = 0.3):
@@ -165,6 +210,77 @@ def test_linear_probe_rejects_bad_input():
         ProbeSchedule(epochs=0)
 
 
+def test_emp_ssl_probe_equals_a_hand_written_sgd_loop():
+    # Overlapping blobs at unit scale (the preset does not standardise), 45 training features in
+    # batches of 8: 5 full batches an epoch, the last 5 features dropped.
+    train_x, train_y = gaussian_blobs(15, seed=4, spread=8.0)
+    test_x, test_y = gaussian_blobs(10, seed=5, spread=8.0)
+    train_x, test_x = train_x / 10, test_x / 10
+    schedule = dataclasses.replace(ProbeSchedule.emp_ssl(), epochs=6, batch_size=8)
+    rng_state = torch.get_rng_state()
+    probe = linear_probe(train_x, train_y, test_x, test_y, 3, schedule, seed=7, device="cpu")
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the seeded init leaves the global random state alone
+    weight, bias, accuracies = hand_written_sgd_probe(train_x, train_y, test_x, test_y, 3, epochs=6, lr=0.03,
+                                                      weight_decay=5e-5, batch_size=8, seed=7)
+    np.testing.assert_allclose(probe.weight, weight, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probe.bias, bias, rtol=1e-4, atol=1e-6)
+    assert probe.epoch_accuracies == pytest.approx(accuracies)
+    assert probe.accuracy == pytest.approx(accuracies[-1])  # the reported number is the last epoch's
+    assert probe.best_epoch_accuracy_on_test == pytest.approx(max(accuracies))
+    assert 40 < probe.accuracy < 100 and len(set(accuracies)) > 1  # a problem where the epochs differ
+    np.testing.assert_array_equal(probe.mean, np.zeros(5))
+    np.testing.assert_array_equal(probe.std, np.ones(5))
+    # The init is drawn from the seed: another seed starts (and ends) elsewhere.
+    other = linear_probe(train_x, train_y, test_x, test_y, 3, dataclasses.replace(schedule, epochs=1), seed=8,
+                         device="cpu")
+    first = linear_probe(train_x, train_y, test_x, test_y, 3, dataclasses.replace(schedule, epochs=1), seed=7,
+                         device="cpu")
+    assert not np.allclose(other.weight, first.weight)
+
+
+def test_emp_ssl_preset_and_schedule_descriptions():
+    preset = ProbeSchedule.emp_ssl()
+    assert (preset.optimizer, preset.lr, preset.weight_decay, preset.batch_size, preset.epochs) == (
+        "sgd", 0.03, 5e-5, 100, 100)
+    assert (preset.lr_step, preset.init, preset.standardize, preset.drop_last) == ("epoch", "default", False, True)
+    assert preset.describe() == (
+        "SGD (momentum 0.9, no Nesterov), 100 epochs, batch 100 (last partial batch dropped), lr 0.03 (cosine, "
+        "T_max 100 epochs, stepped once per epoch), weight decay 5e-05 (L2), PyTorch's default init (seeded), "
+        "raw features (not standardised)")
+    assert ProbeSchedule().describe() == (
+        "Adam, 100 epochs, batch 256, lr 0.001 (cosine to 0), weight decay 0.0001 (L2), zero init, "
+        "features standardised with train mean/std")
+    with pytest.raises(ValueError, match="optimizer must be one of adam, sgd"):
+        ProbeSchedule(optimizer="lbfgs")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="standardize must be True or False"):
+        ProbeSchedule(standardize="no")  # type: ignore[arg-type]
+    x, y = gaussian_blobs(3, seed=0)
+    with pytest.raises(ValueError, match="fewer than one batch of 100"):
+        linear_probe(x, y, x, y, 3, preset, device="cpu")
+
+
+def test_probe_without_standardisation_trains_on_the_raw_features():
+    # Standardising by hand and switching standardisation off is the same probe as standardising inside;
+    # on the raw (scaled, shifted) features the probe is another one.
+    train_x, train_y = gaussian_blobs(30, seed=2)
+    test_x, test_y = gaussian_blobs(10, seed=3)
+    scale = np.array([1e3, 1e-2, 7.0, 1.0, 50.0], dtype=np.float32)
+    offset = np.array([1e4, -1.0, 30.0, 0.0, -200.0], dtype=np.float32)
+    train_x, test_x = train_x * scale + offset, test_x * scale + offset
+    standardised = ProbeSchedule(epochs=5, lr=0.05, batch_size=16)
+    raw = dataclasses.replace(standardised, standardize=False)
+    mean, std = train_x.astype(np.float64).mean(0), train_x.astype(np.float64).std(0)
+    by_hand = linear_probe(((train_x - mean) / std).astype(np.float32), train_y,
+                           ((test_x - mean) / std).astype(np.float32), test_y, 3, raw, device="cpu")
+    inside = linear_probe(train_x, train_y, test_x, test_y, 3, standardised, device="cpu")
+    np.testing.assert_allclose(by_hand.weight, inside.weight, atol=1e-4)
+    assert by_hand.epoch_accuracies == inside.epoch_accuracies
+    plain = linear_probe(train_x, train_y, test_x, test_y, 3, raw, device="cpu")
+    np.testing.assert_array_equal(plain.mean, np.zeros(5))
+    np.testing.assert_array_equal(plain.std, np.ones(5))
+    assert np.abs(plain.weight - inside.weight).max() > 1e-2
+
+
 # ----------------------------------------------------------------------------- protocols
 
 
@@ -240,6 +356,87 @@ def test_store_dir_caches_features(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2
 
 
+def test_identity_augmentation_gives_exactly_the_unaugmented_features():
+    model, data = tiny_model({"patch_size": 16}), random_dataset(n=5)
+    identity = Augmentation(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+    for protocol in ("central", "3"):  # gathered exactly, and resized by roi_align
+        options = dict(device="cpu", progress=False, seed=3, batch_size=2)
+        plain, labels = protocol_features(model, data, protocol, **options)
+        same, same_labels = protocol_features(model, data, protocol, augmentation=identity, **options)
+        np.testing.assert_array_equal(same, plain)
+        np.testing.assert_array_equal(same_labels, labels)
+
+
+def test_augmentation_changes_the_features_and_is_seeded_per_image():
+    model, data = tiny_model({"patch_size": 16}), random_dataset(n=3)
+    options = dict(device="cpu", progress=False, augmentation=EMP_SSL_AUGMENTATION)
+    plain, _ = protocol_features(model, data, "3", seed=1, device="cpu", progress=False)
+    first, _ = protocol_features(model, data, "3", seed=1, **options)
+    again, _ = protocol_features(model, data, "3", seed=1, **options)
+    np.testing.assert_array_equal(first, again)
+    assert (np.abs(first - plain).max(axis=1) > 1e-3).all()  # every image's feature moved
+    # Per-image streams: the batching does not change which augmentation an image gets.
+    rebatched, _ = protocol_features(model, data, "3", seed=1, batch_size=2, **options)
+    np.testing.assert_allclose(rebatched, first, rtol=1e-5, atol=1e-5)
+    # The central view has no random boxes (its sampler ignores the seed): only the augmentation changes.
+    central = [protocol_features(model, data, "central", seed=seed, **options)[0] for seed in (1, 2)]
+    assert not np.allclose(central[0], central[1])
+
+
+def test_augmentation_acts_on_the_resized_patches_before_normalisation():
+    # The model normalises with the CIFAR-10 mean/std, then is linear in the pixels: a patch embeds to
+    # W ((mean augmented pixel - mean) / std) + b, computed here from crops cut by hand.
+    model, data = normalising_linear_model(), random_dataset(n=4)
+    ids, scale = np.array([3, 0]), PatchScale(patch_size=8)
+    features, _ = protocol_features(model, data, "4", patch_scale=scale, image_ids=ids, seed=5, resize_to=8,
+                                    augmentation=EMP_SSL_AUGMENTATION, device="cpu", progress=False)
+    boxes = protocol_sampler("4", scale, seed=5).boxes(ids.tolist(), (32, 32)).long()
+    crops = torch.stack([data.images[i, :, y0:y1, x0:x1] for row, i in enumerate(ids)
+                         for x0, y0, x1, y1 in boxes[row].tolist()]).float() / 255
+    augmented = augment_patches(crops, ids, EMP_SSL_AUGMENTATION, seed=5).double()
+    assert not torch.allclose(augmented, crops.double())
+    pixels = (augmented.mean(dim=(2, 3)) - torch.tensor(CIFAR10_MEAN, dtype=torch.float64)) / torch.tensor(
+        CIFAR10_STD, dtype=torch.float64)
+    conv = model.backbone[0]
+    embeddings = pixels @ conv.weight[:, :, 0, 0].double().T + conv.bias.double()
+    np.testing.assert_allclose(features, embeddings.view(2, 4, -1).mean(1).detach().numpy(), atol=2e-5)
+
+
+def test_augment_patches_keys_each_image_by_seed_and_id():
+    patches = torch.rand(12, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    together = augment_patches(patches, [7, 1, 4], EMP_SSL_AUGMENTATION, seed=2)
+    torch.testing.assert_close(together[4:8], augment_patches(patches[4:8], [1], EMP_SSL_AUGMENTATION, seed=2),
+                               rtol=0, atol=0)
+    assert not torch.equal(together[4:8], augment_patches(patches[4:8], [1], EMP_SSL_AUGMENTATION, seed=3))
+    assert not torch.equal(together[4:8], augment_patches(patches[4:8], [2], EMP_SSL_AUGMENTATION, seed=2))
+    assert together.min() >= 0 and together.max() <= 1
+    with pytest.raises(ValueError, match="same number of patches"):
+        augment_patches(patches[:11], [7, 1, 4], EMP_SSL_AUGMENTATION)
+
+
+def test_augmented_features_have_a_store_of_their_own(tmp_path):
+    model, data = tiny_model({"patch_size": 16}), random_dataset(n=4)
+    options = dict(device="cpu", progress=False, store_dir=tmp_path / "cache", seed=1)
+    protocol_features(model, data, "2", **options)
+    stored, _ = protocol_features(model, data, "2", augmentation=EMP_SSL_AUGMENTATION, **options)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    in_memory, _ = protocol_features(model, data, "2", augmentation=EMP_SSL_AUGMENTATION, device="cpu",
+                                     progress=False, seed=1)
+    np.testing.assert_array_equal(stored, in_memory)
+    for seed in (1, 2):  # the central sampler ignores the seed, its augmentation does not: a store per seed
+        protocol_features(model, data, "central", augmentation=EMP_SSL_AUGMENTATION, **{**options, "seed": seed})
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+    # A store records its augmentation, and is never resumed with another one (or none).
+    sampler = protocol_sampler("2", PatchScale(patch_size=16), seed=1)
+    made = extract_patch_embeddings(model, data, sampler, out=tmp_path / "store", augmentation=EMP_SSL_AUGMENTATION,
+                                    augmentation_seed=4, device="cpu", progress=False)
+    assert made.meta["augmentation"] == {**json.loads(json.dumps(dataclasses.asdict(EMP_SSL_AUGMENTATION))), "seed": 4}
+    for other in (dict(), dict(augmentation=EMP_SSL_AUGMENTATION, augmentation_seed=5)):
+        with pytest.raises(ValueError, match="augmentation"):
+            extract_patch_embeddings(model, data, sampler, out=tmp_path / "store", device="cpu", progress=False,
+                                     **other)
+
+
 def test_subset_ids_are_stratified_seeded_and_disjoint():
     labels = np.repeat(np.arange(10), 100)
     chosen = subset_ids(labels, 50, seed=0)
@@ -311,3 +508,51 @@ def test_cli_writes_figures_and_json(tmp_path, cifar10_npz, data_root, capsys):
         (row["knn"], row["linear"]) for row in results["protocols"]]
     with pytest.raises(SystemExit, match="unknown protocol"):
         main([*argv, "--protocols", "central,lots"])
+
+
+def test_probe_flags_fill_in_the_preset():
+    def schedule(*flags: str) -> ProbeSchedule:
+        return probe_schedule_from_args(build_parser().parse_args(["--model", "m", *flags]))
+
+    assert schedule() == ProbeSchedule()
+    assert schedule("--probe", "emp-ssl") == ProbeSchedule.emp_ssl()
+    assert schedule("--probe", "emp-ssl", "--lr", "0.1", "--epochs", "7") == dataclasses.replace(
+        ProbeSchedule.emp_ssl(), lr=0.1, epochs=7)
+    assert schedule("--weight-decay", "0", "--probe-batch-size", "64") == ProbeSchedule(weight_decay=0.0, batch_size=64)
+    assert build_parser().parse_args(["--model", "m"]).augment_patches == "none"
+
+
+def test_cli_emp_ssl_probe_and_augmentation(tmp_path, cifar10_npz, data_root, capsys, monkeypatch):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model(), checkpoint, train={"patch_size": 16, "min_scale": None, "max_scale": None})
+    augmentations = []
+    real_protocol_features = evaluate.protocol_features
+
+    def spy(*args, **kwargs):
+        augmentations.append(kwargs["augmentation"])
+        return real_protocol_features(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "protocol_features", spy)
+    out = tmp_path / "figures"
+    argv = ["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--split", "test",
+            "--train-split", "test", "--train-size", "20", "--test-size", "10", "--protocols", "2", "--k", "3",
+            "--probe", "emp-ssl", "--augment-patches", "emp-ssl", "--epochs", "2", "--out", str(out), "--device",
+            "cpu", "--no-progress"]
+    with pytest.raises(SystemExit, match="fewer than one batch of 100"):  # before any embedding
+        main(argv)
+    assert augmentations == []
+    main([*argv, "--probe-batch-size", "6"])
+    printed = capsys.readouterr().out
+    assert augmentations == [EMP_SSL_AUGMENTATION, EMP_SSL_AUGMENTATION]  # train and test features
+    schedule = dataclasses.replace(ProbeSchedule.emp_ssl(), epochs=2, batch_size=6)
+    assert f"linear probe (emp-ssl): {schedule.describe()}, seed 0" in printed
+    assert "patch augmentation: emp-ssl (flip p=0.5, colour jitter p=0.8 (brightness 0.4, contrast 0.4, " \
+           "saturation 0.4, hue 0.2)" in printed
+    assert "best epoch selected on the test set" in printed
+    saved = json.loads((out / "evaluate_tiny_cifar10.json").read_text())
+    assert saved["probe"] == "emp-ssl" and saved["patch_augmentation"] == "emp-ssl"
+    assert saved["probe_schedule"] == {**dataclasses.asdict(schedule), "text": schedule.describe()}
+    assert saved["augmentation"] == json.loads(json.dumps(dataclasses.asdict(EMP_SSL_AUGMENTATION)))
+    row = saved["protocols"][0]
+    assert len(row["linear_each_epoch"]) == 2 and row["linear"] == pytest.approx(row["linear_each_epoch"][-1])
+    assert row["linear_best_epoch_selected_on_test"] == max(row["linear_each_epoch"])
