@@ -44,7 +44,7 @@ from .extract import extract_patch_embeddings
 from .models import SSLModel
 from .patches import central, grid
 from .report import (
-    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, output_stem,
+    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, model_name, output_stem,
     save_figure, save_json,
 )
 
@@ -469,7 +469,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
         parser.error(str(error))
     seconds = time.perf_counter() - started
 
-    stem = output_stem(args.out, "convergence", args.model, args.data)
+    stem = output_stem(args.out, "convergence", model_name(args), args.data)
     figures = save_figure(plot_convergence(result), stem, pdf=args.pdf)
     numbers = {**result.to_dict(), "command": ["python", "-m", "ssl_patch_analysis.convergence", *(
         sys.argv[1:] if argv is None else argv)], "seconds": round(seconds, 1), "device": str(device)}

@@ -54,7 +54,7 @@ from .knn import knn_accuracy
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
 from .report import (
-    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, output_stem,
+    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, model_name, output_stem,
     resolve_device, save_figure, save_json, slug,
 )
 
@@ -811,7 +811,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
                          for row in results["protocols"])
         print(f"linear, best epoch selected on the test set (what EMP-SSL's func.py prints as best; the table "
               f"reports the last epoch): {best}")
-    stem = output_stem(args.out, "evaluate", args.model, args.data)
+    stem = output_stem(args.out, "evaluate", model_name(args), args.data)
     written = save_figure(plot_evaluation(results), stem, pdf=args.pdf)
     if args.boost:
         try:
@@ -820,7 +820,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
             raise SystemExit(f"error: {error}") from None
         print()
         print(boost_table(results["boost"]))
-        boost_stem = output_stem(args.out, "evaluate_boost", args.model, args.data)
+        boost_stem = output_stem(args.out, "evaluate_boost", model_name(args), args.data)
         written += save_figure(plot_boost(results, results["boost"]), boost_stem, pdf=args.pdf)
         context = {key: value for key, value in results.items() if key != "protocols"}
         written.append(save_json(context, boost_stem.with_suffix(".json")))

@@ -39,8 +39,8 @@ from .extract import extract_patch_embeddings
 from .models import SSLModel
 from .patches import grid
 from .report import (
-    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, output_stem,
-    save_figure, save_json,
+    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, model_name,
+    non_negative_int, output_stem, positive_int, save_figure, save_json,
 )
 
 LAYER_TITLES = {"z": "projection z", "h": "embedding h", "pre_feature": "pre-feature"}
@@ -429,26 +429,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cosine similarity of query patches to every patch of a grid, in projection (z) and embedding "
                     "(h) space (paper Fig. 4), and a locality score: -Spearman(similarity, centre distance).")
     add_model_data_args(parser)
-    parser.add_argument("--patch-size", type=int, default=None,
+    parser.add_argument("--patch-size", type=positive_int, default=None,
                         help="grid patch side in pixels (default: image side / 4, i.e. 8 at 32 px, 56 at 224 px)")
-    parser.add_argument("--stride", type=int, default=None,
+    parser.add_argument("--stride", type=positive_int, default=None,
                         help="grid stride (default: image side / 16, i.e. 2 at 32 px, 14 at 224 px: a 13 x 13 grid)")
     parser.add_argument("--resize-to", type=int, default=None,
                         help="side the patches are resized to for the model (default: its input size)")
     parser.add_argument("--image-ids", default=None,
                         help="comma-separated images of the figure (default: the first --num-images of distinct "
                              "classes)")
-    parser.add_argument("--num-images", type=int, default=3, help="images in the figure by default (default 3)")
+    parser.add_argument("--num-images", type=positive_int, default=3, help="images in the figure by default (default 3)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--queries", default=None,
                        help="query grid cells 'row,col;row,col', used on every image (default: the centre cell "
                             "and the top-left cell)")
-    which.add_argument("--random-queries", type=int, default=None, metavar="K",
+    which.add_argument("--random-queries", type=positive_int, default=None, metavar="K",
                        help="K random query cells per image instead of --queries")
     parser.add_argument("--layers", default="z,h", help="comma-separated among z,h,pre_feature (default z,h)")
-    parser.add_argument("--locality-images", type=int, default=64,
+    parser.add_argument("--locality-images", type=non_negative_int, default=64,
                         help="random images of the split for the locality score (default 64; 0 skips it)")
-    parser.add_argument("--locality-queries", type=int, default=None, metavar="K",
+    parser.add_argument("--locality-queries", type=positive_int, default=None, metavar="K",
                         help="K random query patches per image for the locality score (default: every patch)")
     return parser
 
@@ -509,7 +509,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
                                     queries=args.locality_queries, seed=args.seed)
         locality["image_ids"] = locality_ids
 
-    stem = output_stem(args.out, "heatmap", args.model, args.data)
+    stem = output_stem(args.out, "heatmap", model_name(args), args.data)
     paths = save_figure(plot_heatmaps(result, _title(model, data, result, locality)), stem, pdf=args.pdf)
     record = {
         "command": "python -m ssl_patch_analysis.heatmap " + " ".join(sys.argv[1:] if argv is None else argv),

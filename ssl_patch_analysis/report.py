@@ -1,7 +1,7 @@
 """What every analysis command shares: its model/data flags, and how it writes what a person reads.
 
 Each analysis (``python -m ssl_patch_analysis.<name>``) takes the same ``--model``, ``--data``,
-``--split``, ``--data-root``, ``--device``, ``--download``, ``--seed``, ``--amp``/``--no-amp``,
+``--split``, ``--data-root``, ``--device``, ``--download``, ``--seed``, ``--random-init``, ``--amp``/``--no-amp``,
 ``--compile`` and ``--out`` flags (:func:`add_model_data_args`, :func:`load_model_and_data`,
 :func:`extraction_flags`), and writes a figure (PNG, plus PDF with
 ``--pdf``) and the numbers behind it (JSON) to ``--out`` (default ``figures/``), then prints a short
@@ -23,6 +23,27 @@ import torch
 from .extract import add_speed_args, amp_from_args, extraction_options
 
 DEFAULT_OUT = Path("figures")
+RANDOM_INIT_CALIBRATION_IMAGES = 512
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (the message names the bad value)."""
+    return _bounded_int(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (the message names the bad value)."""
+    return _bounded_int(text, 0, "an integer >= 0")
+
+
+def _bounded_int(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
 
 
 def add_model_data_args(parser: argparse.ArgumentParser, model_default: str | None = "vicreg",
@@ -43,6 +64,10 @@ def add_model_data_args(parser: argparse.ArgumentParser, model_default: str | No
     parser.add_argument("--download", action="store_true",
                         help="allow downloading published weights / CIFAR (needs internet)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="the control: --model's architecture with fresh random weights (seeded by --seed), "
+                             f"BatchNorm statistics calibrated on the first {RANDOM_INIT_CALIBRATION_IMAGES} images "
+                             "of the data; results are named <model>-random-init")
     add_speed_args(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT}/)")
     parser.add_argument("--pdf", action="store_true", help="also write the figure as PDF")
@@ -68,7 +93,21 @@ def load_model_and_data(args: argparse.Namespace, split_default: str = "test"):
     split = args.split or ("val" if args.data == "imagenette" else split_default)
     model = load_model(args.model, device=device, download=args.download)
     data = load_dataset(args.data, split, root=args.data_root, download=args.download, image_size=args.image_size)
+    if getattr(args, "random_init", False):
+        model = random_init_control(model, data, args.seed)
     return model, data, device
+
+
+def random_init_control(model, data, seed: int):
+    """``--random-init``: :func:`~.models.randomly_initialised` with BatchNorm calibrated on ``data``'s first images."""
+    from .models import randomly_initialised
+
+    count = min(len(data), RANDOM_INIT_CALIBRATION_IMAGES)
+    images = data.get_batch(list(range(count)))
+    model = randomly_initialised(model, seed=seed, calibration_images=images)
+    print(f"random-init control: {model.info.arch} with fresh weights (seed {seed}), BatchNorm calibrated on "
+          f"{count} images of {data_label(data)}")
+    return model
 
 
 def model_label(model) -> str:
@@ -88,6 +127,13 @@ def data_label(data) -> str:
 def slug(text: str) -> str:
     """A file-name-safe form of ``text`` (``vicreg-resnet18-cifar10``, ``cifar10``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-").lower() or "x"
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """``--model`` as output files name it: ``vicreg``, or ``vicreg-random-init`` for the control."""
+    if getattr(args, "random_init", False):
+        return f"{Path(str(args.model)).stem}-random-init"
+    return str(args.model)
 
 
 def output_stem(out: Path | str, analysis: str, model_name: str, data_name: str) -> Path:

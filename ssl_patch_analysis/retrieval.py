@@ -35,7 +35,7 @@ import torch
 from .extract import extract_patch_embeddings
 from .patches import grid
 from .report import (
-    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, output_stem,
+    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, model_name, output_stem,
     save_figure, save_json,
 )
 from .store import PatchEmbeddings
@@ -515,7 +515,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
              f"{patches}, {num_images} images ({len(index)} patches), k={args.k}")
     fig = plot_retrieval(data, args.query_image, query_boxes[query_patch], query_label, figure_neighbours,
                          class_names=data.class_names, title=title)
-    stem = output_stem(args.out, "retrieval", args.model, args.data)
+    stem = output_stem(args.out, "retrieval", model_name(args), args.data)
     paths = save_figure(fig, stem, pdf=args.pdf)
     summary = {"model": model_label(model), "data": data_label(data), "patch_size": args.patch_size,
                "stride": args.stride, "num_images": num_images, "k": args.k, "num_queries": args.num_queries,

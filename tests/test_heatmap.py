@@ -238,3 +238,36 @@ def test_cli_explains_bad_queries(tmp_path, cifar10_npz, capsys):
         main(common + ["--queries", "3,0", "--locality-images", "0"])
     assert "inside the 3 x 3 grid" in capsys.readouterr().err
     assert not list(tmp_path.glob("heatmap_*"))
+
+
+def test_cli_random_init_control_is_named_apart_and_uses_fresh_weights(tmp_path, cifar10_npz):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model(), checkpoint)
+    common = ["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(cifar10_npz.parent),
+              "--device", "cpu", "--patch-size", "16", "--stride", "8", "--queries", "1,1",
+              "--image-ids", "0", "--locality-images", "4", "--out", str(tmp_path / "figs")]
+    trained = main(common)
+    control = main(common + ["--random-init", "--seed", "3"])
+    figs = tmp_path / "figs"
+    assert sorted(p.name for p in figs.glob("*.json")) == ["heatmap_tiny-random-init_cifar10.json",
+                                                          "heatmap_tiny_cifar10.json"]
+    written = json.loads((figs / "heatmap_tiny-random-init_cifar10.json").read_text())
+    assert written["model_info"]["extra"]["random_init"] == {"seed": 3, "batch_norm_calibration_images": 512}
+    assert "random-init" in written["model"]
+    assert json.loads((figs / "heatmap_tiny_cifar10.json").read_text())["model"] == trained["model"]
+    maps = [np.asarray(r["heatmaps"]["queries"][0]["maps"]["h"]) for r in (trained, control)]
+    assert maps[0].shape == maps[1].shape == (3, 3) and not np.allclose(maps[0], maps[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--locality-images", "-3", "expected an integer >= 0, got -3"),
+    ("--locality-queries", "0", "expected a positive integer, got 0"),
+    ("--num-images", "x", "expected a positive integer, got 'x'"),
+    ("--random-queries", "-1", "expected a positive integer, got -1"),
+])
+def test_cli_refuses_negative_counts_instead_of_skipping_silently(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and message in err

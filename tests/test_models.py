@@ -1,6 +1,7 @@
 """Backbones keep torchvision's names and numbers; SSLModel applies its own pixel normalisation."""
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -77,3 +78,46 @@ def test_model_without_projector_says_so():
     assert set(model(torch.rand(1, 3, 32, 32))) == {"h"}
     with pytest.raises(RuntimeError, match="no projector"):
         model.project(torch.zeros(1, dim))
+
+
+def test_randomly_initialised_fresh_seeded_weights_and_calibrated_batch_norm():
+    from helpers import tiny_model
+    from ssl_patch_analysis.models import randomly_initialised
+
+    trained = tiny_model(seed=1)
+    trained.info.source = "pretrained/tiny.pt"
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    images = torch.randint(0, 256, (40, 3, 48, 48), dtype=torch.uint8)  # resized to the input side (32)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    control = randomly_initialised(trained, seed=7, calibration_images=images, batch_size=64)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched
+    assert not control.training
+    weights = [k for k, v in before.items() if v.ndim >= 2]  # convolutions and linear layers
+    assert weights and all(not torch.allclose(control.state_dict()[k], before[k]) for k in weights)
+    again = randomly_initialised(tiny_model(seed=2), seed=7, calibration_images=images, batch_size=64)
+    for k, v in control.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k  # the seed alone decides the control
+    # BatchNorm of the stem: one calibration batch, so its statistics are the batch's own, computed here
+    # independently from the stem convolution's output.
+    x = F.interpolate(images.float() / 255, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        stem = control.backbone.conv1(control.normalize_pixels(x))
+    bn = control.backbone.bn1
+    assert torch.allclose(bn.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, stem.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.1 or bn.momentum is None  # restored to what it was
+    assert control.info.source == "tiny-random-init"
+    assert control.info.extra["random_init"] == {"seed": 7, "batch_norm_calibration_images": 40}
+
+
+def test_randomly_initialised_without_calibration_keeps_initial_statistics():
+    from helpers import tiny_model
+    from ssl_patch_analysis.models import randomly_initialised
+
+    control = randomly_initialised(tiny_model(), seed=0)
+    bn = control.backbone.bn1
+    assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    with pytest.raises(ValueError, match="B x 3 x H x W"):
+        randomly_initialised(tiny_model(), calibration_images=torch.zeros(4, 32, 32, dtype=torch.uint8))
