@@ -263,14 +263,33 @@ def knn_eval(
     temperature: float = DEFAULT_TEMPERATURE,
     device: str | torch.device | None = None,
 ) -> dict[int, float]:
-    """Top-1 accuracy (percent) of the weighted cosine k-NN (:func:`.knn.knn_accuracy`) for each ``k``."""
+    """Top-1 accuracy (percent) of the weighted cosine k-NN (:func:`.knn.knn_accuracy`) for each ``k``.
+
+    Keyed by the k actually used: a k larger than the bank is clamped to the bank's size
+    (:func:`effective_ks`), so ``ks=(20, 200)`` on a bank of 20 images gives ``{20: ...}`` alone.
+    """
     device = resolve_device(device)
     bank = torch.as_tensor(train_x, dtype=torch.float32, device=device)
     bank_labels = torch.as_tensor(train_y, dtype=torch.int64, device=device)
     queries = torch.as_tensor(test_x, dtype=torch.float32, device=device)
     query_labels = torch.as_tensor(test_y, dtype=torch.int64)
-    return {int(k): knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=int(k),
-                                 temperature=temperature) for k in ks}
+    return {k: knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=k,
+                            temperature=temperature) for k in effective_ks(ks, len(bank))}
+
+
+def effective_ks(ks: Sequence[int], bank_size: int) -> list[int]:
+    """The k-NN neighbour counts as they run on a bank of ``bank_size`` vectors: each k clamped to the
+    bank's size, duplicates dropped, in the order given (``(20, 200)`` on 50 images -> ``[20, 50]``)."""
+    if any(int(k) < 1 for k in ks):
+        raise ValueError(f"k-NN needs k >= 1, got {list(ks)}")
+    if bank_size < 1:
+        raise ValueError("the k-NN bank is empty")
+    used: list[int] = []
+    for k in ks:
+        k = min(int(k), bank_size)
+        if k not in used:
+            used.append(k)
+    return used
 
 
 @dataclass(frozen=True)
@@ -537,6 +556,11 @@ def evaluate_protocols(
     num_classes = len(train_data.class_names)
     train_ids = np.arange(len(train_data)) if train_ids is None else np.asarray(train_ids)
     test_ids = np.arange(len(test_data)) if test_ids is None else np.asarray(test_ids)
+    requested_ks = [int(k) for k in ks]
+    ks = effective_ks(requested_ks, len(train_ids))
+    if ks != requested_ks:
+        print(f"k-NN: the bank holds {len(train_ids)} training images, so k = {', '.join(map(str, requested_ks))} "
+              f"runs as k = {', '.join(map(str, ks))} (the tables and the JSON name the k used)", file=sys.stderr)
     options = dict(patch_scale=patch_scale, layer=layer, seed=seed, resize_to=resize_to, batch_size=batch_size,
                    device=device, store_dir=store_dir, progress=progress, augmentation=augmentation)
     rows = []
@@ -559,7 +583,7 @@ def evaluate_protocols(
         "layer": layer, "seed": seed, "resize_to": int(resize_to or model.preprocess.input_size),
         "patch_scale": asdict(patch_scale) if patch_scale is not None else None,
         "patch_scale_text": patch_scale.describe() if patch_scale is not None else None,
-        "knn_settings": {"ks": [int(k) for k in ks], "temperature": temperature, "similarity": "cosine"},
+        "knn_settings": {"ks": ks, "ks_requested": requested_ks, "temperature": temperature, "similarity": "cosine"},
         "probe_schedule": {**asdict(schedule), "text": schedule.describe()},
         "augmentation": asdict(augmentation) if augmentation is not None else None,
         "augmentation_text": describe_augmentation(augmentation),

@@ -15,7 +15,7 @@ from ssl_patch_analysis.data import TensorImageDataset
 from ssl_patch_analysis.evaluate import (
     EMP_SSL_AUGMENTATION, PatchScale, ProbeSchedule, build_parser, evaluate_features, evaluate_protocols, knn_eval,
     linear_probe, main, patch_boost, pretraining_scale, probe_schedule_from_args, protocol_features, protocol_sampler,
-    subset_ids,
+    results_table, subset_ids,
 )
 from ssl_patch_analysis.extract import augment_patches, extract_patch_embeddings
 from ssl_patch_analysis.models import (
@@ -134,8 +134,11 @@ def test_knn_eval_matches_hand_computation():
                      device="cpu")
     flat = knn_eval(HAND_TRAIN, HAND_TRAIN_LABELS, HAND_TEST, HAND_TEST_LABELS, 2, ks=(1, 3, 200), temperature=1.0,
                     device="cpu")
-    assert sharp == {1: 100.0, 3: 100.0, 200: 100.0}  # k above the bank size uses the whole bank
-    assert flat == {1: 100.0, 3: 50.0, 200: 50.0}
+    # k = 200 above the bank of 3 runs as k = 3, already asked for: reported once, under the k used
+    assert sharp == {1: 100.0, 3: 100.0}
+    assert flat == {1: 100.0, 3: 50.0}
+    assert knn_eval(HAND_TRAIN, HAND_TRAIN_LABELS, HAND_TEST, HAND_TEST_LABELS, 2, ks=(1, 200), temperature=1.0,
+                    device="cpu") == {1: 100.0, 3: 50.0}
     for temperature in (0.07, 1.0):
         for k in (1, 2, 3):
             expected = numpy_weighted_knn(HAND_TRAIN, HAND_TRAIN_LABELS, HAND_TEST, 2, k, temperature)
@@ -463,14 +466,18 @@ def test_evaluate_protocols_and_boost_on_tiny_model():
     assert results["train_size"] == 12 and results["test_size"] == 6
     assert results["patch_scale"] == {"patch_size": 16, "scale": None}
     for row in results["protocols"]:
-        assert set(row["knn"]) == {2, 20} and row["feature_dim"] == model.embedding_dim
+        assert set(row["knn"]) == {2, 12} and row["feature_dim"] == model.embedding_dim  # k=20 > 12 images
         for accuracy in [*row["knn"].values(), row["linear"]]:
             assert accuracy * 6 / 100 == pytest.approx(round(accuracy * 6 / 100))  # k of the 6 test images
+    assert results["knn_settings"]["ks"] == [2, 12] and results["knn_settings"]["ks_requested"] == [2, 20]
+    table = results_table(results)
+    assert "kNN k=12" in table and "k=20" not in table
     boost = patch_boost(results)
     assert boost["patch_protocol"] == "3"
+    assert [r["classifier"] for r in boost["rows"]] == ["kNN k=2", "kNN k=12", "linear"]
     central, patches = results["protocols"][0], results["protocols"][2]
     assert [r["delta"] for r in boost["rows"]] == pytest.approx(
-        [patches["knn"][2] - central["knn"][2], patches["knn"][20] - central["knn"][20],
+        [patches["knn"][2] - central["knn"][2], patches["knn"][12] - central["knn"][12],
          patches["linear"] - central["linear"]])
     with pytest.raises(ValueError, match="central and N"):
         patch_boost({**results, "protocols": results["protocols"][:2]})
@@ -556,3 +563,12 @@ def test_cli_emp_ssl_probe_and_augmentation(tmp_path, cifar10_npz, data_root, ca
     row = saved["protocols"][0]
     assert len(row["linear_each_epoch"]) == 2 and row["linear"] == pytest.approx(row["linear_each_epoch"][-1])
     assert row["linear_best_epoch_selected_on_test"] == max(row["linear_each_epoch"])
+
+
+def test_effective_ks_clamps_to_the_bank_and_drops_duplicates():
+    assert evaluate.effective_ks((20, 200), 50_000) == [20, 200]
+    assert evaluate.effective_ks((20, 200), 50) == [20, 50]
+    assert evaluate.effective_ks((20, 200), 20) == [20]
+    assert evaluate.effective_ks((200, 20), 7) == [7]
+    with pytest.raises(ValueError, match="k >= 1"):
+        evaluate.effective_ks((0, 5), 10)
