@@ -14,6 +14,13 @@ Where the data come from (:func:`load_dataset`):
 - ``imagenette`` (split ``val``): ``imagenette_jpeg.npz``, decoded lazily image by image (the whole
   split would be 590 MB decoded, while decoding one 224 px JPEG takes about a millisecond).
 - a folder path: :class:`ImageFolderDataset` (torchvision's ImageFolder layout), decoded lazily.
+
+When CIFAR-10 is found nowhere, a request for its ``test`` split is served by the built-in sample
+(:func:`load_sample`, ``sample_data/cifar10_test_sample.npz`` in the package: the archive's first
+1,000 test images, byte for byte), with a one-line notice on stderr. It is a
+:class:`SampleDataset`: image ``i`` is test image ``i`` of the full set, and an index past the
+sample is an IndexError, so a run never mixes in other images. Every other request (the training
+split, other data sets) still fails with the not-found error.
 """
 from __future__ import annotations
 
@@ -22,11 +29,13 @@ import hashlib
 import io
 import os
 import pickle
+import sys
 import tempfile
 import warnings
 from functools import cached_property, partial
+from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +45,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 DATA_ENV = "SSL_PATCH_ANALYSIS_DATA"
 CACHE_ENV = "SSL_PATCH_ANALYSIS_CACHE"
@@ -53,6 +65,11 @@ TORCHVISION_CIFAR = {
     "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta",
                  "fine_label_names", "fine_labels"),
 }
+# The built-in sample (sample_data/README.md): the data set and split it stands in for, and its file.
+SAMPLE_DATASET, SAMPLE_SPLIT = "cifar10", "test"
+SAMPLE_ARCHIVE = "cifar10_test_sample.npz"
+FULL_CIFAR10_HINT = (f"for the full set pass --download (download=True) on a machine with internet, or set {DATA_ENV} "
+                     "(--data-root, root=) to the folder holding cifar10_jpeg.npz")
 # Sub-folder names that mark an image folder as split into train/val/test folders.
 SPLIT_FOLDER_NAMES = ("train", "val", "valid", "validation", "test")
 
@@ -180,6 +197,21 @@ class TensorImageDataset(ImageDataset):
         if not len(index):
             raise ValueError("get_batch needs at least one index")
         return self.images[index]
+
+
+class SampleDataset(TensorImageDataset):
+    """The built-in sample standing in for CIFAR-10 test: image ``i`` is the full set's test image ``i``.
+
+    Indices past the sample, and negative ones (which would count from the end of the full set),
+    raise IndexError saying how to get the full set.
+    """
+
+    def _index(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"image {i} is not in the built-in CIFAR-10 sample, which holds only test images "
+                             f"0..{len(self) - 1} (the full data set was not found); {FULL_CIFAR10_HINT}")
+        return i
 
 
 def _decode_jpeg(data: np.ndarray) -> Image.Image:
@@ -432,9 +464,13 @@ def _download_cifar(root: Path, name: str) -> None:
                            f"Otherwise pass root= (or set {DATA_ENV}) to a folder holding {name}_jpeg.npz") from e
 
 
-def _not_found(name: str, looked_in: list[Path], how: str) -> FileNotFoundError:
+class DataSetNotFoundError(FileNotFoundError):
+    """A data set absent from a data root (while a damaged one raises a plain FileNotFoundError)."""
+
+
+def _not_found(name: str, looked_in: list[Path], how: str) -> DataSetNotFoundError:
     paths = "\n".join(f"  {p}" for p in looked_in)
-    return FileNotFoundError(f"data set {name!r} not found. Looked in:\n{paths}\n{how}")
+    return DataSetNotFoundError(f"data set {name!r} not found. Looked in:\n{paths}\n{how}")
 
 
 def _check_split(name: str, split: str, valid: Sequence[str]) -> None:
@@ -485,14 +521,46 @@ def _load_folder(folder: Path, split: str, image_size: int | None) -> ImageFolde
     return ImageFolderDataset(folder, image_size=image_size)
 
 
+def sample_path() -> Traversable:
+    """The built-in sample's archive inside the installed package."""
+    return resources.files(__package__) / "sample_data" / SAMPLE_ARCHIVE
+
+
+def load_sample() -> SampleDataset:
+    """The built-in sample: CIFAR-10's first 1,000 test images in the official order (JPEG copy).
+
+    Its JPEG bytes are those of ``cifar10_jpeg.npz``, so its pixels equal the full copy's. Decoding
+    takes a fraction of a second, so it is not cached.
+    """
+    # read_bytes: works wherever the package lives, a zip file included.
+    with np.load(io.BytesIO(sample_path().read_bytes())) as archive:
+        jpeg, offsets, labels, class_names = (archive[f"{SAMPLE_SPLIT}_jpeg"], archive[f"{SAMPLE_SPLIT}_offsets"],
+                                              archive[f"{SAMPLE_SPLIT}_labels"], archive["class_names"])
+    images = decode_jpegs(jpeg, offsets, desc=f"decoding the {SAMPLE_DATASET} sample")
+    return SampleDataset(torch.from_numpy(images), labels, class_names.tolist(), name=SAMPLE_DATASET,
+                         split=SAMPLE_SPLIT, description=f"{ARCHIVE_DATASETS[SAMPLE_DATASET][3]} (JPEG copy, "
+                                                         f"{len(labels):,}-image sample)")
+
+
+def _sample_instead(roots: list[Path], missing: FileNotFoundError) -> SampleDataset:
+    if not sample_path().is_file():
+        raise FileNotFoundError(f"{missing}\nThe built-in sample {sample_path()} is missing too: reinstall "
+                                "ssl_patch_analysis to get it back")
+    print(f"note: {ARCHIVE_DATASETS[SAMPLE_DATASET][3]} not found in {', '.join(map(str, roots))}; using the built-in "
+          f"sample of its first 1,000 test images (JPEG copy); {FULL_CIFAR10_HINT}", file=sys.stderr)
+    return load_sample()
+
+
 def load_dataset(name: str, split: str = "test", root: str | Path | None = None, download: bool = False,
                  image_size: int | None = None) -> ImageDataset:
     """Load a data set by name (``cifar10``, ``cifar100``, ``imagenette``) or by image-folder path.
 
-    ``root`` is the folder holding the data (default :func:`default_data_root`). For a folder path,
+    ``root`` is the folder holding the data (default :func:`data_roots`). For a folder path,
     ``<path>/<split>`` is used when it exists (e.g. ``imagenette2/val``), else ``<path>`` itself;
     ``image_size`` resizes and centre-crops folder images to a square (archives keep their native
-    size). Raises FileNotFoundError naming every path tried when the data are absent.
+    size). When CIFAR-10 is in none of the roots, ``cifar10`` ``test`` is the built-in sample
+    (:func:`load_sample`, with a notice on stderr); other absent data raise FileNotFoundError naming
+    every path tried.
     """
     key = name.lower()
     if key in ARCHIVE_DATASETS:
@@ -507,9 +575,15 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
                 return loader(split, data_root, download)
             except FileNotFoundError as e:
                 missing.append(e)
-        if len(missing) == 1:
-            raise missing[0]
-        raise FileNotFoundError("\n".join(str(e) for e in missing))
+        error = missing[0] if len(missing) == 1 else FileNotFoundError("\n".join(str(e) for e in missing))
+        # Only a data set absent everywhere falls back: a damaged one must be repaired, not replaced.
+        if all(isinstance(e, DataSetNotFoundError) for e in missing):
+            if (key, split) == (SAMPLE_DATASET, SAMPLE_SPLIT):
+                return _sample_instead(roots, error)
+            raise DataSetNotFoundError(f"{error}\nThe built-in sample cannot stand in for {key} {split}: it holds "
+                                       f"only the first 1,000 {ARCHIVE_DATASETS[SAMPLE_DATASET][3]} test "
+                                       "images.")
+        raise error
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _load_folder(folder, split, image_size)

@@ -37,6 +37,14 @@ def imagenette_npz() -> Path:
     return _need("imagenette_jpeg.npz")
 
 
+@pytest.fixture
+def no_data_root(tmp_path, monkeypatch) -> Path:
+    """What a fresh clone with nothing beside it sees: the Makefile's data folder does not exist."""
+    absent = tmp_path / "no-shared" / "data"
+    monkeypatch.setenv(DATA_ENV, str(absent))
+    return absent
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Keep decoded-data caches of the test run out of the user's cache folder."""

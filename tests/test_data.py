@@ -304,8 +304,9 @@ def test_failed_download_says_why(tmp_path, monkeypatch):
 
 
 def test_missing_data_lists_every_path_tried(tmp_path, monkeypatch):
+    # The training split: the test split would be served by the built-in sample (test_sample_data.py).
     with pytest.raises(FileNotFoundError) as error:
-        load_dataset("cifar10", "test", root=tmp_path)
+        load_dataset("cifar10", "train", root=tmp_path)
     message = str(error.value)
     assert str(tmp_path / "cifar-10-batches-py") in message and str(tmp_path / "cifar10_jpeg.npz") in message
     assert "download=True" in message and "SSL_PATCH_ANALYSIS_DATA" in message
@@ -329,7 +330,7 @@ def test_without_the_variable_the_user_cache_then_the_shared_folder_beside_the_c
         assert len(load_dataset("cifar10", "test")) == 10_000
     else:
         with pytest.raises(FileNotFoundError) as error:
-            load_dataset("cifar10", "test")
+            load_dataset("cifar10", "train")
         assert str(tmp_path / "cache" / "ssl_patch_analysis" / "data" / "cifar10_jpeg.npz") in str(error.value)
         assert str(archive) in str(error.value)
 
