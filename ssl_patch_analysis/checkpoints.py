@@ -33,6 +33,7 @@ Formats (``detect_format`` returns the name on the left):
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import pickle
@@ -146,18 +147,64 @@ def read_checkpoint(path: str | Path) -> Any:
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_globals(path)
         if unsafe or "Unsupported global" in str(err):
-            found = ", ".join(unsafe) if unsafe else str(err).splitlines()[0]
-            raise RuntimeError(
-                f"{path} contains Python objects that are not plain tensors/containers ({found}), so it "
-                "was refused for safety: unpickling them could run arbitrary code. If you trust the file, "
-                "re-save only its weights in a trusted session, e.g. torch.save(obj.state_dict(), "
-                "'weights.pth') for a pickled model, and load that file instead."
-            ) from err
+            raise _refused(path, ", ".join(unsafe) if unsafe else str(err).splitlines()[0]) from err
+        code = _code_globals(path)
+        if code:
+            raise _refused(path, ", ".join(code)) from err
+        if code is not None and "Unsupported operand" in str(err):
+            raise ValueError(
+                f"{path} is a plain pickle that torch.load(weights_only=True) cannot read (a pickle protocol it "
+                "does not support); re-save its tensors with torch.save(state_dict, 'weights.pth') and load that "
+                "file") from err
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
                          f"{str(err).splitlines()[-1]}); fetch or copy it again") from err
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: {err}); "
                          "fetch or copy it again") from err
+
+
+def _refused(path: Path, found: str) -> RuntimeError:
+    return RuntimeError(
+        f"{path} holds Python objects that are not tensors ({found}), so it was refused for safety: unpickling "
+        "them could run arbitrary code. If you trust the file, re-save only its weights in a trusted session, "
+        "e.g. torch.save(obj.state_dict(), 'weights.pth') for a pickled model, and load that file instead.")
+
+
+# Globals a weights-only checkpoint may name: tensors, storages and the containers torch.save writes.
+_DATA_GLOBAL = re.compile(r"^(torch(\.\w+)*|collections\.OrderedDict|builtins\.(set|frozenset|slice|bytearray|complex))"
+                          r"\.?\w*$")
+
+
+def _code_globals(path: Path) -> list[str] | None:
+    """What a legacy-format or raw pickle file would import beyond tensors and containers, found by
+    reading its opcodes (``pickletools.genops`` parses, never executes); ``None`` for a file that is
+    not a pickle stream (a zip checkpoint, or garbage)."""
+    import pickletools
+
+    data = path.read_bytes()
+    found: list[str] = []
+    position, parsed = 0, 0
+    while position < len(data):  # a legacy torch file is several pickles in a row, then raw storage bytes
+        strings: list[str] = []
+        try:
+            for opcode, arg, end in pickletools.genops(io.BytesIO(data[position:])):
+                if opcode.name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+                if opcode.name == "STOP":
+                    position += end + 1
+                    parsed += 1
+                    break
+            else:
+                break
+        except Exception:  # noqa: BLE001 - the storage bytes after the last pickle, or a damaged file
+            break
+    if not parsed:
+        return None
+    return sorted({name for name in found if not _DATA_GLOBAL.match(name)})
 
 
 def _unsafe_globals(path: Path) -> list[str]:
@@ -724,6 +771,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", dow
         model = _load_own(obj, source)
     else:
         model = _build_from_parts(_extract(obj, fmt, path), source, arch, stem, cifar_padding)
+    _check_finite(model, source)
     model.info.source, model.info.format = source, fmt
     if name is not None:
         model.info.extra["name"] = name
@@ -734,6 +782,17 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", dow
     if verbose:
         print(describe(model, one_line=True))
     return model
+
+
+def _check_finite(model: SSLModel, source: str) -> None:
+    """Refuse weights or BatchNorm statistics holding NaN or infinity: every embedding would be NaN."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ValueError(f"{source}: tensor {name} holds {bad} non-finite value(s) (NaN or inf) of "
+                                 f"{tensor.numel()}: the file is damaged or comes from a diverged run; use an "
+                                 "earlier checkpoint")
 
 
 def describe(model: SSLModel, one_line: bool = False) -> str:

@@ -16,6 +16,7 @@ stripping alone. They add two things torchvision's constructors cannot express:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -216,6 +217,19 @@ class Preprocess:
     input_size: int = 224
     mean: tuple[float, float, float] | None = IMAGENET_MEAN
     std: tuple[float, float, float] | None = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if int(self.input_size) < 1:
+            raise ValueError(f"preprocess input_size must be a positive number of pixels, got {self.input_size}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("preprocess mean and std must both be given or both be None")
+        if self.mean is not None:
+            values = [*self.mean, *self.std]
+            if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(float(v)) for v in values):
+                raise ValueError(f"preprocess mean and std must be 3 finite numbers each, got mean {list(self.mean)}, "
+                                 f"std {list(self.std)}")
+            if min(float(v) for v in self.std) <= 0:
+                raise ValueError(f"preprocess std must be positive (pixels are divided by it), got {list(self.std)}")
 
     @property
     def normalize(self) -> bool:

@@ -789,6 +789,28 @@ def train(config: TrainConfig | argparse.Namespace) -> Path:
             dist.destroy_process_group()
 
 
+RESUME_KEYS = ("args", "model", "optimizer", "epoch", "step", "wall_time_s", "rng")
+
+
+def _read_resume_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """``resume.pt`` for ``--resume``, with one line saying what to do when it is missing or damaged."""
+    start_over = (f"it cannot be continued: pass another --out, or delete {path.parent} to start over "
+                  "(checkpoint.pt, if present, still holds the last finished epoch's weights)")
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist, so {start_over}" if path.parent.is_dir() else
+                                f"--resume: there is no run in {path.parent}; run without --resume to start one")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, garbled or pickled code: all say the same
+        raise ValueError(f"--resume: {path} is damaged ({type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[-1][:120]}), so {start_over}") from error
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"--resume: {path} is not this trainer's resume state (no {', '.join(missing)}), so "
+                         f"{start_over}")
+    return state
+
+
 def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     """Load the data, build the model and optimiser, and restore them from ``resume.pt`` with ``--resume``."""
     start_time = time.time()
@@ -813,9 +835,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     start_epoch, step, previous_wall = 0, 0, 0.0
     resume_path = out / "resume.pt"
     if config.resume:
-        if not resume_path.is_file():
-            raise FileNotFoundError(f"--resume: {resume_path} does not exist; run without --resume to start")
-        state = torch.load(resume_path, map_location=device, weights_only=True)
+        state = _read_resume_state(resume_path, device)
         changed = [k for k in RESUME_FIXED_ARGS if state["args"].get(k) != getattr(config, k)]
         if changed:
             raise ValueError("--resume needs the settings of the run it continues; these differ: " + ", ".join(
@@ -825,7 +845,11 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         start_epoch, step, previous_wall = int(state["epoch"]), int(state["step"]), float(state["wall_time_s"])
         _restore_rng_states(state["rng"])
     elif (out / "checkpoint.pt").exists():
-        raise FileExistsError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, or another --out")
+        if resume_path.is_file():
+            raise FileExistsError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, or another "
+                                  "--out")
+        raise FileExistsError(f"{out} holds a finished or foreign run (checkpoint.pt without resume.pt, so it cannot "
+                              "be continued): pass another --out, or delete the folder to start over")
 
     if main:
         out.mkdir(parents=True, exist_ok=True)

@@ -493,6 +493,66 @@ def test_pickled_code_is_refused(tmp_path):
     assert "PickledCode" in str(err.value) and "state_dict" in str(err.value)
 
 
+class RunsCode:
+    """Unpickling this calls os.getcwd: a stand-in for a file whose pickle would run code."""
+
+    def __reduce__(self):
+        import os
+        return (os.getcwd, ())
+
+
+@pytest.mark.parametrize("layout", ["legacy", "raw"])
+def test_pickled_code_in_legacy_and_raw_files_is_refused_as_such(tmp_path, layout):
+    # Was: "not a readable PyTorch checkpoint (truncated or corrupt ...)" for both layouts.
+    import pickle
+
+    path = tmp_path / f"{layout}.pth"
+    if layout == "legacy":
+        torch.save({"weights": torch.zeros(2), "hook": RunsCode()}, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps({"weights": torch.zeros(2), "hook": RunsCode()}, protocol=4))
+    with pytest.raises(RuntimeError, match="holds Python objects that are not tensors") as err:
+        _load(path)
+    assert "getcwd" in str(err.value) and "refused for safety" in str(err.value)
+    assert "truncated" not in str(err.value)
+
+
+def test_plain_pickle_of_tensors_is_named_as_such(tmp_path):
+    import pickle
+
+    path = tmp_path / "plain.pkl"
+    path.write_bytes(pickle.dumps(_tv_resnet(18).state_dict(), protocol=4))
+    with pytest.raises(ValueError, match="plain pickle") as err:
+        _load(path)
+    assert "torch.save" in str(err.value) and "truncated" not in str(err.value)
+
+
+def test_legacy_file_of_tensors_still_loads(tmp_path):
+    torch.save(_tv_resnet(18).state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert _load(tmp_path / "legacy.pth").info.arch == "resnet18"
+
+
+def test_non_finite_weights_and_zero_std_are_refused_at_load(tmp_path):
+    # Was: a NaN weight or std 0 loaded silently and gave an all-NaN store with exit 0.
+    state = _tv_resnet(18).state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match=r"tensor backbone\.layer2\.0\.conv1\.weight holds 1 non-finite"):
+        _load(tmp_path / "nan.pth")
+    state = _tv_resnet(18).state_dict()
+    state["bn1.running_var"][3] = float("inf")
+    torch.save(state, tmp_path / "inf.pth")
+    with pytest.raises(ValueError, match=r"bn1\.running_var holds 1 non-finite"):
+        _load(tmp_path / "inf.pth")
+    torch.save(_tv_resnet(18).state_dict(), tmp_path / "good.pth")
+    save_checkpoint(_load(tmp_path / "good.pth"), tmp_path / "own.pt")
+    raw = torch.load(tmp_path / "own.pt", weights_only=True)
+    raw["preprocess"]["std"] = [0.2, 0.0, 0.2]
+    torch.save(raw, tmp_path / "zero_std.pt")
+    with pytest.raises(ValueError, match=r"std must be positive .*\[0\.2, 0\.0, 0\.2\]"):
+        _load(tmp_path / "zero_std.pt")
+
+
 def test_truncated_and_empty_files(tmp_path):
     torch.save(_tv_resnet(18).state_dict(), tmp_path / "good.pth")
     data = (tmp_path / "good.pth").read_bytes()

@@ -89,6 +89,30 @@ def test_resume_refuses_changed_settings(cifar10_npz, tmp_path, two_epoch_run):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "2"))
 
 
+def test_damaged_or_missing_resume_state_gives_one_consistent_advice(cifar10_npz, tmp_path, two_epoch_run):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(two_epoch_run[0], out)
+    data = (out / "resume.pt").read_bytes()
+    (out / "resume.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"resume\.pt is damaged .*pass another --out, or delete"):
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
+    torch.save({"model": {}}, out / "resume.pt")
+    with pytest.raises(ValueError, match=r"not this trainer's resume state \(no args, optimizer"):
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
+    # resume.pt gone, checkpoint.pt kept: with and without --resume the advice is the same (was: "run
+    # without --resume", then "pass --resume").
+    (out / "resume.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="cannot be continued: pass another --out, or delete"):
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
+    with pytest.raises(FileExistsError, match="cannot be continued\\): pass another --out, or delete"):
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "3"))
+    with pytest.raises(FileNotFoundError, match="there is no run in"):
+        train(tiny_args(cifar10_npz.parent, tmp_path / "never", "--epochs", "3", "--resume"))
+    assert (out / "checkpoint.pt").read_bytes() == (two_epoch_run[0] / "checkpoint.pt").read_bytes()
+
+
 def test_checkpoint_round_trips_through_load_model(cifar10_npz, two_epoch_run):
     out, path = two_epoch_run
     loaded = load_model(path, verbose=False)
