@@ -1,16 +1,20 @@
-"""The numbers of the model cards in pretrained/README.md: weighted k-NN top-1 on CIFAR-10 test.
+"""The numbers of the model cards in pretrained/README.md, measured with ``ssl_patch_analysis.evaluate``.
 
-For each checkpoint, and for a randomly initialised network of the same architecture measured the
-same way: the central view (the whole 32x32 image), and for patch-trained models also the mean
-embedding of ``--num-patches`` fixed-scale patches at the pretraining patch size (the paper's
-"n patches" protocol; the bank is built from the training split the same way). Weighted k-NN as in
-DINO/solo-learn: cosine similarity, k = 20, temperature 0.07.
+For each checkpoint, and for its random-init control (the same architecture with fresh weights,
+BatchNorm calibrated on 512 training images: ``models.randomly_initialised``), on CIFAR-10 test
+against the training split: the central view (the whole 32x32 image), and for patch-trained models
+also the mean embedding of ``--num-patches`` fixed-scale patches at the pretraining patch size (the
+paper's "n patches" protocol). Each feature set gets the weighted k-NN of DINO/solo-learn (cosine,
+k = 20, temperature 0.07) and a linear probe (``evaluate``'s default: Adam on standardised
+features, last epoch), exactly as ``python -m ssl_patch_analysis.evaluate`` computes them.
 
     python pretrained/model_card.py pretrained/vicreg-resnet18-cifar10.pt pretrained/bagssl-resnet18-cifar10.pt
+    python pretrained/model_card.py runs/x/checkpoint.pt --max-images 2000 --probe-epochs 20   # a quick look
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -18,26 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from ssl_patch_analysis.checkpoints import load_model
-from ssl_patch_analysis.data import TensorImageDataset, load_dataset
-from ssl_patch_analysis.extract import extract_patch_embeddings
-from ssl_patch_analysis.knn import knn_accuracy
-from ssl_patch_analysis.models import SSLModel
+from ssl_patch_analysis.data import load_dataset
+from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, subset_ids
+from ssl_patch_analysis.extract import extract_patch_embeddings, extraction_options
+from ssl_patch_analysis.models import randomly_initialised
 from ssl_patch_analysis.patches import central, random_fixed
 
-
-def randomly_initialised(model: SSLModel, seed: int) -> SSLModel:
-    """The same architecture with fresh weights and BatchNorm statistics."""
-    torch.manual_seed(seed)
-    for module in model.modules():
-        if module is not model and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    return model
-
-
-def image_features(model, data, sampler, device, amp) -> torch.Tensor:
-    emb = extract_patch_embeddings(model, data, sampler, layers=["h"], device=device, dtype="float32",
-                                   progress=False, amp=amp)
-    return torch.from_numpy(emb.layer("h")).float().mean(dim=1)
+CALIBRATION_IMAGES = 512
 
 
 def amp_agreement(model, data, protocols, device) -> dict[str, dict[str, float]]:
@@ -51,59 +42,81 @@ def amp_agreement(model, data, protocols, device) -> dict[str, dict[str, float]]
     return result
 
 
-def evaluate(model, train, test, protocols, device, amp) -> dict[str, float]:
-    results = {}
-    for name, sampler in protocols.items():
-        bank = image_features(model, train, sampler, device, amp)
-        queries = image_features(model, test, sampler, device, amp)
-        results[name] = knn_accuracy(bank.to(device), train.labels.to(device), queries.to(device),
-                                     test.labels.to(device), num_classes=len(train.class_names))
-    return results
+def card_protocols(model, num_patches: int) -> list[str]:
+    """``central`` for every model, and ``N`` patches at the pretraining scale for patch-trained ones."""
+    patch_size = model.info.extra.get("train", {}).get("patch_size")
+    if model.info.method in ("bagssl", "emp-ssl") and patch_size:
+        return ["central", str(num_patches)]
+    return ["central"]
 
 
-def main() -> None:
+def card_numbers(results: dict) -> dict[str, dict[str, float]]:
+    """``{protocol title: {"knn": k=20 top-1, "linear": probe top-1}}`` from evaluate_protocols' results."""
+    k = results["knn_settings"]["ks"][0]
+    return {row["title"]: {"knn": row["knn"][k], "linear": row["linear"]} for row in results["protocols"]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-patches", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (default float32)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (default float32)")
     parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--max-images", type=int, default=None, help="use the first N images of each split (quick checks)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="a seeded class-stratified subset of this many images of each split (quick checks)")
+    parser.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: evaluate's)")
     parser.add_argument("--amp-check", action="store_true",
-                        help="also compare bf16-autocast embeddings with float32 ones (test split, central view)")
-    args = parser.parse_args()
+                        help="also compare bf16-autocast embeddings with float32 ones (test split)")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     train = load_dataset("cifar10", "train", root=args.data_root)
     test = load_dataset("cifar10", "test", root=args.data_root)
-    if args.max_images:
-        train, test = (TensorImageDataset(d.images[:args.max_images], d.labels[:args.max_images], d.class_names,
-                                          d.name, d.split) for d in (train, test))
+    train_ids = subset_ids(train.labels.numpy(), args.max_images, args.seed)
+    test_ids = subset_ids(test.labels.numpy(), args.max_images, args.seed)
+    schedule = ProbeSchedule()
+    if args.probe_epochs:
+        schedule = dataclasses.replace(schedule, epochs=args.probe_epochs)
+    calibration = train.get_batch(list(range(min(len(train), CALIBRATION_IMAGES))))
 
     rows = []
     for path in args.checkpoints:
         model = load_model(path, device=device)
-        patch_size = model.info.extra.get("train", {}).get("patch_size")
         method = model.info.method
-        protocols = {"central": central()}
-        if method in ("bagssl", "emp-ssl") and patch_size:
-            protocols[f"{args.num_patches} patches"] = random_fixed(args.num_patches, int(patch_size), seed=args.seed)
+        protocols = card_protocols(model, args.num_patches)
         start = time.perf_counter()
-        trained = evaluate(model, train, test, protocols, device, args.amp)
-        agreement = amp_agreement(model, test, protocols, device) if args.amp_check else None
-        random = evaluate(randomly_initialised(model, args.seed), train, test, protocols, device, args.amp)
-        rows.append({"checkpoint": path, "method": method, "trained": trained, "random_init": random, "bf16_vs_fp32_cosine": agreement,
-                     "seconds": round(time.perf_counter() - start, 1)})
+        numbers = {}
+        for kind in ("trained", "random_init"):
+            if kind == "random_init":
+                model = randomly_initialised(model, args.seed, calibration_images=calibration)
+            with extraction_options(amp=args.amp):
+                results = evaluate_protocols(model, train, test, protocols, train_ids=train_ids, test_ids=test_ids,
+                                             ks=(20,), schedule=schedule, seed=args.seed, device=device,
+                                             progress=False)
+            numbers[kind] = card_numbers(results)
+            if kind == "trained" and args.amp_check:
+                samplers = {"central": central()}
+                if len(protocols) > 1:
+                    samplers[f"{args.num_patches} patches"] = random_fixed(
+                        args.num_patches, int(model.info.extra["train"]["patch_size"]), seed=args.seed)
+                numbers["bf16_vs_fp32_cosine"] = amp_agreement(model, test, samplers, device)
+        rows.append({"checkpoint": path, "method": method, "train_images": len(train_ids),
+                     "test_images": len(test_ids), "knn": "weighted, cosine, k=20, T=0.07",
+                     "probe": schedule.describe(), **numbers, "seconds": round(time.perf_counter() - start, 1)})
 
-    print("| checkpoint | protocol | k-NN top-1 trained | k-NN top-1 random init |")
-    print("|---|---|---:|---:|")
+    print("| checkpoint | protocol | k-NN top-1 trained | linear trained | k-NN top-1 random init | linear random init |")
+    print("|---|---|---:|---:|---:|---:|")
     for row in rows:
-        for name in row["trained"]:
-            print(f"| {row['checkpoint']} | {name} | {row['trained'][name]:.2f} | {row['random_init'][name]:.2f} |")
+        for name, trained in row["trained"].items():
+            control = row["random_init"][name]
+            print(f"| {row['checkpoint']} | {name} | {trained['knn']:.2f} | {trained['linear']:.2f} "
+                  f"| {control['knn']:.2f} | {control['linear']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""pretrained/model_card.py reports what ``evaluate`` computes, for the model and its random-init control."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import tiny_model
+from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
+from ssl_patch_analysis.data import load_dataset
+from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, subset_ids
+
+CARD = Path(__file__).resolve().parents[1] / "pretrained" / "model_card.py"
+
+
+def _card_module():
+    spec = importlib.util.spec_from_file_location("model_card", CARD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar10_npz):
+    model = tiny_model()
+    model.info.method = "bagssl"
+    checkpoint = tmp_path / "tiny-bagssl.pt"
+    save_checkpoint(model, checkpoint, train={"method": "bagssl", "patch_size": 16})
+    before = checkpoint.read_bytes()
+    rows = _card_module().main([str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu",
+                                "--max-images", "60", "--num-patches", "2", "--probe-epochs", "3",
+                                "--json", str(tmp_path / "card.json")])
+    (row,) = json.loads((tmp_path / "card.json").read_text())
+    assert row == json.loads(json.dumps(rows[0]))
+    assert set(row["trained"]) == set(row["random_init"]) == {"central", "2 patches"}
+    assert row["train_images"] == row["test_images"] == 60
+
+    # The same numbers from evaluate's own entry point, computed here independently of the card.
+    loaded = load_model(checkpoint, verbose=False)
+    train, test = (load_dataset("cifar10", split, root=cifar10_npz.parent) for split in ("train", "test"))
+    results = evaluate_protocols(loaded, train, test, ["central", "2"], train_ids=subset_ids(train.labels.numpy(), 60),
+                                 test_ids=subset_ids(test.labels.numpy(), 60), ks=(20,),
+                                 schedule=ProbeSchedule(epochs=3), device="cpu", progress=False)
+    for protocol in results["protocols"]:
+        assert row["trained"][protocol["title"]]["knn"] == pytest.approx(protocol["knn"][20])
+        assert row["trained"][protocol["title"]]["linear"] == pytest.approx(protocol["linear"])
+    # The control is another network: its accuracies differ from the trained ones somewhere, and the
+    # checkpoint file is untouched.
+    assert any(row["trained"][p] != row["random_init"][p] for p in row["trained"])
+    assert checkpoint.read_bytes() == before
+    for numbers in (*row["trained"].values(), *row["random_init"].values()):
+        for accuracy in numbers.values():
+            assert (accuracy * 60 / 100) == pytest.approx(round(accuracy * 60 / 100))  # whole test images
