@@ -135,6 +135,7 @@ def embed_data(model: SSLModel, data: ImageDataset, num_images: int = DEFAULT_NU
     embeddings = extract_patch_embeddings(model, data, sampler, layers=extracted,
                                           image_ids=image_ids, batch_size=batch_size,
                                           resize_to=size, device=device, out=path, progress=progress,
+                                          overwrite=True,  # a cache: a stale or damaged one is rebuilt
                                           # Decode in this process: a few hundred images are quick, and worker
                                           # processes forked from a busy Jupyter kernel have hung its runs.
                                           num_workers=0)

@@ -241,7 +241,10 @@ def protocol_features(
                    progress=progress, augmentation=augmentation, augmentation_seed=seed)
     if store_dir is not None:
         path = _store_path(Path(store_dir), model, data, protocol, sampler, ids, layer, size, augmentation, seed)
-        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, **options)
+        # A cache keyed by its settings: one that is stale (changed image files), damaged beyond repair or of an
+        # older store version is rebuilt, never handed back (overwrite only ever touches the store's own files).
+        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, overwrite=True,
+                                              **options)
         return _mean_over_patches(embeddings.layer(layer)), np.asarray(embeddings.labels, dtype=np.int64)
     images_per_block = max(batch_size, PATCHES_PER_BLOCK // sampler.num_patches(tuple(data.image_size)))
     features, labels = [], []

@@ -13,6 +13,10 @@ Command line (``torchrun --nproc_per_node=K -m ssl_patch_analysis.extract ...`` 
 between K processes writing one store)::
 
     python -m ssl_patch_analysis.extract --model M --data cifar10 --split test --grid 8 --stride 4 --out DIR
+    python -m ssl_patch_analysis.extract --verify DIR     # check every checksum of a store, list any damage
+
+Re-running the same command resumes an interrupted store and repairs a damaged one (only its
+damaged batches are extracted again); one run at a time writes a store (the others wait).
 """
 from __future__ import annotations
 
@@ -41,7 +45,10 @@ from .augment import Augmentation
 from .data import ImageDataset, TensorImageDataset, load_dataset
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
-from .store import LAYERS, STORE_DTYPES, PatchEmbeddings, StoreLayout, StoreWriter, prepare_store
+from .store import (
+    LAYERS, STORE_DTYPES, PatchEmbeddings, StoreLayout, StorePlan, StoreWriter, done_batches, prepare_store,
+    read_store_meta, repair_advice, store_lock, verify_store,
+)
 
 # Patches per forward pass when chunk_size is not given. On a GPU, large chunks fill the device;
 # small inputs (CIFAR-sized) are cheap per patch, ImageNet-sized ones take ~50x the activation memory.
@@ -219,15 +226,35 @@ class _ImageSource:
             )
         return batch
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies the data in a store's settings (a digest of the pixels when they are in memory)."""
+    def fingerprint(self, ids: np.ndarray) -> dict[str, Any]:
+        """What identifies the data of the images ``ids`` in a store's settings: names, sizes, labels, and
+        their content -- the pixels of in-memory data, the JPEG bytes of an archive, the files' sizes and
+        modification times of an image folder -- so a store never outlives a change to its images."""
         description: dict[str, Any] = {
             "name": self.name, "split": self.split, "size": len(self), "image_size": list(self.image_size),
             "labels_sha256": hashlib.sha256(self.labels.tobytes()).hexdigest(),
         }
-        if self.dataset is None and self.images is not None:
-            description["pixels_sha256"] = _tensor_sha256(self.images)
+        every = len(ids) == len(self) and bool((ids == np.arange(len(self))).all())
+        if self.images is not None:
+            description["pixels_sha256"] = _tensor_sha256(self.images if every else self.images[torch.from_numpy(ids)])
+        elif hasattr(self.dataset, "paths") and hasattr(self.dataset, "root"):
+            description["files_sha256"] = _files_sha256(self.dataset.root, [self.dataset.paths[i] for i in ids])
+        elif hasattr(self.dataset, "jpeg") and hasattr(self.dataset, "offsets"):
+            digest = hashlib.sha256()
+            jpeg, offsets = self.dataset.jpeg, self.dataset.offsets
+            for i in ids.tolist():
+                digest.update(memoryview(np.ascontiguousarray(jpeg[offsets[i]:offsets[i + 1]])).cast("B"))
+            description["jpeg_sha256"] = digest.hexdigest()
         return description
+
+
+def _files_sha256(root: str | os.PathLike, paths: Sequence[str | os.PathLike]) -> str:
+    """A digest of each file's path under ``root``, size and modification time (a replaced image changes it)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 class _BatchReader(Dataset):
@@ -529,8 +556,13 @@ def extract_patch_embeddings(
       runs out of memory.
     - ``resize_to``: side every patch is resized to (default the model's ``preprocess.input_size``).
     - ``out``: a store directory to stream into (None keeps everything in memory). Re-running with
-      the same settings resumes an interrupted store or returns a complete one as is; other
-      settings raise ValueError unless ``overwrite=True``.
+      the same settings resumes an interrupted store, or returns a complete one after checking all
+      its checksums, repairing damage first (only the damaged batches are extracted again). Other
+      settings, another store version or a damaged meta.json raise ValueError unless
+      ``overwrite=True``, which builds the new store beside the old one and moves it in once it is
+      complete, replacing only the store's own files. The store's identity covers the images'
+      content (pixels in memory, JPEG bytes of an archive, the files' sizes and modification times
+      of an image folder). One process at a time writes a store: another run waits for it.
     - ``dtype``: ``"float16"`` (default) or ``"float32"`` for the stored embeddings.
     - ``amp``: autocast: bf16 (fp16 on GPUs without bf16); default on for CUDA only. On a CPU with
       AMX (Intel Sapphire Rapids and newer, :func:`cpu_has_bf16`) ``amp=True`` runs about 2-3x faster.
@@ -596,7 +628,7 @@ def extract_patch_embeddings(
             "preprocess": model.preprocess.to_dict(),
             "sampler": sampler.to_dict(),
             "resize_to": size,
-            "dataset": source.fingerprint(),
+            "dataset": source.fingerprint(ids),
             "image_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
             "layers_extracted": layers,
             "dtype": dtype,
@@ -691,35 +723,39 @@ class _Run:
 
     def into_store(self, out: Path, settings: dict[str, Any], info: dict[str, Any], overwrite: bool, rank: int,
                    world_size: int) -> PatchEmbeddings:
-        status: tuple[str, str] | bool = False
-        if rank == 0:
-            try:
-                status = prepare_store(out, settings, self.layout, overwrite, info)
-            except (ValueError, OSError) as error:
-                status = (type(error).__name__, str(error))
-                if world_size == 1:
-                    raise
-        status = _broadcast(status, world_size)
-        if isinstance(status, tuple):
-            raise RuntimeError(f"rank 0 could not prepare the store {out}: {status[0]}: {status[1]}")
-        if status:  # complete already, with the same settings: nothing to compute
-            return PatchEmbeddings.load(out)
-        with StoreWriter(out, rank) as writer:
-            pending = _broadcast(writer.pending_batches() if rank == 0 else None, world_size)
-            if rank == 0 and len(pending) < writer.num_batches:
-                print(f"resuming {out}: {writer.num_batches - len(pending)} of {writer.num_batches} batches "
-                      "already written", file=sys.stderr)
-            # Every rank has read the same pending list before any rank writes a flag.
-            _barrier(world_size)
-            mine = pending[rank::world_size]
-            if mine:
-                for span, rows in self.rows([writer.batch_rows(b) for b in mine]):
-                    writer.write_batch(span.start // writer.batch_size, rows)
-            _barrier(world_size)
+        with contextlib.ExitStack() as held:
+            status: StorePlan | tuple[str, str] | None = None
             if rank == 0:
-                writer.mark_complete({"last_run": {**self.run_info, "world_size": world_size}})
+                try:
+                    held.enter_context(store_lock(out))  # one writer at a time; the other ranks follow rank 0
+                    status = prepare_store(out, settings, self.layout, overwrite, info)
+                except (ValueError, OSError) as error:
+                    status = (type(error).__name__, str(error))
+                    if world_size == 1:
+                        raise
+            plan = _broadcast(status, world_size)
+            if isinstance(plan, tuple):
+                raise RuntimeError(f"rank 0 could not prepare the store {out}: {plan[0]}: {plan[1]}")
+            if plan.complete:  # complete already, checked in full, with the same settings: nothing to compute
+                return PatchEmbeddings.load(plan.target, verify=False)
+            with StoreWriter(plan.path, rank) as writer:
+                pending = _broadcast(writer.pending_batches() if rank == 0 else None, world_size)
+                if rank == 0 and len(pending) < writer.num_batches:
+                    print(f"resuming {plan.path}: {writer.num_batches - len(pending)} of {writer.num_batches} "
+                          "batches already written", file=sys.stderr)
+                # Every rank has read the same pending list before any rank writes a record.
+                _barrier(world_size)
+                mine = pending[rank::world_size]
+                if mine:
+                    for span, rows in self.rows([writer.batch_rows(b) for b in mine]):
+                        writer.write_batch(span.start // writer.batch_size, rows)
+                _barrier(world_size)
+                if rank == 0:
+                    writer.mark_complete({"last_run": {**self.run_info, "world_size": world_size}})
+            if rank == 0:
+                plan.finish()  # a replacement built beside the old store moves in only now, complete
             _barrier(world_size)
-        return PatchEmbeddings.load(out)
+            return PatchEmbeddings.load(plan.target, verify=False)
 
 
 def _sampler_from_args(args: argparse.Namespace) -> PatchSampler:
@@ -727,13 +763,13 @@ def _sampler_from_args(args: argparse.Namespace) -> PatchSampler:
         return grid(args.grid, args.stride)
     if args.random is not None:
         if args.patch_size is None:
-            raise SystemExit("--random N needs --patch-size P (the side of the fixed-scale patches)")
+            raise ValueError("--random N needs --patch-size P (the side of the fixed-scale patches)")
         return random_fixed(args.random, args.patch_size, seed=args.seed)
     if args.multiscale is not None:
         try:
             low, high = (float(v) for v in args.scale.split(","))
         except ValueError:
-            raise SystemExit(f"--scale must be two numbers MIN,MAX (e.g. 0.08,1), got {args.scale!r}") from None
+            raise ValueError(f"--scale must be two numbers MIN,MAX (e.g. 0.08,1), got {args.scale!r}") from None
         return random_resized(args.multiscale, scale=(low, high), seed=args.seed)
     return central(args.central or None)
 
@@ -759,14 +795,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed the patches of a data set with a self-supervised model into a resumable store. "
         "Several GPUs: torchrun --nproc_per_node=K -m ssl_patch_analysis.extract ...",
     )
-    parser.add_argument("--model", required=True, help="checkpoint name or path (see ssl_patch_analysis.checkpoints)")
-    parser.add_argument("--data", required=True, help="cifar10, cifar100, imagenette, or an image folder")
+    parser.add_argument("--model", help="checkpoint name or path (see ssl_patch_analysis.checkpoints)")
+    parser.add_argument("--data", help="cifar10, cifar100, imagenette, or an image folder")
     parser.add_argument("--split", default="test", help="data split (default: test)")
     parser.add_argument("--data-root", default=None, help="folder holding the data (default: $SSL_PATCH_ANALYSIS_DATA)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize + centre-crop folder images to this square")
     parser.add_argument("--download", action="store_true", help="allow downloading the model and data")
-    where = parser.add_mutually_exclusive_group(required=True)
+    where = parser.add_mutually_exclusive_group()
     where.add_argument("--grid", type=int, metavar="P", help="every PxP patch of a grid (stride --stride)")
     where.add_argument("--random", type=int, metavar="N", help="N fixed-scale patches of side --patch-size")
     where.add_argument("--multiscale", type=int, metavar="N", help="N RandomResizedCrop boxes (scale --scale)")
@@ -788,13 +824,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None,
                         help="data decoding workers (default min(4, CPUs) on a GPU, 0 on the CPU)")
     add_speed_args(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
-    parser.add_argument("--out", required=True, help="store directory (re-run the same command to resume)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a store made with other settings, by another version, or whose meta.json is "
+                        "damaged: the new store is built beside it and moved in once complete; only the store's own "
+                        "files are replaced")
+    parser.add_argument("--out", help="store directory (re-run the same command to resume it, or to repair it)")
+    parser.add_argument("--verify", metavar="DIR", default=None,
+                        help="only check the store DIR (every checksum) and list any damage; exit status 0 intact, "
+                        "1 damaged")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify is not None:
+        if any(getattr(args, flag) is not None for flag in ("model", "data", "out")):
+            parser.error("--verify DIR checks a store and takes none of --model, --data, --out")
+        raise SystemExit(verify_command(Path(args.verify)))
+    missing = [f"--{flag}" for flag in ("model", "data", "out") if getattr(args, flag) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --verify DIR alone)")
+    if all(getattr(args, flag) is None for flag in ("grid", "random", "multiscale", "central")):
+        parser.error("one of the arguments --grid --random --multiscale --central is required")
+    try:
+        _extract_command(args)
+    except (ValueError, OSError) as error:  # a user's error or a damaged store: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _extract_command(args: argparse.Namespace) -> None:
     from .checkpoints import load_model  # the loader pulls in every checkpoint format; only the CLI needs it
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -813,7 +873,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         data = load_dataset(args.data, split=args.split, root=args.data_root, download=args.download,
                             image_size=args.image_size)
         if args.num_images is not None and not 1 <= args.num_images <= len(data):
-            raise SystemExit(f"--num-images must be between 1 and {len(data)} (the size of {args.data} {args.split})")
+            raise ValueError(f"--num-images must be between 1 and {len(data)} (the size of {args.data} {args.split})")
         image_ids = np.arange(args.num_images) if args.num_images is not None else None
         embeddings = extract_patch_embeddings(
             model, data, _sampler_from_args(args), layers=args.layers.split(",") if args.layers else None,
@@ -832,6 +892,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     finally:
         if world_size > 1:
             dist.destroy_process_group()
+
+
+def verify_command(path: Path) -> int:
+    """``--verify DIR``: check every file and checksum of a store, print what is damaged; the exit status."""
+    started = time.perf_counter()
+    try:
+        damage = verify_store(path)
+        meta = None if any(d.file == "meta.json" for d in damage) else read_store_meta(path)
+    except (ValueError, OSError) as error:  # no store there, or one of another version
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if damage:
+        print(f"{path}: damaged")
+        for problem in damage:
+            print(f"  {problem.describe(with_rows=True)}")
+        print(repair_advice(path, damage, meta))
+        return 1
+    seconds = time.perf_counter() - started
+    checked = sum((path / f"{name}.npy").stat().st_size for name in meta["arrays"])
+    done = done_batches(path)
+    if not meta.get("complete"):
+        print(f"{path}: intact so far, incomplete ({int(done.sum())} of {done.size} batches written): re-run the "
+              "extract command that made it to finish it")
+    else:
+        print(f"{path}: intact ({meta['num_images']} images x {meta['num_patches']} patches, {done.size} batches; "
+              f"{checked / 1e6:,.1f} MB checked in {seconds:.2f} s)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,41 +1,84 @@
-"""Patch embeddings in memory and on disk: a resumable store of ``.npy`` files plus ``meta.json``.
+"""Patch embeddings in memory and on disk: a verified, resumable store of ``.npy`` files plus ``meta.json``.
 
 A store is a directory::
 
-    meta.json            settings, shapes, "complete": true|false
+    meta.json            settings, shapes, "complete": true|false, checksums of the small files, the
+                         store's random id, and the sha256 of meta.json's own content
     h.npy                N x P x Dh     (float16 by default)
     z.npy                N x P x Dz     (when the model has a projector)
     pre_feature.npy      N x P x Dp     (EMP-SSL models)
     boxes.npy            float32 N x P x 4, pixel boxes x0, y0, x1, y1 in the source image
     image_ids.npy        int64 N, the dataset index of each row
     labels.npy           int64 N (-1 when unknown)
-    done.rank<r>.npy     bool, one flag per batch of rows, written by process r only
+    batches.rank<r>.npy  uint32, one record per batch of rows, written by process r only
+    .lock                the writer's lock (fcntl.flock); holds only the writer's process id
 
 Rows are written batch by batch with ``os.pwrite`` (an ``OSError`` on a full disk, where a
 memory map would die of SIGBUS) into files whose space was reserved when the store was created.
-A batch's flag is set only after its rows are on disk (``fsync``), so an interrupted run leaves
-a store whose flagged batches are all valid; re-running the same command writes the rest. Each
-process writes its own flag file, so several processes (``torchrun``) share a store without
-writing the same bytes. The store is marked complete by replacing ``meta.json`` atomically.
+A batch's record -- the CRC-32 of its rows in each array, then the CRC-32 of those values and of
+the store's id -- is written only after its rows are on disk (``fsync``): a batch is done when it
+has a valid record, so an interrupted run leaves a store whose done batches are all valid, and
+re-running the same command writes the rest. Each process writes its own record file, so several
+processes (``torchrun``) share a store without writing the same bytes. The store is marked
+complete by replacing ``meta.json`` atomically.
+
+Reading checks a store (:func:`verify_store`, by default on every load): meta.json against its
+digest, every ``.npy`` header against the one its shape and dtype give, file sizes, the records,
+each batch's rows against its record (one CRC-32 pass over the data, several GB/s), the small
+files against meta.json. Damage is reported naming the file and the batches
+(:class:`DamagedStoreError`). Re-running the extract command that made the store repairs it in
+place: headers and the small files are rewritten, damaged batches lose their records and are
+re-extracted by the normal resume. A damaged meta.json can only be replaced (``overwrite=True``):
+nothing else says what made the data.
+
+Replacing a store (``overwrite=True``) builds the new one in ``.<name>.new`` beside it, resumable,
+and moves it in file by file only once it is complete, meta.json last (the records carry the
+store's id, so a swap cut short reads as damage, never as a valid mix). Only the store's own files
+are replaced or deleted; anything else in the folder stays. One process at a time writes a store
+(:func:`store_lock`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
+import sys
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 STORE_FORMAT = "ssl_patch_analysis.patch_embeddings"
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: checksums (records per batch, meta.json digest); version 1 stores are re-extracted
 LAYERS = ("h", "z", "pre_feature")
 STORE_DTYPES = ("float16", "float32")
+LOCK_FILE = ".lock"
+SMALL_FILES = ("image_ids.npy", "labels.npy")
 _ROW_ARRAYS = ("boxes",)  # written per batch beside the layers
+_RECORD_DTYPE = np.dtype("<u4")
+_RECORD_FILE = "batches.rank{}.npy"
+# Every name a store writes (done.rank<r>.npy: version 1); nothing else in its folder is ever touched.
+_OWN_FILE = re.compile(
+    r"(meta\.json|(h|z|pre_feature|boxes|image_ids|labels)\.npy|(batches|done)\.rank\d+\.npy)(\.tmp)?|\.lock"
+)
+# A store whose meta.json cannot be trusted (or read) can only be replaced.
+_REPLACE_ADVICE = ("re-extract it: re-run the command that made it with --overwrite (overwrite=True), which replaces "
+                   "only the store's own files, or delete {path}")
+_CONTENT_DIGESTS = {"files_sha256": "the image files changed since the store was made (their sizes or modification "
+                                    "times differ)",
+                    "pixels_sha256": "the images' pixels changed since the store was made",
+                    "jpeg_sha256": "the images' JPEG bytes changed since the store was made"}
 
 
 def _sync_data(fd: int) -> None:
@@ -43,32 +86,13 @@ def _sync_data(fd: int) -> None:
     getattr(os, "fdatasync", os.fsync)(fd)
 
 
-def _write_json_atomically(path: Path, data: Mapping[str, Any]) -> None:
+def _write_file_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"no patch-embedding store at {path} (meta.json is missing): run "
-            "`python -m ssl_patch_analysis.extract ... --out DIR` to make one"
-        )
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != STORE_FORMAT:
-        raise ValueError(f"{meta_path} is not a patch-embedding store (format {meta.get('format')!r})")
-    if meta.get("version") != STORE_VERSION:
-        raise ValueError(
-            f"store {path} has version {meta.get('version')}, this code reads version {STORE_VERSION}: "
-            "re-extract it with this version"
-        )
-    return meta
 
 
 def _json_roundtrip(value: Any) -> Any:
@@ -76,18 +100,494 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _done_files(path: Path) -> list[Path]:
-    return sorted(path.glob("done.rank*.npy"))
+def _meta_digest(meta: Mapping[str, Any]) -> str:
+    content = {key: value for key, value in meta.items() if key != "meta_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def done_batches(path: str | os.PathLike) -> np.ndarray:
-    """Which batches of a store (being) written are finished: the union of every process's flags."""
+def _write_meta(path: Path, meta: Mapping[str, Any]) -> None:
+    """meta.json, atomically, with the digest of its content (``meta_sha256``) that reading checks."""
+    content = _json_roundtrip({key: value for key, value in meta.items() if key != "meta_sha256"})
+    content["meta_sha256"] = _meta_digest(content)
+    _write_file_atomically(path / "meta.json", json.dumps(content, indent=1).encode())
+
+
+def _npy_header(shape: Sequence[int], dtype: np.dtype | str) -> bytes:
+    """The ``.npy`` header numpy writes for a C-ordered array of ``shape`` and ``dtype``."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                  "fortran_order": False, "shape": tuple(int(s) for s in shape)})
+    return buffer.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    array = np.ascontiguousarray(array)
+    return _npy_header(array.shape, array.dtype) + array.tobytes()
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def _ranges(values: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted integers as inclusive runs: [0, 1, 2, 5] -> [(0, 2), (5, 5)]."""
+    runs: list[tuple[int, int]] = []
+    for value in sorted(values):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], value)
+        else:
+            runs.append((value, value))
+    return runs
+
+
+def _runs_text(runs: list[tuple[int, int]], limit: int = 6) -> str:
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    return shown + (f", ... ({len(runs) - limit} more)" if len(runs) > limit else "")
+
+
+@dataclass(frozen=True)
+class StoreDamage:
+    """One problem of a store: the file, what is wrong with it, and the batches whose rows it costs."""
+
+    file: str
+    problem: str
+    batches: tuple[int, ...] = ()
+    rows: str = ""  # e.g. "rows 0-63, 128-191", for reports
+
+    def describe(self, with_rows: bool = False) -> str:
+        where = ""
+        if self.batches:
+            where = f" batch{'es' if len(self.batches) > 1 else ''} {_runs_text(_ranges(self.batches))}"
+            if with_rows and self.rows:
+                where += f" ({self.rows})"
+        return f"{self.file}{where}: {self.problem}"
+
+
+def repair_advice(path: Path, damage: Sequence[StoreDamage], meta: Mapping[str, Any] | None) -> str:
+    """What repairs ``damage``: re-extracting the damaged batches, or replacing the store."""
+    if meta is None or any(d.file == "meta.json" for d in damage):
+        return _REPLACE_ADVICE.format(path=path)
+    if meta.get("saved_by") == "PatchEmbeddings.save":
+        return "it was written by PatchEmbeddings.save: save the embeddings again, into a new folder"
+    return ("re-run the command that made it (same settings) to re-extract only the damaged batches; "
+            f"`python -m ssl_patch_analysis.extract --verify {path}` lists the damage")
+
+
+class DamagedStoreError(ValueError):
+    """A store whose files fail their checks; ``damage`` names each file and the batches it costs."""
+
+    def __init__(self, path: str | os.PathLike, damage: Sequence[StoreDamage], meta: Mapping[str, Any] | None):
+        self.path, self.damage = Path(path), list(damage)
+        self.advice = repair_advice(self.path, self.damage, meta)
+        shown = "; ".join(d.describe() for d in self.damage[:3])
+        if len(self.damage) > 3:
+            shown += f"; and {len(self.damage) - 3} more"
+        super().__init__(f"the store at {self.path} is damaged ({shown}): {self.advice}")
+
+
+class StoreVersionError(ValueError):
+    """A store written by another version of this code."""
+
+
+# ----------------------------------------------------------------------------- meta.json
+
+
+def _has_records(path: Path) -> bool:
+    return any(path.glob("batches.rank*.npy")) or any(path.glob("done.rank*.npy"))
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        if _has_records(path):  # batches were written: the meta.json that said what they are is gone
+            raise DamagedStoreError(path, [StoreDamage("meta.json", "missing")], None)
+        raise FileNotFoundError(
+            f"no patch-embedding store at {path} (meta.json is missing): run "
+            "`python -m ssl_patch_analysis.extract ... --out DIR` to make one"
+        )
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise DamagedStoreError(path, [StoreDamage("meta.json", f"not readable JSON ({error})")], None) from None
+    if not isinstance(meta, dict):
+        raise DamagedStoreError(path, [StoreDamage("meta.json", "not a JSON object")], None)
+    digest = meta.get("meta_sha256")
+    if digest is not None and digest != _meta_digest(meta):
+        raise DamagedStoreError(path, [StoreDamage("meta.json", "its content does not match its checksum")], None)
+    if meta.get("format") != STORE_FORMAT:
+        if digest is not None or "store_id" in meta:
+            raise DamagedStoreError(path, [StoreDamage("meta.json", f"format {meta.get('format')!r}")], None)
+        raise ValueError(f"{meta_path} is not a patch-embedding store (format {meta.get('format')!r})")
+    if meta.get("version") != STORE_VERSION:
+        raise StoreVersionError(
+            f"the store at {path} has version {meta.get('version')}, this code reads version {STORE_VERSION} "
+            f"(stores with checksums): {_REPLACE_ADVICE.format(path=path)}"
+        )
+    if digest is None:
+        raise DamagedStoreError(path, [StoreDamage("meta.json", "its checksum (meta_sha256) is missing")], None)
+    return meta
+
+
+def read_store_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The meta.json of the store at ``path``, checked against its digest (DamagedStoreError otherwise)."""
+    return _read_meta(Path(path))
+
+
+def _read_meta_if_any(path: Path) -> dict[str, Any] | None:
+    """meta.json, or None where there is no store yet (no folder, or only leftovers of an unfinished creation)."""
+    if not (path / "meta.json").is_file() and not _has_records(path):
+        return None
+    return _read_meta(path)
+
+
+def _check_writable_folder(path: Path) -> None:
+    """FileExistsError unless ``path`` is absent, empty, or holds a store (damaged too) or leftovers of one."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder: choose another --out")
+    meta_path = path / "meta.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError:  # a damaged meta.json is a store's when the store's data are beside it
+            if (path / "h.npy").exists() or _has_records(path):
+                return
+            meta = None
+        if isinstance(meta, dict) and (meta.get("format") == STORE_FORMAT or "meta_sha256" in meta):
+            return
+        raise FileExistsError(f"{path} holds a meta.json that is not a patch-embedding store's; refusing to write "
+                              "into it: choose another --out")
+    if any(not _OWN_FILE.fullmatch(entry.name) for entry in path.iterdir()):
+        raise FileExistsError(
+            f"{path} exists and is not a patch-embedding store (no meta.json); refusing to write into it: "
+            "choose another --out"
+        )
+
+
+def _own_files(path: Path) -> list[Path]:
+    return sorted(entry for entry in path.iterdir() if _OWN_FILE.fullmatch(entry.name)) if path.is_dir() else []
+
+
+def _remove_own_files(path: Path) -> None:
+    for entry in _own_files(path):
+        if entry.name != LOCK_FILE:
+            entry.unlink()
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _record_seed(store_id: str) -> int:
+    return zlib.crc32(store_id.encode())
+
+
+def _record(store_id: str, checksums: Sequence[int]) -> np.ndarray:
+    values = np.asarray(checksums, dtype=_RECORD_DTYPE)
+    return np.append(values, np.asarray(zlib.crc32(values.tobytes(), _record_seed(store_id)), dtype=_RECORD_DTYPE))
+
+
+def _valid_records(records: np.ndarray, store_id: str) -> np.ndarray:
+    seed = _record_seed(store_id)
+    return np.array([bool(r.any()) and int(r[-1]) == zlib.crc32(r[:-1].tobytes(), seed) for r in records],
+                    dtype=bool)
+
+
+def _record_files(path: Path) -> list[Path]:
+    return sorted(path.glob("batches.rank*.npy"))
+
+
+def _record_shape(meta: Mapping[str, Any]) -> tuple[int, int]:
+    return int(meta["num_batches"]), len(meta["arrays"]) + 1
+
+
+def _read_records(file: Path, meta: Mapping[str, Any]) -> tuple[np.ndarray, bool, int]:
+    """A record file's records (missing ones zero), whether its header is intact, and its size."""
+    shape = _record_shape(meta)
+    header = _npy_header(shape, _RECORD_DTYPE)
+    data = file.read_bytes()
+    body = bytearray(data[len(header):len(header) + shape[0] * shape[1] * _RECORD_DTYPE.itemsize])
+    body.extend(bytes(shape[0] * shape[1] * _RECORD_DTYPE.itemsize - len(body)))
+    records = np.frombuffer(bytes(body), dtype=_RECORD_DTYPE).reshape(shape)
+    return records, data[:len(header)] == header, len(data)
+
+
+def _write_records(file: Path, records: np.ndarray) -> None:
+    _write_file_atomically(file, _npy_bytes(records.astype(_RECORD_DTYPE)))
+
+
+def done_batches(path: str | os.PathLike, rank: int | None = None) -> np.ndarray:
+    """Which batches of a store (being) written are finished: those with a valid record, of process ``rank``
+    or (default) of any process."""
     path = Path(path)
     meta = _read_meta(path)
     done = np.zeros(meta["num_batches"], dtype=bool)
-    for done_file in _done_files(path):
-        done |= np.load(done_file)
+    files = _record_files(path) if rank is None else [path / _RECORD_FILE.format(rank)]
+    for file in files:
+        if file.exists():
+            done |= _valid_records(_read_records(file, meta)[0], meta["store_id"])
     return done
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def _batch_span(batch: int, meta: Mapping[str, Any]) -> tuple[int, int]:
+    size = int(meta["batch_size"])
+    return batch * size, min((batch + 1) * size, int(meta["num_images"]))
+
+
+def _rows_text(batches: Sequence[int], meta: Mapping[str, Any]) -> str:
+    spans = [_batch_span(b, meta) for b in sorted(batches)]
+    runs: list[tuple[int, int]] = []
+    for start, stop in spans:
+        if runs and start == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], stop - 1)
+        else:
+            runs.append((start, stop - 1))
+    return "rows " + _runs_text(runs)
+
+
+@dataclass
+class _Inspection:
+    """What checking a store found, and what repairing it needs."""
+
+    damage: list[StoreDamage] = field(default_factory=list)
+    redo: set[int] = field(default_factory=set)  # done batches whose rows are lost or wrong
+    array_files: set[str] = field(default_factory=set)  # array files whose header or size needs fixing
+    small_files: set[str] = field(default_factory=set)  # image_ids.npy / labels.npy to rewrite
+    records: dict[str, np.ndarray] = field(default_factory=dict)  # record file -> records, invalid ones zeroed
+    record_files: set[str] = field(default_factory=set)  # record files to rewrite
+
+    def add(self, meta: Mapping[str, Any], file: str, problem: str, batches: Sequence[int] = ()) -> None:
+        batches = tuple(sorted(int(b) for b in batches))
+        self.damage.append(StoreDamage(file, problem, batches, _rows_text(batches, meta) if batches else ""))
+
+
+def _array_layout(meta: Mapping[str, Any], name: str) -> tuple[bytes, int, int]:
+    """The header of array ``name``'s file, the bytes of one row, and the file's size."""
+    spec = meta["arrays"][name]
+    shape, dtype = spec["shape"], np.dtype(spec["dtype"])
+    header = _npy_header(shape, dtype)
+    row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+    return header, row_bytes, len(header) + int(shape[0]) * row_bytes
+
+
+def _inspect(path: Path, meta: dict[str, Any], data: bool = True) -> _Inspection:
+    """Check every file of the store at ``path`` (its rows too when ``data``) against ``meta``."""
+    found = _Inspection()
+    num_batches = int(meta["num_batches"])
+    complete = bool(meta.get("complete"))
+    names = list(meta["arrays"])
+
+    # Records: a batch is done when some process's file holds a valid record of it.
+    done = np.zeros(num_batches, dtype=bool)
+    problems: list[tuple[str, str, np.ndarray]] = []  # (file, problem, the batches it may cost)
+    record_header = _npy_header(_record_shape(meta), _RECORD_DTYPE)
+    for file in _record_files(path):
+        records, header_ok, size = _read_records(file, meta)
+        valid = _valid_records(records, meta["store_id"])
+        found.records[file.name] = np.where(valid[:, None], records, 0).astype(_RECORD_DTYPE)
+        done |= valid
+        expected = len(record_header) + records.nbytes
+        if not header_ok:
+            problems.append((file.name, "the .npy header is damaged", np.zeros(num_batches, dtype=bool)))
+        invalid = records.any(axis=1) & ~valid
+        if invalid.any():
+            problems.append((file.name, "a record fails its checksum", invalid))
+        if size < expected:
+            cut = np.zeros(num_batches, dtype=bool)
+            # Records cut off may have been empty (not written yet): only a complete store knows they were not.
+            cut[max(0, size - len(record_header)) // (records.shape[1] * _RECORD_DTYPE.itemsize):] = complete
+            problems.append((file.name, f"truncated ({size} of {expected} bytes)", cut))
+        elif size > expected:
+            problems.append((file.name, f"{size - expected} bytes longer than its records",
+                             np.zeros(num_batches, dtype=bool)))
+    attributed = np.zeros(num_batches, dtype=bool)
+    for name, problem, batches in problems:
+        found.add(meta, name, problem, np.flatnonzero(batches & ~done))
+        found.record_files.add(name)
+        attributed |= batches
+    unrecorded = np.flatnonzero(~done & ~attributed) if complete else []
+    if len(unrecorded):
+        missing = [name for name in meta.get("record_files", []) if not (path / name).exists()]
+        found.add(meta, missing[0] if len(missing) == 1 else "batches.rank*.npy",
+                  "missing" if missing else "no record of these batches", unrecorded)
+
+    # Array files: header, size, then the rows of every done batch against its records.
+    lost: dict[str, set[int]] = {}
+    for name in names:
+        file = path / f"{name}.npy"
+        header, row_bytes, expected = _array_layout(meta, name)
+        done_list = [int(b) for b in np.flatnonzero(done)]
+        if not file.exists():
+            lost[name] = set(range(num_batches))
+            found.add(meta, file.name, "missing", done_list)
+            found.array_files.add(name)
+            continue
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            if f.read(len(header)) != header:
+                found.add(meta, file.name, "the .npy header is damaged")
+                found.array_files.add(name)
+        lost[name] = set()
+        if size < expected:
+            whole_rows = max(0, size - len(header)) // row_bytes
+            lost[name] = {b for b in range(num_batches) if _batch_span(b, meta)[1] > whole_rows}
+            found.add(meta, file.name, f"truncated ({size} of {expected} bytes)",
+                      [b for b in done_list if b in lost[name]])
+            found.array_files.add(name)
+        elif size > expected:
+            found.add(meta, file.name, f"{size - expected} bytes longer than its rows")
+            found.array_files.add(name)
+    for name in names:
+        found.redo.update(b for b in lost[name] if done[b])
+    if data:
+        failing = _check_rows(path, meta, found.records, done, lost)
+        for name in names:
+            if failing[name]:
+                found.add(meta, f"{name}.npy", "fails its checksum", failing[name])
+                found.redo.update(failing[name])
+
+    for name in SMALL_FILES:
+        file = path / name
+        if not file.exists():
+            found.add(meta, name, "missing")
+            found.small_files.add(name)
+        elif zlib.crc32(file.read_bytes()) != meta["checksums"][name]:
+            found.add(meta, name, "fails its checksum")
+            found.small_files.add(name)
+    return found
+
+
+def _check_rows(path: Path, meta: Mapping[str, Any], records: Mapping[str, np.ndarray], done: np.ndarray,
+                lost: Mapping[str, set[int]]) -> dict[str, list[int]]:
+    """Per array, the done batches whose rows match none of their records' checksums."""
+    names = list(meta["arrays"])
+    maps: dict[str, np.ndarray] = {}
+    row_bytes: dict[str, int] = {}
+    for name in names:
+        header, row_bytes[name], expected = _array_layout(meta, name)
+        file = path / f"{name}.npy"
+        available = min(file.stat().st_size, expected) - len(header) if file.exists() else 0
+        if available > 0:
+            maps[name] = np.memmap(file, dtype=np.uint8, mode="r", offset=len(header), shape=(available,))
+    wanted = {int(b): {tuple(int(v) for v in r[b]) for r in records.values() if r[b].any()}
+              for b in np.flatnonzero(done)}
+    tasks = [(k, name, b) for b in wanted for k, name in enumerate(names) if b not in lost[name] and name in maps]
+
+    def matches(task: tuple[int, str, int]) -> bool:
+        k, name, batch = task
+        start, stop = _batch_span(batch, meta)
+        crc = zlib.crc32(maps[name][start * row_bytes[name]:stop * row_bytes[name]])
+        return any(record[k] == crc for record in wanted[batch])
+
+    # zlib releases the GIL on large buffers: threads check batches in parallel.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(matches, tasks))
+    failing: dict[str, list[int]] = {name: [] for name in names}
+    for (_, name, batch), ok in zip(tasks, results):
+        if not ok:
+            failing[name].append(batch)
+    return failing
+
+
+def verify_store(path: str | os.PathLike, data: bool = True) -> list[StoreDamage]:
+    """Every problem of the store at ``path`` (empty: intact); ``data=False`` skips the pass over the rows.
+
+    Raises FileNotFoundError where there is no store, StoreVersionError for a store of another version.
+    """
+    path = Path(path)
+    try:
+        meta = _read_meta(path)
+    except DamagedStoreError as error:
+        return error.damage
+    return _inspect(path, meta, data).damage
+
+
+def _repair(path: Path, meta: dict[str, Any], layout: StoreLayout, found: _Inspection) -> None:
+    """Fix what ``found`` lists, so that the normal resume re-extracts exactly the damaged batches."""
+    for name in sorted(found.array_files):
+        header, _, expected = _array_layout(meta, name)
+        file = path / f"{name}.npy"
+        if not file.exists():
+            _create_array(file, meta["arrays"][name]["shape"], meta["arrays"][name]["dtype"])
+            continue
+        with open(file, "r+b") as f:
+            f.write(header)
+            f.truncate(expected)
+            f.flush()
+            os.fsync(f.fileno())
+    small = {"image_ids.npy": np.asarray(layout.image_ids, dtype=np.int64),
+             "labels.npy": np.asarray(layout.labels, dtype=np.int64)}
+    for name in sorted(found.small_files):
+        content = _npy_bytes(small[name])
+        if zlib.crc32(content) != meta["checksums"][name]:
+            raise ValueError(f"{path / name} cannot be rewritten: this run's {name[:-4]} differ from the store's; "
+                             "pass --overwrite (overwrite=True) to replace the store")
+        _write_file_atomically(path / name, content)
+    redo = sorted(found.redo)
+    for name, records in found.records.items():
+        if redo and records[redo].any():
+            records[redo] = 0
+            found.record_files.add(name)
+        if name in found.record_files:
+            _write_records(path / name, records)
+    _write_meta(path, {**meta, "complete": False})
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class StoreLockedError(BlockingIOError):
+    """Another process holds the store's lock."""
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        pid = int((path / LOCK_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return "another process"
+    return f"process {pid}"
+
+
+@contextlib.contextmanager
+def store_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
+    """Hold the store at ``path`` for writing: an OS lock (``fcntl.flock``) on its ``.lock`` file, released
+    on exit and when the process dies. Held by another process: wait for it (saying so on stderr), or with
+    ``wait=False`` raise StoreLockedError naming it. A store this process may not write (a read-only
+    folder) is not locked: it can only be read, and readers need no lock."""
+    path = Path(path)
+    _check_writable_folder(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(path)
+            if not wait:
+                raise StoreLockedError(
+                    errno.EWOULDBLOCK,
+                    f"{holder} is writing the store at {path}: wait for it to finish, or choose another --out",
+                ) from None
+            print(f"waiting for {holder}, which is writing the store at {path} (one writer at a time)",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- in memory, and whole stores
 
 
 @dataclass
@@ -134,8 +634,14 @@ class PatchEmbeddings:
         return array
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "PatchEmbeddings":
-        """Open a complete store; arrays are read-only memory maps unless ``mmap=False``."""
+    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "PatchEmbeddings":
+        """Open a complete store; arrays are read-only memory maps unless ``mmap=False``.
+
+        Every file is checked first (:func:`verify_store`): with ``verify=True`` (default) the rows too,
+        one CRC-32 pass over the data; ``verify=False`` checks all but the rows (meta.json, headers,
+        sizes, records, the small files). Damage raises :class:`DamagedStoreError` naming the file and
+        the batches, and what repairs it.
+        """
         path = Path(path)
         meta = _read_meta(path)
         if not meta.get("complete"):
@@ -144,53 +650,49 @@ class PatchEmbeddings:
                 f"the store at {path} is incomplete ({int(done.sum())} of {done.size} batches written): "
                 "re-run the same extract command to resume it"
             )
+        found = _inspect(path, meta, data=verify)
+        if found.damage:
+            raise DamagedStoreError(path, found.damage, meta)
         mode = "r" if mmap else None
-        arrays: dict[str, np.ndarray | None] = {}
-        for name in LAYERS:
-            arrays[name] = np.load(path / f"{name}.npy", mmap_mode=mode) if name in meta["layers"] else None
-            if arrays[name] is not None and list(arrays[name].shape) != meta["layers"][name]:
-                raise RuntimeError(
-                    f"{path / (name + '.npy')} has shape {arrays[name].shape}, meta.json says "
-                    f"{meta['layers'][name]}: the store is damaged, re-extract it with --overwrite"
-                )
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode=mode) for name in meta["arrays"]}
         return cls(
-            h=arrays["h"],  # type: ignore[arg-type]
-            z=arrays["z"],
-            pre_feature=arrays["pre_feature"],
-            boxes=np.load(path / "boxes.npy", mmap_mode=mode),
+            h=arrays["h"],
+            z=arrays.get("z"),
+            pre_feature=arrays.get("pre_feature"),
+            boxes=arrays["boxes"],
             image_ids=np.load(path / "image_ids.npy"),
             labels=np.load(path / "labels.npy"),
             meta=meta,
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a complete store to the new (or empty) directory ``path``."""
+        """Write a complete store (one batch) to the new (or empty) directory ``path``."""
         path = Path(path)
         _check_free_target(path)
-        meta = {
-            **self.meta,
-            "format": STORE_FORMAT,
-            "version": STORE_VERSION,
-            "layers": {name: list(self.layer(name).shape) for name in self.layers},
-            "num_images": self.num_images,
-            "num_patches": self.num_patches,
-            "batch_size": self.num_images,
-            "num_batches": 1,
-            "complete": True,
-        }
-        meta.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        rows = {name: np.ascontiguousarray(self.layer(name)) for name in self.layers}
+        rows["boxes"] = np.ascontiguousarray(self.boxes, dtype=np.float32)
+        volatile = {"complete", "last_run", "record_files", "meta_sha256", "store_id", "checksums"}
+        entries = {key: value for key, value in self.meta.items() if key not in volatile}
+        entries["saved_by"] = "PatchEmbeddings.save"
         staging = _staging_dir(path)
         try:
-            for name in self.layers:
-                np.save(staging / f"{name}.npy", np.ascontiguousarray(self.layer(name)))
-            np.save(staging / "boxes.npy", np.asarray(self.boxes, dtype=np.float32))
-            np.save(staging / "image_ids.npy", np.asarray(self.image_ids, dtype=np.int64))
-            np.save(staging / "labels.npy", np.asarray(self.labels, dtype=np.int64))
-            _write_json_atomically(staging / "meta.json", meta)
-            os.replace(staging, path)
+            _create_store(staging, entries, {name: (array.shape, array.dtype) for name, array in rows.items()},
+                          self.image_ids, self.labels, batch_size=max(1, self.num_images), dtype=str(self.h.dtype))
+            with StoreWriter(staging) as writer:
+                writer.write_batch(0, rows)
+                writer.mark_complete()
+            try:
+                os.replace(staging, path)
+            except OSError as error:
+                if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(f"{path} was filled while saving: choose another path") from None
+                raise
         except OSError as error:
             shutil.rmtree(staging, ignore_errors=True)
-            raise _explain_os_error(error, path) from error
+            explained = _explain_os_error(error, path)
+            if explained is error:
+                raise
+            raise explained from error
 
 
 def _check_free_target(path: Path) -> None:
@@ -217,22 +719,19 @@ def _explain_os_error(error: OSError, path: Path) -> OSError:
     return error
 
 
-def _array_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
-    """Byte offset of the data in an ``.npy`` file (after its header), its shape and dtype."""
-    header = np.load(path, mmap_mode="r")
-    return header.offset, header.shape, header.dtype
-
-
-def _create_array(path: Path, shape: tuple[int, ...], dtype: str) -> None:
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDWR)
+def _create_array(path: Path, shape: Sequence[int], dtype: np.dtype | str) -> None:
+    header = _npy_header(shape, dtype)
+    size = len(header) + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        # Reserve the space now: a full disk then fails here, before any work, not mid-run.
-        os.posix_fallocate(fd, 0, size)
-    except OSError as error:
-        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
-            raise
+        os.write(fd, header)
+        os.ftruncate(fd, size)
+        try:
+            # Reserve the space now: a full disk then fails here, before any work, not mid-run.
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate
+                raise
     finally:
         os.close(fd)
 
@@ -265,6 +764,29 @@ class StoreLayout:
     def num_batches(self) -> int:
         return -(-self.num_images // self.batch_size)
 
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shape and dtype of each array written batch by batch: the layers, then ``boxes``."""
+        n, p = self.num_images, self.num_patches
+        specs = {name: ((n, p, dim), self.dtype) for name, dim in self.layer_dims.items()}
+        specs["boxes"] = ((n, p, 4), "float32")
+        return specs
+
+
+@dataclass
+class StorePlan:
+    """Where a run writes: into the store ``target`` itself, or into ``path``, the folder beside it where
+    its replacement is built; ``complete``: nothing is left to write."""
+
+    path: Path
+    target: Path
+    complete: bool
+
+    def finish(self) -> None:
+        """Move a replacement built beside the store into place (once it is complete)."""
+        if self.path != self.target:
+            _install(self.path, self.target)
+            self.path = self.target
+
 
 def prepare_store(
     path: str | os.PathLike,
@@ -272,67 +794,148 @@ def prepare_store(
     layout: StoreLayout,
     overwrite: bool = False,
     info: Mapping[str, Any] | None = None,
-) -> bool:
-    """Create the store at ``path``, or check that the one there was made with the same ``settings``.
+) -> StorePlan:
+    """Create the store at ``path``, or check that the one there was made with the same ``settings``
+    and repair it; hold :func:`store_lock` around this and the writing.
 
-    Returns True when the store there is already complete. ``settings`` are the meta.json entries
-    that decide the contents (weights, sampler, data, dtype, ...); any difference is an error that
-    names the differing entries, unless ``overwrite`` replaces the old store. ``info`` entries are
-    stored in meta.json too but not compared (e.g. where the checkpoint file was).
+    ``settings`` are the meta.json entries that decide the contents (weights, sampler, data, dtype,
+    ...); any difference is an error that names the differing entries, unless ``overwrite`` replaces
+    the old store (built beside it, moved in when complete: :meth:`StorePlan.finish`). A store with
+    the same settings is checked in full, and damage repaired in place: its damaged batches are left
+    for the writer to extract again. ``info`` entries are stored in meta.json too but not compared
+    (e.g. where the checkpoint file was).
     """
     path = Path(path)
     settings = _json_roundtrip(dict(settings))
-    if (path / "meta.json").exists():
-        meta = _read_meta(path)
-        differing = sorted(key for key in settings if meta.get(key) != settings[key])
-        if not differing:
-            return bool(meta.get("complete"))
+    entries = {**(info or {}), **settings}
+    _check_writable_folder(path)
+    try:
+        meta = _read_meta_if_any(path)
+    except (DamagedStoreError, StoreVersionError):
         if not overwrite:
-            shown = [f"{key} (store {meta.get(key)!r}, now {settings[key]!r})"
-                     if len(repr(meta.get(key))) + len(repr(settings[key])) < 80 else key for key in differing]
-            hint = (" (to resume, match the store's precision: --amp/--no-amp, amp=True/False)"
-                    if "precision" in differing else "")
-            raise ValueError(
-                f"the store at {path} was made with other settings (different: {', '.join(shown)}){hint}; "
-                "choose another --out, or pass --overwrite (overwrite=True) to replace it"
-            )
-        shutil.rmtree(path)
-    elif path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(
-            f"{path} exists and is not a patch-embedding store (no meta.json); refusing to write into it: "
-            "choose another --out"
-        )
-    _create_store(path, {**(info or {}), **settings}, layout)
+            raise
+        return _replace_beside(path, entries, settings, layout)
+    if meta is None:
+        _remove_own_files(path)  # leftovers of a creation that did not finish
+        _create_store(path, entries, layout.arrays(), layout.image_ids, layout.labels, layout.batch_size,
+                      layout.dtype)
+        return StorePlan(path, path, False)
+    differing = sorted(key for key in settings if meta.get(key) != settings[key])
+    if not differing:
+        return StorePlan(path, path, _check_and_repair(path, meta, layout))
+    if overwrite:
+        return _replace_beside(path, entries, settings, layout)
+    shown = [f"{key} (store {meta.get(key)!r}, now {settings[key]!r})"
+             if len(repr(meta.get(key))) + len(repr(settings[key])) < 80 else key for key in differing]
+    hint = (" (to resume, match the store's precision: --amp/--no-amp, amp=True/False)"
+            if "precision" in differing else "")
+    if "dataset" in differing and isinstance(meta.get("dataset"), dict):
+        changed = [key for key in _CONTENT_DIGESTS if meta["dataset"].get(key) != settings["dataset"].get(key)]
+        same_otherwise = all(meta["dataset"].get(k) == v for k, v in settings["dataset"].items() if k not in changed)
+        if changed and same_otherwise:
+            hint += f" ({_CONTENT_DIGESTS[changed[0]]})"
+    raise ValueError(
+        f"the store at {path} was made with other settings (different: {', '.join(shown)}){hint}; "
+        "choose another --out, or pass --overwrite (overwrite=True) to replace it"
+    )
+
+
+def _check_and_repair(path: Path, meta: dict[str, Any], layout: StoreLayout) -> bool:
+    """Whether the store (same settings) is complete and intact; damage is repaired first, on stderr."""
+    found = _inspect(path, meta, data=True)
+    if not found.damage:
+        return bool(meta.get("complete"))
+    again = sorted({b for d in found.damage for b in d.batches})
+    action = (f"re-extracting batch{'es' if len(again) > 1 else ''} {_runs_text(_ranges(again))}" if again
+              else "no batch to re-extract")
+    print(f"repairing the store at {path} ({'; '.join(d.describe() for d in found.damage[:3])}"
+          f"{'; ...' if len(found.damage) > 3 else ''}): {action}", file=sys.stderr, flush=True)
+    _repair(path, meta, layout, found)
     return False
 
 
-def _create_store(path: Path, entries: Mapping[str, Any], layout: StoreLayout) -> None:
-    n, p = layout.num_images, layout.num_patches
-    staging = _staging_dir(path)
+def _replace_beside(path: Path, entries: Mapping[str, Any], settings: Mapping[str, Any],
+                    layout: StoreLayout) -> StorePlan:
+    """Build (or resume building) the replacement of the store at ``path`` in ``.<name>.new`` beside it."""
+    staging = path.resolve().with_name(f".{path.resolve().name}.new")
+    _check_writable_folder(staging)
     try:
-        for name, dim in layout.layer_dims.items():
-            _create_array(staging / f"{name}.npy", (n, p, dim), layout.dtype)
-        _create_array(staging / "boxes.npy", (n, p, 4), "float32")
-        np.save(staging / "image_ids.npy", np.asarray(layout.image_ids, dtype=np.int64))
-        np.save(staging / "labels.npy", np.asarray(layout.labels, dtype=np.int64))
+        meta = _read_meta_if_any(staging)
+    except (DamagedStoreError, StoreVersionError):
+        meta = None
+    if meta is not None and all(meta.get(key) == value for key, value in settings.items()):
+        plan = StorePlan(staging, path, _check_and_repair(staging, meta, layout))
+    else:
+        _remove_own_files(staging)
+        _create_store(staging, entries, layout.arrays(), layout.image_ids, layout.labels, layout.batch_size,
+                      layout.dtype)
+        plan = StorePlan(staging, path, False)
+    if plan.complete:
+        plan.finish()
+    return plan
+
+
+def _install(staging: Path, path: Path) -> None:
+    """Move the complete store ``staging`` into ``path`` over the old one: its files first, then the old
+    store's files it lacks go, then meta.json, the commit. Files the store did not write stay."""
+    new = {entry.name for entry in _own_files(staging)}
+    for entry in _own_files(staging):
+        if entry.name not in ("meta.json", LOCK_FILE):
+            os.replace(entry, path / entry.name)
+    for entry in _own_files(path):
+        if entry.name not in new and entry.name not in ("meta.json", LOCK_FILE):
+            entry.unlink()
+    os.replace(staging / "meta.json", path / "meta.json")
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    _remove_own_files(staging)
+    (staging / LOCK_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a user's file inside it keeps it
+        staging.rmdir()
+
+
+def _create_store(path: Path, entries: Mapping[str, Any], arrays: Mapping[str, tuple[Sequence[int], Any]],
+                  image_ids: np.ndarray, labels: np.ndarray, batch_size: int, dtype: str) -> None:
+    """A new, empty store in the folder ``path`` (meta.json last: until then the folder holds no store)."""
+    image_ids = np.asarray(image_ids, dtype=np.int64)
+    n, p = len(image_ids), int(arrays["h"][0][1])
+    made_folder = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        for name, (shape, array_dtype) in arrays.items():
+            _create_array(path / f"{name}.npy", shape, array_dtype)
+        small = {"image_ids.npy": _npy_bytes(image_ids), "labels.npy": _npy_bytes(np.asarray(labels, dtype=np.int64))}
+        for name, content in small.items():
+            _write_file_atomically(path / name, content)
         meta = {
             **entries,
             "format": STORE_FORMAT,
             "version": STORE_VERSION,
+            "store_id": uuid.uuid4().hex,
             "complete": False,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dtype": layout.dtype,
-            "layers": {name: [n, p, dim] for name, dim in layout.layer_dims.items()},
+            "dtype": dtype,
+            "layers": {name: list(shape) for name, (shape, _) in arrays.items() if name in LAYERS},
+            "arrays": {name: {"shape": list(shape), "dtype": np.dtype(array_dtype).name}
+                       for name, (shape, array_dtype) in arrays.items()},
+            "checksums": {name: zlib.crc32(content) for name, content in small.items()},
             "num_images": n,
             "num_patches": p,
-            "batch_size": layout.batch_size,
-            "num_batches": layout.num_batches,
+            "batch_size": batch_size,
+            "num_batches": -(-n // batch_size),
         }
-        _write_json_atomically(staging / "meta.json", meta)
-        os.replace(staging, path)
+        _write_meta(path, meta)
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _explain_os_error(error, path) from error
+        _remove_own_files(path)
+        if made_folder:
+            path.rmdir()
+        explained = _explain_os_error(error, path)
+        if explained is error:
+            raise
+        raise explained from error
 
 
 class StoreWriter:
@@ -351,19 +954,16 @@ class StoreWriter:
         self._offsets: dict[str, int] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, np.dtype] = {}
-        for name in (*self.meta["layers"], *_ROW_ARRAYS):
-            file = self.path / f"{name}.npy"
-            self._offsets[name], self._shapes[name], self._dtypes[name] = _array_layout(file)
-            self._fds[name] = os.open(file, os.O_WRONLY)
-        done_file = self.path / f"done.rank{rank}.npy"
-        if not done_file.exists():
-            # Via a temporary name: a run killed right here must not leave a truncated flag file.
-            tmp = done_file.with_name(done_file.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, np.zeros(self.num_batches, dtype=bool))
-            os.replace(tmp, done_file)
-        self._done_offset = _array_layout(done_file)[0]
-        self._done_fd = os.open(done_file, os.O_WRONLY)
+        for name, spec in self.meta["arrays"].items():
+            self._shapes[name], self._dtypes[name] = tuple(spec["shape"]), np.dtype(spec["dtype"])
+            self._offsets[name] = len(_npy_header(spec["shape"], spec["dtype"]))
+            self._fds[name] = os.open(self.path / f"{name}.npy", os.O_WRONLY)
+        record_file = self.path / _RECORD_FILE.format(rank)
+        if not record_file.exists():
+            # Via a temporary name: a run killed right here must not leave a truncated record file.
+            _write_records(record_file, np.zeros(_record_shape(self.meta), dtype=_RECORD_DTYPE))
+        self._record_offset = len(_npy_header(_record_shape(self.meta), _RECORD_DTYPE))
+        self._record_fd = os.open(record_file, os.O_WRONLY)
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -372,13 +972,13 @@ class StoreWriter:
         self.close()
 
     def close(self) -> None:
-        for fd in (*self._fds.values(), self._done_fd):
+        for fd in (*self._fds.values(), self._record_fd):
             os.close(fd)
         self._fds.clear()
 
     @property
     def layer_names(self) -> list[str]:
-        return list(self.meta["layers"])
+        return [name for name in self.meta["arrays"] if name in LAYERS]
 
     def pending_batches(self) -> list[int]:
         """Batches no process has finished yet."""
@@ -388,11 +988,12 @@ class StoreWriter:
         return slice(batch * self.batch_size, min((batch + 1) * self.batch_size, self.num_images))
 
     def write_batch(self, batch: int, rows: Mapping[str, np.ndarray]) -> None:
-        """Write the rows of ``batch`` (every layer and ``boxes``), then flag the batch done."""
+        """Write the rows of ``batch`` (every layer and ``boxes``), then its record: the batch is done."""
         span = self.batch_rows(batch)
         missing = sorted(set(self._fds) - set(rows))
         if missing:
             raise ValueError(f"write_batch needs rows for {missing}")
+        checksums = []
         try:
             for name, fd in self._fds.items():
                 shape, dtype = self._shapes[name], self._dtypes[name]
@@ -402,13 +1003,16 @@ class StoreWriter:
                     raise ValueError(
                         f"rows of {name!r} for batch {batch} must have shape {expected}, got {values.shape}"
                     )
+                data = memoryview(values).cast("B")
+                checksums.append(zlib.crc32(data))
                 row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-                _pwrite_all(fd, memoryview(values).cast("B"), self._offsets[name] + span.start * row_bytes)
+                _pwrite_all(fd, data, self._offsets[name] + span.start * row_bytes)
             for fd in self._fds.values():
                 _sync_data(fd)
-            # The flag goes down only after the rows are on disk: a flagged batch is always valid.
-            _pwrite_all(self._done_fd, b"\x01", self._done_offset + batch)
-            _sync_data(self._done_fd)
+            # The record goes down only after the rows are on disk: a recorded batch is always valid.
+            record = _record(self.meta["store_id"], checksums)
+            _pwrite_all(self._record_fd, record.tobytes(), self._record_offset + batch * record.nbytes)
+            _sync_data(self._record_fd)
         except OSError as error:
             raise _explain_os_error(error, self.path) from error
 
@@ -420,9 +1024,11 @@ class StoreWriter:
                 f"cannot mark {self.path} complete: {int((~done).sum())} of {done.size} batches are missing; "
                 "re-run the same command to write them"
             )
-        meta = {**_read_meta(self.path), **(extra_meta or {}), "complete": True}
+        meta = _read_meta(self.path)
+        writers = [file.name for file in _record_files(self.path)
+                   if _valid_records(_read_records(file, meta)[0], meta["store_id"]).any()]
         try:
-            _write_json_atomically(self.path / "meta.json", meta)
+            _write_meta(self.path, {**meta, **(extra_meta or {}), "complete": True, "record_files": writers})
         except OSError as error:
             raise _explain_os_error(error, self.path) from error
 

@@ -358,6 +358,12 @@ def test_store_dir_caches_features(tmp_path):
     protocol_features(model, data, "3", **{**options, "seed": 2})  # other patches: a store of their own
     assert len(list(tmp_path.iterdir())) == 2
 
+    # A cache whose meta.json is damaged is rebuilt, not an error asking for a flag evaluate lacks.
+    for cache in tmp_path.iterdir():
+        (cache / "meta.json").write_text("{ not json")
+    rebuilt, _ = protocol_features(model, data, "3", **options)
+    np.testing.assert_array_equal(first, rebuilt)
+
 
 def test_identity_augmentation_gives_exactly_the_unaugmented_features():
     model, data = tiny_model({"patch_size": 16}), random_dataset(n=5)

@@ -368,8 +368,8 @@ def test_two_gloo_ranks_write_one_store_equal_to_a_single_process(tmp_path):
     shared = PatchEmbeddings.load(out)
     assert shared.meta["last_run"]["world_size"] == 2
     # Batches 0..4 (the last one short), dealt out in turn: each rank wrote its own.
-    assert np.load(out / "done.rank0.npy").tolist() == [True, False, True, False, True]
-    assert np.load(out / "done.rank1.npy").tolist() == [False, True, False, True, False]
+    assert done_batches(out, rank=0).tolist() == [True, False, True, False, True]
+    assert done_batches(out, rank=1).tolist() == [False, True, False, True, False]
     assert np.array_equal(shared.image_ids, single.image_ids) and np.array_equal(shared.labels, labels.numpy())
     assert np.array_equal(shared.boxes, single.boxes)
     # Each rank ran one thread, this process may run two: equal up to float32 summation order.

@@ -75,7 +75,7 @@ def test_save_refuses_non_empty_target_and_load_needs_a_store(tmp_path):
 def test_batches_written_in_any_order_by_two_writers_give_the_exact_rows(tmp_path):
     path = tmp_path / "s"
     emb = random_embeddings()
-    assert prepare_store(path, SETTINGS, layout(), info={"model": {"arch": "resnet18"}}) is False
+    assert prepare_store(path, SETTINGS, layout(), info={"model": {"arch": "resnet18"}}).complete is False
     meta = json.loads((path / "meta.json").read_text())
     assert meta["complete"] is False and meta["num_batches"] == 3 and meta["model"] == {"arch": "resnet18"}
     with pytest.raises(RuntimeError, match=r"incomplete \(0 of 3 batches.*re-run the same"):
@@ -91,9 +91,9 @@ def test_batches_written_in_any_order_by_two_writers_give_the_exact_rows(tmp_pat
             first.mark_complete()
         first.write_batch(1, rows_of(emb, first.batch_rows(1)))
         first.mark_complete({"last_run": {"seconds": 1.0}})
-    # Each process flags only its own batches.
-    assert np.load(path / "done.rank0.npy").tolist() == [True, True, False]
-    assert np.load(path / "done.rank1.npy").tolist() == [False, False, True]
+    # Each process records only its own batches.
+    assert done_batches(path, rank=0).tolist() == [True, True, False]
+    assert done_batches(path, rank=1).tolist() == [False, False, True]
 
     back = PatchEmbeddings.load(path)
     assert back.h.dtype == np.float16
@@ -118,14 +118,18 @@ def test_settings_decide_resume_refuse_or_overwrite(tmp_path):
         writer.write_batch(0, rows_of(random_embeddings(), writer.batch_rows(0)))
     # Same settings (a tuple reads back from JSON as a list): the partial store is resumed.
     same = {**SETTINGS, "sampler": {"kind": "grid", "patch_size": 8, "stride": 4}}
-    assert prepare_store(path, same, layout()) is False
+    assert prepare_store(path, same, layout()).complete is False
     assert done_batches(path).tolist() == [True, False, False]
     other = {**SETTINGS, "dtype": "float32"}
     with pytest.raises(ValueError, match=r"different: dtype.*another --out.*--overwrite"):
         prepare_store(path, other, layout(dtype="float32"))
-    assert prepare_store(path, other, layout(dtype="float32"), overwrite=True) is False
-    assert done_batches(path).tolist() == [False, False, False]
-    assert np.load(path / "h.npy", mmap_mode="r").dtype == np.float32
+    # The replacement is built beside the store, which stays as it was until the new one is complete.
+    plan = prepare_store(path, other, layout(dtype="float32"), overwrite=True)
+    assert plan.complete is False and plan.target == path and plan.path == tmp_path / ".s.new"
+    assert done_batches(plan.path).tolist() == [False, False, False]
+    assert np.load(plan.path / "h.npy", mmap_mode="r").dtype == np.float32
+    assert done_batches(path).tolist() == [True, False, False]
+    assert np.load(path / "h.npy", mmap_mode="r").dtype == np.float16
 
 
 def test_prepare_store_never_writes_into_a_foreign_folder(tmp_path):
@@ -146,7 +150,7 @@ def test_full_disk_while_writing_leaves_a_resumable_store(tmp_path, monkeypatch)
 
     def pwrite_until_full(fd, data, offset):
         calls.append(offset)
-        if len(calls) > 4:  # batch 0 (h, z, boxes, flag) fits, batch 1 does not
+        if len(calls) > 4:  # batch 0 (h, z, boxes, record) fits, batch 1 does not
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
@@ -179,3 +183,66 @@ def test_layout_rejects_bad_requests():
         layout(dtype="int8")
     with pytest.raises(ValueError, match="include 'h'"):
         StoreLayout(num_patches=1, layer_dims={"z": 3}, image_ids=np.arange(2), labels=np.zeros(2), batch_size=1)
+
+
+def write_all(path, emb, ranks=(0,)):
+    """Every batch written, dealt out to the processes ``ranks`` in turn, and the store marked complete."""
+    writers = {rank: StoreWriter(path, rank=rank) for rank in ranks}
+    try:
+        first = writers[ranks[0]]
+        for k, batch in enumerate(first.pending_batches()):
+            writer = writers[ranks[k % len(ranks)]]
+            writer.write_batch(batch, rows_of(emb, writer.batch_rows(batch)))
+        first.mark_complete()
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
+def test_damage_in_a_store_of_two_processes_is_repaired_batch_by_batch(tmp_path):
+    path = tmp_path / "s"
+    emb = random_embeddings()
+    prepare_store(path, SETTINGS, layout())
+    write_all(path, emb, ranks=(0, 1))  # batches 0 and 2 by rank 0, batch 1 by rank 1
+    with open(path / "h.npy", "r+b") as f:  # a byte of batch 1 (rows 3-5)
+        f.seek(np.load(path / "h.npy", mmap_mode="r").offset + 4 * P * DH * 2)
+        f.write(b"\x7f")
+    records = (path / "batches.rank0.npy").read_bytes()
+    (path / "batches.rank0.npy").write_bytes(records[:-1] + bytes([records[-1] ^ 0xFF]))  # batch 2's record
+    damage = store.verify_store(path)
+    assert [(d.file, d.batches) for d in damage] == [("batches.rank0.npy", (2,)), ("h.npy", (1,))]
+    assert damage[1].describe(with_rows=True) == "h.npy batch 1 (rows 3-5): fails its checksum"
+    plan = prepare_store(path, SETTINGS, layout())
+    assert plan.complete is False and plan.path == path
+    assert done_batches(path).tolist() == [True, False, False]
+    assert done_batches(path, rank=1).tolist() == [False, False, False]  # its damaged batch lost its record
+    write_all(path, emb, ranks=(0,))
+    back = PatchEmbeddings.load(path)
+    assert np.array_equal(back.h, emb.h.astype(np.float16)) and back.meta["record_files"] == ["batches.rank0.npy"]
+
+
+def test_saved_stores_are_verified_and_say_how_to_repair(tmp_path):
+    emb = random_embeddings()
+    emb.save(tmp_path / "s")
+    assert store.verify_store(tmp_path / "s") == []
+    with open(tmp_path / "s" / "z.npy", "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\x00")
+    with pytest.raises(store.DamagedStoreError, match=r"z\.npy batch 0: fails its checksum.*save the embeddings again"):
+        PatchEmbeddings.load(tmp_path / "s")
+    assert np.array_equal(PatchEmbeddings.load(tmp_path / "s", verify=False).h, emb.h)  # the data pass skipped
+
+
+def test_lock_of_a_folder_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    random_embeddings().save(path)
+    real_open = os.open
+
+    def read_only(file, flags, *args):
+        if str(file).endswith(store.LOCK_FILE):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(store.os, "open", read_only)
+    with store.store_lock(path):  # a reader of a store it may not write: nothing to lock
+        assert store.verify_store(path) == []
