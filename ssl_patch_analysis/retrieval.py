@@ -7,6 +7,23 @@ sets, on the GPU when the installed faiss has GPU support and the device is CUDA
 vector it keeps where the patch came from (image id, patch index, box, label), so results are
 patches, not row numbers; ``save(dir)`` / ``PatchIndex.load(dir)`` keep both.
 
+A saved index is a folder::
+
+    index.faiss    the FAISS index (``faiss.write_index``)
+    metadata.npz   image_ids, patch_index, boxes, labels: one row per vector
+    info.json      settings, how to rebuild it (the retrieval command that saved it), the size and
+                   sha256 of the two files above, and the sha256 of its own content (info_sha256)
+    .lock          the writer's lock (fcntl.flock); holds only the writer's process id
+
+Loading verifies every file against info.json by default (``verify=False`` skips the checksums,
+not the checks of structure) and reports damage naming the file and how to rebuild the index
+(:class:`DamagedIndexError`). Saving takes the folder's lock, so one process writes it at a time,
+writes the new files beside the old ones (``.index.faiss.tmp`` ...), flushes them to disk, and
+only then moves them in, info.json last; a reader takes the lock shared, so it sees the old index
+or the new one, never half of each. Only the index's own files are replaced; replacing an index
+needs ``overwrite=True`` (``--overwrite``). A search that cannot find ``k`` neighbours raises
+(:class:`FewerNeighboursError`) instead of returning short lists.
+
 :func:`neighbour_statistics` measures, over many random query patches, which fraction of their
 ``k`` neighbours come from the query's own image and from other images of its class: the
 projection ``z`` is expected to be more invariant (more same-class neighbours from other images),
@@ -23,11 +40,18 @@ from __future__ import annotations
 import faiss  # isort: skip
 
 import argparse
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import re
+import shlex
+import sys
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +70,17 @@ RETRIEVAL_LAYERS = ("z", "h")  # the figure's row order: projection first, as in
 IVF_TRAIN_POINTS_PER_LIST = 256
 _NORMALISE_ROWS = 65536  # rows converted to float32 at a time, so a float16 memmap is never copied whole
 _INDEX_FILE, _METADATA_FILE, _INFO_FILE = "index.faiss", "metadata.npz", "info.json"
+_INDEX_FILES = (_INDEX_FILE, _METADATA_FILE, _INFO_FILE)  # in the order a save moves them in: info.json last
+_CHECKSUMMED_FILES = (_INDEX_FILE, _METADATA_FILE)
+_LOCK_FILE = ".lock"
+INDEX_FORMAT = "ssl_patch_analysis.patch_index"
+INDEX_VERSION = 1  # 1: checksums in info.json
+_METADATA_ARRAYS = {"image_ids": (), "patch_index": (), "boxes": (4,), "labels": ()}  # name: shape of one row
+_SAVED_ONLY = ("format", "version", "files", "command", "cwd", "info_sha256")  # in info.json, not in PatchIndex.info
+_HASH_BLOCK = 1 << 22
+REBUILD_ADVICE = ("rebuild it: re-run the retrieval command that saved it with --overwrite "
+                  "(`python -m ssl_patch_analysis.retrieval ... --save-index DIR --overwrite`), or build the index "
+                  "again and save it with PatchIndex.save(dir, overwrite=True)")
 
 
 @dataclass(frozen=True)
@@ -78,6 +113,22 @@ def normalised_float32(vectors: np.ndarray) -> np.ndarray:
     return out
 
 
+class DamagedIndexError(ValueError):
+    """A saved index whose files fail their checks: ``file`` is the one at fault, ``advice`` how to rebuild."""
+
+    def __init__(self, path: str | os.PathLike, file: str, problem: str, advice: str = REBUILD_ADVICE):
+        self.path, self.file, self.problem, self.advice = Path(path), file, problem, advice
+        super().__init__(f"the patch index at {self.path} is damaged ({file}: {problem}): {advice}")
+
+
+class IndexLockedError(BlockingIOError):
+    """Another process is saving the index (raised by ``save(..., wait=False)``)."""
+
+
+class FewerNeighboursError(ValueError):
+    """A search found fewer than ``k`` neighbours of a query (NaN vectors, or an IVF index probing too few lists)."""
+
+
 def _faiss_gpu_device(device: str | torch.device | None) -> int | None:
     """The GPU number FAISS should use, or ``None`` for the CPU (no CUDA device asked, or no GPU faiss)."""
     if device is None:
@@ -86,6 +137,223 @@ def _faiss_gpu_device(device: str | torch.device | None) -> int | None:
     if device.type != "cuda" or not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         return None
     return device.index or 0
+
+
+# ---------------------------------------------------------------------- saved indexes: files, checks, the lock
+def _sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(path: Path) -> None:
+    """Make the renames into ``path`` durable (the folder's entries are data too)."""
+    _sync_file(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _json_value(value: Any) -> Any:
+    """``json.dumps``'s ``default``: numpy scalars and arrays, paths."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"info value {value!r} ({type(value).__name__}) cannot be written to info.json")
+
+
+def _info_digest(info: Mapping[str, Any]) -> str:
+    content = {key: value for key, value in info.items() if key != "info_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _short(error: BaseException) -> str:
+    """An exception as a short single line (FAISS's messages carry the C++ function and source line first)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text.rsplit("Error: ", 1)[-1][:200]
+
+
+def _rebuild_advice(info: Mapping[str, Any]) -> str:
+    """How to rebuild the index: the command recorded in its (verified) info.json, with --overwrite."""
+    command, cwd = info.get("command"), info.get("cwd")
+    try:
+        words = shlex.split(command) if isinstance(command, str) else []
+    except ValueError:
+        words = []
+    if words[:3] != ["python", "-m", "ssl_patch_analysis.retrieval"]:
+        return REBUILD_ADVICE
+    if "--overwrite" not in words:
+        command = f"{command} --overwrite"
+    return f"rebuild it: re-run `{command}`" + (f" in {cwd}" if isinstance(cwd, str) else "")
+
+
+def _read_info(path: Path, verify: bool) -> dict[str, Any]:
+    """info.json, checked against its digest (``verify``) and for the keys loading needs."""
+    file = path / _INFO_FILE
+    if not file.is_file():
+        raise DamagedIndexError(path, _INFO_FILE, "missing")
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise DamagedIndexError(path, _INFO_FILE, f"not readable JSON ({_short(error)})") from None
+    if not isinstance(info, dict):
+        raise DamagedIndexError(path, _INFO_FILE, "not a JSON object")
+    if verify:
+        _check_info(path, info)
+    kind = info.get("index")
+    if kind is None:
+        raise DamagedIndexError(path, _INFO_FILE, "lacks 'index' (the index kind: flat or ivf)")
+    if kind not in INDEX_KINDS:
+        raise DamagedIndexError(path, _INFO_FILE, f"names an unknown index kind {kind!r}")
+    if kind == "ivf" and not (isinstance(info.get("nprobe"), int) and info["nprobe"] >= 1):
+        raise DamagedIndexError(path, _INFO_FILE, "lacks 'nprobe' (the IVF lists searched per query)")
+    return info
+
+
+def _check_info(path: Path, info: Mapping[str, Any]) -> None:
+    if "info_sha256" not in info and "files" not in info:
+        raise ValueError(f"the patch index at {path} was saved by an older version ({_INFO_FILE} has no checksums "
+                         f"to verify it by): {REBUILD_ADVICE}; or load it unchecked with "
+                         "PatchIndex.load(dir, verify=False)")
+    if info.get("info_sha256") != _info_digest(info):
+        raise DamagedIndexError(path, _INFO_FILE, "its content does not match its checksum (info_sha256)")
+    if info.get("format") != INDEX_FORMAT or info.get("version") != INDEX_VERSION:
+        raise ValueError(f"the patch index at {path} has format {info.get('format')!r} version "
+                         f"{info.get('version')!r}; this code reads {INDEX_FORMAT!r} version {INDEX_VERSION}: "
+                         f"{REBUILD_ADVICE}")
+    files = info.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(files.get(name), dict) and isinstance(files[name].get("bytes"), int)
+            and isinstance(files[name].get("sha256"), str) for name in _CHECKSUMMED_FILES):
+        raise DamagedIndexError(path, _INFO_FILE, "its checksums of the other files ('files') are incomplete")
+
+
+def _check_checksums(path: Path, info: Mapping[str, Any], advice: str) -> None:
+    for name in _CHECKSUMMED_FILES:
+        expected, size = info["files"][name], (path / name).stat().st_size
+        if size != expected["bytes"]:
+            raise DamagedIndexError(path, name, f"{size:,} bytes where {expected['bytes']:,} were saved "
+                                                "(truncated, or written over)", advice)
+        if _sha256(path / name) != expected["sha256"]:
+            raise DamagedIndexError(path, name, "its content does not match its checksum (sha256)", advice)
+
+
+def _read_faiss_index(path: Path, info: Mapping[str, Any], advice: str) -> faiss.Index:
+    """index.faiss, checked to be the kind, size and dimension info.json says."""
+    try:
+        index = faiss.read_index(str(path / _INDEX_FILE))
+    except (RuntimeError, MemoryError, ValueError) as error:
+        raise DamagedIndexError(path, _INDEX_FILE, f"FAISS cannot read it ({_short(error)})", advice) from None
+    inner_product = index.metric_type == faiss.METRIC_INNER_PRODUCT
+    kind = "ivf" if isinstance(index, faiss.IndexIVFFlat) else "flat" if isinstance(index, faiss.IndexFlat) else None
+    if kind is None or not inner_product:
+        raise DamagedIndexError(path, _INDEX_FILE, f"holds a {type(index).__name__} (metric {index.metric_type}), "
+                                                   "not the flat or IVF inner-product index PatchIndex saves", advice)
+    if index.ntotal == 0:
+        raise DamagedIndexError(path, _INDEX_FILE, "holds no vectors", advice)
+    if info["index"] != kind:
+        raise DamagedIndexError(path, _INFO_FILE, f"says a {info['index']} index but {_INDEX_FILE} holds an "
+                                                  f"{'IVF' if kind == 'ivf' else 'flat'} index", advice)
+    for key, found in (("num_vectors", index.ntotal), ("dim", index.d)):
+        said = info.get(key, found)
+        if said != found:
+            what = "vectors" if key == "num_vectors" else "dimensions"
+            raise DamagedIndexError(path, _INFO_FILE, f"says {said} {what} but {_INDEX_FILE} holds {found}", advice)
+    return index
+
+
+def _read_metadata(path: Path, count: int, advice: str) -> dict[str, np.ndarray]:
+    """metadata.npz's arrays, one row per vector of the index."""
+    file = path / _METADATA_FILE
+    try:
+        archive = np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DamagedIndexError(path, _METADATA_FILE, f"not a readable .npz archive ({_short(error)})",
+                                advice) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DamagedIndexError(path, _METADATA_FILE, "not an .npz archive", advice)
+    with archive:
+        missing = [name for name in _METADATA_ARRAYS if name not in archive.files]
+        if missing:
+            raise DamagedIndexError(path, _METADATA_FILE, f"lacks the array{'s' * (len(missing) > 1)} "
+                                                          f"{', '.join(map(repr, missing))}", advice)
+        try:
+            arrays = {name: archive[name] for name in _METADATA_ARRAYS}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise DamagedIndexError(path, _METADATA_FILE, f"not a readable .npz archive ({_short(error)})",
+                                    advice) from None
+    for name, row_shape in _METADATA_ARRAYS.items():
+        array = arrays[name]
+        if array.ndim >= 1 and array.shape[0] != count:
+            raise DamagedIndexError(path, _METADATA_FILE, f"{name!r} has {array.shape[0]} rows, for an index of "
+                                                          f"{count} vectors", advice)
+        if array.shape != (count, *row_shape) or not np.issubdtype(array.dtype, np.number):
+            raise DamagedIndexError(path, _METADATA_FILE, f"{name!r} is {array.dtype} {array.shape}, "
+                                                          f"numbers of shape {(count, *row_shape)} expected", advice)
+    return arrays
+
+
+def _lock_holder(path: Path) -> str:
+    """Who holds the lock and why: the writer whose process id is in the lock file, if it is alive, or readers."""
+    try:
+        pid = int((path / _LOCK_FILE).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return "another process, which is reading"
+    return f"process {pid}, which is saving"
+
+
+def _take_lock(fd: int, mode: int, path: Path, wait: bool) -> None:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(path)
+        if not wait:
+            raise IndexLockedError(f"{holder.replace(', which', '')} the index at {path}: wait for it to finish, "
+                                   "or save into another folder") from None
+        print(f"waiting for {holder} the index at {path} (one writer at a time)", file=sys.stderr, flush=True)
+        fcntl.flock(fd, mode)
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path, wait: bool) -> Iterator[None]:
+    """Hold the folder for writing: an exclusive ``fcntl.flock`` on its lock file, released when the process dies."""
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _take_lock(fd, fcntl.LOCK_EX, path, wait)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # no writer now: a process still waiting is waiting for readers
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _reader_lock(path: Path) -> Iterator[None]:
+    """Hold the folder for reading (a shared lock): no writer moves files in meanwhile."""
+    try:
+        fd = os.open(path / _LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file (saved by an older version, or copied without it): nobody is writing
+        fd = None
+    try:
+        if fd is not None:
+            _take_lock(fd, fcntl.LOCK_SH, path, wait=True)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 class PatchIndex:
@@ -106,6 +374,7 @@ class PatchIndex:
             if np.shape(array) != shape:
                 raise ValueError(f"{name} must have shape {shape} (one per indexed vector), got {np.shape(array)}")
         self.cpu_index = cpu_index
+        self.rebuild_advice = "rebuild it from its embeddings (PatchIndex.from_embeddings or from_vectors)"
         self.image_ids = np.asarray(image_ids, dtype=np.int64)
         self.patch_index = np.asarray(patch_index, dtype=np.int64)
         self.boxes = np.asarray(boxes, dtype=np.float32)
@@ -187,30 +456,81 @@ class PatchIndex:
             kind=kind, nlist=nlist, nprobe=nprobe, device=device, seed=seed, info=info)
 
     # ------------------------------------------------------------------ disk
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the index (``index.faiss``), the per-vector metadata (``metadata.npz``) and ``info.json``."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False, wait: bool = True,
+             command: str | None = None) -> Path:
+        """Write the index (``index.faiss``), the per-vector metadata (``metadata.npz``) and ``info.json``.
+
+        The folder may hold other files (they stay); an index already there is replaced only with
+        ``overwrite=True``. Another process saving into the same folder is waited for (said on
+        stderr), or with ``wait=False`` raises :class:`IndexLockedError`. ``command`` (the command
+        line that built the index) is recorded so that damage reports can say how to rebuild it.
+        """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        faiss.write_index(self.cpu_index, str(path / _INDEX_FILE))
-        np.savez(path / _METADATA_FILE, image_ids=self.image_ids, patch_index=self.patch_index, boxes=self.boxes,
-                 labels=self.labels)
-        info = {key: value for key, value in self.info.items() if key not in ("num_vectors", "dim", "faiss_device")}
-        save_json(info, path / _INFO_FILE)
+        with _writer_lock(path, wait):
+            existing = [name for name in _INDEX_FILES if (path / name).exists()]
+            if existing and not overwrite:
+                raise FileExistsError(f"{path} already holds a saved patch index ({', '.join(existing)}): pass "
+                                      "overwrite=True (--overwrite) to replace it, or save into another folder")
+            staged = {name: path / f".{name}.tmp" for name in _INDEX_FILES}
+            try:
+                self._write_staged(staged, command)
+                for name in _INDEX_FILES:  # info.json last: until it is in, it checks the old files, not a mix
+                    os.replace(staged[name], path / name)
+                _sync_folder(path)
+            finally:
+                for file in staged.values():
+                    file.unlink(missing_ok=True)
         return path
 
+    def _write_staged(self, staged: dict[str, Path], command: str | None) -> None:
+        """The three files under their temporary names, each on disk (fsync) before info.json records it."""
+        faiss.write_index(self.cpu_index, str(staged[_INDEX_FILE]))
+        _sync_file(staged[_INDEX_FILE])
+        with open(staged[_METADATA_FILE], "wb") as f:
+            np.savez(f, image_ids=self.image_ids, patch_index=self.patch_index, boxes=self.boxes, labels=self.labels)
+            f.flush()
+            os.fsync(f.fileno())
+        info = {key: value for key, value in self.info.items() if key not in ("faiss_device", *_SAVED_ONLY)}
+        info.update(format=INDEX_FORMAT, version=INDEX_VERSION,
+                    files={name: {"bytes": staged[name].stat().st_size, "sha256": _sha256(staged[name])}
+                           for name in _CHECKSUMMED_FILES})
+        if command:
+            info.update(command=command, cwd=os.getcwd())
+        content = json.loads(json.dumps(info, default=_json_value))
+        content["info_sha256"] = _info_digest(content)
+        with open(staged[_INFO_FILE], "wb") as f:
+            f.write((json.dumps(content, indent=1) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "PatchIndex":
-        """Read an index written by :meth:`save` (searches on ``device``'s GPU when faiss supports it)."""
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+             verify: bool = True) -> "PatchIndex":
+        """Read an index written by :meth:`save` (searches on ``device``'s GPU when faiss supports it).
+
+        Every file is checked against the checksums in info.json (``verify=False``: only their
+        structure); damage raises :class:`DamagedIndexError`, naming the file and how to rebuild the
+        index. A process saving into the folder is waited for.
+        """
         path = Path(path)
-        missing = [name for name in (_INDEX_FILE, _METADATA_FILE, _INFO_FILE) if not (path / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"no patch index at {path} (missing {', '.join(missing)}): write one with "
-                                    "PatchIndex.save(dir) or `python -m ssl_patch_analysis.retrieval --save-index DIR`")
-        index = faiss.read_index(str(path / _INDEX_FILE))
-        with np.load(path / _METADATA_FILE) as metadata:
-            arrays = {name: metadata[name] for name in ("image_ids", "patch_index", "boxes", "labels")}
-        info = json.loads((path / _INFO_FILE).read_text())
-        return cls(index, info=info, device=device, **arrays)
+        if not any((path / name).is_file() for name in _INDEX_FILES):
+            raise FileNotFoundError(f"no patch index at {path} (missing {', '.join(_INDEX_FILES)}): write one with "
+                                    "PatchIndex.save(dir) or `python -m ssl_patch_analysis.retrieval ... "
+                                    "--save-index DIR` (which saves DIR/z and DIR/h)")
+        with _reader_lock(path):
+            info = _read_info(path, verify)
+            advice = _rebuild_advice(info)
+            for name in _CHECKSUMMED_FILES:
+                if not (path / name).is_file():
+                    raise DamagedIndexError(path, name, "missing", advice)
+            if verify:
+                _check_checksums(path, info, advice)
+            index = _read_faiss_index(path, info, advice)
+            arrays = _read_metadata(path, index.ntotal, advice)
+        loaded = cls(index, info={key: value for key, value in info.items() if key not in _SAVED_ONLY},
+                     device=device, **arrays)
+        loaded.rebuild_advice = advice
+        return loaded
 
     # ------------------------------------------------------------------ lookup
     def __len__(self) -> int:
@@ -248,12 +568,15 @@ class PatchIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None,
-               exclude_image_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               exclude_image_ids: np.ndarray | None = None,
+               allow_fewer: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most cosine-similar vectors of each query: ``(similarities, rows)``, each ``Q x k``.
 
         ``exclude_rows[q]`` (a row, or -1 for none) and every vector of image ``exclude_image_ids[q]``
-        are left out of query ``q``'s results; more neighbours are fetched so that ``k`` remain. An
-        IVF index that finds fewer than ``k`` in the lists it probes pads with row -1, similarity NaN.
+        are left out of query ``q``'s results; more neighbours are fetched so that ``k`` remain. A
+        query with fewer than ``k`` neighbours (an IVF index that probes too few lists, NaN vectors of
+        a damaged index) raises :class:`FewerNeighboursError`; with ``allow_fewer`` its list is padded
+        with row -1, similarity NaN.
         """
         queries = np.atleast_2d(np.asarray(queries))
         if queries.ndim != 2 or queries.shape[1] != self.dim:
@@ -285,7 +608,21 @@ class PatchIndex:
             kept = np.flatnonzero(keep[q])[:k]
             out_rows[q, :len(kept)] = rows[q, kept]
             out_similarities[q, :len(kept)] = similarities[q, kept]
+        found = (out_rows >= 0).sum(axis=1)
+        if not allow_fewer and (found < k).any():
+            short = int(np.argmax(found < k))
+            raise FewerNeighboursError(self._fewer_neighbours_message(int(found[short]), k, short))
         return out_similarities, out_rows
+
+    def _fewer_neighbours_message(self, found: int, k: int, query: int) -> str:
+        if self.info.get("index") == "ivf":
+            nlist, nprobe = int(self.info["nlist"]), int(self.search_index.nprobe)
+            return (f"the IVF index found only {found} of the k={k} neighbours of query {query} in the {nprobe} of "
+                    f"its {nlist} lists it probes: probe more lists (nprobe, --nprobe; {nlist} probes them all), "
+                    "ask for a smaller k, or pass allow_fewer=True to take the short lists (padded with row -1)")
+        return (f"the index returned only {found} of the k={k} neighbours of query {query}, although a flat index "
+                f"compares every one of its {len(self)} vectors: some of them are NaN, the index is damaged: "
+                f"{self.rebuild_advice}")
 
     def neighbours(self, similarities: np.ndarray, rows: np.ndarray) -> list[Neighbour]:
         """One query's ``(similarities, rows)`` (from :meth:`search`) as :class:`Neighbour` records."""
@@ -460,7 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query (default 8)")
     parser.add_argument("--store", type=Path, default=None,
                         help="patch-embedding store directory to reuse, or to write (and resume) the extraction in")
-    parser.add_argument("--save-index", type=Path, default=None, help="also save the indexes to DIR/z and DIR/h")
+    parser.add_argument("--save-index", type=Path, default=None,
+                        help="also save the indexes to DIR/z and DIR/h (checksummed; loading verifies them)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the indexes already saved in --save-index DIR (a damaged one too), and a --store "
+                             "made with other settings or damaged beyond repair; only their own files are replaced")
     parser.add_argument("--batch-size", type=int, default=64, help="images per extraction batch (default 64)")
     return parser
 
@@ -473,11 +814,45 @@ def _central_patch(boxes: np.ndarray, image_size: Sequence[int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    with extraction_flags(args):
-        return _main(args)
+    # Recorded with the saved indexes: a damaged one is rebuilt by re-running it (with --overwrite).
+    args.command = "python -m ssl_patch_analysis.retrieval " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        with extraction_flags(args):
+            return _main(args)
+    except (ValueError, OSError) as error:  # a user's error or damaged input: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _refuse_to_replace_saved_indexes(save_index: Path) -> None:
+    """Before any work: --save-index DIR already holding indexes needs --overwrite."""
+    held = [str(save_index / layer) for layer in RETRIEVAL_LAYERS
+            if any((save_index / layer / name).exists() for name in _INDEX_FILES)]
+    if held:
+        raise FileExistsError(f"--save-index {save_index} already holds saved indexes ({', '.join(held)}): pass "
+                              "--overwrite to replace them, or choose another --save-index")
+
+
+_BACKTICKED = re.compile(r"(`[^`]*`)")
+_IN_RETRIEVAL_TERMS = ((re.compile(r"(?<![\w-])--out\b"), "--store"),
+                       (re.compile(r"the extract command that made it"), "this retrieval command"))
+
+
+def _in_retrieval_terms(message: str) -> str:
+    """A store's error as retrieval's user reads it: its store folder is --store here, not extract's --out.
+
+    Quoted commands (`python -m ssl_patch_analysis.extract ...`) keep their own flags.
+    """
+    parts = _BACKTICKED.split(message)
+    for i in range(0, len(parts), 2):
+        for pattern, replacement in _IN_RETRIEVAL_TERMS:
+            parts[i] = pattern.sub(replacement, parts[i])
+    return "".join(parts)
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
+    if args.save_index is not None and not args.overwrite:
+        _refuse_to_replace_saved_indexes(args.save_index)
     model, data, device = load_model_and_data(args)
     if not 0 <= args.num_images <= len(data):
         raise SystemExit(f"--num-images must be between 0 (all) and {len(data)} (the size of the data set)")
@@ -485,8 +860,14 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     if not 0 <= args.query_image < num_images:
         raise SystemExit(f"--query-image must be one of the indexed images 0..{num_images - 1}")
     sampler = grid(args.patch_size, args.stride)
-    embeddings = extract_patch_embeddings(model, data, sampler, image_ids=np.arange(num_images),
-                                          batch_size=args.batch_size, device=device, out=args.store)
+    try:
+        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=np.arange(num_images),
+                                              batch_size=args.batch_size, device=device, out=args.store,
+                                              overwrite=args.overwrite)
+    except (ValueError, OSError) as error:
+        if args.store is None:
+            raise
+        raise ValueError(_in_retrieval_terms(str(error))) from error
     layers = [layer for layer in RETRIEVAL_LAYERS if layer in embeddings.layers]
 
     query_boxes = np.asarray(embeddings.boxes[args.query_image])
@@ -508,7 +889,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         results[layer] = {"index": index.info, "statistics": stats,
                           "figure_neighbours": [asdict(n) for n in figure_neighbours[layer]]}
         if args.save_index:
-            index.save(args.save_index / layer)
+            index.save(args.save_index / layer, overwrite=args.overwrite, command=getattr(args, "command", None))
 
     patches = f"{args.patch_size}x{args.patch_size} patches, stride {args.stride}"
     title = (f"Nearest patches: {model_label(model)} on {data_label(data)}\n"
