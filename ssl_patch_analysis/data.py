@@ -21,6 +21,16 @@ When CIFAR-10 is found nowhere, a request for its ``test`` split is served by th
 :class:`SampleDataset`: image ``i`` is test image ``i`` of the full set, and an index past the
 sample is an IndexError, so a run never mixes in other images. Every other request (the training
 split, other data sets) still fails with the not-found error.
+
+Pixels of every kind become 8-bit RGB the same way (:func:`_as_rgb`): 16-bit greyscale is scaled
+by 255/65535 and rounded (Pillow's own conversion clips it to white), transparency is composited
+over white, and modes without a defined 8-bit form (32-bit float or integer, LAB, HSV) are refused.
+
+Damaged data stop with one line naming the file and what to do (:class:`DataFileError`): an
+archive or CIFAR batch file that does not read back, an image that does not decode. An image
+folder decodes lazily, so a bad image is found when it is first used; ``skip_bad_images=True``
+checks every file up front instead and leaves the bad ones out, listing them. The decoded-image
+cache carries a checksum of its pixels: a cache that fails it is decoded again, with a notice.
 """
 from __future__ import annotations
 
@@ -29,9 +39,13 @@ import hashlib
 import io
 import os
 import pickle
+import struct
 import sys
 import tempfile
 import warnings
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, partial
 from importlib import resources
 from pathlib import Path
@@ -72,6 +86,28 @@ FULL_CIFAR10_HINT = (f"for the full set pass --download (download=True) on a mac
                      "(--data-root, root=) to the folder holding cifar10_jpeg.npz")
 # Sub-folder names that mark an image folder as split into train/val/test folders.
 SPLIT_FOLDER_NAMES = ("train", "val", "valid", "validation", "test")
+FOLDER_IMAGE_FIX = ("replace or remove the file, or pass --skip-bad-images (skip_bad_images=True) to leave out the "
+                    "folder's unreadable images")
+# How many skipped files the one-line summary of skip_bad_images names.
+SKIPPED_NAMED = 5
+
+# What Pillow raises for a file it cannot decode (cut short, garbled, not an image at all).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+# What np.load raises for a damaged .npz (zip structure, member CRC-32s, .npy headers, missing members).
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+# Modes that Pillow converts to RGB by their definition: nothing to rescale, no transparency to resolve.
+_RGB_MODES = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr"})
+_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+# Modes whose transparent palette entry or colour (info["transparency"]) Pillow turns into alpha.
+_KEYED_TRANSPARENCY_MODES = frozenset({"1", "L", "P", "RGB"})
+_NO_RGB_FORM = {"F": "32-bit floating-point pixels (mode F)", "I": "32-bit integer pixels (mode I)"}
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used as it is: damaged, or pixels with no defined 8-bit RGB form.
+
+    The message is one line naming the file and what to do.
+    """
 
 
 def _user_cache_root() -> Path:
@@ -214,11 +250,100 @@ class SampleDataset(TensorImageDataset):
         return i
 
 
-def _decode_jpeg(data: np.ndarray) -> Image.Image:
-    """One JPEG file's bytes -> an RGB image (greyscale files too)."""
+def _reason(error: BaseException) -> str:
+    """An exception as a short one-line reason."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _undecodable(source: str, error: BaseException, fix: str) -> DataFileError:
+    return DataFileError(f"{source} cannot be decoded as an image ({_reason(error)}); {fix}")
+
+
+def _no_rgb_form(image: Image.Image) -> str | None:
+    """What keeps ``image`` from a defined 8-bit RGB form (None when it has one: see :func:`_as_rgb`)."""
+    if image.mode in _RGB_MODES or image.mode in _ALPHA_MODES or image.mode.startswith("I;16"):
+        return None
+    if image.mode == "I" and image.format == "PNG":
+        low, high = image.getextrema()
+        return None if 0 <= low and high <= 65535 else (
+            f"32-bit integer pixels (mode I) with values {low}..{high}, beyond 16 bits")
+    return _NO_RGB_FORM.get(image.mode, f"pixels of mode {image.mode}")
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` (a mode :func:`_no_rgb_form` accepts) as 8-bit RGB.
+
+    16-bit greyscale (modes ``I;16*``, and mode ``I``, in which Pillow before 10 opened 16-bit PNGs)
+    is scaled by 255/65535 and rounded: Pillow's own conversion clips it, turning it white.
+    Transparency (an alpha channel, a transparent palette entry or colour) is composited over white,
+    so colours hidden under transparent pixels never reach a model. 16-bit colour PNGs arrive already
+    reduced by Pillow to their high byte (at most 1 level below rounding).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        return _sixteen_bit_grey_to_rgb(image)
+    if image.mode in _ALPHA_MODES or (image.mode in _KEYED_TRANSPARENCY_MODES and "transparency" in image.info):
+        return _over_white(image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _sixteen_bit_grey_to_rgb(image: Image.Image) -> Image.Image:
+    grey = np.asarray(image).astype(np.int64)
+    # v * 255 / 65535 is v / 257, and (v + 128) // 257 rounds it: no 16-bit value lies half-way.
+    rgb = np.repeat(((grey + 128) // 257).astype(np.uint8)[..., None], 3, axis=2)
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        rgb[grey == transparent] = 255
+    return Image.fromarray(rgb)
+
+
+def _over_white(rgba: Image.Image) -> Image.Image:
+    pixels = np.asarray(rgba).astype(np.uint32)
+    colour, alpha = pixels[..., :3], pixels[..., 3:]
+    # round((colour * alpha + 255 * (255 - alpha)) / 255), in integers: no value lies half-way.
+    return Image.fromarray((((colour * alpha + 255 * (255 - alpha)) * 2 + 255) // 510).astype(np.uint8))
+
+
+def _open_rgb(file: str | Path | io.BytesIO, source: str, fix: str) -> Image.Image:
+    """The image in ``file`` as 8-bit RGB (:func:`_as_rgb`); DataFileError naming ``source`` and ``fix`` if it
+    does not decode or has no defined 8-bit RGB form."""
     # Pillow, not torchvision.io: torchvision 0.29 deprecates its decoders.
-    with Image.open(io.BytesIO(data.tobytes())) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(file) as image:
+            image.load()
+            problem = _no_rgb_form(image)
+            if problem is None:
+                return _as_rgb(image)
+    except _DECODE_ERRORS as error:
+        raise _undecodable(source, error, fix) from error
+    raise DataFileError(f"{source} holds {problem}, which have no defined conversion to 8-bit RGB: save it as an "
+                        f"8-bit or 16-bit PNG or JPEG; {fix}")
+
+
+def _header_size(file: str | Path | io.BytesIO, source: str, fix: str) -> tuple[int, int]:
+    """Pillow ``(W, H)`` of the image in ``file``, from its header alone."""
+    try:
+        with Image.open(file) as image:
+            return image.size
+    except _DECODE_ERRORS as error:
+        raise _undecodable(source, error, fix) from error
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why the image file ``path`` cannot be used, or None when it can.
+
+    Pillow's verify() checks the file's structure (and a PNG's checksums) without decoding, so it
+    does not see a JPEG cut short: the image is decoded as well, a JPEG at 1/8 scale (draft), which
+    still reads every byte of it at a fraction of the cost.
+    """
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.draft(None, (1, 1))
+            image.load()
+            return _no_rgb_form(image)
+    except _DECODE_ERRORS as error:
+        return _reason(error)
 
 
 def _to_chw_tensor(image: Image.Image) -> torch.Tensor:
@@ -230,10 +355,13 @@ class JpegArchiveDataset(ImageDataset):
     """Images kept as concatenated JPEG bytes (the ``.npz`` archive layout), decoded on access.
 
     Image ``i`` is ``jpeg[offsets[i]:offsets[i + 1]]``. Greyscale JPEGs come back as 3 equal channels.
+    An image that does not decode raises DataFileError naming image ``i`` of ``source`` (the file the
+    bytes came from) and ``fix`` (what to do about it).
     """
 
     def __init__(self, jpeg: np.ndarray, offsets: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                 name: str, split: str, description: str | None = None):
+                 name: str, split: str, description: str | None = None, source: str = "the archive",
+                 fix: str = "replace the archive with a fresh copy"):
         if len(offsets) != len(labels) + 1:
             raise ValueError(f"{name} {split}: {len(offsets)} offsets for {len(labels)} labels (expected one more)")
         self.jpeg = jpeg
@@ -243,15 +371,19 @@ class JpegArchiveDataset(ImageDataset):
         self.name = name
         self.split = split
         self.description = description or name
+        self.source = source
+        self.fix = fix
+
+    def _file(self, i: int) -> io.BytesIO:
+        return io.BytesIO(self.jpeg[self.offsets[i]:self.offsets[i + 1]].tobytes())
 
     def load_image(self, i: int) -> torch.Tensor:
-        return _to_chw_tensor(_decode_jpeg(self.jpeg[self.offsets[i]:self.offsets[i + 1]]))
+        return _to_chw_tensor(_open_rgb(self._file(i), f"image {i} of {self.source}", self.fix))
 
     @cached_property
     def image_size(self) -> tuple[int, int] | None:
         # Pillow reads only the JPEG header here: all 3,925 Imagenette sizes take ~0.15 s.
-        sizes = {Image.open(io.BytesIO(self.jpeg[a:b].tobytes())).size
-                 for a, b in zip(self.offsets[:-1], self.offsets[1:])}
+        sizes = {_header_size(self._file(i), f"image {i} of {self.source}", self.fix) for i in range(len(self))}
         return _common_size(sizes)
 
 
@@ -270,9 +402,16 @@ class ImageFolderDataset(ImageDataset):
     ``torchvision.datasets.ImageFolder`` does, so labels agree with it. ``image_size=S`` resizes
     the shorter side to ``S`` (bilinear, antialiased) and centre-crops ``S x S``; ``None`` keeps
     each image's own size.
+
+    A file that does not decode raises DataFileError naming it when it is first used: checking
+    every file when the folder is listed would cost a decode per image on every load.
+    ``skip_bad_images=True`` pays that once, up front (:func:`_image_problem`, on several threads,
+    with a progress bar after 2 seconds), leaves the bad files out, lists them in one line on stderr
+    and keeps them in ``skipped`` as ``(path, reason)``; image ``i`` is then the ``i``-th good file.
     """
 
-    def __init__(self, root: str | Path, image_size: int | None = None, split: str = ""):
+    def __init__(self, root: str | Path, image_size: int | None = None, split: str = "",
+                 skip_bad_images: bool = False):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (expected <folder>/<class>/<image>)")
@@ -287,10 +426,32 @@ class ImageFolderDataset(ImageDataset):
         self.name = root.name
         self.split = split
         self.description = f"{root.parent.name}/{root.name}" if split else root.name
+        self.skipped: list[tuple[Path, str]] = []
+        if skip_bad_images:
+            self._leave_out_bad_images()
+
+    def _leave_out_bad_images(self) -> None:
+        # Decoding releases the GIL: threads check several files at once.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            problems = list(tqdm(pool.map(_image_problem, self.paths), total=len(self.paths),
+                                 desc=f"checking the images of {self.root}", unit="img", delay=2.0, mininterval=0.5))
+        self.skipped = [(path, problem) for path, problem in zip(self.paths, problems) if problem is not None]
+        if not self.skipped:
+            return
+        named = ", ".join(f"{path.relative_to(self.root).as_posix()} ({problem})"
+                          for path, problem in self.skipped[:SKIPPED_NAMED])
+        if len(self.skipped) == len(self.paths):
+            raise DataFileError(f"none of the {len(self.paths)} images of {self.root} can be read (first: {named}); "
+                                "replace the files or load another folder")
+        more = len(self.skipped) - SKIPPED_NAMED
+        print(f"note: skipped {len(self.skipped)} of {len(self.paths)} images of {self.root} that cannot be read: "
+              f"{named}" + (f", and {more} more" if more > 0 else ""), file=sys.stderr)
+        keep = [i for i, problem in enumerate(problems) if problem is None]
+        self.paths = [self.paths[i] for i in keep]
+        self.labels = self.labels[keep]
 
     def load_image(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as im:
-            image = im.convert("RGB")
+        image = _open_rgb(self.paths[i], str(self.paths[i]), FOLDER_IMAGE_FIX)
         if self.resize_to is not None:
             image = TF.center_crop(TF.resize(image, self.resize_to, antialias=True), self.resize_to)
         return _to_chw_tensor(image)
@@ -299,26 +460,30 @@ class ImageFolderDataset(ImageDataset):
     def image_size(self) -> tuple[int, int] | None:
         if self.resize_to is not None:
             return (self.resize_to, self.resize_to)
-        sizes = set()
-        for path in self.paths:
-            with Image.open(path) as im:
-                sizes.add(im.size)
+        sizes = {_header_size(path, str(path), FOLDER_IMAGE_FIX) for path in self.paths}
         return _common_size(sizes)
 
 
-def decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, desc: str = "decoding") -> np.ndarray:
+def decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, desc: str = "decoding", source: str = "the archive",
+                 fix: str = "replace the archive with a fresh copy") -> np.ndarray:
     """Decode every image of a JPEG archive split into one N x 3 x H x W uint8 array.
 
     Image ``i`` is ``jpeg[offsets[i]:offsets[i + 1]]``. All images must share one size (ValueError
-    otherwise). Shows a progress bar once decoding has taken 2 seconds.
+    otherwise); one that does not decode raises DataFileError naming it, ``source`` (the file the
+    bytes came from) and ``fix``. Shows a progress bar once decoding has taken 2 seconds.
     """
     n = len(offsets) - 1
     if n < 1:
         raise ValueError(f"{desc}: the archive split holds no images")
-    first = np.asarray(_decode_jpeg(jpeg[offsets[0]:offsets[1]]))
+
+    def decode(i: int) -> np.ndarray:
+        file = io.BytesIO(jpeg[offsets[i]:offsets[i + 1]].tobytes())
+        return np.asarray(_open_rgb(file, f"image {i} of {source}", fix))
+
+    first = decode(0)
     out = np.empty((n, first.shape[2], first.shape[0], first.shape[1]), dtype=np.uint8)
     for i in tqdm(range(n), desc=desc, unit="img", delay=2.0, mininterval=0.5):
-        image = first if i == 0 else np.asarray(_decode_jpeg(jpeg[offsets[i]:offsets[i + 1]]))
+        image = first if i == 0 else decode(i)
         if image.shape != first.shape:
             raise ValueError(f"{desc}: image {i} is {image.shape[0]}x{image.shape[1]}, image 0 is "
                              f"{first.shape[0]}x{first.shape[1]}; an archive decoded into one array needs one size")
@@ -326,44 +491,106 @@ def decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, desc: str = "decoding") 
     return out
 
 
-def _read_archive_arrays(path: Path, split: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    # np.load of an .npz reads an array only when its key is accessed, so the JPEG bytes stay on
-    # disk when the decoded cache is used.
-    with np.load(path) as archive:
+def _archive_fix(name: str) -> str:
+    """What to do about a damaged archive of data set ``name``."""
+    file = ARCHIVE_DATASETS[name][1]
+    if name == "imagenette":
+        return (f"replace it with a fresh copy of {file}, or load fast.ai's imagenette2 folder instead "
+                "(--data /path/to/imagenette2 --image-size 224)")
+    return (f"replace it with a fresh copy of {file}, or pass --download (download=True) to read torchvision's "
+            "official files instead")
+
+
+def _read_npz(path: Path | io.BytesIO, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` of the .npz ``path``; the errors of np.load (:data:`_NPZ_ERRORS`) if it is damaged."""
+    # np.load of an .npz reads an array only when its key is accessed (checking the member's CRC-32),
+    # so the JPEG bytes stay on disk when the decoded cache is used.
+    loaded = np.load(path)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("it holds a single .npy array, not an .npz archive")
+    with loaded as archive:
         missing = [k for k in keys if k not in archive.files]
         if missing:
-            raise ValueError(f"{path} lacks the {split!r} arrays of a JPEG archive: {', '.join(missing)} "
-                             f"(it has {', '.join(archive.files)})")
+            raise ValueError(f"it lacks the array(s) {', '.join(missing)}; it has {', '.join(archive.files)}")
         return {k: archive[k] for k in keys}
+
+
+def _read_archive_arrays(path: Path, name: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        return _read_npz(path, keys)
+    except PermissionError:  # not damage: the message names the file already
+        raise
+    except _NPZ_ERRORS as error:
+        raise DataFileError(f"{path} is damaged ({_reason(error)}); {_archive_fix(name)}") from error
+
+
+def _split_problem(split: str, arrays: dict[str, np.ndarray], jpeg_bytes: int | None) -> str | None:
+    """What is wrong with the offsets and labels of an archive split (None when they fit)."""
+    offsets, labels, class_names = arrays[f"{split}_offsets"], arrays[f"{split}_labels"], arrays["class_names"]
+    for key, array in ((f"{split}_offsets", offsets), (f"{split}_labels", labels)):
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            return f"{key} is {array.dtype} of shape {array.shape}, not a list of integers"
+    if len(offsets) != len(labels) + 1:
+        return f"{len(offsets)} {split} offsets for {len(labels)} labels (expected one more)"
+    end = offsets[-1] if jpeg_bytes is None else jpeg_bytes
+    if offsets[0] != 0 or np.any(np.diff(offsets) <= 0) or offsets[-1] != end:
+        return f"its {split} offsets do not cut its {end:,} bytes of {split}_jpeg into {len(labels)} images"
+    if len(labels) and not (0 <= labels.min() and labels.max() < len(class_names)):
+        return f"its {split} labels {labels.min()}..{labels.max()} do not fit its {len(class_names)} class names"
+    return None
+
+
+def _check_archive_split(path: Path, name: str, split: str, arrays: dict[str, np.ndarray]) -> None:
+    jpeg = arrays.get(f"{split}_jpeg")
+    problem = _split_problem(split, arrays, None if jpeg is None else len(jpeg))
+    if problem is not None:
+        raise DataFileError(f"{path} is damaged ({problem}); {_archive_fix(name)}")
 
 
 def _decoded_cache_path(archive: Path, split: str) -> Path:
     stat = archive.stat()
     where = hashlib.sha1(str(archive.resolve()).encode()).hexdigest()[:12]
     # size + mtime: a replaced archive gets a new cache file instead of stale pixels.
-    return cache_dir() / "decoded" / f"{archive.stem}-{where}-{split}-{stat.st_size}-{stat.st_mtime_ns}.npy"
+    return cache_dir() / "decoded" / f"{archive.stem}-{where}-{split}-{stat.st_size}-{stat.st_mtime_ns}.npz"
 
 
-def _load_cached(path: Path, n: int) -> np.ndarray | None:
-    if not path.exists():
-        return None
-    try:
-        images = np.load(path)
-    except (OSError, ValueError):
-        return None
-    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != n:
-        return None
+def _checksum(images: np.ndarray) -> int:
+    # CRC-32 runs at over 1 GB/s: the 150 MB of CIFAR-10's training split cost about 0.1 s.
+    return zlib.crc32(np.ascontiguousarray(images))
+
+
+def _read_cache(path: Path, n: int) -> np.ndarray:
+    """The ``n`` images cached at ``path``; the errors of np.load, or ValueError, if they cannot be trusted."""
+    arrays = _read_npz(path, ["images", "crc32"])
+    images, checksum = arrays["images"], arrays["crc32"]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[:2] != (n, 3):
+        raise ValueError(f"it holds {images.dtype} images of shape {images.shape}, not {n} uint8 RGB images")
+    if checksum.shape != () or int(checksum) != _checksum(images):
+        raise ValueError("its pixels do not match their checksum")
     return images
 
 
+def _load_cached(path: Path, n: int, archive: Path) -> np.ndarray | None:
+    """The cached decode of ``archive``, or None when there is none, or none to trust (with a notice)."""
+    if not path.exists():
+        return None
+    try:
+        return _read_cache(path, n)
+    except _NPZ_ERRORS as error:
+        print(f"note: the decoded-image cache {path} is damaged ({_reason(error)}); decoding {archive} again to "
+              "replace it", file=sys.stderr)
+        return None
+
+
 def _write_cache(path: Path, images: np.ndarray) -> None:
-    """Atomic write (temporary file + rename), and removal of caches of older versions of the archive."""
+    """Atomic write (temporary file + rename) of the images and their checksum, and removal of caches of older
+    versions of the archive (and of the cache format)."""
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
             tmp = Path(f.name)
-            np.save(f, images)
+            np.savez(f, images=images, crc32=np.uint32(_checksum(images)))
         os.replace(tmp, path)
     except OSError as e:
         if tmp is not None:
@@ -372,21 +599,22 @@ def _write_cache(path: Path, images: np.ndarray) -> None:
                       f"next time. Set {CACHE_ENV} to a writable folder to cache it.", stacklevel=3)
         return
     stem = path.name.rsplit("-", 2)[0]
-    for old in path.parent.glob(f"{stem}-*.npy"):
+    for old in path.parent.glob(f"{stem}-*.np[yz]"):
         if old != path:
             old.unlink(missing_ok=True)
 
 
 def _load_decoded_archive(path: Path, name: str, split: str) -> TensorImageDataset:
-    meta = _read_archive_arrays(path, split, [f"{split}_labels", f"{split}_offsets", "class_names"])
+    meta = _read_archive_arrays(path, name, [f"{split}_labels", f"{split}_offsets", "class_names"])
+    _check_archive_split(path, name, split, meta)
     labels, offsets = meta[f"{split}_labels"], meta[f"{split}_offsets"]
     cache = _decoded_cache_path(path, split)
-    images = _load_cached(cache, len(labels))
+    images = _load_cached(cache, len(labels), path)
     if images is None:
-        jpeg = _read_archive_arrays(path, split, [f"{split}_jpeg"])[f"{split}_jpeg"]
-        if len(offsets) != len(labels) + 1:
-            raise ValueError(f"{path}: {len(offsets)} {split} offsets for {len(labels)} labels")
-        images = decode_jpegs(jpeg, offsets, desc=f"decoding {name} {split}")
+        jpeg = _read_archive_arrays(path, name, [f"{split}_jpeg"])[f"{split}_jpeg"]
+        _check_archive_split(path, name, split, {**meta, f"{split}_jpeg": jpeg})
+        images = decode_jpegs(jpeg, offsets, desc=f"decoding {name} {split}", source=str(path),
+                              fix=f"the archive is damaged: {_archive_fix(name)}")
         _write_cache(cache, images)
     # The pixels are JPEG copies of the official ones: results must say so.
     return TensorImageDataset(torch.from_numpy(images), labels, meta["class_names"].tolist(), name=name, split=split,
@@ -394,10 +622,12 @@ def _load_decoded_archive(path: Path, name: str, split: str) -> TensorImageDatas
 
 
 def _load_lazy_archive(path: Path, name: str, split: str) -> JpegArchiveDataset:
-    arrays = _read_archive_arrays(path, split, [f"{split}_jpeg", f"{split}_offsets", f"{split}_labels", "class_names"])
+    arrays = _read_archive_arrays(path, name, [f"{split}_jpeg", f"{split}_offsets", f"{split}_labels", "class_names"])
+    _check_archive_split(path, name, split, arrays)
     return JpegArchiveDataset(arrays[f"{split}_jpeg"], arrays[f"{split}_offsets"], arrays[f"{split}_labels"],
                               arrays["class_names"].tolist(), name=name, split=split,
-                              description=ARCHIVE_DATASETS[name][3])
+                              description=ARCHIVE_DATASETS[name][3], source=str(path),
+                              fix=f"the archive is damaged: {_archive_fix(name)}")
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -419,34 +649,69 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _damaged_cifar(path: Path, problem: str) -> DataFileError:
+    return DataFileError(f"{path} is damaged or not an official CIFAR file ({problem}); remove the folder "
+                         f"{path.parent} and reload with --download (download=True, on a machine with internet) to "
+                         "fetch it again")
+
+
 def _read_cifar_pickle(path: Path, keys: Sequence[str]) -> dict[str, object]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from torchvision's CIFAR folder; remove the folder and "
                                 "reload with download=True (on a machine with internet) to fetch it again")
     with open(path, "rb") as f:
-        # latin1, like torchvision: the official files were pickled by Python 2.
-        entry = _CifarUnpickler(f, encoding="latin1").load()
+        try:
+            # latin1, like torchvision: the official files were pickled by Python 2.
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+        except Exception as error:  # a garbled pickle can raise almost any exception type
+            raise _damaged_cifar(path, _reason(error)) from error
     if not isinstance(entry, dict):
-        raise ValueError(f"{path} is not a CIFAR batch file (a pickled dict), it holds a {type(entry).__name__}")
+        raise _damaged_cifar(path, f"it holds a {type(entry).__name__}, not a pickled dict")
     # Keys are str in the official files and bytes in files written by Python 3 with b"..." keys.
     entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
     missing = [k for k in keys if k not in entry]
     if missing:
-        raise ValueError(f"{path} lacks the key(s) {', '.join(missing)} of torchvision's CIFAR format "
-                         f"(it has {', '.join(map(str, entry))})")
+        raise _damaged_cifar(path, f"it lacks the key(s) {', '.join(missing)} of torchvision's CIFAR format; it has "
+                                   f"{', '.join(map(str, entry))}")
     return entry
+
+
+def _cifar_class_names(path: Path, names_key: str) -> list[str]:
+    names = _read_cifar_pickle(path, [names_key])[names_key]
+    if not isinstance(names, (list, tuple)) or not names:
+        raise _damaged_cifar(path, f"its {names_key!r} is not a list of names")
+    return [c.decode("latin1") if isinstance(c, bytes) else str(c) for c in names]
+
+
+def _cifar_batch(path: Path, labels_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(N x 3072 uint8 rows, N labels)`` of one CIFAR batch file, checked."""
+    entry = _read_cifar_pickle(path, ["data", labels_key])
+    try:
+        data, labels = np.asarray(entry["data"]), np.asarray(entry[labels_key])
+    except (TypeError, ValueError) as error:
+        raise _damaged_cifar(path, _reason(error)) from error
+    if data.dtype.kind not in "iu" or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise _damaged_cifar(path, f"'data' must hold rows of 3072 integers (3 x 32 x 32), it holds {data.dtype} of "
+                                   f"shape {data.shape}")
+    if data.dtype != np.uint8 and len(data) and not (0 <= data.min() and data.max() <= 255):
+        raise _damaged_cifar(path, f"its pixels {data.min()}..{data.max()} do not fit 0..255")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(data):
+        raise _damaged_cifar(path, f"{len(labels) if labels.ndim == 1 else labels.shape} labels for {len(data)} "
+                                   "images")
+    return data.astype(np.uint8, copy=False), labels.astype(np.int64)
 
 
 def _load_torchvision_cifar(folder: Path, name: str, split: str) -> TensorImageDataset:
     """Read torchvision's ``cifar-10-batches-py`` / ``cifar-100-python`` folder (no md5 check)."""
     _, files, meta_file, names_key, labels_key = TORCHVISION_CIFAR[name]
-    batches = [_read_cifar_pickle(folder / f, ["data", labels_key]) for f in files[split]]
-    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise ValueError(f"{folder}: 'data' must hold rows of 3072 values (3 x 32 x 32), got shape {data.shape}")
-    labels = np.concatenate([np.asarray(b[labels_key], dtype=np.int64) for b in batches])
-    names = _read_cifar_pickle(folder / meta_file, [names_key])[names_key]
-    class_names = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
+    batches = [_cifar_batch(folder / f, labels_key) for f in files[split]]
+    class_names = _cifar_class_names(folder / meta_file, names_key)
+    for f, (_, batch_labels) in zip(files[split], batches):
+        if len(batch_labels) and not (0 <= batch_labels.min() and batch_labels.max() < len(class_names)):
+            raise _damaged_cifar(folder / f, f"its labels {batch_labels.min()}..{batch_labels.max()} do not fit the "
+                                             f"{len(class_names)} classes of {meta_file}")
+    data = np.concatenate([rows for rows, _ in batches])
+    labels = np.concatenate([batch_labels for _, batch_labels in batches])
     # Each row is 1024 red, then 1024 green, then 1024 blue values of a row-major 32 x 32 image.
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32))
     return TensorImageDataset(images, labels, class_names, name=name, split=split,
@@ -510,15 +775,15 @@ def _load_imagenette(split: str, root: Path, download: bool) -> JpegArchiveDatas
         "load_dataset('/path/to/imagenette2', split='val', image_size=224)."))
 
 
-def _load_folder(folder: Path, split: str, image_size: int | None) -> ImageFolderDataset:
+def _load_folder(folder: Path, split: str, image_size: int | None, skip_bad_images: bool) -> ImageFolderDataset:
     if (folder / split).is_dir():
-        return ImageFolderDataset(folder / split, image_size=image_size, split=split)
+        return ImageFolderDataset(folder / split, image_size=image_size, split=split, skip_bad_images=skip_bad_images)
     split_folders = [s for s in SPLIT_FOLDER_NAMES if (folder / s).is_dir()]
     if split_folders:
         # Without this check the split folders themselves would silently become the classes.
         raise ValueError(f"{folder} has split sub-folders ({', '.join(split_folders)}) but no {split!r}; "
                          f"pass split= one of them")
-    return ImageFolderDataset(folder, image_size=image_size)
+    return ImageFolderDataset(folder, image_size=image_size, skip_bad_images=skip_bad_images)
 
 
 def sample_path() -> Traversable:
@@ -532,11 +797,16 @@ def load_sample() -> SampleDataset:
     Its JPEG bytes are those of ``cifar10_jpeg.npz``, so its pixels equal the full copy's. Decoding
     takes a fraction of a second, so it is not cached.
     """
-    # read_bytes: works wherever the package lives, a zip file included.
-    with np.load(io.BytesIO(sample_path().read_bytes())) as archive:
-        jpeg, offsets, labels, class_names = (archive[f"{SAMPLE_SPLIT}_jpeg"], archive[f"{SAMPLE_SPLIT}_offsets"],
-                                              archive[f"{SAMPLE_SPLIT}_labels"], archive["class_names"])
-    images = decode_jpegs(jpeg, offsets, desc=f"decoding the {SAMPLE_DATASET} sample")
+    keys = [f"{SAMPLE_SPLIT}_jpeg", f"{SAMPLE_SPLIT}_offsets", f"{SAMPLE_SPLIT}_labels", "class_names"]
+    fix = f"reinstall ssl_patch_analysis to get an intact copy; {FULL_CIFAR10_HINT}"
+    try:
+        # read_bytes: works wherever the package lives, a zip file included.
+        arrays = _read_npz(io.BytesIO(sample_path().read_bytes()), keys)
+    except _NPZ_ERRORS as error:
+        raise DataFileError(f"the built-in sample {sample_path()} is damaged ({_reason(error)}); {fix}") from error
+    jpeg, offsets, labels, class_names = (arrays[k] for k in keys)
+    images = decode_jpegs(jpeg, offsets, desc=f"decoding the {SAMPLE_DATASET} sample", source=str(sample_path()),
+                          fix=fix)
     return SampleDataset(torch.from_numpy(images), labels, class_names.tolist(), name=SAMPLE_DATASET,
                          split=SAMPLE_SPLIT, description=f"{ARCHIVE_DATASETS[SAMPLE_DATASET][3]} (JPEG copy, "
                                                          f"{len(labels):,}-image sample)")
@@ -552,7 +822,7 @@ def _sample_instead(roots: list[Path], missing: FileNotFoundError) -> SampleData
 
 
 def load_dataset(name: str, split: str = "test", root: str | Path | None = None, download: bool = False,
-                 image_size: int | None = None) -> ImageDataset:
+                 image_size: int | None = None, skip_bad_images: bool = False) -> ImageDataset:
     """Load a data set by name (``cifar10``, ``cifar100``, ``imagenette``) or by image-folder path.
 
     ``root`` is the folder holding the data (default :func:`data_roots`). For a folder path,
@@ -560,13 +830,18 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
     ``image_size`` resizes and centre-crops folder images to a square (archives keep their native
     size). When CIFAR-10 is in none of the roots, ``cifar10`` ``test`` is the built-in sample
     (:func:`load_sample`, with a notice on stderr); other absent data raise FileNotFoundError naming
-    every path tried.
+    every path tried. Damaged data raise :class:`DataFileError` naming the file and what to do;
+    ``skip_bad_images=True`` leaves out an image folder's unreadable files instead, listing them
+    (:class:`ImageFolderDataset`). An archive is checked as a whole: it has no images to leave out.
     """
     key = name.lower()
     if key in ARCHIVE_DATASETS:
         splits, _, native, _ = ARCHIVE_DATASETS[key]
         _check_split(key, split, splits)
         _check_native_size(key, image_size, native)
+        if skip_bad_images:
+            raise ValueError(f"skip_bad_images (--skip-bad-images) is for image folders: {key} is read from an "
+                             "archive, which is checked as a whole (a damaged one must be replaced)")
         loader = _load_imagenette if key == "imagenette" else partial(_load_cifar, key)
         roots = [Path(root).expanduser()] if root is not None else data_roots()
         missing = []
@@ -586,6 +861,6 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
         raise error
     folder = Path(name).expanduser()
     if folder.is_dir():
-        return _load_folder(folder, split, image_size)
+        return _load_folder(folder, split, image_size, skip_bad_images)
     raise ValueError(f"unknown data set {name!r}: known names are {', '.join(ARCHIVE_DATASETS)}, "
                      "or give the path of an image folder (<folder>/<class>/<image>)")

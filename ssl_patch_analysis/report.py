@@ -1,8 +1,8 @@
 """What every analysis command shares: its model/data flags, and how it writes what a person reads.
 
 Each analysis (``python -m ssl_patch_analysis.<name>``) takes the same ``--model``, ``--data``,
-``--split``, ``--data-root``, ``--device``, ``--download``, ``--seed``, ``--random-init``, ``--amp``/``--no-amp``,
-``--compile`` and ``--out`` flags (:func:`add_model_data_args`, :func:`load_model_and_data`,
+``--split``, ``--data-root``, ``--skip-bad-images``, ``--device``, ``--download``, ``--seed``, ``--random-init``,
+``--amp``/``--no-amp``, ``--compile`` and ``--out`` flags (:func:`add_model_data_args`, :func:`load_model_and_data`,
 :func:`extraction_flags`), and writes a figure (PNG, plus PDF with
 ``--pdf``) and the numbers behind it (JSON) to ``--out`` (default ``figures/``), then prints a short
 table (:func:`format_table`). Figure titles name the model and the data (:func:`model_label`).
@@ -60,6 +60,9 @@ def add_model_data_args(parser: argparse.ArgumentParser, model_default: str | No
                         help="folder holding the data sets (default: $SSL_PATCH_ANALYSIS_DATA)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize + centre-crop the images of a folder data set to this square")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="image folders: check every file first and leave out those that cannot be read, listing "
+                             "them (default: stop at the first, naming it)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--download", action="store_true",
                         help="allow downloading published weights / CIFAR (needs internet)")
@@ -92,7 +95,8 @@ def load_model_and_data(args: argparse.Namespace, split_default: str = "test"):
     device = resolve_device(args.device)
     split = args.split or ("val" if args.data == "imagenette" else split_default)
     model = load_model(args.model, device=device, download=args.download)
-    data = load_dataset(args.data, split, root=args.data_root, download=args.download, image_size=args.image_size)
+    data = load_dataset(args.data, split, root=args.data_root, download=args.download, image_size=args.image_size,
+                        skip_bad_images=args.skip_bad_images)
     if getattr(args, "random_init", False):
         model = random_init_control(model, data, args.seed)
     return model, data, device
