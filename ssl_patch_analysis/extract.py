@@ -182,6 +182,10 @@ class _ImageSource:
                 )
             if images.dtype != torch.uint8 and not images.is_floating_point():
                 raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
+            if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+                bad = (~torch.isfinite(images)).flatten(1).any(dim=1).nonzero().flatten()
+                raise ValueError(f"images hold NaN or infinite pixels (image {int(bad[0])} first, {len(bad)} images "
+                                 "in all): every patch embedding of them would be NaN")
             if images.is_floating_point() and images.numel() and (images.min() < 0 or images.max() > 1):
                 low, high = float(images.min()), float(images.max())
                 raise ValueError(
@@ -649,6 +653,19 @@ def extract_patch_embeddings(
         model.train(was_training)
 
 
+def _check_finite_rows(arrays: dict[str, np.ndarray], image_ids: np.ndarray, dtype: str) -> None:
+    """Stop at the first image whose embedding holds NaN or infinity, naming it (a store of NaN is no result)."""
+    for name, rows in arrays.items():
+        finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
+        if not finite.all():
+            first = int(np.argmin(finite))
+            overflow = (" or a value beyond float16's range (65504) was stored: try dtype='float32' (--dtype float32)"
+                        if dtype == "float16" else "")
+            raise ValueError(f"the {name} embedding of image {int(image_ids[first])} holds NaN or infinity "
+                             f"({int((~finite).sum())} of the {len(rows)} images of its batch): the model produced "
+                             f"it from these pixels{overflow}; nothing was stored for this batch")
+
+
 class _Run:
     """One extraction: the batch loop shared by the in-memory and the on-disk paths."""
 
@@ -696,6 +713,7 @@ class _Run:
                     torch.cuda.current_stream(self.device).synchronize()
                 n = span.stop - span.start
                 arrays = {name: host[name][:count].numpy().reshape(n, layout.num_patches, -1) for name in host}
+                _check_finite_rows(arrays, batch_ids, layout.dtype)
                 arrays["boxes"] = boxes.numpy()
                 yield span, arrays
                 done_images += n

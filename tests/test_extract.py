@@ -159,6 +159,28 @@ def test_store_equals_in_memory_result(tmp_path, dtype):
     assert reloaded.meta["model"]["method"] == "test" and reloaded.meta["dtype"] == dtype
 
 
+def test_nan_pixels_and_nan_embeddings_stop_extraction_naming_the_image(tmp_path):
+    # Was: an all-NaN store and a table of nan, exit 0.
+    model = tiny_model()
+    images = random_images(10).float() / 255
+    images[6, 1, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite pixels \(image 6 first, 1 images"):
+        extract_patch_embeddings(model, images, grid(16), progress=False)
+    # A model that turns one image's embedding into NaN: the batch holding it is not stored.
+    clean = random_images(10)
+    target = clean[7].float().div(255)
+
+    def poison(module, inputs, output):
+        hit = (inputs[0][:, :, :4, :4] - model.normalize_pixels(target[None])[:, :, :4, :4]).abs().flatten(1)
+        output[hit.amax(dim=1) < 1e-5] = float("nan")
+        return output
+
+    model.backbone.register_forward_hook(poison)
+    with pytest.raises(ValueError, match=r"the h embedding of image 7 holds NaN or infinity .*float32"):
+        extract_patch_embeddings(model, clean, grid(32), batch_size=4, out=tmp_path / "s", progress=False)
+    assert done_batches(tmp_path / "s").tolist() == [True, False, False]  # images 0-3 stored, 4-7 not
+
+
 def test_complete_store_is_reused_and_other_settings_are_refused(tmp_path):
     model, images = tiny_model(projector=False), random_images(6)
     first = extract_patch_embeddings(model, images, grid(16), batch_size=4, out=tmp_path / "s", progress=False)
