@@ -37,7 +37,9 @@ From Python, :func:`train` takes a :class:`TrainConfig`::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -45,7 +47,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -773,20 +775,63 @@ def train(config: TrainConfig | argparse.Namespace) -> Path:
     config.command = command_line(config)
     processes = setup_processes(config.device)
     try:
-        run = setup_run(config, processes)
-        for epoch in range(run.start_epoch, config.epochs):
-            result = train_one_epoch(run, epoch)
-            stopped_early = end_of_epoch(run, epoch, result)
-            if stopped_early:
-                if processes.main:
-                    print(f"stopping after epoch {epoch + 1}: {stopped_early}; continue with --resume")
-                break
-        if processes.main:
-            print(f"checkpoint: {run.checkpoint_path}")
-        return run.checkpoint_path
+        with contextlib.ExitStack() as held:
+            if processes.main:
+                held.enter_context(run_folder_lock(run_folder(config), config.resume))
+            return _train(config, processes)
     finally:
         if processes.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, processes: Processes) -> Path:
+    """Set up, then one epoch after another until the last one or an early stop."""
+    run = setup_run(config, processes)
+    for epoch in range(run.start_epoch, config.epochs):
+        result = train_one_epoch(run, epoch)
+        stopped_early = end_of_epoch(run, epoch, result)
+        if stopped_early:
+            if processes.main:
+                print(f"stopping after epoch {epoch + 1}: {stopped_early}; continue with --resume")
+            break
+    if processes.main:
+        print(f"checkpoint: {run.checkpoint_path}")
+    return run.checkpoint_path
+
+
+def run_folder(config: TrainConfig) -> Path:
+    """``--out``, or ``runs/<method>-<arch>-<data>``."""
+    data_name = Path(config.data).name if config.data.lower() not in ARCHIVE_DATASETS else config.data.lower()
+    return Path(config.out or f"runs/{config.method}-{config.arch}-{data_name}")
+
+
+class RunFolderLockedError(FileExistsError):
+    """Another process is training in this run folder."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path, resume: bool) -> Iterator[None]:
+    """One training process per run folder: an OS lock (``fcntl.flock`` on ``out/.lock``, released when the
+    process ends or dies). A second run in the same folder stops at once, naming the process that holds it."""
+    if not out.is_dir():
+        if resume:  # nothing to lock: setup_run says there is no run to resume
+            yield
+            return
+        out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            raise RunFolderLockedError(
+                f"process {holder} is training in {out}: wait for it to finish (then --resume continues it), or "
+                "choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 RESUME_KEYS = ("args", "model", "optimizer", "epoch", "step", "wall_time_s", "rng")
@@ -819,8 +864,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     image_size = (int(data.images.shape[2]), int(data.images.shape[3]))
     config.resolve(min(image_size), device)
     _check_args(config, processes.world_size, image_size)
-    data_name = Path(config.data).name if config.data.lower() not in ARCHIVE_DATASETS else config.data.lower()
-    out = Path(config.out or f"runs/{config.method}-{config.arch}-{data_name}")
+    out = run_folder(config)
 
     torch.manual_seed(config.seed)
     ssl_model = build_model(config, min(image_size)).to(device).to(memory_format=torch.channels_last)

@@ -113,6 +113,23 @@ def test_damaged_or_missing_resume_state_gives_one_consistent_advice(cifar10_npz
     assert (out / "checkpoint.pt").read_bytes() == (two_epoch_run[0] / "checkpoint.pt").read_bytes()
 
 
+def test_a_second_training_in_the_same_folder_stops_naming_the_first(cifar10_npz, tmp_path):
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # what a running trainer holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(train_module.RunFolderLockedError, match=rf"process 4242 is training in {out}"):
+            train(tiny_args(cifar10_npz.parent, out, "--epochs", "1"))
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written beside the other run
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "1", "--knn-every", "0"))  # free again: it runs
+    assert (out / "checkpoint.pt").is_file() and (out / ".lock").read_text() == f"{os.getpid()}\n"
+
+
 def test_checkpoint_round_trips_through_load_model(cifar10_npz, two_epoch_run):
     out, path = two_epoch_run
     loaded = load_model(path, verbose=False)
