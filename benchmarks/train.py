@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.extract import cpu_has_bf16
 from ssl_patch_analysis.train import (
-    METHODS, TrainConfig, build_loss, build_model, build_optimizer, crops_of, method_loss, train,
+    METHODS, TrainConfig, build_loss, build_model, build_optimizer, crops_of, method_loss, read_log, train,
 )
 
 
@@ -133,7 +133,7 @@ def trainer_rate(method: str, data_root: str | None, batch: int, steps: int, dev
                              epochs=2, knn_every=0, knn_train_size=100, knn_test_size=100, device=str(device),
                              compile=compile)
         train(config)
-        records = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+        records = read_log(Path(out) / "log.jsonl")
         header, second = records[0], records[2]
     num_crops = header["args"]["num_patches"] if METHODS[method].patches else 2
     return second["images_per_s"] * num_crops, bool(header["args"]["amp"])

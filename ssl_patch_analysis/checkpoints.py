@@ -33,6 +33,7 @@ Formats (``detect_format`` returns the name on the left):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -157,10 +158,18 @@ def read_checkpoint(path: str | Path) -> Any:
                 "does not support); re-save its tensors with torch.save(state_dict, 'weights.pth') and load that "
                 "file") from err
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
-                         f"{str(err).splitlines()[-1]}); fetch or copy it again") from err
+                         f"{str(err).splitlines()[-1]}); {_recovery_advice(path)}") from err
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: {err}); "
-                         "fetch or copy it again") from err
+                         f"{_recovery_advice(path)}") from err
+
+
+def _recovery_advice(path: Path) -> str:
+    """What to do about a damaged checkpoint: a training run folder rewrites it from its resume state."""
+    if path.name == "checkpoint.pt" and any((path.parent / name).is_file() for name in ("resume.pt", "resume.prev.pt")):
+        return (f"run the train command of {path.parent} again with --resume: it rewrites checkpoint.pt from the "
+                "resume state beside it")
+    return "fetch or copy it again"
 
 
 def _refused(path: Path, found: str) -> RuntimeError:
@@ -622,17 +631,77 @@ def save_checkpoint(model: SSLModel, path: str | Path, train: dict | None = None
         checkpoint["pre_feature"] = tensors(model.pre_feature)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(checkpoint, path)
+    atomic_torch_save(with_checksum(checkpoint), path)
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary name, then rename: a crash never leaves a partial file at ``path``."""
+def atomic_torch_save(obj: Any, path: Path, previous: Path | None = None) -> None:
+    """``torch.save`` to a temporary name, flushed to disk, then renamed: a crash never leaves a partial file at
+    ``path``. With ``previous``, the file at ``path`` (if any) is first renamed to it, so that one intact older
+    version is always kept."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if previous is not None and path.is_file():
+            os.replace(path, previous)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the renames themselves reach the disk
+    finally:
+        os.close(directory)
+
+
+# The key under which a saved dict holds the sha256 of the rest of its contents (own format, resume states).
+CHECKSUM_KEY = "sha256"
+
+
+class DamagedCheckpointError(ValueError):
+    """A file's contents no longer match the checksum written with them."""
+
+
+def content_sha256(obj: Mapping[str, Any]) -> str:
+    """sha256 of a saved dict: the JSON of its plain values, then every tensor's name, dtype, shape and bytes in a
+    fixed (sorted) order. ``CHECKSUM_KEY`` itself is left out."""
+    tensors: list[tuple[str, torch.Tensor]] = []
+
+    def plain(value: Any, name: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors.append((name, value))
+            return {"tensor": name}
+        if isinstance(value, Mapping):
+            return {str(k): plain(v, f"{name}/{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v, f"{name}/{i}") for i, v in enumerate(value)]
+        return value
+
+    skeleton = plain({k: v for k, v in obj.items() if k != CHECKSUM_KEY}, "")
+    digest = hashlib.sha256(json.dumps(skeleton, sort_keys=True, default=repr).encode())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"\n{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def with_checksum(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """``obj`` with ``CHECKSUM_KEY`` holding the sha256 of its contents."""
+    return {**obj, CHECKSUM_KEY: content_sha256(obj)}
+
+
+def verify_checksum(obj: Any, path: str | Path) -> None:
+    """Raise :class:`DamagedCheckpointError` naming ``path`` when the contents of ``obj`` (as read from it) do
+    not match its checksum. Files written before checksums existed (no ``CHECKSUM_KEY``) pass."""
+    if not isinstance(obj, Mapping) or CHECKSUM_KEY not in obj:
+        return
+    if obj[CHECKSUM_KEY] != content_sha256(obj):
+        raise DamagedCheckpointError(
+            f"{path} is damaged: its contents no longer match the sha256 written with them (bytes changed on disk "
+            f"or in a copy); {_recovery_advice(Path(path))}")
 
 
 def _load_own(obj: Mapping[str, Any], source: str) -> SSLModel:
@@ -768,6 +837,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", dow
     fmt = detect_format(obj)
     source = str(path)
     if fmt == OWN_FORMAT:
+        verify_checksum(obj, path)
         model = _load_own(obj, source)
     else:
         model = _build_from_parts(_extract(obj, fmt, path), source, arch, stem, cifar_padding)

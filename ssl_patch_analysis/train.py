@@ -19,9 +19,17 @@ Each epoch writes, in ``--out``:
 - ``checkpoint.pt``: the model in the project's own format (``load_model`` reads it), its
   ``train`` dict saying how it was made;
 - ``resume.pt``: what ``--resume`` needs to continue exactly (model and optimizer state, epoch,
-  step, RNG states, config), plain tensors and values so that ``weights_only=True`` loads it;
+  step, RNG states, config, the checkpoint's ``train`` dict and a copy of the log), plain tensors
+  and values so that ``weights_only=True`` loads it; the previous epoch's is kept as
+  ``resume.prev.pt``;
 - ``log.jsonl``: a header line (command line and config), then one record per epoch (loss terms,
-  learning rate, images/s, epoch time, online weighted k-NN top-1 on the central view).
+  learning rate, images/s, epoch time, online weighted k-NN top-1 on the central view); each line
+  carries the ``crc32`` of its own content (:func:`read_log` checks it).
+
+The run folder checks itself: checkpoints and resume states carry a sha256 of their contents. On
+``--resume`` a damaged ``resume.pt`` falls back to ``resume.prev.pt`` (the epoch after it is
+trained again, with the same bits), a damaged or missing ``checkpoint.pt`` is rewritten from the
+resume state, and damaged log lines are restored from its copy, each said in one line on stderr.
 
 Randomness is a function of ``(--seed, epoch)`` for the data order and the crops, and of
 ``(--seed, step, rank)`` for the colour augmentation, so a resumed run takes the same steps as an
@@ -44,7 +52,9 @@ import json
 import math
 import os
 import platform
+import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -56,7 +66,16 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import Augmentation
-from .checkpoints import SOLO_LEARN_MEAN_STD, atomic_torch_save, save_checkpoint
+from .checkpoints import (
+    CHECKSUM_KEY,
+    SOLO_LEARN_MEAN_STD,
+    DamagedCheckpointError,
+    atomic_torch_save,
+    read_checkpoint,
+    save_checkpoint,
+    verify_checksum,
+    with_checksum,
+)
 from .data import ARCHIVE_DATASETS, ImageDataset, TensorImageDataset, load_dataset
 from .extract import boxes_are_exact, check_boxes, cpu_has_bf16, crop_checked_patches
 from .knn import knn_accuracy
@@ -658,9 +677,50 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
 
 
-def _append_log(path: Path, record: dict[str, Any]) -> None:
+def log_line(record: dict[str, Any]) -> str:
+    """One line of ``log.jsonl``: the record and the crc32 of its JSON, so that a changed digit is seen."""
+    text = json.dumps(record)
+    return json.dumps({**record, "crc32": f"{zlib.crc32(text.encode()):08x}"}) + "\n"
+
+
+def _log_line_problem(raw: bytes, crc_required: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """A log line's record without its crc32, or what is wrong with the line."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, "not JSON"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    crc = record.pop("crc32", None)
+    if crc is None:
+        return (None, "no crc32") if crc_required else (record, None)
+    if crc != f"{zlib.crc32(json.dumps(record).encode()):08x}":
+        return None, "crc32 mismatch"
+    return record, None
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``log.jsonl`` (header lines included), each line's crc32 checked and left out.
+
+    Logs written before lines had a crc32 are read as they are. A damaged line raises ``ValueError``
+    naming the file and the line.
+    """
+    path = Path(path)
+    lines = [line for line in path.read_bytes().splitlines() if line.strip()]
+    crc_required = any(b'"crc32": ' in line for line in lines)
+    records = []
+    for number, raw in enumerate(lines, 1):
+        record, problem = _log_line_problem(raw, crc_required)
+        if problem is not None:
+            raise ValueError(f"{path} line {number} is damaged ({problem}): if its run folder still holds "
+                             "resume.pt, run the train command again with --resume to restore it")
+        records.append(record)
+    return records
+
+
+def _append_log(path: Path, line: str) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(line)
 
 
 def _device_name(device: torch.device) -> str:
@@ -740,6 +800,8 @@ class TrainingRun:
     step: int
     previous_wall: float
     start_time: float
+    log_lines: list[str] = field(default_factory=list)
+    rotate_resume: bool = True
 
     @property
     def local_batch(self) -> int:
@@ -835,25 +897,116 @@ def run_folder_lock(out: Path, resume: bool) -> Iterator[None]:
 
 
 RESUME_KEYS = ("args", "model", "optimizer", "epoch", "step", "wall_time_s", "rng")
+PREVIOUS_RESUME = "resume.prev.pt"
 
 
-def _read_resume_state(path: Path, device: torch.device) -> dict[str, Any]:
-    """``resume.pt`` for ``--resume``, with one line saying what to do when it is missing or damaged."""
-    start_over = (f"it cannot be continued: pass another --out, or delete {path.parent} to start over "
-                  "(checkpoint.pt, if present, still holds the last finished epoch's weights)")
+def notice(message: str) -> None:
+    """A repair the trainer made, in one line on stderr."""
+    print(f"notice: {message}", file=sys.stderr, flush=True)
+
+
+def _resume_state_problem(path: Path, device: torch.device) -> tuple[dict[str, Any] | None, str | None]:
+    """A resume state read and verified, or what is wrong with it (one phrase)."""
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: {path} does not exist, so {start_over}" if path.parent.is_dir() else
-                                f"--resume: there is no run in {path.parent}; run without --resume to start one")
+        return None, "missing"
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, garbled or pickled code: all say the same
-        raise ValueError(f"--resume: {path} is damaged ({type(error).__name__}: "
-                         f"{str(error).strip().splitlines()[-1][:120]}), so {start_over}") from error
+    except Exception as error:  # noqa: BLE001 - whatever torch raises on a truncated or garbled file
+        if "Unsupported global" in str(error):
+            return None, "damaged (it holds Python objects that are not tensors, refused for safety)"
+        return None, "damaged (not a readable file: truncated or corrupt)"
     missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"--resume: {path} is not this trainer's resume state (no {', '.join(missing)}), so "
-                         f"{start_over}")
-    return state
+        return None, f"not this trainer's resume state (no {', '.join(missing)})"
+    if "log" in state and CHECKSUM_KEY not in state:  # written by a trainer that always adds it
+        return None, "damaged (its sha256 is gone)"
+    try:
+        verify_checksum(state, path)
+    except ValueError:
+        return None, "damaged (its contents no longer match their sha256)"
+    return state, None
+
+
+def _read_resume_state(path: Path, device: torch.device) -> tuple[dict[str, Any], Path]:
+    """The resume state for ``--resume`` and the file it came from: ``resume.pt``, or ``resume.prev.pt`` (with a
+    notice) when ``resume.pt`` is missing or damaged; one line saying what to do when neither can be used."""
+    start_over = (f"it cannot be continued: pass another --out, or delete {path.parent} to start over "
+                  "(checkpoint.pt, if present, still holds the last finished epoch's weights)")
+    previous = path.with_name(PREVIOUS_RESUME)
+    if not path.is_file() and not previous.is_file():
+        raise FileNotFoundError(f"--resume: {path} does not exist, so {start_over}" if path.parent.is_dir() else
+                                f"--resume: there is no run in {path.parent}; run without --resume to start one")
+    state, problem = _resume_state_problem(path, device)
+    if problem is None:
+        assert state is not None
+        if int(state["epoch"]) >= 2 and CHECKSUM_KEY in state:  # a trainer that keeps resume.prev.pt wrote it
+            _, previous_problem = _resume_state_problem(previous, device)
+            if previous_problem is not None:
+                notice(f"{previous} (the previous epoch's resume state, used only when resume.pt is damaged) is "
+                       f"{previous_problem}; the next epoch writes it again")
+        return state, path
+    if previous.is_file():
+        fallback, previous_problem = _resume_state_problem(previous, device)
+        if previous_problem is None:
+            assert fallback is not None
+            epoch = int(fallback["epoch"])
+            notice(f"{path} is {problem}; continuing from {previous} (epoch {epoch}): epoch {epoch + 1} is trained "
+                   "again, with the same result")
+            return fallback, previous
+        problem = f"{problem}, and {previous} is {previous_problem} too"
+    if problem == "missing":
+        raise FileNotFoundError(f"--resume: {path} does not exist, so {start_over}")
+    raise ValueError(f"--resume: {path} is {problem}, so {start_over}")
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with a run's checkpoint.pt (missing, unreadable, checksum mismatch), or None."""
+    if not path.is_file():
+        return "missing"
+    try:
+        verify_checksum(read_checkpoint(path), path)
+    except DamagedCheckpointError:
+        return "damaged (its contents no longer match their sha256)"
+    except (ValueError, RuntimeError):
+        return "damaged (not a readable checkpoint: truncated or corrupt)"
+    return None
+
+
+def _repair_log(path: Path, copy: list[str], source: Path, epoch: int) -> list[str]:
+    """Make ``log.jsonl`` start with the resume state's copy of it: damaged or missing lines are restored from the
+    copy (with a notice). Lines after the copy are kept when they are intact headers of runs that stopped before
+    their first epoch; records of epochs after the resume state's are dropped, since they are trained again."""
+    wanted = "".join(copy).encode()
+    found = path.read_bytes() if path.is_file() else None
+    if found is not None and found.startswith(wanted):
+        head, tail = copy, found[len(wanted):]
+    else:
+        if found is None:
+            notice(f"{path} is missing; rewritten from the copy in {source}")
+        else:
+            lines = found.splitlines(keepends=True)
+            damaged = [f"{n} ({'missing' if n > len(lines) else _log_line_problem(lines[n - 1], True)[1] or 'changed'})"
+                       for n, line in enumerate(copy, 1) if n > len(lines) or lines[n - 1] != line.encode()]
+            notice(f"{path}: damaged line{'s' if len(damaged) > 1 else ''} {', '.join(damaged)}; restored from the "
+                   f"copy in {source}")
+        head, tail = copy, found[len(wanted):] if found is not None and len(found) > len(wanted) else b""
+    kept, dropped = [], []
+    for raw in tail.splitlines(keepends=True):
+        record, problem = _log_line_problem(raw, True)
+        if problem is None and "epoch" not in record:
+            kept.append(raw.decode())
+        elif problem is None and int(record["epoch"]) <= epoch:
+            kept.append(raw.decode())
+        else:
+            dropped.append(f"epoch {record['epoch']} (trained again)" if problem is None else problem)
+    if dropped:
+        notice(f"{path}: dropped {len(dropped)} line(s) after the copy in {source}: {', '.join(dropped)}")
+    lines = [*head, *kept]
+    if found is None or found != "".join(lines).encode():
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(lines))
+        os.replace(tmp, path)
+    return lines
 
 
 def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
@@ -877,9 +1030,11 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     optimizer = build_optimizer(config, ssl_model, config.peak_lr)
 
     start_epoch, step, previous_wall = 0, 0, 0.0
-    resume_path = out / "resume.pt"
+    resume_path, log_path = out / "resume.pt", out / "log.jsonl"
+    log_lines: list[str] = []
+    resume_source = resume_path
     if config.resume:
-        state = _read_resume_state(resume_path, device)
+        state, resume_source = _read_resume_state(resume_path, device)
         changed = [k for k in RESUME_FIXED_ARGS if state["args"].get(k) != getattr(config, k)]
         if changed:
             raise ValueError("--resume needs the settings of the run it continues; these differ: " + ", ".join(
@@ -888,8 +1043,18 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, previous_wall = int(state["epoch"]), int(state["step"]), float(state["wall_time_s"])
         _restore_rng_states(state["rng"])
+        if main:
+            problem = _checkpoint_problem(out / "checkpoint.pt")
+            if problem is not None:
+                export_model.load_state_dict(state["model"])
+                train_info = state.get("checkpoint_train") or _train_info(
+                    config, data, start_epoch, previous_wall, device, None, None)
+                save_checkpoint(export_model, out / "checkpoint.pt", train=train_info)
+                notice(f"{out / 'checkpoint.pt'} was {problem}; rewritten from {resume_source} (epoch {start_epoch})")
+            if "log" in state:
+                log_lines = _repair_log(log_path, list(state["log"]), resume_source, start_epoch)
     elif (out / "checkpoint.pt").exists():
-        if resume_path.is_file():
+        if resume_path.is_file() or (out / PREVIOUS_RESUME).is_file():
             raise FileExistsError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, or another "
                                   "--out")
         raise FileExistsError(f"{out} holds a finished or foreign run (checkpoint.pt without resume.pt, so it cannot "
@@ -897,10 +1062,14 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _append_log(out / "log.jsonl", {
+        if not log_lines and log_path.is_file():  # a log the resume state holds no copy of: kept as it is
+            log_lines = log_path.read_text(errors="replace").splitlines(keepends=True)
+        header = log_line({
             "command": config.command, "args": _plain(config), "resumed_from_epoch": start_epoch if config.resume else None,
             "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
             "world_size": processes.world_size, "device": _device_name(device)})
+        log_lines.append(header)
+        _append_log(log_path, header)
 
     model: nn.Module = ssl_model
     if processes.world_size > 1:
@@ -919,7 +1088,8 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         augmentation=config.augmentation(), steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * schedule_epochs,
         warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
-        start_epoch=start_epoch, step=step, previous_wall=previous_wall, start_time=start_time)
+        start_epoch=start_epoch, step=step, previous_wall=previous_wall, start_time=start_time, log_lines=log_lines,
+        rotate_resume=resume_source == resume_path)
 
 
 def _plain(config: TrainConfig) -> dict[str, Any]:
@@ -1072,10 +1242,17 @@ def end_of_epoch(run: TrainingRun, epoch: int, result: EpochResult) -> str | Non
         train_info = _train_info(config, run.data, epoch + 1, wall, device, knn, stopped_early)
         run.export_model.load_state_dict(run.ssl_model.state_dict())
         save_checkpoint(run.export_model, run.checkpoint_path, train=train_info)
-        atomic_torch_save({"model": run.ssl_model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                           "epoch": epoch + 1, "step": run.step, "rng": _rng_states(), "args": _plain(config),
-                           "wall_time_s": wall}, run.resume_path)
-        _append_log(run.log_path, record)
+        line = log_line(record)
+        run.log_lines.append(line)
+        # The state written before this one becomes resume.prev.pt, except when it is the damaged one that
+        # --resume fell back from: then resume.prev.pt already holds the state this run started from.
+        atomic_torch_save(with_checksum({
+            "model": run.ssl_model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
+            "step": run.step, "rng": _rng_states(), "args": _plain(config), "wall_time_s": wall,
+            "checkpoint_train": train_info, "log": list(run.log_lines)}),
+            run.resume_path, previous=run.out / PREVIOUS_RESUME if run.rotate_resume else None)
+        run.rotate_resume = True
+        _append_log(run.log_path, line)
         tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.4g}  lr {result.lr:.3g}  "
                    f"{record['images_per_s']:.0f} img/s  k-NN top-1 "
                    f"{'-' if knn is None else f'{knn:.2f}%'}  ({result.train_time:.1f} s)")

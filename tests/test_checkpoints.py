@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -391,6 +393,53 @@ def test_own_format_round_trip_full_and_half(tmp_path):
     assert full.preprocess == original.preprocess
 
 
+def _tensor_data_offset(path) -> int:
+    """Byte offset of the middle of the largest tensor's data inside a torch zip checkpoint."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max((e for e in archive.infolist() if "/data/" in e.filename), key=lambda e: e.file_size)
+    with open(path, "rb") as f:
+        f.seek(entry.header_offset)
+        header = f.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return entry.header_offset + 30 + name_length + extra_length + entry.file_size // 2
+
+
+def test_own_format_carries_a_checksum_that_names_a_damaged_file(tmp_path):
+    # Was: one changed byte in the weights loaded silently, with a changed weight.
+    backbone, dim = build_backbone("resnet18", stem="cifar", width=0.25)
+    model = SSLModel(_randomize_norms(backbone), _randomize_norms(build_mlp([dim, 16, 8]))).eval()
+    save_checkpoint(model, tmp_path / "own.pt", train={"epochs": 3})
+    data = bytearray((tmp_path / "own.pt").read_bytes())
+    data[_tensor_data_offset(tmp_path / "own.pt")] ^= 0x01  # the lowest bit of one byte of a weight
+    (tmp_path / "damaged.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"damaged\.pt is damaged: .*sha256.*fetch or copy it again$"):
+        _load(tmp_path / "damaged.pt")
+    raw = torch.load(tmp_path / "own.pt", weights_only=True)
+    assert len(raw["sha256"]) == 64
+    # A changed plain value (here the training record) is damage too.
+    raw["train"]["epochs"] = 4
+    torch.save(raw, tmp_path / "edited.pt")
+    with pytest.raises(ValueError, match=r"edited\.pt is damaged"):
+        _load(tmp_path / "edited.pt")
+    # Files written before checksums existed (the shipped pretrained/*.pt among them) still load.
+    del raw["sha256"]
+    torch.save(raw, tmp_path / "older.pt")
+    assert _load(tmp_path / "older.pt").info.extra["train"] == {"epochs": 4, "method": "unknown"}
+    x = _images(32)
+    with torch.no_grad():
+        torch.testing.assert_close(_load(tmp_path / "own.pt")(x)["z"], model(x)["z"], atol=0, rtol=0)
+
+
+def test_shipped_checkpoints_without_a_checksum_still_load():
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "pretrained").glob("*.pt"))
+    assert shipped
+    for path in shipped:
+        assert "sha256" not in torch.load(path, weights_only=True)
+        assert _load(path).info.format == "ssl_patch_analysis"
+
+
 def test_own_format_reads_the_architecture_off_the_module(tmp_path):
     backbone, dim = build_backbone("resnet18", stem="cifar", cifar_padding=2, width=0.25)
     model = SSLModel(_randomize_norms(backbone), _randomize_norms(build_mlp([dim, 16, 8], last_bias=False))).eval()
@@ -548,6 +597,7 @@ def test_non_finite_weights_and_zero_std_are_refused_at_load(tmp_path):
     save_checkpoint(_load(tmp_path / "good.pth"), tmp_path / "own.pt")
     raw = torch.load(tmp_path / "own.pt", weights_only=True)
     raw["preprocess"]["std"] = [0.2, 0.0, 0.2]
+    del raw["sha256"]  # a hand-written file without the checksum (with it, the edit is reported as damage)
     torch.save(raw, tmp_path / "zero_std.pt")
     with pytest.raises(ValueError, match=r"std must be positive .*\[0\.2, 0\.0, 0\.2\]"):
         _load(tmp_path / "zero_std.pt")

@@ -1,6 +1,5 @@
 """The trainer on real CIFAR-10 images: learning, exact resume, checkpoints, logs, NaN stop, 2-process DDP."""
 import dataclasses
-import json
 import math
 import os
 import subprocess
@@ -36,7 +35,7 @@ def tiny_args(data_root: Path, out: Path, *extra: str):
 
 
 def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return train_module.read_log(out / "log.jsonl")
 
 
 def resume_state(out: Path) -> dict:
@@ -94,6 +93,7 @@ def test_damaged_or_missing_resume_state_gives_one_consistent_advice(cifar10_npz
 
     out = tmp_path / "run"
     shutil.copytree(two_epoch_run[0], out)
+    (out / "resume.prev.pt").unlink()  # with it, --resume falls back to it (tests/test_run_integrity.py)
     data = (out / "resume.pt").read_bytes()
     (out / "resume.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"resume\.pt is damaged .*pass another --out, or delete"):

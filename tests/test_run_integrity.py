@@ -1,0 +1,240 @@
+"""Training run folders are the user's results (issue 14): every damage to checkpoint.pt, resume.pt,
+resume.prev.pt or log.jsonl is detected and named, and --resume repairs it with nothing lost: the finished run
+equals an uninterrupted one bit for bit."""
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_patch_analysis import train as train_module
+from ssl_patch_analysis.checkpoints import load_model
+from ssl_patch_analysis.train import read_log, train
+from test_train import _one_thread, tiny_args  # noqa: F401 - the fixture keeps tiny runs on one thread
+
+# Interrupted after epoch 2 of 3, so that the folder holds resume.prev.pt (the state after epoch 1) too.
+SCHEDULE = ("--schedule-epochs", "3")
+TIMINGS = ("images_per_s", "epoch_time_s", "wall_time_s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar10_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", *SCHEDULE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def interrupted(cifar10_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("interrupted")
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", *SCHEDULE))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint.pt", "log.jsonl", "resume.prev.pt",
+                                                     "resume.pt"]
+    return out
+
+
+def resume(cifar10_npz, out):
+    return train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", *SCHEDULE, "--resume"))
+
+
+def state(path):
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_run(out, reference):
+    """Model, optimizer, RNG and step of both resume states, the checkpoint's weights and the log records (apart
+    from timings) equal those of the uninterrupted run."""
+    for name in ("resume.pt", "resume.prev.pt"):
+        got, want = state(out / name), state(reference / name)
+        assert (got["epoch"], got["step"]) == (want["epoch"], want["step"]), name
+        for key, tensor in want["model"].items():
+            assert torch.equal(got["model"][key], tensor), f"{name} model {key}"
+        assert got["optimizer"]["param_groups"] == want["optimizer"]["param_groups"], name
+        for index, moments in want["optimizer"]["state"].items():
+            assert torch.equal(got["optimizer"]["state"][index]["mu"], moments["mu"]), f"{name} optimizer {index}"
+        assert torch.equal(got["rng"]["torch"], want["rng"]["torch"]), name
+    got, want = state(out / "checkpoint.pt"), state(reference / "checkpoint.pt")
+    for part in ("backbone", "projector"):
+        for key, tensor in want[part].items():
+            assert torch.equal(got[part][key], tensor), f"checkpoint {part} {key}"
+    assert got["train"]["epochs"] == 3 and got["train"]["knn_top1"] == want["train"]["knn_top1"]
+
+    def epochs(folder):
+        return [{k: v for k, v in record.items() if k not in TIMINGS} for record in read_log(folder / "log.jsonl")
+                if "epoch" in record]
+    assert epochs(out) == epochs(reference)
+    load_model(out / "checkpoint.pt", verbose=False)
+
+
+def test_a_clean_resume_equals_the_uninterrupted_run(cifar10_npz, tmp_path, interrupted, uninterrupted, capsys):
+    out = shutil.copytree(interrupted, tmp_path / "run")
+    log_before = (out / "log.jsonl").read_bytes()
+    resume(cifar10_npz, out)
+    assert "notice" not in capsys.readouterr().err
+    assert (out / "log.jsonl").read_bytes().startswith(log_before)
+    assert_same_run(out, uninterrupted)
+
+
+# ----------------------------------------------------------------------------- each file on its own
+
+
+def flip(path, offset, mask=0xFF):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def entry_offset(path, entry_name: str, middle: bool = True) -> int:
+    """Byte offset of the middle (or first byte) of one entry's data inside a torch zip file."""
+    with zipfile.ZipFile(path) as archive:
+        entries = archive.infolist()
+    if entry_name == "largest tensor":
+        entry = max((e for e in entries if "/data/" in e.filename), key=lambda e: e.file_size)
+    elif entry_name == "smallest tensor":
+        entry = min((e for e in entries if "/data/" in e.filename), key=lambda e: e.file_size)
+    else:
+        entry = next(e for e in entries if e.filename.endswith(entry_name))
+    with open(path, "rb") as f:
+        f.seek(entry.header_offset)
+        header = f.read(30)
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return entry.header_offset + 30 + name_length + extra_length + (entry.file_size // 2 if middle else 0)
+
+
+def largest_tensor_offset(path) -> int:
+    return entry_offset(path, "largest tensor")
+
+
+def pickled_name_offset(path) -> int:
+    """Byte offset of a letter of the first "train" (a key or a string value) in the pickled structure."""
+    start = entry_offset(path, "data.pkl", middle=False)
+    return path.read_bytes().index(b"train", start) + 2
+
+
+def digit_offset(path, line: int) -> int:
+    """Byte offset of a digit of the loss in a log line: changing it keeps the line valid JSON."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    start = sum(len(text) for text in lines[:line])
+    return start + lines[line].index(b'"loss": ') + len(b'"loss": ') + 3
+
+
+def faults(folder):
+    """(file, how, offset, mask) for every file of the run folder: bytes flipped in the zip structure, one bit of
+    a pickled name and of the largest and smallest tensor's data (torch reads those files without error); a digit
+    changed and bytes flipped in the log; each file truncated and deleted."""
+    for name in ("checkpoint.pt", "resume.pt", "resume.prev.pt"):
+        path = folder / name
+        size = path.stat().st_size
+        for offset, mask in ((0, 0xFF), (pickled_name_offset(path), 0x01), (largest_tensor_offset(path), 0x01),
+                             (entry_offset(path, "smallest tensor", middle=False), 0x01), (size - 30, 0xFF)):
+            yield name, "flip", offset, mask
+        yield name, "truncate", None, None
+        yield name, "delete", None, None
+    log = folder / "log.jsonl"
+    yield "log.jsonl", "flip", digit_offset(log, 1), 0x01  # '3' <-> '2' and the like: still JSON
+    yield "log.jsonl", "flip", digit_offset(log, 2), 0x01
+    for offset in (0, log.stat().st_size // 2, log.read_bytes().index(b"\n"), log.stat().st_size - 1):
+        yield "log.jsonl", "flip", offset, 0xFF
+    yield "log.jsonl", "truncate", None, None
+    yield "log.jsonl", "delete", None, None
+
+
+def damage(path, how, offset, mask):
+    if how == "flip":
+        flip(path, offset, mask)
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[:path.stat().st_size * 2 // 3])
+    else:
+        path.unlink()
+
+
+def test_fault_injection_every_file_detected_named_and_repaired_with_nothing_lost(
+        cifar10_npz, tmp_path, interrupted, uninterrupted, capsys):
+    cases = list(faults(interrupted))
+    assert {file for file, *_ in cases} == {p.name for p in interrupted.iterdir()} - {".lock"}
+    log_before = (interrupted / "log.jsonl").read_bytes()
+    for k, (file, how, offset, mask) in enumerate(cases):
+        label = f"{file} {how} {offset}"
+        out = shutil.copytree(interrupted, tmp_path / f"case{k}")
+        damage(out / file, how, offset, mask)
+        capsys.readouterr()
+        resume(cifar10_npz, out)
+        notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice: ")]
+        assert len(notices) >= 1 and str(out / file) in notices[0], (label, notices)
+        expected = {"checkpoint.pt": "rewritten from", "resume.pt": "continuing from",
+                    "resume.prev.pt": "the next epoch writes it again", "log.jsonl": "from the copy in"}[file]
+        assert expected in notices[0], (label, notices)
+        assert_same_run(out, uninterrupted)
+        # Every line written before is back, bit for bit (after resume.pt's damage, up to the epoch trained again).
+        kept = log_before if file != "resume.pt" else b"".join(log_before.splitlines(keepends=True)[:2])
+        assert (out / "log.jsonl").read_bytes().startswith(kept), label
+        shutil.rmtree(out)
+
+
+def test_the_lock_file_holds_only_a_pid_and_damage_to_it_is_harmless(cifar10_npz, tmp_path, interrupted,
+                                                                      uninterrupted, capsys):
+    for how in ("flip", "delete"):
+        out = shutil.copytree(interrupted, tmp_path / how)
+        damage(out / ".lock", how, 0, 0xFF)
+        resume(cifar10_npz, out)
+        assert "notice" not in capsys.readouterr().err
+        assert_same_run(out, uninterrupted)
+
+
+# ----------------------------------------------------------------------------- what the messages say
+
+
+def test_load_model_names_a_damaged_run_checkpoint_and_says_resume_repairs_it(tmp_path, interrupted):
+    out = shutil.copytree(interrupted, tmp_path / "run")
+    flip(out / "checkpoint.pt", largest_tensor_offset(out / "checkpoint.pt"), 0x01)
+    with pytest.raises(ValueError, match=rf"{out / 'checkpoint.pt'} is damaged: .*sha256.*again with --resume"):
+        load_model(out / "checkpoint.pt", verbose=False)
+    (out / "checkpoint.pt").write_bytes((interrupted / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is not a readable .*again with --resume: it rewrites"):
+        load_model(out / "checkpoint.pt", verbose=False)
+
+
+def test_both_resume_states_damaged_say_so_in_one_line(cifar10_npz, tmp_path, interrupted):
+    out = shutil.copytree(interrupted, tmp_path / "run")
+    flip(out / "resume.pt", largest_tensor_offset(out / "resume.pt"), 0x01)
+    (out / "resume.prev.pt").write_bytes(b"")
+    with pytest.raises(ValueError) as error:
+        resume(cifar10_npz, out)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"{out / 'resume.pt'} is damaged (its contents no longer match their sha256), and " \
+           f"{out / 'resume.prev.pt'} is damaged" in message
+    assert "cannot be continued: pass another --out, or delete" in message
+
+
+def test_read_log_checks_each_lines_crc(tmp_path, interrupted):
+    records = read_log(interrupted / "log.jsonl")
+    assert [r.get("epoch") for r in records] == [None, 1, 2] and all("crc32" not in r for r in records)
+    log = shutil.copy(interrupted / "log.jsonl", tmp_path / "log.jsonl")
+    flip(Path(log), digit_offset(Path(log), 2), 0x01)  # still valid JSON: only the crc32 sees it
+    with pytest.raises(ValueError, match=r"log\.jsonl line 3 is damaged \(crc32 mismatch\).*--resume"):
+        read_log(log)
+    # Logs written before lines had a crc32 (the shipped ones) are read as they are.
+    shipped = Path(__file__).resolve().parents[1] / "pretrained" / "bagssl-resnet18-cifar10.log.jsonl"
+    assert [r["epoch"] for r in read_log(shipped)[1:]][:2] == [1, 2]
+
+
+def test_records_of_epochs_after_the_fallback_state_are_trained_again_not_repeated(cifar10_npz, tmp_path,
+                                                                                     interrupted, uninterrupted,
+                                                                                     capsys):
+    out = shutil.copytree(interrupted, tmp_path / "run")
+    flip(out / "resume.pt", largest_tensor_offset(out / "resume.pt"), 0x01)
+    resume(cifar10_npz, out)
+    err = capsys.readouterr().err
+    assert "continuing from" in err and "dropped 1 line(s)" in err and "epoch 2 (trained again)" in err
+    assert [r.get("epoch") for r in read_log(out / "log.jsonl")] == [None, 1, None, 2, 3]
+    assert_same_run(out, uninterrupted)
+
+
+def test_resume_states_hold_the_checkpoint_record_and_the_log(interrupted):
+    resume_state = state(interrupted / "resume.pt")
+    assert resume_state["checkpoint_train"] == state(interrupted / "checkpoint.pt")["train"]
+    assert "".join(resume_state["log"]).encode() == (interrupted / "log.jsonl").read_bytes()
+    assert train_module.PREVIOUS_RESUME == "resume.prev.pt" and state(interrupted / "resume.prev.pt")["epoch"] == 1
