@@ -30,10 +30,10 @@ bench_train() {
 emp_ssl() {
   local run=/tmp/runs/emp-ssl
   $py -m ssl_patch_analysis.train --method emp-ssl --data cifar10 --epochs 1 --schedule-epochs 2 \
-      --knn-test-size 10000 --out "$run" 2>&1 | tail -3 | log
+      --knn-test-size 10000 --run-dir "$run" 2>&1 | tail -3 | log
   cp "$run/log.jsonl" "$OUT/emp-ssl-log.jsonl"
   $py pretrained/ship.py "$run/checkpoint.pt" /tmp/emp-ssl.pt && split -b 15m /tmp/emp-ssl.pt "$OUT/emp-ssl.part-"
-  $py -m ssl_patch_analysis.evaluate --model "$run/checkpoint.pt" --data cifar10 --layer pre_feature \
+  $py -m ssl_patch_analysis.evaluate --model "$run/checkpoint.pt" --data cifar10 --layers pre_feature \
       --protocols 20 --k 20,200 --probe emp-ssl --augment-patches emp-ssl --out "$OUT/emp-ssl-eval" \
       --no-progress 2>&1 | tail -12 | log
 }

@@ -38,7 +38,8 @@ from .data import ImageDataset, cache_dir, load_dataset
 from .extract import extract_patch_embeddings, model_sha256
 from .models import SSLModel
 from .patches import grid
-from .report import data_label, model_label, resolve_device, slug
+from .cli import resolve_device
+from .report import data_label, model_label, slug
 from .store import PatchEmbeddings
 
 # The grid of every data set: patches of half the image side every quarter side, a 3 x 3 grid

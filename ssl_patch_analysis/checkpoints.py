@@ -891,22 +891,26 @@ def describe(model: SSLModel, one_line: bool = False) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli
+
+    parser = cli.ArgumentParser(
+        prog="python -m ssl_patch_analysis.checkpoints",
         description="Inspect a checkpoint: print the format detected, architecture, dims and preprocessing.")
-    parser.add_argument("checkpoint", help="path to a checkpoint, a published name (e.g. vicreg-resnet50) "
-                                           "or a shipped name (e.g. vicreg)")
-    parser.add_argument("--download", action="store_true", help="download a published name if not cached")
-    parser.add_argument("--arch", choices=list(ARCHS), help="override the architecture inferred from shapes")
-    parser.add_argument("--stem", choices=["imagenet", "cifar"], help="override the stem inferred from conv1")
-    parser.add_argument("--cifar-padding", type=int, choices=[1, 2], help="CIFAR stem conv1 padding")
-    args = parser.parse_args(argv)
-    try:
-        model = load_model(args.checkpoint, download=args.download, arch=args.arch, stem=args.stem,
-                           cifar_padding=args.cifar_padding, verbose=False)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        sys.exit(f"error: {err}")
-    print(describe(model))
+    cli.add_model_args(parser, default=None, random_init=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from . import cli
+
+    @cli.command
+    def inspect(argv: list[str] | None) -> None:
+        args = build_parser().parse_args(argv)
+        model = cli.load_model_from_args(args, "cpu", verbose=False)
+        print(describe(model))
+
+    inspect(argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -43,10 +42,8 @@ from scipy import stats
 from .extract import extract_patch_embeddings
 from .models import SSLModel
 from .patches import central, grid
-from .report import (
-    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, model_name, output_stem,
-    save_figure, save_json,
-)
+from . import cli
+from .report import data_label, format_table, model_label, output_stem, save_figure, save_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -402,16 +399,6 @@ def plot_convergence(result: ConvergenceResult, title: str | None = None) -> Fig
     return fig
 
 
-def _parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{what} must be positive integers separated by commas (e.g. 8,16,24), got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise ValueError(f"{what} must be positive, got {text!r}")
-    return values
-
-
 def _parse_resize(text: str | None) -> int | str | None:
     if text is None or text == "native":
         return text
@@ -420,35 +407,42 @@ def _parse_resize(text: str | None) -> int | str | None:
     raise ValueError(f"--resize-to must be a positive number of pixels or 'native', got {text!r}")
 
 
+def resize_or_native(text: str) -> int | str:
+    """argparse type of convergence's ``--resize-to``: pixels, or ``native`` (each patch at its own size)."""
+    try:
+        return _parse_resize(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("--resize-to must be", "expected")) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ssl_patch_analysis.convergence",
+    parser = cli.ArgumentParser(
+        prog="python -m ssl_patch_analysis.convergence", renamed=cli.RENAMED_FLAGS["convergence"],
         description="Paper Fig. 3a: cosine similarity between the mean of N patch embeddings and the whole-image "
                     "embedding, against N, per patch size, with the chance level of another image.")
-    add_model_data_args(parser)
-    parser.add_argument("--num-images", type=int, default=DEFAULT_NUM_IMAGES,
-                        help=f"the first images of the split (default {DEFAULT_NUM_IMAGES})")
+    cli.add_analysis_args(parser)
+    cli.add_num_images_arg(parser, DEFAULT_NUM_IMAGES, "images measured")
     parser.add_argument("--n-values", default="1,2,4,8,16,all",
                         help="patches averaged, integers and 'all' (default 1,2,4,8,16,all)")
-    parser.add_argument("--patch-sizes", default=None,
+    parser.add_argument("--patch-sizes", type=cli.int_list, default=None,
                         help="patch sides in pixels (default 1/4, 1/2, 3/4 of the image side: 8,16,24 on CIFAR)")
-    parser.add_argument("--stride", type=int, default=None,
+    parser.add_argument("--stride", type=cli.positive_int, default=None,
                         help="grid stride in pixels (default per size: min(side/8, (side - patch)/4), at least a 5x5 "
                              "grid)")
-    parser.add_argument("--layer", choices=LAYER_CHOICES, default="h",
-                        help="h (embedding), z (projection), pre_feature (EMP-SSL) (default h)")
-    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS,
+    cli.add_layers_arg(parser, ["h"], one=True)
+    parser.add_argument("--draws", type=cli.positive_int, default=DEFAULT_DRAWS,
                         help=f"random N-subsets per image (default {DEFAULT_DRAWS})")
-    parser.add_argument("--resize-to", default=None,
-                        help="side patches are fed at: pixels, or 'native' (own size); default the model's input size")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per extraction batch (default 64)")
+    cli.add_resize_arg(parser, type=resize_or_native,
+                       help="side patches are fed at: pixels, or 'native' (own size); default the model's input size")
+    cli.add_batch_size_arg(parser)
     return parser
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> ConvergenceResult:
     parser = build_parser()
     args = parser.parse_args(argv)
-    with extraction_flags(args):
+    with cli.extraction_flags(args):
         return _main(args, parser, argv)
 
 
@@ -456,23 +450,19 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
     started = time.perf_counter()
     try:
         n_values = parse_n_values(args.n_values)
-        patch_sizes = _parse_int_list(args.patch_sizes, "--patch-sizes") if args.patch_sizes else None
-        resize_to = _parse_resize(args.resize_to)
     except ValueError as error:
-        parser.error(str(error))
-    model, data, device = load_model_and_data(args)
-    try:
-        result = convergence_curve(model, data, patch_sizes, n_values, stride=args.stride, layer=args.layer,
-                                   num_images=args.num_images, draws=args.draws, seed=args.seed, device=device,
-                                   resize_to=resize_to, batch_size=args.batch_size, progress=True)
-    except ValueError as error:
-        parser.error(str(error))
+        parser.error(f"argument --n-values: {error}")
+    layer = cli.one_layer(args, "convergence")
+    model, data, device = cli.load_model_and_data(args)
+    result = convergence_curve(model, data, args.patch_sizes, n_values, stride=args.stride, layer=layer,
+                               num_images=args.num_images, draws=args.draws, seed=args.seed, device=device,
+                               resize_to=args.resize_to, batch_size=args.batch_size, progress=not args.no_progress)
     seconds = time.perf_counter() - started
 
-    stem = output_stem(args.out, "convergence", model_name(args), args.data)
+    stem = output_stem(args.out, "convergence", cli.model_name(args), args.data)
     figures = save_figure(plot_convergence(result), stem, pdf=args.pdf)
-    numbers = {**result.to_dict(), "command": ["python", "-m", "ssl_patch_analysis.convergence", *(
-        sys.argv[1:] if argv is None else argv)], "seconds": round(seconds, 1), "device": str(device)}
+    numbers = {**result.to_dict(), "command": cli.command_line(
+        "python -m ssl_patch_analysis.convergence", argv), "seconds": round(seconds, 1), "device": str(device)}
     json_path = save_json(numbers, stem.with_suffix(".json"))
 
     print(f"\n{result.model} on {result.data}, layer {result.layer}: {result.num_images} images, {result.draws} draws")

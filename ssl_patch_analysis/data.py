@@ -821,6 +821,13 @@ def _sample_instead(roots: list[Path], missing: FileNotFoundError) -> SampleData
     return load_sample()
 
 
+def default_split(name: str | Path) -> str:
+    """The split a command uses when none is given: the one split of a data set that has one (``val`` for
+    Imagenette), else ``test``."""
+    splits = ARCHIVE_DATASETS.get(str(name).lower(), (("test",),))[0]
+    return splits[0] if len(splits) == 1 else "test"
+
+
 def load_dataset(name: str, split: str = "test", root: str | Path | None = None, download: bool = False,
                  image_size: int | None = None, skip_bad_images: bool = False) -> ImageDataset:
     """Load a data set by name (``cifar10``, ``cifar100``, ``imagenette``) or by image-folder path.

@@ -48,15 +48,14 @@ import torch
 import torch.nn.functional as F
 
 from .augment import Augmentation
-from .data import ImageDataset, load_dataset
+from .data import ImageDataset
 from .extract import extract_patch_embeddings, model_sha256
 from .knn import knn_accuracy
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
-from .report import (
-    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, model_name, output_stem,
-    resolve_device, save_figure, save_json, slug,
-)
+from . import cli
+from .cli import resolve_device
+from .report import data_label, format_table, model_label, output_stem, save_figure, save_json, slug
 
 DEFAULT_PROTOCOLS = ("central", "1", "16")
 DEFAULT_KS = (20, 200)
@@ -696,79 +695,65 @@ def plot_boost(results: dict[str, Any], boost: dict[str, Any]):
     return fig
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise SystemExit(f"{flag} must list positive integers, got {text!r}")
-    return values
-
-
 def _patch_scale_from_args(args: argparse.Namespace) -> PatchScale | None:
     if args.patch_size is not None and args.scale is not None:
-        raise SystemExit("pass --patch-size (fixed-scale patches) or --scale (multi-scale crops), not both")
+        raise cli.UserError("pass --patch-size (fixed-scale patches) or --scale (multi-scale crops), not both")
     if args.patch_size is not None:
         return PatchScale(patch_size=args.patch_size)
     if args.scale is not None:
-        try:
-            low, high = (float(v) for v in args.scale.split(","))
-        except ValueError:
-            raise SystemExit(f"--scale must be two numbers MIN,MAX (e.g. 0.08,1), got {args.scale!r}") from None
-        return PatchScale(scale=(low, high))
+        return PatchScale(scale=args.scale)
     return None
 
 
 def probe_schedule_from_args(args: argparse.Namespace) -> ProbeSchedule:
-    """The ``--probe`` preset, with the numbers that ``--epochs --lr --weight-decay --probe-batch-size`` give."""
-    given = {"epochs": args.epochs, "lr": args.lr, "weight_decay": args.weight_decay,
+    """The ``--probe`` preset, with the numbers that ``--probe-epochs --probe-lr --probe-weight-decay
+    --probe-batch-size`` give."""
+    given = {"epochs": args.probe_epochs, "lr": args.probe_lr, "weight_decay": args.probe_weight_decay,
              "batch_size": args.probe_batch_size}
     return dataclasses.replace(PROBE_PRESETS[args.probe], **{k: v for k, v in given.items() if v is not None})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ssl_patch_analysis.evaluate",
+    parser = cli.ArgumentParser(
+        prog="python -m ssl_patch_analysis.evaluate", renamed=cli.RENAMED_FLAGS["evaluate"],
         description="k-NN and linear-probe accuracy of a self-supervised model under the central, 1-patch and "
                     "n-patch protocols (paper Fig. 2, 3b).",
     )
-    add_model_data_args(parser)
+    cli.add_analysis_args(parser)
     parser.add_argument("--train-split", default="train",
                         help="split the classifiers are fitted on (default: train; with the test split itself, "
                              "the two subsets are disjoint)")
     parser.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS),
                         help="comma-separated: central, N (mean of N patches at the pretraining scale), grid:P "
                              f"(every patch of a P-px tiling grid) (default: {','.join(DEFAULT_PROTOCOLS)})")
-    parser.add_argument("--patch-size", type=int, default=None,
+    parser.add_argument("--patch-size", type=cli.positive_int, default=None,
                         help="fixed patch side in pixels (default: the checkpoint's pretraining patch size)")
-    parser.add_argument("--scale", default=None,
-                        help="multi-scale crops MIN,MAX area fraction, e.g. 0.08,1 (default: the checkpoint's)")
-    parser.add_argument("--layer", default="h", choices=("h", "z", "pre_feature"),
-                        help="embedding h (default), projection z, or EMP-SSL's pre_feature")
-    parser.add_argument("--train-size", type=int, default=None,
+    cli.add_scale_arg(parser, None, "multi-scale crops' area range, e.g. 0.08,1; none: the checkpoint's pretraining "
+                                    "crops")
+    cli.add_layers_arg(parser, ["h"], one=True)
+    parser.add_argument("--train-size", type=cli.positive_int, default=None,
                         help="seeded class-stratified subset of the train split (default: all)")
-    parser.add_argument("--test-size", type=int, default=None,
+    parser.add_argument("--test-size", type=cli.positive_int, default=None,
                         help="seeded class-stratified subset of the test split (default: all)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per embedding batch (default 64)")
-    parser.add_argument("--resize-to", type=int, default=None,
-                        help="side every patch is resized to (default: the model's input size)")
-    parser.add_argument("--k", default=",".join(map(str, DEFAULT_KS)), help="k-NN neighbours (default 20,200)")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+    cli.add_batch_size_arg(parser, 64, "images per embedding batch")
+    cli.add_resize_arg(parser)
+    parser.add_argument("--k", type=cli.int_list, default=list(DEFAULT_KS),
+                        help=f"k-NN neighbours, comma-separated (default {','.join(map(str, DEFAULT_KS))})")
+    parser.add_argument("--temperature", type=cli.positive_float, default=DEFAULT_TEMPERATURE,
                         help=f"k-NN vote temperature (default {DEFAULT_TEMPERATURE})")
     adam, emp_ssl = PROBE_PRESETS["adam"], PROBE_PRESETS["emp-ssl"]
     parser.add_argument("--probe", default="adam", choices=tuple(PROBE_PRESETS),
                         help="linear probe: adam (default; Adam on standardised features, cosine per step, zero "
                              "init) or emp-ssl (EMP-SSL's func.py linear: SGD momentum 0.9 on raw features, cosine "
                              "per epoch, PyTorch's default init, last partial batch dropped)")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--probe-epochs", type=cli.positive_int, default=None,
                         help=f"linear probe epochs (default: the --probe preset's, {adam.epochs} / {emp_ssl.epochs})")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--probe-lr", type=cli.positive_float, default=None,
                         help=f"linear probe lr (default: the --probe preset's, {adam.lr:g} / {emp_ssl.lr:g})")
-    parser.add_argument("--weight-decay", type=float, default=None,
+    parser.add_argument("--probe-weight-decay", type=float, default=None,
                         help=f"linear probe L2 weight decay (default: the --probe preset's, {adam.weight_decay:g} / "
                              f"{emp_ssl.weight_decay:g})")
-    parser.add_argument("--probe-batch-size", type=int, default=None,
+    parser.add_argument("--probe-batch-size", type=cli.positive_int, default=None,
                         help=f"linear probe minibatch (default: the --probe preset's, {adam.batch_size} / "
                              f"{emp_ssl.batch_size})")
     parser.add_argument("--augment-patches", default="none", choices=tuple(PATCH_AUGMENTATIONS),
@@ -776,44 +761,41 @@ def build_parser() -> argparse.ArgumentParser:
                              "--seed): none (default) or emp-ssl (EMP-SSL's evaluation: its training augmentation)")
     parser.add_argument("--boost", action="store_true",
                         help="also write evaluate_boost_<model>_<data>: central vs the n-patch mean, with the gain")
-    parser.add_argument("--store-dir", type=Path, default=None,
-                        help="cache the patch embeddings here, so that a re-run does not embed again")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="keep the patch-embedding stores in this folder, so that a re-run does not embed again")
     return parser
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    with extraction_flags(args):
+    with cli.extraction_flags(args):
         return _main(args, argv)
 
 
 def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
-    ks = _int_list(args.k, "--k")
+    ks = args.k
+    layer = cli.one_layer(args, "evaluate")
     patch_scale = _patch_scale_from_args(args)
-    try:
-        schedule = probe_schedule_from_args(args)
-        augmentation = PATCH_AUGMENTATIONS[args.augment_patches]
-        model, test_data, device = load_model_and_data(args)
-        train_data = load_dataset(args.data, args.train_split, root=args.data_root, download=args.download,
-                                  image_size=args.image_size)
-        if patch_scale is None and any(_needs_scale(p) for p in protocols):
-            patch_scale = pretraining_scale(model)
-        for protocol in protocols:
-            protocol_sampler(protocol, patch_scale, args.seed)
-        train_ids = subset_ids(train_data.labels, args.train_size, args.seed)
-        same_split = train_data.split == test_data.split
-        test_ids = subset_ids(test_data.labels, args.test_size, args.seed + 1,
-                              exclude=train_ids if same_split else None)
-        if schedule.drop_last and len(train_ids) < schedule.batch_size:
-            raise ValueError(f"the {args.probe} probe drops the last partial batch, and {len(train_ids)} training "
-                             f"images are fewer than one batch of {schedule.batch_size}: pass a smaller "
-                             "--probe-batch-size or a larger --train-size")
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    schedule = probe_schedule_from_args(args)
+    augmentation = PATCH_AUGMENTATIONS[args.augment_patches]
+    model, test_data, device = cli.load_model_and_data(args)
+    if patch_scale is None and any(_needs_scale(p) for p in protocols):
+        patch_scale = pretraining_scale(model)
+    for protocol in protocols:  # before the (larger) training split is read
+        protocol_sampler(protocol, patch_scale, args.seed)
+    train_data = cli.load_data_from_args(args, args.train_split)
+    train_ids = subset_ids(train_data.labels, args.train_size, args.seed)
+    same_split = train_data.split == test_data.split
+    test_ids = subset_ids(test_data.labels, args.test_size, args.seed + 1,
+                          exclude=train_ids if same_split else None)
+    if schedule.drop_last and len(train_ids) < schedule.batch_size:
+        raise cli.UserError(f"the {args.probe} probe drops the last partial batch, and {len(train_ids)} "
+                            f"training images are fewer than one batch of {schedule.batch_size}: pass a smaller "
+                            "--probe-batch-size or a larger --train-size")
     print(f"model: {model_label(model)}; train: {data_label(train_data)} ({len(train_ids)} images), "
-          f"test: {data_label(test_data)} ({len(test_ids)} images); layer {args.layer}; device {device}")
+          f"test: {data_label(test_data)} ({len(test_ids)} images); layer {layer}; device {device}")
     if patch_scale is not None:
         print(f"patches: {patch_scale.describe()}, seed {args.seed}")
     print(f"k-NN: cosine, k = {', '.join(map(str, ks))}, temperature {args.temperature:g}")
@@ -822,15 +804,15 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     print(f"linear probe ({args.probe}): {schedule.describe()}, seed {args.seed}")
     started = time.perf_counter()
     results = evaluate_protocols(
-        model, train_data, test_data, protocols, patch_scale=patch_scale, layer=args.layer, train_ids=train_ids,
+        model, train_data, test_data, protocols, patch_scale=patch_scale, layer=layer, train_ids=train_ids,
         test_ids=test_ids, ks=ks, temperature=args.temperature, schedule=schedule, seed=args.seed,
-        resize_to=args.resize_to, batch_size=args.batch_size, device=device, store_dir=args.store_dir,
+        resize_to=args.resize_to, batch_size=args.batch_size, device=device, store_dir=args.cache_dir,
         progress=not args.no_progress, augmentation=augmentation,
     )
     results["probe"] = args.probe
     results["patch_augmentation"] = args.augment_patches
     results["wall_seconds"] = time.perf_counter() - started
-    results["command"] = "python -m ssl_patch_analysis.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    results["command"] = cli.command_line("python -m ssl_patch_analysis.evaluate", argv)
     print()
     print(results_table(results))
     if args.probe == "emp-ssl":
@@ -838,16 +820,13 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
                          for row in results["protocols"])
         print(f"linear, best epoch selected on the test set (what EMP-SSL's func.py prints as best; the table "
               f"reports the last epoch): {best}")
-    stem = output_stem(args.out, "evaluate", model_name(args), args.data)
+    stem = output_stem(args.out, "evaluate", cli.model_name(args), args.data)
     written = save_figure(plot_evaluation(results), stem, pdf=args.pdf)
     if args.boost:
-        try:
-            results["boost"] = patch_boost(results)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+        results["boost"] = patch_boost(results)
         print()
         print(boost_table(results["boost"]))
-        boost_stem = output_stem(args.out, "evaluate_boost", model_name(args), args.data)
+        boost_stem = output_stem(args.out, "evaluate_boost", cli.model_name(args), args.data)
         written += save_figure(plot_boost(results, results["boost"]), boost_stem, pdf=args.pdf)
         context = {key: value for key, value in results.items() if key != "protocols"}
         written.append(save_json(context, boost_stem.with_suffix(".json")))

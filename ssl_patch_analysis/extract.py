@@ -12,8 +12,8 @@ data set and an interrupted run continues where it stopped.
 Command line (``torchrun --nproc_per_node=K -m ssl_patch_analysis.extract ...`` shares the images
 between K processes writing one store)::
 
-    python -m ssl_patch_analysis.extract --model M --data cifar10 --split test --grid 8 --stride 4 --out DIR
-    python -m ssl_patch_analysis.extract --verify DIR     # check every checksum of a store, list any damage
+    python -m ssl_patch_analysis.extract --model M --data cifar10 --split test --grid 8 --stride 4 --store DIR
+    python -m ssl_patch_analysis.extract --verify --store DIR  # check every checksum of a store, list any damage
 
 Re-running the same command resumes an interrupted store and repairs a damaged one (only its
 damaged batches are extracted again); one run at a time writes a store (the others wait).
@@ -41,8 +41,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from tqdm import tqdm
 
+from . import cli
 from .augment import Augmentation
-from .data import ImageDataset, TensorImageDataset, load_dataset
+from .cli import UserError
+from .data import ImageDataset, TensorImageDataset
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
 from .store import (
@@ -607,7 +609,7 @@ def extract_patch_embeddings(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world_size = _distributed()
     if out is None and world_size > 1:
-        raise ValueError("with several processes (torchrun), pass out=DIR (--out) so that all ranks write one store")
+        raise ValueError("with several processes (torchrun), pass out=DIR (--store) so that all ranks write one store")
     if chunk_size is None:
         chunk_size = default_chunk_size(size, device)
     if chunk_size < 1:
@@ -781,100 +783,69 @@ def _sampler_from_args(args: argparse.Namespace) -> PatchSampler:
         return grid(args.grid, args.stride)
     if args.random is not None:
         if args.patch_size is None:
-            raise ValueError("--random N needs --patch-size P (the side of the fixed-scale patches)")
+            raise UserError("--random N needs --patch-size P (the side of the fixed-scale patches)")
         return random_fixed(args.random, args.patch_size, seed=args.seed)
     if args.multiscale is not None:
-        try:
-            low, high = (float(v) for v in args.scale.split(","))
-        except ValueError:
-            raise ValueError(f"--scale must be two numbers MIN,MAX (e.g. 0.08,1), got {args.scale!r}") from None
-        return random_resized(args.multiscale, scale=(low, high), seed=args.seed)
+        return random_resized(args.multiscale, scale=args.scale, seed=args.seed)
     return central(args.central or None)
 
 
-def add_speed_args(parser: argparse.ArgumentParser) -> None:
-    """``--amp`` / ``--no-amp`` / ``--compile``: shared by this command and every analysis command."""
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--amp", action="store_true",
-                           help="bf16 autocast on the CPU too (fast on CPUs with AMX; default: on CUDA only)")
-    precision.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (no autocast)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the model for the patch embeddings (one-off compilation, then faster)")
-
-
-def amp_from_args(args: argparse.Namespace) -> bool | None:
-    """``--amp`` -> True, ``--no-amp`` -> False, neither -> None (the device's default)."""
-    return True if getattr(args, "amp", False) else (False if getattr(args, "no_amp", False) else None)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ssl_patch_analysis.extract",
-        description="Embed the patches of a data set with a self-supervised model into a resumable store. "
-        "Several GPUs: torchrun --nproc_per_node=K -m ssl_patch_analysis.extract ...",
+    parser = cli.ArgumentParser(
+        prog="python -m ssl_patch_analysis.extract", renamed=cli.RENAMED_FLAGS["extract"],
+        description="Embed the patches of a data set with a self-supervised model into a resumable, checksummed "
+        "store (--store). Several GPUs: torchrun --nproc_per_node=K -m ssl_patch_analysis.extract ...",
     )
-    parser.add_argument("--model", help="checkpoint name or path (see ssl_patch_analysis.checkpoints)")
-    parser.add_argument("--data", help="cifar10, cifar100, imagenette, or an image folder")
-    parser.add_argument("--split", default="test", help="data split (default: test)")
-    parser.add_argument("--data-root", default=None, help="folder holding the data (default: $SSL_PATCH_ANALYSIS_DATA)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="resize + centre-crop folder images to this square")
-    parser.add_argument("--download", action="store_true", help="allow downloading the model and data")
+    cli.add_model_args(parser)
+    cli.add_data_args(parser)
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--grid", type=int, metavar="P", help="every PxP patch of a grid (stride --stride)")
-    where.add_argument("--random", type=int, metavar="N", help="N fixed-scale patches of side --patch-size")
-    where.add_argument("--multiscale", type=int, metavar="N", help="N RandomResizedCrop boxes (scale --scale)")
+    where.add_argument("--grid", type=cli.positive_int, metavar="P", help="every PxP patch of a grid (stride --stride)")
+    where.add_argument("--random", type=cli.positive_int, metavar="N", help="N fixed-scale patches of side --patch-size")
+    where.add_argument("--multiscale", type=cli.positive_int, metavar="N",
+                       help="N RandomResizedCrop boxes (area range --scale)")
     where.add_argument("--central", type=int, nargs="?", const=0, metavar="SIZE",
                        help="the central view (default the whole square image)")
-    parser.add_argument("--stride", type=int, default=None, help="grid stride (default: the patch size)")
-    parser.add_argument("--patch-size", type=int, default=None, help="side of --random patches")
-    parser.add_argument("--scale", default="0.08,1", help="area range MIN,MAX of --multiscale (default 0.08,1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random samplers (default 0)")
-    parser.add_argument("--num-images", type=int, default=None, help="embed only the first N images")
-    parser.add_argument("--layers", default=None, help="comma-separated among h,z,pre_feature (default all)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="patches per forward pass (default on CUDA 1024, 256 above 64 px; on a CPU 64 at 32 px, 8 at 224 px)")
-    parser.add_argument("--resize-to", type=int, default=None,
-                        help="patch side fed to the model (default its input size)")
+    parser.add_argument("--stride", type=cli.positive_int, default=None, help="grid stride (default: the patch size)")
+    parser.add_argument("--patch-size", type=cli.positive_int, default=None, help="side of --random patches")
+    cli.add_scale_arg(parser, (0.08, 1.0), "area range of --multiscale crops")
+    cli.add_seed_arg(parser, "seed of the random samplers")
+    cli.add_num_images_arg(parser, None, "images embedded")
+    cli.add_layers_arg(parser, None)
+    cli.add_batch_size_arg(parser, 64, "images per batch")
+    parser.add_argument("--chunk-size", type=cli.positive_int, default=None,
+                        help="patches per forward pass (default on CUDA 1024, 256 above 64 px; on a CPU 64 at 32 px, 8 "
+                             "at 224 px)")
+    cli.add_resize_arg(parser)
     parser.add_argument("--dtype", choices=STORE_DTYPES, default="float16", help="stored dtype (default float16)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cuda when available)")
-    parser.add_argument("--workers", type=int, default=None,
+    cli.add_device_args(parser)
+    parser.add_argument("--workers", type=cli.non_negative_int, default=None,
                         help="data decoding workers (default min(4, CPUs) on a GPU, 0 on the CPU)")
-    add_speed_args(parser)
+    parser.add_argument("--store", type=Path, default=None,
+                        help="the store folder (re-run the same command to resume it, or to repair it)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a store made with other settings, by another version, or whose meta.json is "
                         "damaged: the new store is built beside it and moved in once complete; only the store's own "
                         "files are replaced")
-    parser.add_argument("--out", help="store directory (re-run the same command to resume it, or to repair it)")
-    parser.add_argument("--verify", metavar="DIR", default=None,
-                        help="only check the store DIR (every checksum) and list any damage; exit status 0 intact, "
-                        "1 damaged")
+    parser.add_argument("--verify", action="store_true",
+                        help="only check the store --store DIR (every checksum) and list any damage; exit status 0 "
+                        "intact, 1 damaged")
     return parser
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.verify is not None:
-        if any(getattr(args, flag) is not None for flag in ("model", "data", "out")):
-            parser.error("--verify DIR checks a store and takes none of --model, --data, --out")
-        raise SystemExit(verify_command(Path(args.verify)))
-    missing = [f"--{flag}" for flag in ("model", "data", "out") if getattr(args, flag) is None]
-    if missing:
-        parser.error(f"the following arguments are required: {', '.join(missing)} (or --verify DIR alone)")
+    if args.store is None:
+        parser.error("the following argument is required: --store DIR (the store folder)")
+    if args.verify:
+        raise SystemExit(verify_command(args.store))
     if all(getattr(args, flag) is None for flag in ("grid", "random", "multiscale", "central")):
         parser.error("one of the arguments --grid --random --multiscale --central is required")
-    try:
-        _extract_command(args)
-    except (ValueError, OSError) as error:  # a user's error or a damaged store: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    _extract_command(args)
 
 
 def _extract_command(args: argparse.Namespace) -> None:
-    from .checkpoints import load_model  # the loader pulls in every checkpoint format; only the CLI needs it
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = args.device
@@ -886,21 +857,22 @@ def _extract_command(args: argparse.Namespace) -> None:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
         rank = dist.get_rank() if world_size > 1 else 0
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(args.model, device=device, download=args.download, verbose=rank == 0)
-        data = load_dataset(args.data, split=args.split, root=args.data_root, download=args.download,
-                            image_size=args.image_size)
-        if args.num_images is not None and not 1 <= args.num_images <= len(data):
-            raise ValueError(f"--num-images must be between 1 and {len(data)} (the size of {args.data} {args.split})")
+        device = cli.resolve_device(device)
+        model = cli.load_model_from_args(args, device, verbose=rank == 0)
+        data = cli.load_data_from_args(args)
+        if args.random_init:
+            model = cli.random_init_control(model, data, args.seed)
+        if args.num_images is not None and args.num_images > len(data):
+            raise UserError(f"--num-images {args.num_images}: {args.data} {data.split} has only {len(data)} images "
+                            "(pass at most that, or all)")
         image_ids = np.arange(args.num_images) if args.num_images is not None else None
         embeddings = extract_patch_embeddings(
-            model, data, _sampler_from_args(args), layers=args.layers.split(",") if args.layers else None,
-            image_ids=image_ids, batch_size=args.batch_size, chunk_size=args.chunk_size, resize_to=args.resize_to,
-            device=device, out=args.out, dtype=args.dtype, amp=amp_from_args(args),
-            compile=args.compile, overwrite=args.overwrite, num_workers=args.workers,
+            model, data, _sampler_from_args(args), layers=args.layers, image_ids=image_ids, batch_size=args.batch_size,
+            chunk_size=args.chunk_size, resize_to=args.resize_to, device=device, out=args.store, dtype=args.dtype,
+            amp=args.amp, compile=args.compile, overwrite=args.overwrite, num_workers=args.workers,
         )
         if rank == 0:
-            print(f"store: {Path(args.out).resolve()}")
+            print(f"store: {Path(args.store).resolve()}")
             for name in embeddings.layers:
                 print(f"  {name}: {tuple(embeddings.layer(name).shape)} {embeddings.layer(name).dtype}")
             run = embeddings.meta.get("last_run", {})
@@ -919,7 +891,7 @@ def verify_command(path: Path) -> int:
         damage = verify_store(path)
         meta = None if any(d.file == "meta.json" for d in damage) else read_store_meta(path)
     except (ValueError, OSError) as error:  # no store there, or one of another version
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {cli.one_line(error)}", file=sys.stderr)
         return 2
     if damage:
         print(f"{path}: damaged")

@@ -12,6 +12,11 @@ more invariant; it shows this in pictures only. :func:`locality_score` turns it 
 It is averaged over images, with its spread, per layer. Similarities of a query with itself are
 left out (they are 1 at distance 0 whatever the representation).
 
+:func:`heatmap_analysis` measures what the command line does, from Python: the figure's maps
+(:func:`figure_heatmaps`) and the locality score over random images (:func:`locality_over_images`),
+set by a :class:`HeatmapSettings` and returned as a :class:`HeatmapAnalysis`, whose ``to_json()``
+is the command's JSON (less the command line).
+
 Command line (figure and JSON to ``figures/heatmap_<model>_<data>.{png,json}``)::
 
     python -m ssl_patch_analysis.heatmap --model vicreg --data cifar10
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,10 +43,9 @@ from .data import ImageDataset
 from .extract import extract_patch_embeddings
 from .models import SSLModel
 from .patches import grid
-from .report import (
-    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, model_name,
-    non_negative_int, output_stem, positive_int, save_figure, save_json,
-)
+from . import cli
+from .cli import non_negative_int, positive_int
+from .report import _plain, data_label, format_table, model_label, output_stem, save_figure, save_json
 
 LAYER_TITLES = {"z": "projection z", "h": "embedding h", "pre_feature": "pre-feature"}
 LOCALITY_DEFINITION = (
@@ -333,6 +337,203 @@ def compare_locality(layer_embeddings: dict[str, np.ndarray], boxes: np.ndarray,
     return result
 
 
+# ---------------------------------------------------------------------- the analysis: settings in, a result out
+@dataclass(frozen=True)
+class HeatmapSettings:
+    """What :func:`heatmap_analysis` measures; the defaults are the heatmap command's.
+
+    - ``patch_size``, ``stride``: the grid (``None``: :func:`default_grid`'s, 13 x 13 patches);
+      ``resize_to``: the side patches are resized to for the model (``None``: its input size);
+      ``layers``: among ``z``, ``h``, ``pre_feature``.
+    - The figure: ``image_ids`` (``None``: the first ``figure_images`` images of distinct classes,
+      :func:`first_of_each_class`) and ``queries``: grid cells ``(row, col)`` used on every image, an
+      int ``K`` (``K`` random cells per image), or ``None`` (the centre cell and the top-left cell).
+    - The locality score: ``locality_images`` random images of the data (0: no score), with
+      ``locality_queries`` random query patches per image (``None``: every patch).
+    - ``seed``: the random query cells and patches, and the locality images.
+    """
+
+    patch_size: int | None = None
+    stride: int | None = None
+    resize_to: int | None = None
+    layers: tuple[str, ...] = ("z", "h")
+    image_ids: tuple[int, ...] | None = None
+    figure_images: int = 3
+    queries: tuple[tuple[int, int], ...] | int | None = None
+    locality_images: int = 64
+    locality_queries: int | None = None
+    seed: int = 0
+
+    def grid_on(self, data: ImageDataset | torch.Tensor | np.ndarray) -> tuple[int, int]:
+        """``(patch_size, stride)`` on the images of ``data``: the settings', :func:`default_grid`'s where ``None``."""
+        default_patch, default_stride = default_grid(_image_size(data))
+        return (default_patch if self.patch_size is None else int(self.patch_size),
+                default_stride if self.stride is None else int(self.stride))
+
+    def figure_image_ids(self, data: ImageDataset | torch.Tensor | np.ndarray) -> list[int]:
+        """The figure's images: ``image_ids``, or the first ``figure_images`` of distinct classes (the first
+        images, for unlabelled images)."""
+        if self.image_ids:
+            return [int(i) for i in self.image_ids]
+        labels = getattr(data, "labels", None)
+        if labels is None:
+            return list(range(min(self.figure_images, len(data))))
+        return first_of_each_class(labels, self.figure_images)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerLocality:
+    """:func:`locality_score` of one layer: per image ``rho`` and ``locality`` (``-rho``; NaN where rho is
+    undefined), the mean / std / sem of the locality over the ``num_images`` images with a defined rho,
+    and ``mean_similarity``, the mean cosine similarity of the (query, other patch) pairs."""
+
+    rho: np.ndarray
+    locality: np.ndarray
+    locality_mean: float
+    locality_std: float
+    locality_sem: float
+    num_images: int
+    num_undefined: int
+    queries_per_image: int
+    mean_similarity: float
+
+
+@dataclass(frozen=True)
+class PairedLocality:
+    """Per-image locality of h minus that of z, over the ``num_images`` images where both are defined: its
+    mean and std, and the fraction of images where h is the more local."""
+
+    mean: float
+    std: float
+    fraction_h_more_local: float
+    num_images: int
+
+
+LOCALITY_TABLE_HEADERS = ["layer", "locality (-rho) mean", "std", "sem", "mean cos sim", "images"]
+
+
+@dataclass(frozen=True, eq=False)
+class LocalityResult:
+    """The locality score of each layer on the same images (``image_ids``) and query patches, over a grid of
+    ``patch_size`` px patches with stride ``stride`` (:func:`locality_over_images`).
+
+    ``paired_h_minus_z`` is there when both h and z were scored. :meth:`to_dict` is the heatmap
+    command's ``locality`` record.
+    """
+
+    image_ids: np.ndarray
+    patch_size: int
+    stride: int
+    layers: dict[str, LayerLocality]
+    paired_h_minus_z: PairedLocality | None = None
+    definition: str = LOCALITY_DEFINITION
+
+    @classmethod
+    def from_scores(cls, scores: dict[str, Any], image_ids: np.ndarray, patch_size: int,
+                    stride: int) -> "LocalityResult":
+        """From :func:`compare_locality`'s dictionary, measured on ``image_ids``."""
+        paired = scores.get("paired_h_minus_z")
+        return cls(image_ids=np.asarray(image_ids), patch_size=int(patch_size), stride=int(stride),
+                   layers={name: LayerLocality(**score) for name, score in scores["layers"].items()},
+                   paired_h_minus_z=PairedLocality(**paired) if paired else None, definition=scores["definition"])
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"definition": self.definition,
+                             "layers": {name: asdict(score) for name, score in self.layers.items()}}
+        if self.paired_h_minus_z is not None:
+            d["paired_h_minus_z"] = asdict(self.paired_h_minus_z)
+        d["image_ids"] = self.image_ids
+        return d
+
+    def table_rows(self) -> list[list[Any]]:
+        """Rows of :func:`~.report.format_table` under :data:`LOCALITY_TABLE_HEADERS`: one per layer."""
+        return [[name, s.locality_mean, s.locality_std, s.locality_sem, s.mean_similarity, s.num_images]
+                for name, s in self.layers.items()]
+
+
+@dataclass(frozen=True, eq=False)
+class HeatmapAnalysis:
+    """What the heatmap command measures: the figure's maps and the locality score (``None`` when not
+    measured), with the model and the data they are of. :meth:`to_json` is the command's JSON less its
+    ``command`` line."""
+
+    model: str
+    model_info: dict[str, Any]
+    data: str
+    heatmaps: HeatmapResult
+    locality: LocalityResult | None
+
+    @classmethod
+    def of(cls, model: SSLModel, data: Any, heatmaps: HeatmapResult,
+           locality: LocalityResult | None) -> "HeatmapAnalysis":
+        return cls(model=model_label(model), model_info=model.info.to_dict(), data=data_label(data),
+                   heatmaps=heatmaps, locality=locality)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers as Python and numpy values (NaN where a score is undefined)."""
+        return {"model": self.model, "model_info": self.model_info, "data": self.data,
+                "heatmaps": self.heatmaps.to_dict(),
+                "locality": None if self.locality is None else self.locality.to_dict()}
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`to_dict` as the command's JSON file holds it: lists, and null for NaN."""
+        return _plain(self.to_dict())
+
+
+def figure_heatmaps(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray,
+                    settings: HeatmapSettings = HeatmapSettings(), *,
+                    device: str | torch.device | None = None) -> HeatmapResult:
+    """The heatmap command's figure: :func:`patch_similarity_maps` of the settings' images and query cells.
+
+    Raises ``ValueError`` for image ids outside ``data``, a grid that does not fit its images, query
+    cells outside the grid, or layers the model lacks.
+    """
+    image_ids = settings.figure_image_ids(data)
+    if not image_ids or min(image_ids) < 0 or max(image_ids) >= len(data):
+        raise ValueError(f"image ids must lie in 0..{len(data) - 1} (the images of {data_label(data)}), got "
+                         f"{image_ids}")
+    patch_size, stride = settings.grid_on(data)
+    rows, cols = grid(patch_size, stride).grid_shape(_image_size(data))
+    queries = [(rows // 2, cols // 2), (0, 0)] if settings.queries is None else settings.queries
+    return patch_similarity_maps(model, data, image_ids, patch_size, stride, queries=queries, layers=settings.layers,
+                                 resize_to=settings.resize_to, device=device, seed=settings.seed)
+
+
+def locality_over_images(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray,
+                         settings: HeatmapSettings = HeatmapSettings(), *, device: str | torch.device | None = None,
+                         progress: bool = False) -> LocalityResult:
+    """The locality score of each of ``settings.layers`` over ``settings.locality_images`` random images.
+
+    The images are drawn from ``data`` without replacement (from ``settings.seed``; all of them when
+    it holds fewer); every patch of the settings' grid is embedded, and :func:`compare_locality`
+    scores the layers on the same query patches (``settings.locality_queries`` per image).
+    """
+    layers = _check_layers(model, settings.layers)
+    if settings.locality_images < 1:
+        raise ValueError(f"locality_images must be at least 1 (the images scored), got {settings.locality_images}")
+    patch_size, stride = settings.grid_on(data)
+    count = min(settings.locality_images, len(data))
+    image_ids = np.sort(np.random.default_rng(settings.seed).choice(len(data), count, replace=False))
+    embeddings = extract_patch_embeddings(model, data, grid(patch_size, stride),
+                                          layers=["h"] + [name for name in layers if name != "h"], image_ids=image_ids,
+                                          resize_to=settings.resize_to, device=device, dtype="float32",
+                                          progress=progress)
+    scores = compare_locality({name: embeddings.layer(name) for name in layers}, embeddings.boxes,
+                              queries=settings.locality_queries, seed=settings.seed)
+    return LocalityResult.from_scores(scores, image_ids, patch_size, stride)
+
+
+def heatmap_analysis(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray,
+                     settings: HeatmapSettings = HeatmapSettings(), *, device: str | torch.device | None = None,
+                     progress: bool = False) -> HeatmapAnalysis:
+    """What ``python -m ssl_patch_analysis.heatmap`` measures: :func:`figure_heatmaps` and, unless
+    ``settings.locality_images`` is 0, :func:`locality_over_images`."""
+    heatmaps = figure_heatmaps(model, data, settings, device=device)
+    locality = (locality_over_images(model, data, settings, device=device, progress=progress)
+                if settings.locality_images > 0 else None)
+    return HeatmapAnalysis.of(model, data, heatmaps, locality)
+
+
 def _cell_extent(result: HeatmapResult) -> tuple[float, float, float, float]:
     """``imshow`` extent putting cell ``(r, c)`` as a stride-wide square centred on its patch centre."""
     rows, cols = result.grid_shape
@@ -393,6 +594,28 @@ def plot_heatmaps(result: HeatmapResult, title: str, layers: Sequence[str] | Non
     return fig
 
 
+def _analysis_title(analysis: HeatmapAnalysis) -> str:
+    result, locality = analysis.heatmaps, analysis.locality
+    height, width = result.images.shape[1:3]
+    lines = [f"Patch similarity heatmaps: {analysis.model} on {analysis.data}",
+             f"grid of {result.grid_shape[0]} x {result.grid_shape[1]} patches of {result.patch_size} px, stride "
+             f"{result.stride} px, each resized to {result.resize_to} px for the model"]
+    if analysis.model_info.get("stem") == "cifar" and min(height, width) > 64:
+        lines[-1] += f" (a CIFAR-trained model on {height} px images)"
+    if locality is not None:
+        scores = ", ".join(f"{name} {s.locality_mean:.3f} ± {s.locality_std:.3f}"
+                           for name, s in locality.layers.items())
+        count = next(iter(locality.layers.values())).num_images
+        lines.append(f"locality = -Spearman(similarity, centre distance), mean ± std over {count} images: {scores}")
+    return "\n".join(lines)
+
+
+def plot_heatmap_analysis(analysis: HeatmapAnalysis, cmap: str = "viridis") -> Figure:
+    """:func:`plot_heatmaps` of a :class:`HeatmapAnalysis`, titled as the heatmap command titles its figure
+    (model, data, grid, and the locality scores when measured)."""
+    return plot_heatmaps(analysis.heatmaps, _analysis_title(analysis), cmap=cmap)
+
+
 def _parse_cells(text: str) -> list[tuple[int, int]]:
     cells = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
@@ -424,28 +647,28 @@ def first_of_each_class(labels: np.ndarray, count: int) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ssl_patch_analysis.heatmap",
+    parser = cli.ArgumentParser(
+        prog="python -m ssl_patch_analysis.heatmap", renamed=cli.RENAMED_FLAGS["heatmap"],
         description="Cosine similarity of query patches to every patch of a grid, in projection (z) and embedding "
                     "(h) space (paper Fig. 4), and a locality score: -Spearman(similarity, centre distance).")
-    add_model_data_args(parser)
+    cli.add_analysis_args(parser)
     parser.add_argument("--patch-size", type=positive_int, default=None,
                         help="grid patch side in pixels (default: image side / 4, i.e. 8 at 32 px, 56 at 224 px)")
     parser.add_argument("--stride", type=positive_int, default=None,
                         help="grid stride (default: image side / 16, i.e. 2 at 32 px, 14 at 224 px: a 13 x 13 grid)")
-    parser.add_argument("--resize-to", type=int, default=None,
-                        help="side the patches are resized to for the model (default: its input size)")
+    cli.add_resize_arg(parser)
     parser.add_argument("--image-ids", default=None,
-                        help="comma-separated images of the figure (default: the first --num-images of distinct "
+                        help="comma-separated images of the figure (default: the first --figure-images of distinct "
                              "classes)")
-    parser.add_argument("--num-images", type=positive_int, default=3, help="images in the figure by default (default 3)")
+    parser.add_argument("--figure-images", type=positive_int, default=3,
+                        help="images in the figure when --image-ids is not given (default 3)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--queries", default=None,
                        help="query grid cells 'row,col;row,col', used on every image (default: the centre cell "
                             "and the top-left cell)")
     which.add_argument("--random-queries", type=positive_int, default=None, metavar="K",
                        help="K random query cells per image instead of --queries")
-    parser.add_argument("--layers", default="z,h", help="comma-separated among z,h,pre_feature (default z,h)")
+    cli.add_layers_arg(parser, ["z", "h"])
     parser.add_argument("--locality-images", type=non_negative_int, default=64,
                         help="random images of the split for the locality score (default 64; 0 skips it)")
     parser.add_argument("--locality-queries", type=positive_int, default=None, metavar="K",
@@ -453,81 +676,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _title(model: SSLModel, data, result: HeatmapResult, locality: dict[str, Any] | None) -> str:
-    height, width = result.images.shape[1:3]
-    lines = [f"Patch similarity heatmaps: {model_label(model)} on {data_label(data)}",
-             f"grid of {result.grid_shape[0]} x {result.grid_shape[1]} patches of {result.patch_size} px, stride "
-             f"{result.stride} px, each resized to {result.resize_to} px for the model"]
-    if model.info.stem == "cifar" and min(height, width) > 64:
-        lines[-1] += f" (a CIFAR-trained model on {height} px images)"
-    if locality:
-        scores = ", ".join(f"{name} {s['locality_mean']:.3f} ± {s['locality_std']:.3f}"
-                           for name, s in locality["layers"].items())
-        count = next(iter(locality["layers"].values()))["num_images"]
-        lines.append(f"locality = -Spearman(similarity, centre distance), mean ± std over {count} images: {scores}")
-    return "\n".join(lines)
-
-
+@cli.command
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    with extraction_flags(args):
+    with cli.extraction_flags(args):
         return _main(args, parser, argv)
 
 
 def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
-    layers = [name.strip() for name in args.layers.split(",") if name.strip()]
     try:
         cells = _parse_cells(args.queries) if args.queries else None
         chosen_ids = _parse_ids(args.image_ids) if args.image_ids else None
     except ValueError as error:
         parser.error(str(error))
-    model, data, device = load_model_and_data(args)
-    image_size = _image_size(data)
-    image_ids = chosen_ids or first_of_each_class(data.labels, args.num_images)
+    model, data, device = cli.load_model_and_data(args)
+    settings = HeatmapSettings(
+        patch_size=args.patch_size, stride=args.stride, resize_to=args.resize_to, layers=tuple(args.layers),
+        image_ids=tuple(chosen_ids) if chosen_ids else None, figure_images=args.figure_images,
+        queries=args.random_queries if args.random_queries is not None else (tuple(cells) if cells else None),
+        locality_images=args.locality_images, locality_queries=args.locality_queries, seed=args.seed)
+    patch_size, stride = settings.grid_on(data)  # first: images of one size, or the error that says --image-size
+    image_ids = settings.figure_image_ids(data)
     if not image_ids or min(image_ids) < 0 or max(image_ids) >= len(data):
         parser.error(f"--image-ids must lie in 0..{len(data) - 1} (the images of {data_label(data)}), got {image_ids}")
-    default_patch, default_stride = default_grid(image_size)
-    patch_size, stride = args.patch_size or default_patch, args.stride or default_stride
     try:
-        rows, cols = grid(patch_size, stride).grid_shape(image_size)
-        queries = args.random_queries if args.random_queries is not None else (
-            cells or [(rows // 2, cols // 2), (0, 0)])
-        result = patch_similarity_maps(model, data, image_ids, patch_size, stride, queries=queries, layers=layers,
-                                       resize_to=args.resize_to, device=device, seed=args.seed)
+        heatmaps = figure_heatmaps(model, data, settings, device=device)
     except ValueError as error:
         parser.error(str(error))
+    # heatmap_analysis's second step, called apart: a failure while scoring locality is not a usage error.
+    locality = (locality_over_images(model, data, settings, device=device, progress=sys.stderr.isatty())
+                if settings.locality_images > 0 else None)
+    analysis = HeatmapAnalysis.of(model, data, heatmaps, locality)
 
-    locality = None
-    if args.locality_images > 0:
-        count = min(args.locality_images, len(data))
-        locality_ids = np.sort(np.random.default_rng(args.seed).choice(len(data), count, replace=False))
-        embeddings = extract_patch_embeddings(model, data, grid(patch_size, stride), layers=["h"] + [
-            name for name in layers if name != "h"], image_ids=locality_ids, resize_to=args.resize_to, device=device,
-            dtype="float32", progress=sys.stderr.isatty())
-        locality = compare_locality({name: embeddings.layer(name) for name in layers}, embeddings.boxes,
-                                    queries=args.locality_queries, seed=args.seed)
-        locality["image_ids"] = locality_ids
-
-    stem = output_stem(args.out, "heatmap", model_name(args), args.data)
-    paths = save_figure(plot_heatmaps(result, _title(model, data, result, locality)), stem, pdf=args.pdf)
-    record = {
-        "command": "python -m ssl_patch_analysis.heatmap " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": model_label(model), "model_info": model.info.to_dict(), "data": data_label(data),
-        "heatmaps": result.to_dict(), "locality": locality,
-    }
+    stem = output_stem(args.out, "heatmap", cli.model_name(args), args.data)
+    paths = save_figure(plot_heatmap_analysis(analysis), stem, pdf=args.pdf)
+    record = {"command": cli.command_line("python -m ssl_patch_analysis.heatmap", argv), **analysis.to_dict()}
     paths.append(save_json(record, stem.with_suffix(".json")))
 
-    print(f"{model_label(model)} on {data_label(data)}: {result.grid_shape[0]} x {result.grid_shape[1]} grid, "
-          f"{patch_size} px patches, stride {stride}, resized to {result.resize_to} px")
-    if locality:
-        table = [[name, s["locality_mean"], s["locality_std"], s["locality_sem"], s["mean_similarity"], s["num_images"]]
-                 for name, s in locality["layers"].items()]
-        print(format_table(table, ["layer", "locality (-rho) mean", "std", "sem", "mean cos sim", "images"]))
-        paired = locality.get("paired_h_minus_z")
+    print(f"{analysis.model} on {analysis.data}: {heatmaps.grid_shape[0]} x {heatmaps.grid_shape[1]} grid, "
+          f"{patch_size} px patches, stride {stride}, resized to {heatmaps.resize_to} px")
+    if locality is not None:
+        print(format_table(locality.table_rows(), LOCALITY_TABLE_HEADERS))
+        paired = locality.paired_h_minus_z
         if paired:
-            print(f"h - z locality per image: mean {paired['mean']:.3f} (std {paired['std']:.3f}); h more local on "
-                  f"{paired['fraction_h_more_local']:.0%} of {paired['num_images']} images")
+            print(f"h - z locality per image: mean {paired.mean:.3f} (std {paired.std:.3f}); h more local on "
+                  f"{paired.fraction_h_more_local:.0%} of {paired.num_images} images")
     for path in paths:
         print(f"wrote {path}")
     return record

@@ -29,6 +29,11 @@ needs ``overwrite=True`` (``--overwrite``). A search that cannot find ``k`` neig
 projection ``z`` is expected to be more invariant (more same-class neighbours from other images),
 the embedding ``h`` more local (more neighbours from the same image).
 
+:func:`patch_retrieval` measures what the command line does, from Python: the indexes of every
+grid patch, their statistics and the figure query's neighbours, set by a
+:class:`RetrievalSettings` and returned as a :class:`RetrievalResult` (one
+:class:`LayerRetrieval` per layer), whose ``to_json()`` is the command's JSON.
+
 Command line (writes ``figures/retrieval_<model>_<data>.png`` and ``.json``, prints the table)::
 
     python -m ssl_patch_analysis.retrieval --model vicreg --data cifar10 --patch-size 16 --stride 8 \\
@@ -57,11 +62,10 @@ import numpy as np
 import torch
 
 from .extract import extract_patch_embeddings
+from .models import SSLModel
 from .patches import grid
-from .report import (
-    add_model_data_args, data_label, extraction_flags, format_table, load_model_and_data, model_label, model_name, output_stem,
-    save_figure, save_json,
-)
+from . import cli
+from .report import _plain, data_label, format_table, model_label, output_stem, save_figure, save_json
 from .store import PatchEmbeddings
 
 INDEX_KINDS = ("flat", "ivf")
@@ -127,6 +131,15 @@ class IndexLockedError(BlockingIOError):
 
 class FewerNeighboursError(ValueError):
     """A search found fewer than ``k`` neighbours of a query (NaN vectors, or an IVF index probing too few lists)."""
+
+
+class RetrievalSettingError(ValueError):
+    """A :class:`RetrievalSettings` value the data does not allow: ``setting`` names the field, ``value`` is what
+    was given, ``requirement`` says what it must be (so that a command line can name its own flag instead)."""
+
+    def __init__(self, setting: str, value: Any, requirement: str):
+        self.setting, self.value, self.requirement = setting, value, requirement
+        super().__init__(f"{setting} {value} must be {requirement}")
 
 
 def _faiss_gpu_device(device: str | torch.device | None) -> int | None:
@@ -702,6 +715,243 @@ def neighbour_statistics(index: PatchIndex, k: int = 8, num_queries: int = 200, 
     }
 
 
+# ---------------------------------------------------------------------- the analysis: settings in, a result out
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """What :func:`patch_retrieval` measures; the defaults are the retrieval command's.
+
+    - ``patch_size``, ``stride``: the grid whose every patch is indexed; ``resize_to``: the side the
+      patches are resized to for the model (``None``: its input size).
+    - ``num_images``: the first images of the data whose patches are indexed (``None``: all).
+    - ``k``: neighbours per query; ``num_queries``: random query patches for the statistics.
+    - ``query_image``, ``query_patch``: the figure's query patch (``None``: the grid patch nearest the
+      image centre); ``exclude_same_image`` leaves the query's image out of the figure's neighbours.
+    - ``index``, ``nlist``, ``nprobe``: the FAISS index (:meth:`PatchIndex.from_vectors`).
+    - ``seed``: the random queries and the IVF training sample; ``batch_size``: images per extraction batch.
+    """
+
+    patch_size: int = 16
+    stride: int = 8
+    resize_to: int | None = None
+    num_images: int | None = 1000
+    k: int = 8
+    num_queries: int = 200
+    query_image: int = 0
+    query_patch: int | None = None
+    exclude_same_image: bool = False
+    index: str = "flat"
+    nlist: int | None = None
+    nprobe: int = 8
+    seed: int = 0
+    batch_size: int = 64
+
+    @property
+    def grid_description(self) -> str:
+        """``"16x16 patches, stride 8"``, as titles and tables say it."""
+        return f"{self.patch_size}x{self.patch_size} patches, stride {self.stride}"
+
+    def indexed_images(self, data: Any) -> int:
+        """How many images of ``data`` are indexed; :class:`RetrievalSettingError` for a ``num_images`` or
+        ``query_image`` that ``data`` does not allow."""
+        total = len(data)
+        if self.num_images is not None and not 1 <= self.num_images <= total:
+            raise RetrievalSettingError("num_images", self.num_images,
+                                        f"between 1 and {total} (the images of the data), or None (all)")
+        count = total if self.num_images is None else int(self.num_images)
+        if not 0 <= self.query_image < count:
+            raise RetrievalSettingError("query_image", self.query_image, f"one of the indexed images 0..{count - 1}")
+        return count
+
+
+@dataclass(frozen=True)
+class LayerRetrievalStats:
+    """Where the ``k`` nearest neighbours of random query patches come from, in one layer's index.
+
+    :func:`neighbour_statistics` over ``num_queries`` query patches (the index rows ``query_rows``,
+    each left out of its own neighbours): the mean fraction of neighbours from the query's own image,
+    from other images of its class and from other classes, the first two beside their chance level
+    (the fraction of the other vectors in that group), and ``mean_similarity`` over all neighbours.
+    Class fractions are NaN when labels are unknown. ``recall_at_k``: the mean fraction of the exact
+    top ``k`` that an IVF index finds (:meth:`PatchIndex.recall_at_k`); ``None`` for the exact flat index.
+    """
+
+    k: int
+    num_queries: int
+    query_rows: tuple[int, ...]
+    same_image: float
+    same_class_other_image: float
+    other_class: float
+    chance_same_image: float
+    chance_same_class_other_image: float
+    mean_similarity: float
+    recall_at_k: float | None = None
+
+    @classmethod
+    def measure(cls, index: PatchIndex, settings: RetrievalSettings) -> "LayerRetrievalStats":
+        """The statistics of ``index`` with ``settings``' ``k``, ``num_queries`` and ``seed`` (recall for IVF)."""
+        stats = neighbour_statistics(index, k=settings.k, num_queries=settings.num_queries, seed=settings.seed)
+        stats["query_rows"] = tuple(int(row) for row in stats["query_rows"])
+        recall = (index.recall_at_k(settings.k, num_queries=settings.num_queries, seed=settings.seed)
+                  if settings.index == "ivf" else None)
+        return cls(**stats, recall_at_k=recall)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, ``recall_at_k`` only where it was measured."""
+        d = asdict(self)
+        if self.recall_at_k is None:
+            del d["recall_at_k"]
+        return d
+
+
+@dataclass(frozen=True)
+class RetrievalQuery:
+    """The figure's query patch: its image, patch index, box ``x0, y0, x1, y1`` (pixels) and label."""
+
+    image_id: int
+    patch_index: int
+    box: tuple[float, float, float, float]
+    label: int
+
+
+@dataclass(frozen=True)
+class LayerRetrieval:
+    """One layer of a :class:`RetrievalResult`: its index (``index_info``, :attr:`PatchIndex.info`), the
+    statistics of random queries, and the ``k`` nearest patches of the figure's query, nearest first."""
+
+    layer: str
+    index_info: dict[str, Any]
+    statistics: LayerRetrievalStats
+    figure_neighbours: tuple[Neighbour, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index_info, "statistics": self.statistics.to_dict(),
+                "figure_neighbours": [asdict(n) for n in self.figure_neighbours]}
+
+
+@dataclass(frozen=True)
+class RetrievalResult:
+    """Everything :func:`patch_retrieval` measured, with the settings that decide it.
+
+    ``layers`` in the figure's order (``z`` then ``h``, those the model has); ``num_images`` the images
+    indexed and ``num_indexed_patches`` the vectors of each layer's index; ``extraction`` how the
+    embeddings were computed (device, precision, speed). :meth:`to_json` is the JSON the retrieval
+    command writes, :meth:`table_rows` its table.
+    """
+
+    model: str
+    data: str
+    settings: RetrievalSettings
+    num_images: int
+    num_indexed_patches: int
+    query: RetrievalQuery
+    extraction: dict[str, Any] | None
+    layers: dict[str, LayerRetrieval]
+
+    @property
+    def faiss_device(self) -> str:
+        """Where the searches ran (``cpu``, or the GPU of a faiss with GPU support)."""
+        return list(self.layers.values())[-1].index_info["faiss_device"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers as Python values (tuples, NaN where a fraction is undefined)."""
+        s = self.settings
+        return {"model": self.model, "data": self.data, "patch_size": s.patch_size, "stride": s.stride,
+                "num_images": self.num_images, "k": s.k, "num_queries": s.num_queries, "query": asdict(self.query),
+                "extraction": self.extraction, "layers": {name: layer.to_dict() for name, layer in self.layers.items()}}
+
+    def to_json(self) -> dict[str, Any]:
+        """:meth:`to_dict` as the command's JSON file holds it: lists, and null for NaN."""
+        return _plain(self.to_dict())
+
+    def table_headers(self) -> list[str]:
+        headers = ["layer", "same image", "chance", "same class, other image", "chance", "other class", "mean cos"]
+        return headers + ([f"recall@{self.settings.k}"] if self.settings.index == "ivf" else [])
+
+    def table_rows(self) -> list[list[Any]]:
+        """Rows of :func:`~.report.format_table` under :meth:`table_headers`: one per layer."""
+        rows = []
+        for name, layer in self.layers.items():
+            s = layer.statistics
+            row = [name, s.same_image, s.chance_same_image, s.same_class_other_image, s.chance_same_class_other_image,
+                   s.other_class, s.mean_similarity]
+            rows.append(row + ([s.recall_at_k] if self.settings.index == "ivf" else []))
+        return rows
+
+
+def _central_patch(boxes: np.ndarray, image_size: Sequence[int]) -> int:
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    target = np.array([image_size[1], image_size[0]], dtype=np.float32) / 2
+    return int(np.argmin(((centres - target) ** 2).sum(axis=1)))
+
+
+def embed_grid_patches(model: SSLModel, data: Any, settings: RetrievalSettings = RetrievalSettings(), *,
+                       device: str | torch.device | None = None, store: str | os.PathLike | None = None,
+                       overwrite: bool = False) -> PatchEmbeddings:
+    """Every grid patch of the images :func:`patch_retrieval` indexes (the first ``settings.num_images``), embedded.
+
+    In memory, or in the store folder ``store``: a store of these embeddings is reused, a partial one
+    resumed, and one of other settings (or damaged beyond repair) replaced only with ``overwrite``.
+    Raises :class:`RetrievalSettingError`, before any work, for a ``num_images`` or ``query_image``
+    that ``data`` does not allow.
+    """
+    count = settings.indexed_images(data)
+    return extract_patch_embeddings(model, data, grid(settings.patch_size, settings.stride),
+                                    image_ids=np.arange(count), batch_size=settings.batch_size, device=device,
+                                    out=store, resize_to=settings.resize_to, overwrite=overwrite)
+
+
+def patch_retrieval(model: SSLModel, data: Any, settings: RetrievalSettings = RetrievalSettings(), *,
+                    device: str | torch.device | None = None, embeddings: PatchEmbeddings | None = None,
+                    store: str | os.PathLike | None = None, overwrite: bool = False,
+                    save_index: str | os.PathLike | None = None, command: str | None = None) -> RetrievalResult:
+    """Paper Fig. 5 and where the neighbours of random patches come from: what the retrieval command measures.
+
+    Every grid patch of the first ``settings.num_images`` images of ``data`` (an
+    :class:`~.data.ImageDataset`) is indexed by cosine similarity, once per layer (``z``, then ``h``;
+    those the model has). Per layer: :class:`LayerRetrievalStats` of ``settings.num_queries`` random
+    query patches, and the ``k`` nearest patches of the figure's query (``settings.query_image``,
+    ``settings.query_patch``).
+
+    - ``embeddings``: the grid patches already embedded by :func:`embed_grid_patches` with the same
+      settings (no extraction then); otherwise they are extracted, in memory or into ``store``
+      (``overwrite``: see :func:`embed_grid_patches`).
+    - ``save_index``: also save each layer's index to ``save_index/<layer>`` (:meth:`PatchIndex.save`;
+      an index already there is replaced only with ``overwrite``), with ``command``, the command line
+      that rebuilds it.
+
+    Raises :class:`RetrievalSettingError` for a ``num_images``, ``query_image`` or ``query_patch`` that
+    the data does not allow.
+    """
+    count = settings.indexed_images(data)
+    if embeddings is None:
+        embeddings = embed_grid_patches(model, data, settings, device=device, store=store, overwrite=overwrite)
+    elif not np.array_equal(np.asarray(embeddings.image_ids), np.arange(count)):
+        raise ValueError(f"embeddings must hold the grid patches of images 0..{count - 1} (those these settings "
+                         f"index), got {len(embeddings.image_ids)} images: make them with embed_grid_patches(model, "
+                         "data, settings)")
+    query_boxes = np.asarray(embeddings.boxes[settings.query_image])
+    query_patch = _central_patch(query_boxes, data.image_size) if settings.query_patch is None else \
+        int(settings.query_patch)
+    if not 0 <= query_patch < len(query_boxes):
+        raise RetrievalSettingError("query_patch", query_patch, f"in 0..{len(query_boxes) - 1} (patches per image)")
+    query = RetrievalQuery(image_id=int(settings.query_image), patch_index=query_patch,
+                           box=tuple(float(v) for v in query_boxes[query_patch]),
+                           label=int(embeddings.labels[settings.query_image]))
+    layers: dict[str, LayerRetrieval] = {}
+    for layer in (name for name in RETRIEVAL_LAYERS if name in embeddings.layers):
+        index = PatchIndex.from_embeddings(embeddings, layer, kind=settings.index, nlist=settings.nlist,
+                                           nprobe=settings.nprobe, device=device, seed=settings.seed)
+        statistics = LayerRetrievalStats.measure(index, settings)
+        neighbours = index.query(query.image_id, query.patch_index, k=settings.k,
+                                 exclude_same_image=settings.exclude_same_image)
+        layers[layer] = LayerRetrieval(layer, dict(index.info), statistics, tuple(neighbours))
+        if save_index is not None:
+            index.save(Path(save_index) / layer, overwrite=overwrite, command=command)
+    return RetrievalResult(model=model_label(model), data=data_label(data), settings=settings, num_images=count,
+                           num_indexed_patches=len(index), query=query, extraction=embeddings.meta.get("last_run"),
+                           layers=layers)
+
+
 # ---------------------------------------------------------------------- figure
 _RELATION_COLOURS = {"same image": "tab:blue", "same class, other image": "tab:green", "other class": "tab:gray"}
 
@@ -772,29 +1022,44 @@ def plot_retrieval(data, query_image: int, query_box: Sequence[float], query_lab
     return fig
 
 
+def plot_retrieval_result(result: RetrievalResult, data):
+    """:func:`plot_retrieval` of a :class:`RetrievalResult` (``data``: the images it indexed), titled as the
+    retrieval command titles its figure."""
+    title = (f"Nearest patches: {result.model} on {result.data}\n{result.settings.grid_description}, "
+             f"{result.num_images} images ({result.num_indexed_patches} patches), k={result.settings.k}")
+    query = result.query
+    return plot_retrieval(data, query.image_id, query.box, query.label,
+                          {name: list(layer.figure_neighbours) for name, layer in result.layers.items()},
+                          class_names=getattr(data, "class_names", None), title=title)
+
+
 # ---------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m ssl_patch_analysis.retrieval",
+    parser = cli.ArgumentParser(
+        prog="python -m ssl_patch_analysis.retrieval", renamed=cli.RENAMED_FLAGS["retrieval"],
         description="Nearest patches of a query patch among all grid patches of a data set, in projection (z) and "
                     "embedding (h) space (paper Fig. 5), and where the neighbours of many random queries come from.")
-    add_model_data_args(parser)
-    parser.add_argument("--patch-size", type=int, default=16, help="side of the grid patches (default 16)")
-    parser.add_argument("--stride", type=int, default=8, help="grid stride (default 8: 9 patches per CIFAR image)")
-    parser.add_argument("--num-images", type=int, default=1000, help="index the patches of the first N images "
-                        "(default 1000; 0: all)")
-    parser.add_argument("--k", type=int, default=8, help="neighbours per query (default 8)")
-    parser.add_argument("--num-queries", type=int, default=200,
+    cli.add_analysis_args(parser)
+    parser.add_argument("--patch-size", type=cli.positive_int, default=16, help="side of the grid patches (default 16)")
+    parser.add_argument("--stride", type=cli.positive_int, default=8,
+                        help="grid stride (default 8: 9 patches per CIFAR image)")
+    cli.add_num_images_arg(parser, 1000, "images whose patches are indexed")
+    cli.add_resize_arg(parser)
+    parser.add_argument("--neighbours", dest="k", type=cli.positive_int, default=8, metavar="N",
+                        help="neighbours per query (default 8)")
+    parser.add_argument("--num-queries", type=cli.positive_int, default=200,
                         help="random query patches for the statistics (default 200)")
-    parser.add_argument("--query-image", type=int, default=0, help="image of the figure's query patch (default 0)")
-    parser.add_argument("--query-patch", type=int, default=None,
+    parser.add_argument("--query-image", type=cli.non_negative_int, default=0,
+                        help="image of the figure's query patch (default 0)")
+    parser.add_argument("--query-patch", type=cli.non_negative_int, default=None,
                         help="patch index of the figure's query (default: the grid patch nearest the image centre)")
     parser.add_argument("--exclude-same-image", action="store_true",
                         help="leave the query's own image out of the figure's neighbours")
     parser.add_argument("--index", choices=INDEX_KINDS, default="flat",
                         help="flat: exact search (default); ivf: inverted lists (large patch sets)")
-    parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~sqrt(number of patches))")
-    parser.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query (default 8)")
+    parser.add_argument("--nlist", type=cli.positive_int, default=None,
+                        help="IVF lists (default ~sqrt(number of patches))")
+    parser.add_argument("--nprobe", type=cli.positive_int, default=8, help="IVF lists searched per query (default 8)")
     parser.add_argument("--store", type=Path, default=None,
                         help="patch-embedding store directory to reuse, or to write (and resume) the extraction in")
     parser.add_argument("--save-index", type=Path, default=None,
@@ -802,26 +1067,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the indexes already saved in --save-index DIR (a damaged one too), and a --store "
                              "made with other settings or damaged beyond repair; only their own files are replaced")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per extraction batch (default 64)")
+    cli.add_batch_size_arg(parser)
     return parser
 
 
-def _central_patch(boxes: np.ndarray, image_size: Sequence[int]) -> int:
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    target = np.array([image_size[1], image_size[0]], dtype=np.float32) / 2
-    return int(np.argmin(((centres - target) ** 2).sum(axis=1)))
-
-
+@cli.command
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     # Recorded with the saved indexes: a damaged one is rebuilt by re-running it (with --overwrite).
-    args.command = "python -m ssl_patch_analysis.retrieval " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        with extraction_flags(args):
-            return _main(args)
-    except (ValueError, OSError) as error:  # a user's error or damaged input: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    args.command = cli.command_line("python -m ssl_patch_analysis.retrieval", argv)
+    with cli.extraction_flags(args):
+        return _main(args)
 
 
 def _refuse_to_replace_saved_indexes(save_index: Path) -> None:
@@ -853,69 +1109,40 @@ def _in_retrieval_terms(message: str) -> str:
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     if args.save_index is not None and not args.overwrite:
         _refuse_to_replace_saved_indexes(args.save_index)
-    model, data, device = load_model_and_data(args)
-    if not 0 <= args.num_images <= len(data):
-        raise SystemExit(f"--num-images must be between 0 (all) and {len(data)} (the size of the data set)")
+    model, data, device = cli.load_model_and_data(args)
+    if args.num_images is not None and args.num_images > len(data):
+        raise cli.UserError(f"--num-images {args.num_images}: {data_label(data)} has only {len(data)} images (pass at "
+                            "most that, or all)")
     num_images = args.num_images or len(data)
     if not 0 <= args.query_image < num_images:
-        raise SystemExit(f"--query-image must be one of the indexed images 0..{num_images - 1}")
-    sampler = grid(args.patch_size, args.stride)
+        raise cli.UserError(f"--query-image {args.query_image} must be one of the indexed images 0..{num_images - 1}")
+    settings = RetrievalSettings(
+        patch_size=args.patch_size, stride=args.stride, resize_to=args.resize_to, num_images=args.num_images,
+        k=args.k, num_queries=args.num_queries, query_image=args.query_image, query_patch=args.query_patch,
+        exclude_same_image=args.exclude_same_image, index=args.index, nlist=args.nlist, nprobe=args.nprobe,
+        seed=args.seed, batch_size=args.batch_size)
     try:
-        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=np.arange(num_images),
-                                              batch_size=args.batch_size, device=device, out=args.store,
-                                              overwrite=args.overwrite)
+        embeddings = embed_grid_patches(model, data, settings, device=device, store=args.store,
+                                        overwrite=args.overwrite)
     except (ValueError, OSError) as error:
         if args.store is None:
             raise
         raise ValueError(_in_retrieval_terms(str(error))) from error
-    layers = [layer for layer in RETRIEVAL_LAYERS if layer in embeddings.layers]
+    try:
+        result = patch_retrieval(model, data, settings, device=device, embeddings=embeddings, overwrite=args.overwrite,
+                                 save_index=args.save_index, command=getattr(args, "command", None))
+    except RetrievalSettingError as error:  # the query patch, checked once the grid is known
+        raise SystemExit(f"--{error.setting.replace('_', '-')} must be {error.requirement}") from None
 
-    query_boxes = np.asarray(embeddings.boxes[args.query_image])
-    query_patch = _central_patch(query_boxes, data.image_size) if args.query_patch is None else args.query_patch
-    if not 0 <= query_patch < len(query_boxes):
-        raise SystemExit(f"--query-patch must be in 0..{len(query_boxes) - 1} (patches per image)")
-    query_label = int(embeddings.labels[args.query_image])
-
-    results: dict[str, Any] = {}
-    figure_neighbours: dict[str, list[Neighbour]] = {}
-    for layer in layers:
-        index = PatchIndex.from_embeddings(embeddings, layer, kind=args.index, nlist=args.nlist, nprobe=args.nprobe,
-                                           device=device, seed=args.seed)
-        stats = neighbour_statistics(index, k=args.k, num_queries=args.num_queries, seed=args.seed)
-        if args.index == "ivf":
-            stats["recall_at_k"] = index.recall_at_k(args.k, num_queries=args.num_queries, seed=args.seed)
-        figure_neighbours[layer] = index.query(args.query_image, query_patch, k=args.k,
-                                               exclude_same_image=args.exclude_same_image)
-        results[layer] = {"index": index.info, "statistics": stats,
-                          "figure_neighbours": [asdict(n) for n in figure_neighbours[layer]]}
-        if args.save_index:
-            index.save(args.save_index / layer, overwrite=args.overwrite, command=getattr(args, "command", None))
-
-    patches = f"{args.patch_size}x{args.patch_size} patches, stride {args.stride}"
-    title = (f"Nearest patches: {model_label(model)} on {data_label(data)}\n"
-             f"{patches}, {num_images} images ({len(index)} patches), k={args.k}")
-    fig = plot_retrieval(data, args.query_image, query_boxes[query_patch], query_label, figure_neighbours,
-                         class_names=data.class_names, title=title)
-    stem = output_stem(args.out, "retrieval", model_name(args), args.data)
-    paths = save_figure(fig, stem, pdf=args.pdf)
-    summary = {"model": model_label(model), "data": data_label(data), "patch_size": args.patch_size,
-               "stride": args.stride, "num_images": num_images, "k": args.k, "num_queries": args.num_queries,
-               "query": {"image_id": args.query_image, "patch_index": query_patch,
-                         "box": query_boxes[query_patch], "label": query_label},
-               "extraction": embeddings.meta.get("last_run"), "layers": results}
+    stem = output_stem(args.out, "retrieval", cli.model_name(args), args.data)
+    paths = save_figure(plot_retrieval_result(result, data), stem, pdf=args.pdf)
+    summary = result.to_dict()
     save_json(summary, stem.with_suffix(".json"))
 
-    headers = ["layer", "same image", "chance", "same class, other image", "chance", "other class", "mean cos"]
-    rows = [[layer, s["same_image"], s["chance_same_image"], s["same_class_other_image"],
-             s["chance_same_class_other_image"], s["other_class"], s["mean_similarity"]]
-            for layer in layers for s in [results[layer]["statistics"]]]
-    if args.index == "ivf":
-        headers.append(f"recall@{args.k}")
-        for row, layer in zip(rows, layers):
-            row.append(results[layer]["statistics"]["recall_at_k"])
-    print(f"{model_label(model)} on {data_label(data)}: {patches}; {args.k} nearest of {args.num_queries} random "
-          f"query patches among {len(index)} ({args.index} index on {index.info['faiss_device']})")
-    print(format_table(rows, headers))
+    print(f"{result.model} on {result.data}: {settings.grid_description}; {settings.k} nearest of "
+          f"{settings.num_queries} random query patches among {result.num_indexed_patches} ({settings.index} index "
+          f"on {result.faiss_device})")
+    print(format_table(result.table_rows(), result.table_headers()))
     print("wrote " + ", ".join(str(p) for p in [*paths, stem.with_suffix(".json")]))
     return summary
 

@@ -169,7 +169,7 @@ def repair_advice(path: Path, damage: Sequence[StoreDamage], meta: Mapping[str, 
     if meta.get("saved_by") == "PatchEmbeddings.save":
         return "it was written by PatchEmbeddings.save: save the embeddings again, into a new folder"
     return ("re-run the command that made it (same settings) to re-extract only the damaged batches; "
-            f"`python -m ssl_patch_analysis.extract --verify {path}` lists the damage")
+            f"`python -m ssl_patch_analysis.extract --verify --store {path}` lists the damage")
 
 
 class DamagedStoreError(ValueError):
@@ -202,7 +202,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
             raise DamagedStoreError(path, [StoreDamage("meta.json", "missing")], None)
         raise FileNotFoundError(
             f"no patch-embedding store at {path} (meta.json is missing): run "
-            "`python -m ssl_patch_analysis.extract ... --out DIR` to make one"
+            "`python -m ssl_patch_analysis.extract ... --store DIR` to make one"
         )
     try:
         with open(meta_path, encoding="utf-8") as f:
@@ -245,7 +245,7 @@ def _check_writable_folder(path: Path) -> None:
     if not path.exists():
         return
     if not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder: choose another --out")
+        raise FileExistsError(f"{path} exists and is not a folder: choose another --store")
     meta_path = path / "meta.json"
     if meta_path.is_file():
         try:
@@ -257,11 +257,11 @@ def _check_writable_folder(path: Path) -> None:
         if isinstance(meta, dict) and (meta.get("format") == STORE_FORMAT or "meta_sha256" in meta):
             return
         raise FileExistsError(f"{path} holds a meta.json that is not a patch-embedding store's; refusing to write "
-                              "into it: choose another --out")
+                              "into it: choose another --store")
     if any(not _OWN_FILE.fullmatch(entry.name) for entry in path.iterdir()):
         raise FileExistsError(
             f"{path} exists and is not a patch-embedding store (no meta.json); refusing to write into it: "
-            "choose another --out"
+            "choose another --store"
         )
 
 
@@ -575,7 +575,7 @@ def store_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
             if not wait:
                 raise StoreLockedError(
                     errno.EWOULDBLOCK,
-                    f"{holder} is writing the store at {path}: wait for it to finish, or choose another --out",
+                    f"{holder} is writing the store at {path}: wait for it to finish, or choose another --store",
                 ) from None
             print(f"waiting for {holder}, which is writing the store at {path} (one writer at a time)",
                   file=sys.stderr, flush=True)
@@ -713,7 +713,7 @@ def _explain_os_error(error: OSError, path: Path) -> OSError:
     if error.errno == errno.ENOSPC:
         return OSError(
             errno.ENOSPC,
-            f"the disk holding {path} is full: free some space (or choose another --out) and re-run "
+            f"the disk holding {path} is full: free some space (or choose another --store) and re-run "
             "the same command; an interrupted store resumes where it stopped",
         )
     return error
@@ -836,7 +836,7 @@ def prepare_store(
             hint += f" ({_CONTENT_DIGESTS[changed[0]]})"
     raise ValueError(
         f"the store at {path} was made with other settings (different: {', '.join(shown)}){hint}; "
-        "choose another --out, or pass --overwrite (overwrite=True) to replace it"
+        "choose another --store, or pass --overwrite (overwrite=True) to replace it"
     )
 
 

@@ -14,7 +14,7 @@ waits for the device (the loss is checked for NaN one interval behind). ``channe
 device; bf16 autocast (``--amp``) by default on CUDA and on CPUs with bf16 units (AMX, AVX512-BF16);
 ``--compile`` runs the model through ``torch.compile``.
 
-Each epoch writes, in ``--out``:
+Each epoch writes, in ``--run-dir`` (``TrainConfig.out``):
 
 - ``checkpoint.pt``: the model in the project's own format (``load_model`` reads it), its
   ``train`` dict saying how it was made;
@@ -65,6 +65,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from . import cli
 from .augment import Augmentation
 from .checkpoints import (
     CHECKSUM_KEY,
@@ -201,6 +202,8 @@ class TrainConfig:
             return dataclasses.replace(args)
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in names}
+        if getattr(args, "scale", None) is not None:  # --scale MIN,MAX
+            values["min_scale"], values["max_scale"] = args.scale
         return cls(**values)
 
     @property
@@ -267,8 +270,8 @@ def _method_table() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m ssl_patch_analysis.train",
+    parser = cli.ArgumentParser(
+        prog="python -m ssl_patch_analysis.train", renamed=cli.RENAMED_FLAGS["train"],
         description="Train a BagSSL / EMP-SSL / VICReg / SimCLR model from scratch (checkpoints in the project's "
                     "own format, resumable, torchrun for several GPUs). Method defaults: " + _method_table(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -279,9 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="cifar10, cifar100, imagenette (its only split, val, trains; k-NN uses disjoint subsets of it) or an "
              "image-folder path (<folder>/[train/]<class>/<image>, decoded into memory)")
     add("--data-root", default=None, help="folder holding the data files (default: $SSL_PATCH_ANALYSIS_DATA)")
-    add("--image-size", type=int, default=defaults.image_size,
+    add("--image-size", type=cli.positive_int, default=defaults.image_size,
         help="image folders only: resize and centre-crop every image to this")
-    add("--train-size", type=int, default=None, help="train on a fixed random subset of this many images (all: None)")
+    add("--train-size", type=cli.positive_int, default=None, help="train on a fixed random subset of this many images (all: None)")
     add("--arch", choices=("resnet18", "resnet50"), default=defaults.arch, help="backbone")
     add("--width", type=float, default=defaults.width,
         help="channel multiplier of the backbone (0.25: a narrow net for CPUs)")
@@ -296,16 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--patch-size", type=int, default=None,
         help="bagssl/emp-ssl: side of the fixed-scale patches (default: 16 on 32 px data, 32 on larger images)")
     add("--num-patches", type=int, default=None, help="bagssl/emp-ssl: patches per image (default: 16; emp-ssl 20)")
-    add("--min-scale", type=float, default=defaults.min_scale, help="vicreg/simclr: RandomResizedCrop's smallest area fraction")
-    add("--max-scale", type=float, default=defaults.max_scale, help="vicreg/simclr: RandomResizedCrop's largest area fraction")
+    cli.add_scale_arg(parser, (defaults.min_scale, defaults.max_scale), "vicreg/simclr: RandomResizedCrop's area range")
     add("--blur-p", type=float, default=None,
         help="Gaussian blur probability (default: emp-ssl 0.1; others 0 on 32 px inputs, 0.5 on larger ones)")
     add("--solarize-p", type=float, default=None, help="solarization probability (default: emp-ssl 0.1, others 0)")
-    add("--epochs", type=int, default=defaults.epochs, help="epochs to train")
+    add("--epochs", type=cli.positive_int, default=defaults.epochs, help="epochs to train")
     add("--schedule-epochs", type=int, default=None,
         help="length of the learning-rate schedule in epochs (default: --epochs); EMP-SSL's one-epoch recipe "
              "trains 1 epoch of a 2-epoch schedule")
-    add("--batch-size", type=int, default=None,
+    add("--batch-size", type=cli.positive_int, default=None,
         help="images per step over all processes, each giving several crops (default: 256; emp-ssl 100)")
     add("--base-lr", type=float, default=None,
         help="learning rate per 256 images: lr = base_lr * batch_size / 256 (default: 0.3 for bagssl and vicreg, "
@@ -318,13 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", type=float, default=None, help="weight decay (default: 1e-4; 1e-5 for simclr)")
     add("--warmup-epochs", type=float, default=None,
         help="linear warm-up epochs before the per-step cosine decay (default: 10; emp-ssl 0)")
-    add("--amp", action=argparse.BooleanOptionalAction, default=None,
-        help="bf16 autocast (default: on CUDA and on CPUs with bf16 units, AMX or AVX512-BF16)")
-    add("--compile", action="store_true", help="run the model through torch.compile (a one-off compilation)")
-    add("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    cli.add_device_args(parser)
     add("--seed", type=int, default=defaults.seed, help="seed of the initial weights, data order, crops and augmentation")
-    add("--out", default=None, help="output folder (default: runs/<method>-<arch>-<data>)")
-    add("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    add("--run-dir", dest="out", default=None,
+        help="the run folder: checkpoint, resume state and log (default: runs/<method>-<arch>-<data>)")
+    add("--resume", action="store_true", help="continue the run in --run-dir from its last epoch")
     add("--time-limit", type=float, default=None,
         help="seconds: stop (saving a checkpoint) after the epoch after which another epoch would exceed this")
     add("--knn-every", type=int, default=defaults.knn_every,
@@ -357,7 +357,7 @@ class Processes:
 
 def setup_processes(device_arg: str | None) -> Processes:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    requested = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    requested = cli.resolve_device(device_arg)
     if requested.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA device is available; pass --device cpu")
     if world_size == 1:
@@ -744,7 +744,7 @@ def _check_args(config: TrainConfig, world_size: int, image_size: tuple[int, int
             raise ValueError(f"--patch-size must lie in 1..{min(image_size)} for {image_size[0]}x{image_size[1]} "
                              f"images, got {config.patch_size}")
     if not 0 < config.min_scale <= config.max_scale <= 1:
-        raise ValueError(f"need 0 < --min-scale <= --max-scale <= 1, got {config.min_scale} and {config.max_scale}")
+        raise ValueError(f"need 0 < MIN <= MAX <= 1 in --scale MIN,MAX, got {config.min_scale},{config.max_scale}")
     if config.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {config.epochs}")
     if config.schedule_epochs is not None and config.schedule_epochs < 1:
@@ -755,13 +755,17 @@ def command_line(config: TrainConfig | argparse.Namespace) -> str:
     """The command that runs ``config`` (every flag that differs from its default; ``--resume`` left out)."""
     parts = ["python -m ssl_patch_analysis.train"]
     for action in build_parser()._actions:
-        if not action.option_strings or action.dest in ("help", "resume"):
+        if not action.option_strings or action.dest in ("help", "resume", "debug") or "--no-amp" in action.option_strings:
             continue
         value = getattr(config, action.dest, action.default)
+        if action.dest == "scale":  # --scale MIN,MAX holds min_scale and max_scale
+            value = (config.min_scale, config.max_scale)
         if value != action.default:
             if isinstance(value, bool):
                 flag = action.option_strings[0] if value else f"--no-{action.option_strings[0][2:]}"
                 parts.append(flag)
+            elif isinstance(value, tuple):
+                parts.append(f"{action.option_strings[0]} {','.join(f'{v:g}' for v in value)}")
             else:
                 parts.append(f"{action.option_strings[0]} {value}")
     return " ".join(parts)
@@ -862,7 +866,7 @@ def _train(config: TrainConfig, processes: Processes) -> Path:
 
 
 def run_folder(config: TrainConfig) -> Path:
-    """``--out``, or ``runs/<method>-<arch>-<data>``."""
+    """``--run-dir``, or ``runs/<method>-<arch>-<data>``."""
     data_name = Path(config.data).name if config.data.lower() not in ARCHIVE_DATASETS else config.data.lower()
     return Path(config.out or f"runs/{config.method}-{config.arch}-{data_name}")
 
@@ -888,7 +892,7 @@ def run_folder_lock(out: Path, resume: bool) -> Iterator[None]:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             raise RunFolderLockedError(
                 f"process {holder} is training in {out}: wait for it to finish (then --resume continues it), or "
-                "choose another --out") from None
+                "choose another --run-dir") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -930,7 +934,7 @@ def _resume_state_problem(path: Path, device: torch.device) -> tuple[dict[str, A
 def _read_resume_state(path: Path, device: torch.device) -> tuple[dict[str, Any], Path]:
     """The resume state for ``--resume`` and the file it came from: ``resume.pt``, or ``resume.prev.pt`` (with a
     notice) when ``resume.pt`` is missing or damaged; one line saying what to do when neither can be used."""
-    start_over = (f"it cannot be continued: pass another --out, or delete {path.parent} to start over "
+    start_over = (f"it cannot be continued: pass another --run-dir, or delete {path.parent} to start over "
                   "(checkpoint.pt, if present, still holds the last finished epoch's weights)")
     previous = path.with_name(PREVIOUS_RESUME)
     if not path.is_file() and not previous.is_file():
@@ -1056,9 +1060,9 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     elif (out / "checkpoint.pt").exists():
         if resume_path.is_file() or (out / PREVIOUS_RESUME).is_file():
             raise FileExistsError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, or another "
-                                  "--out")
+                                  "--run-dir")
         raise FileExistsError(f"{out} holds a finished or foreign run (checkpoint.pt without resume.pt, so it cannot "
-                              "be continued): pass another --out, or delete the folder to start over")
+                              "be continued): pass another --run-dir, or delete the folder to start over")
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -1307,6 +1311,7 @@ def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall:
     }
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:

@@ -632,10 +632,12 @@ def test_verbose_line_and_cli(tmp_path, capsys):
     line = capsys.readouterr().out.strip()
     assert line.count("\n") == 0 and "[solo-learn]" in line and "resnet18" in line and "M params" in line
 
-    main([str(tmp_path / "last.ckpt")])
+    main(["--model", str(tmp_path / "last.ckpt")])
     out = capsys.readouterr().out
     assert "format:        solo-learn" in out and "projector g:   512-64-64-32" in out
     n_params = sum(p.numel() for p in model.parameters())
     assert "padding 2" in out and f"parameters:    {n_params:,}" in out
-    with pytest.raises(SystemExit, match="not a known name"):
-        main([str(tmp_path / "missing.ckpt")])
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", str(tmp_path / "missing.ckpt")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "not a known name" in err and "missing.ckpt" in err

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_patch_analysis import data, report
+from ssl_patch_analysis import cli, data
 from ssl_patch_analysis.data import DataFileError, ImageFolderDataset, load_dataset
 
 from test_data import CIFAR10_CLASSES, random_images, write_fake_cifar10_folder, write_jpeg_archive
@@ -503,11 +503,11 @@ def test_skip_bad_images_flag_reaches_the_loader(tmp_path, monkeypatch, capsys):
     folder_with_bad_files(tmp_path / "pictures", {"text.jpg": BAD_FILES["text.jpg"]})
     monkeypatch.setattr("ssl_patch_analysis.checkpoints.load_model", lambda *a, **k: "model")
     parser = argparse.ArgumentParser()
-    report.add_model_data_args(parser)
+    cli.add_analysis_args(parser)
     args = parser.parse_args(["--data", str(tmp_path / "pictures"), "--device", "cpu"])
     assert args.skip_bad_images is False
-    _, dataset, _ = report.load_model_and_data(args)
+    _, dataset, _ = cli.load_model_and_data(args)
     assert len(dataset) == 5
     args = parser.parse_args(["--data", str(tmp_path / "pictures"), "--device", "cpu", "--skip-bad-images"])
-    _, dataset, _ = report.load_model_and_data(args)
+    _, dataset, _ = cli.load_model_and_data(args)
     assert len(dataset) == 4 and "b/text.jpg" in capsys.readouterr().err

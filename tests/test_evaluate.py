@@ -500,8 +500,8 @@ def test_cli_writes_figures_and_json(tmp_path, cifar10_npz, data_root, capsys):
     out = tmp_path / "figures"
     argv = ["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--split", "test",
             "--train-split", "test", "--train-size", "40", "--test-size", "20", "--protocols", "central,1,4",
-            "--k", "5,20", "--epochs", "3", "--boost", "--out", str(out), "--device", "cpu", "--no-progress",
-            "--store-dir", str(tmp_path / "store"), "--pdf"]
+            "--k", "5,20", "--probe-epochs", "3", "--boost", "--out", str(out), "--device", "cpu", "--no-progress",
+            "--cache-dir", str(tmp_path / "store"), "--pdf"]
     results = main(argv)
     printed = capsys.readouterr().out
     assert "| protocol" in printed and "kNN k=5" in printed and "Adam, 3 epochs" in printed
@@ -519,8 +519,11 @@ def test_cli_writes_figures_and_json(tmp_path, cifar10_npz, data_root, capsys):
     rerun = main(argv)
     assert [(row["knn"], row["linear"]) for row in rerun["protocols"]] == [
         (row["knn"], row["linear"]) for row in results["protocols"]]
-    with pytest.raises(SystemExit, match="unknown protocol"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
         main([*argv, "--protocols", "central,lots"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "unknown protocol" in err and "lots" in err
 
 
 def test_probe_flags_fill_in_the_preset():
@@ -529,9 +532,9 @@ def test_probe_flags_fill_in_the_preset():
 
     assert schedule() == ProbeSchedule()
     assert schedule("--probe", "emp-ssl") == ProbeSchedule.emp_ssl()
-    assert schedule("--probe", "emp-ssl", "--lr", "0.1", "--epochs", "7") == dataclasses.replace(
+    assert schedule("--probe", "emp-ssl", "--probe-lr", "0.1", "--probe-epochs", "7") == dataclasses.replace(
         ProbeSchedule.emp_ssl(), lr=0.1, epochs=7)
-    assert schedule("--weight-decay", "0", "--probe-batch-size", "64") == ProbeSchedule(weight_decay=0.0, batch_size=64)
+    assert schedule("--probe-weight-decay", "0", "--probe-batch-size", "64") == ProbeSchedule(weight_decay=0.0, batch_size=64)
     assert build_parser().parse_args(["--model", "m"]).augment_patches == "none"
 
 
@@ -549,10 +552,11 @@ def test_cli_emp_ssl_probe_and_augmentation(tmp_path, cifar10_npz, data_root, ca
     out = tmp_path / "figures"
     argv = ["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--split", "test",
             "--train-split", "test", "--train-size", "20", "--test-size", "10", "--protocols", "2", "--k", "3",
-            "--probe", "emp-ssl", "--augment-patches", "emp-ssl", "--epochs", "2", "--out", str(out), "--device",
+            "--probe", "emp-ssl", "--augment-patches", "emp-ssl", "--probe-epochs", "2", "--out", str(out), "--device",
             "cpu", "--no-progress"]
-    with pytest.raises(SystemExit, match="fewer than one batch of 100"):  # before any embedding
+    with pytest.raises(SystemExit) as stop:  # before any embedding
         main(argv)
+    assert stop.value.code == 2 and "fewer than one batch of 100" in capsys.readouterr().err
     assert augmentations == []
     main([*argv, "--probe-batch-size", "6"])
     printed = capsys.readouterr().out

@@ -326,7 +326,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path, cifar10_np
     def command(out):
         return [sys.executable, "-m", "ssl_patch_analysis.extract", "--model", str(checkpoint), "--data", "cifar10",
                 "--data-root", str(cifar10_npz.parent), "--grid", "8", "--stride", "4", "--num-images",
-                str(num_images), "--batch-size", str(batch_size), "--device", "cpu", "--out", str(out)]
+                str(num_images), "--batch-size", str(batch_size), "--device", "cpu", "--store", str(out)]
 
     # One thread each: the two final runs share the CPUs, and compute bit-identical numbers.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -9,11 +9,14 @@ from matplotlib.image import AxesImage
 from PIL import Image
 from scipy.stats import spearmanr
 
-from ssl_patch_analysis.checkpoints import save_checkpoint
+from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.heatmap import (
-    compare_locality, default_grid, locality_score, main, patch_similarity_maps, plot_heatmaps, spearman_rho,
+    LOCALITY_TABLE_HEADERS, HeatmapSettings, compare_locality, default_grid, figure_heatmaps, first_of_each_class,
+    heatmap_analysis, locality_over_images, locality_score, main, patch_similarity_maps, plot_heatmap_analysis,
+    plot_heatmaps, spearman_rho,
 )
+from ssl_patch_analysis.report import format_table
 from ssl_patch_analysis.models import (
     CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Preprocess, SSLModel, build_backbone,
     build_mlp,
@@ -262,7 +265,7 @@ def test_cli_random_init_control_is_named_apart_and_uses_fresh_weights(tmp_path,
 @pytest.mark.parametrize("flag, value, message", [
     ("--locality-images", "-3", "expected an integer >= 0, got -3"),
     ("--locality-queries", "0", "expected a positive integer, got 0"),
-    ("--num-images", "x", "expected a positive integer, got 'x'"),
+    ("--figure-images", "x", "expected a positive integer, got 'x'"),
     ("--random-queries", "-1", "expected a positive integer, got -1"),
 ])
 def test_cli_refuses_negative_counts_instead_of_skipping_silently(flag, value, message, capsys):
@@ -271,3 +274,81 @@ def test_cli_refuses_negative_counts_instead_of_skipping_silently(flag, value, m
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and message in err
+
+
+# ----------------------------------------------------------------------------- the library functions
+
+
+def test_heatmap_analysis_is_what_the_command_writes(tmp_path, cifar10_npz, capsys):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model(), checkpoint)
+    record = main(["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(cifar10_npz.parent),
+                   "--device", "cpu", "--patch-size", "16", "--stride", "8", "--resize-to", "16",
+                   "--queries", "1,1;0,2", "--image-ids", "0,3", "--locality-images", "5", "--locality-queries", "4", "--seed", "2",
+                   "--out", str(tmp_path / "figs")])
+    printed = capsys.readouterr().out
+    written = json.loads((tmp_path / "figs" / "heatmap_tiny_cifar10.json").read_text())
+
+    settings = HeatmapSettings(patch_size=16, stride=8, resize_to=16, image_ids=(0, 3), queries=((1, 1), (0, 2)),
+                               locality_images=5, locality_queries=4, seed=2)
+    data = load_dataset("cifar10", "test", root=cifar10_npz.parent)
+    analysis = heatmap_analysis(load_model(checkpoint, device="cpu", verbose=False), data, settings, device="cpu")
+    assert analysis.to_json() == {key: value for key, value in written.items() if key != "command"}
+    assert record["locality"]["layers"]["h"]["locality_mean"] == analysis.locality.layers["h"].locality_mean
+    locality = analysis.locality
+    assert list(locality.layers) == ["z", "h"] and len(locality.image_ids) == 5
+    assert locality.layers["h"].queries_per_image == 4 and locality.paired_h_minus_z.num_images == 5
+    assert format_table(locality.table_rows(), LOCALITY_TABLE_HEADERS) in printed
+    fig = plot_heatmap_analysis(analysis)
+    assert "mean ± std over 5 images" in fig.get_suptitle()
+    assert fig.get_suptitle().startswith(f"Patch similarity heatmaps: {analysis.model} on {analysis.data}\n")
+
+
+def test_locality_over_images_equals_a_direct_computation_on_real_images(cifar10_npz):
+    data, model = load_dataset("cifar10", "test", root=cifar10_npz.parent), tiny_model()
+    # Patches fed at their own size (no resampling), so that slicing them out by hand gives the same pixels.
+    settings = HeatmapSettings(patch_size=16, stride=8, resize_to=16, locality_images=3, seed=5)
+    locality = locality_over_images(model, data, settings, device="cpu")
+    image_ids = np.sort(np.random.default_rng(5).choice(len(data), 3, replace=False))
+    assert locality.image_ids.tolist() == image_ids.tolist()
+    assert (locality.patch_size, locality.stride) == (16, 8)
+
+    centres = np.array([(8 + 8 * col, 8 + 8 * row) for row in range(3) for col in range(3)], dtype=float)
+    distance = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    pairs = ~np.eye(9, dtype=bool)  # every (query, other patch) pair of the 3 x 3 grid
+    for i, image_id in enumerate(image_ids):
+        image = data.get_batch([int(image_id)])[0]
+        crops = torch.stack([image[:, 8 * row:8 * row + 16, 8 * col:8 * col + 16]
+                             for row in range(3) for col in range(3)]).float() / 255
+        with torch.no_grad():
+            out = model(crops)
+        for layer in ("z", "h"):
+            unit = F.normalize(out[layer].double(), dim=1).numpy()
+            cosine = unit @ unit.T
+            cosine = (cosine + cosine.T) / 2  # (q, j) and (j, q) are one pair of patches: one similarity
+            rho = spearmanr(cosine[pairs], distance[pairs]).statistic
+            assert locality.layers[layer].rho[i] == pytest.approx(rho, abs=1e-6)
+            assert locality.layers[layer].locality[i] == pytest.approx(-rho, abs=1e-6)
+    for layer in ("z", "h"):
+        score = locality.layers[layer]
+        assert score.num_images == 3 and score.queries_per_image == 9
+        assert score.locality_mean == pytest.approx(np.mean(score.locality))
+        assert score.locality_std == pytest.approx(np.std(score.locality, ddof=1))
+    paired = locality.paired_h_minus_z
+    difference = locality.layers["h"].locality - locality.layers["z"].locality
+    assert paired.mean == pytest.approx(difference.mean()) and paired.fraction_h_more_local == np.mean(difference > 0)
+
+
+def test_figure_heatmaps_defaults_and_errors(cifar10_npz):
+    data, model = load_dataset("cifar10", "test", root=cifar10_npz.parent), tiny_model()
+    settings = HeatmapSettings(patch_size=16, stride=8, resize_to=16, figure_images=2, locality_images=0)
+    analysis = heatmap_analysis(model, data, settings, device="cpu")
+    heatmaps = analysis.heatmaps
+    # The first images of distinct classes, each with the centre cell and the top-left cell as queries.
+    assert heatmaps.image_ids.tolist() == first_of_each_class(data.labels, 2)
+    assert heatmaps.queries.tolist() == [[0, 1, 1], [0, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert analysis.locality is None and analysis.to_json()["locality"] is None
+    with pytest.raises(ValueError, match=rf"image ids must lie in 0\.\.{len(data) - 1} .* got \[{len(data)}\]"):
+        figure_heatmaps(model, data, HeatmapSettings(image_ids=(len(data),)))
+    with pytest.raises(ValueError, match=r"locality_images must be at least 1"):
+        locality_over_images(model, data, settings)

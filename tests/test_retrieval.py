@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_patch_analysis.checkpoints import save_checkpoint
+from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.extract import extract_patch_embeddings
 from ssl_patch_analysis.patches import grid
-from ssl_patch_analysis.retrieval import PatchIndex, main, neighbour_statistics, plot_retrieval
+from ssl_patch_analysis.report import format_table
+from ssl_patch_analysis.retrieval import (
+    PatchIndex, RetrievalQuery, RetrievalSettingError, RetrievalSettings, embed_grid_patches, main,
+    neighbour_statistics, patch_retrieval, plot_retrieval, plot_retrieval_result,
+)
 from ssl_patch_analysis.store import PatchEmbeddings
 
 from helpers import tiny_model
@@ -210,7 +214,7 @@ def test_command_line_writes_figure_and_numbers(cifar10_npz, data_root, tmp_path
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(tiny_model(), checkpoint)
     summary = main(["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--device", "cpu",
-                    "--num-images", "12", "--num-queries", "30", "--k", "4", "--query-image", "2",
+                    "--num-images", "12", "--num-queries", "30", "--neighbours", "4", "--query-image", "2",
                     "--out", str(tmp_path / "figures"), "--save-index", str(tmp_path / "index")])
     written = json.loads((tmp_path / "figures" / "retrieval_tiny_cifar10.json").read_text())
     assert (tmp_path / "figures" / "retrieval_tiny_cifar10.png").stat().st_size > 10_000
@@ -243,3 +247,93 @@ def test_plot_marks_relations_in_the_legend():
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == ["query patch", "same image", "same class, other image", "other class"]
     assert len(fig.axes) == 2 * 6 and fig.axes[0].get_ylabel() == "projection z"
+
+
+# ----------------------------------------------------------------------------- the library function
+def test_patch_retrieval_result_is_what_the_command_writes(cifar10_npz, data_root, tmp_path, capsys):
+    checkpoint, store = tmp_path / "tiny.pt", tmp_path / "store"
+    save_checkpoint(tiny_model(), checkpoint)
+    summary = main(["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--device", "cpu",
+                    "--num-images", "10", "--num-queries", "25", "--neighbours", "5", "--query-image", "3",
+                    "--query-patch", "1", "--exclude-same-image", "--seed", "4", "--store", str(store),
+                    "--out", str(tmp_path / "figures")])
+    printed = capsys.readouterr().out
+    written = json.loads((tmp_path / "figures" / "retrieval_tiny_cifar10.json").read_text())
+
+    data = load_dataset("cifar10", "test", root=data_root)
+    settings = RetrievalSettings(num_images=10, num_queries=25, k=5, query_image=3, query_patch=1,
+                                 exclude_same_image=True, seed=4)
+    # The command's store: the same embeddings, and the same record of how they were computed (speed included).
+    result = patch_retrieval(load_model(checkpoint, device="cpu", verbose=False), data, settings, device="cpu",
+                             store=store)
+    assert result.to_json() == written
+    assert summary["layers"]["h"]["statistics"] == result.layers["h"].statistics.to_dict()
+    assert list(result.layers) == ["z", "h"] and result.num_images == 10 and result.num_indexed_patches == 90
+    assert result.query == RetrievalQuery(image_id=3, patch_index=1, box=(8.0, 0.0, 24.0, 16.0),
+                                          label=int(data.labels[3]))
+    for name, layer in result.layers.items():
+        assert len(layer.figure_neighbours) == 5 and all(n.image_id != 3 for n in layer.figure_neighbours)
+        assert layer.statistics.recall_at_k is None and "recall_at_k" not in written["layers"][name]["statistics"]
+    assert format_table(result.table_rows(), result.table_headers()) in printed  # the command prints the result's
+    fig = plot_retrieval_result(result, data)
+    assert fig.get_suptitle().startswith(f"Nearest patches: {result.model} on {result.data}\n")
+
+
+def test_patch_retrieval_statistics_and_neighbours_equal_brute_force_cosine(cifar10_npz, data_root):
+    data, model = load_dataset("cifar10", "test", root=data_root), tiny_model()
+    embeddings = extract_patch_embeddings(model, data, grid(16, 8), image_ids=np.arange(12), dtype="float32",
+                                          progress=False)
+    # An IVF index probing all its lists searches exactly: recall 1, and the brute-force neighbours.
+    settings = RetrievalSettings(num_images=12, k=4, num_queries=40, index="ivf", nlist=4, nprobe=4, seed=1)
+    result = patch_retrieval(model, data, settings, embeddings=embeddings)
+    image_of = np.repeat(np.arange(12), 9)
+    labels = np.repeat(np.asarray(data.labels)[:12], 9)
+
+    def brute_force_nearest(row, k=4):
+        others = np.delete(np.arange(len(cosine)), row)
+        return others[np.argsort(-cosine[row, others], kind="stable")[:k]]
+
+    for layer in ("z", "h"):
+        vectors = embeddings.layer(layer).reshape(12 * 9, -1).astype(np.float64)
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        cosine = unit @ unit.T
+        stats = result.layers[layer].statistics
+        rows = np.array(stats.query_rows)
+        assert stats.k == 4 and stats.num_queries == 40 and len(set(rows.tolist())) == 40
+        nearest = np.stack([brute_force_nearest(r) for r in rows])
+        same_image = image_of[nearest] == image_of[rows][:, None]
+        same_class_other_image = (labels[nearest] == labels[rows][:, None]) & ~same_image
+        assert stats.same_image == pytest.approx(same_image.mean(), abs=1e-12)
+        assert stats.same_class_other_image == pytest.approx(same_class_other_image.mean(), abs=1e-12)
+        assert stats.other_class == pytest.approx(1 - same_image.mean() - same_class_other_image.mean(), abs=1e-12)
+        assert stats.mean_similarity == pytest.approx(np.take_along_axis(cosine[rows], nearest, 1).mean(), abs=1e-5)
+        assert stats.chance_same_image == pytest.approx(8 / 107)
+        class_patches = np.array([(labels == labels[r]).sum() for r in rows])
+        assert stats.chance_same_class_other_image == pytest.approx(np.mean((class_patches - 9) / 107))
+        assert stats.recall_at_k == 1.0
+        # The figure's query: the patch nearest the centre of image 0 (patch 4 of the 3 x 3 grid).
+        assert result.query.patch_index == 4
+        assert [n.row for n in result.layers[layer].figure_neighbours] == brute_force_nearest(4).tolist()
+    assert result.table_headers()[-1] == "recall@4" and [row[-1] for row in result.table_rows()] == [1.0, 1.0]
+
+
+def test_patch_retrieval_refuses_settings_the_data_does_not_allow(cifar10_npz, data_root, tmp_path, capsys):
+    data, model = load_dataset("cifar10", "test", root=data_root), tiny_model()
+    with pytest.raises(RetrievalSettingError, match=rf"num_images {len(data) + 1} must be between 1 and {len(data)}"):
+        patch_retrieval(model, data, RetrievalSettings(num_images=len(data) + 1))
+    with pytest.raises(RetrievalSettingError, match=r"query_image 5 must be one of the indexed images 0\.\.4") as error:
+        embed_grid_patches(model, data, RetrievalSettings(num_images=5, query_image=5))
+    assert error.value.setting == "query_image" and error.value.value == 5
+    embeddings = embed_grid_patches(model, data, RetrievalSettings(num_images=3))
+    with pytest.raises(RetrievalSettingError, match=r"query_patch 9 must be in 0\.\.8 \(patches per image\)"):
+        patch_retrieval(model, data, RetrievalSettings(num_images=3, query_patch=9, k=2), embeddings=embeddings)
+    with pytest.raises(ValueError, match=r"embeddings must hold the grid patches of images 0\.\.3 .* got 3 images"):
+        patch_retrieval(model, data, RetrievalSettings(num_images=4, k=2), embeddings=embeddings)
+    # The command names its own flag.
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(model, checkpoint)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--device", "cpu",
+              "--num-images", "3", "--neighbours", "2", "--query-patch", "9", "--out", str(tmp_path / "figures")])
+    assert exit_.value.code == 2
+    assert "error: --query-patch must be in 0..8 (patches per image)" in capsys.readouterr().err

@@ -370,7 +370,7 @@ def command(cifar10_npz, data_root, tmp_path):
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(tiny_model(), checkpoint)
     return ["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--device", "cpu",
-            "--num-images", "6", "--num-queries", "10", "--k", "4", "--out", str(tmp_path / "figures")]
+            "--num-images", "6", "--num-queries", "10", "--neighbours", "4", "--out", str(tmp_path / "figures")]
 
 
 def user_error(capsys, argv):

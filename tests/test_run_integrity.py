@@ -206,7 +206,7 @@ def test_both_resume_states_damaged_say_so_in_one_line(cifar10_npz, tmp_path, in
     assert "\n" not in message
     assert f"{out / 'resume.pt'} is damaged (its contents no longer match their sha256), and " \
            f"{out / 'resume.prev.pt'} is damaged" in message
-    assert "cannot be continued: pass another --out, or delete" in message
+    assert "cannot be continued: pass another --run-dir, or delete" in message
 
 
 def test_read_log_checks_each_lines_crc(tmp_path, interrupted):

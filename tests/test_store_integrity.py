@@ -129,18 +129,18 @@ def test_load_verifies_by_default_and_verify_false_checks_only_the_structure(tmp
 def test_verify_command_names_file_and_batch(tmp_path, fresh, capsys):
     path = copy_store(fresh, tmp_path / "s")
     with pytest.raises(SystemExit) as exit_status:
-        extract.main(["--verify", str(path)])
+        extract.main(["--verify", "--store", str(path)])
     assert exit_status.value.code == 0 and "intact" in capsys.readouterr().out
     flip(path / "h.npy", batch_offset(path, "h", 0))
     flip(path / "boxes.npy", batch_offset(path, "boxes", 2))
     with pytest.raises(SystemExit) as exit_status:
-        extract.main(["--verify", str(path)])
+        extract.main(["--verify", "--store", str(path)])
     out = capsys.readouterr().out
     assert exit_status.value.code == 1
     assert "h.npy batch 0 (rows 0-1)" in out and "boxes.npy batch 2 (rows 4-5)" in out
     assert "re-run the command that made it" in out
     with pytest.raises(SystemExit) as exit_status:
-        extract.main(["--verify", str(tmp_path / "nothing")])
+        extract.main(["--verify", "--store", str(tmp_path / "nothing")])
     assert exit_status.value.code == 2 and "meta.json is missing" in capsys.readouterr().err
 
 
@@ -262,7 +262,7 @@ def test_extract_command_reports_a_damaged_store_in_one_line(tmp_path, model):
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(model, checkpoint)
     out = tmp_path / "store"
-    argv = ["--model", str(checkpoint), "--data", str(folder), "--grid", "16", "--device", "cpu", "--out", str(out)]
+    argv = ["--model", str(checkpoint), "--data", str(folder), "--grid", "16", "--device", "cpu", "--store", str(out)]
     extract.main(argv)
     (out / "meta.json").write_text("{ not json")
     with pytest.raises(SystemExit) as exit_status:
@@ -495,7 +495,7 @@ def test_synchronised_starts_of_one_command_embed_each_image_once(tmp_path, mode
     save_checkpoint(model, checkpoint)
     out = tmp_path / "store"
     command = [sys.executable, "-m", "ssl_patch_analysis.extract", "--model", str(checkpoint), "--data", str(folder),
-               "--grid", "16", "--batch-size", "2", "--device", "cpu", "--out", str(out)]
+               "--grid", "16", "--batch-size", "2", "--device", "cpu", "--store", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(3)]

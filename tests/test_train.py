@@ -13,7 +13,9 @@ from ssl_patch_analysis import train as train_module
 from ssl_patch_analysis.checkpoints import load_model, read_checkpoint
 from ssl_patch_analysis.losses import LossOutput
 from ssl_patch_analysis.models import CIFAR10_MEAN, CIFAR10_STD
-from ssl_patch_analysis.train import LARS, TrainingDiverged, build_model, build_parser, learning_rate, main, train
+from ssl_patch_analysis.train import (
+    LARS, TrainConfig, TrainingDiverged, build_model, build_parser, command_line, learning_rate, main, train,
+)
 
 # A narrow ResNet-18 and a tiny batch: a step takes a fraction of a second on two CPU cores.
 TINY = ["--width", "0.125", "--projector", "64-64", "--batch-size", "16", "--train-size", "32",
@@ -31,7 +33,7 @@ def _one_thread():
 
 
 def tiny_args(data_root: Path, out: Path, *extra: str):
-    return build_parser().parse_args(["--data-root", str(data_root), "--out", str(out), *TINY, *extra])
+    return build_parser().parse_args(["--data-root", str(data_root), "--run-dir", str(out), *TINY, *extra])
 
 
 def read_log(out: Path) -> list[dict]:
@@ -96,7 +98,7 @@ def test_damaged_or_missing_resume_state_gives_one_consistent_advice(cifar10_npz
     (out / "resume.prev.pt").unlink()  # with it, --resume falls back to it (tests/test_run_integrity.py)
     data = (out / "resume.pt").read_bytes()
     (out / "resume.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"resume\.pt is damaged .*pass another --out, or delete"):
+    with pytest.raises(ValueError, match=r"resume\.pt is damaged .*pass another --run-dir, or delete"):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
     torch.save({"model": {}}, out / "resume.pt")
     with pytest.raises(ValueError, match=r"not this trainer's resume state \(no args, optimizer"):
@@ -104,9 +106,9 @@ def test_damaged_or_missing_resume_state_gives_one_consistent_advice(cifar10_npz
     # resume.pt gone, checkpoint.pt kept: with and without --resume the advice is the same (was: "run
     # without --resume", then "pass --resume").
     (out / "resume.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="cannot be continued: pass another --out, or delete"):
+    with pytest.raises(FileNotFoundError, match="cannot be continued: pass another --run-dir, or delete"):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
-    with pytest.raises(FileExistsError, match="cannot be continued\\): pass another --out, or delete"):
+    with pytest.raises(FileExistsError, match="cannot be continued\\): pass another --run-dir, or delete"):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "3"))
     with pytest.raises(FileNotFoundError, match="there is no run in"):
         train(tiny_args(cifar10_npz.parent, tmp_path / "never", "--epochs", "3", "--resume"))
@@ -187,7 +189,7 @@ def test_other_methods_train_and_load(cifar10_npz, tmp_path, method, extra):
     assert ("tcr" in terms) if method == "emp-ssl" else ("ntxent" in terms)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_npz, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_npz, tmp_path, monkeypatch, capsys):
     real_build_loss = train_module.build_loss
     calls = {"n": 0}
 
@@ -203,12 +205,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_npz, tmp_path
         return forward
 
     monkeypatch.setattr(train_module, "build_loss", loss_that_breaks_at_step_3)
-    argv = ["--data-root", str(cifar10_npz.parent), "--out", str(tmp_path), *TINY, "--epochs", "3"]
+    argv = ["--data-root", str(cifar10_npz.parent), "--run-dir", str(tmp_path), *TINY, "--epochs", "3"]
     with pytest.raises(SystemExit) as stop:
         main(argv)
-    assert stop.value.code != 0
-    message = str(stop.value.code)
-    assert "NaN or infinite at step 2" in message and "loss=nan" in message and "--lr" in message
+    assert stop.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: ") and "NaN or infinite at step 2" in message and "loss=nan" in message and "--lr" in message
     kept = read_checkpoint(tmp_path / "checkpoint.pt")
     assert kept["train"]["epochs"] == 1
     assert all(torch.isfinite(t).all() for t in kept["backbone"].values() if t.is_floating_point())
@@ -225,7 +227,7 @@ def test_huge_learning_rate_is_reported_not_saved(cifar10_npz, tmp_path):
 
 def test_two_process_gloo_run_stays_in_sync(cifar10_npz, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ssl_patch_analysis.train", "--data-root", str(cifar10_npz.parent), "--out", str(tmp_path),
+               "-m", "ssl_patch_analysis.train", "--data-root", str(cifar10_npz.parent), "--run-dir", str(tmp_path),
                *TINY, "--epochs", "1", "--knn-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
@@ -267,11 +269,22 @@ def test_lars_step_matches_the_formula_and_skips_excluded_groups():
     (["--num-patches", "1"], "--num-patches must be at least 2"),
     (["--patch-size", "40"], "--patch-size must lie in 1..32"),
     (["--batch-size", "64"], "larger than the training set"),
-    (["--min-scale", "0.5", "--max-scale", "0.2"], "--min-scale"),
 ])
 def test_bad_settings_are_rejected(cifar10_npz, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         train(tiny_args(cifar10_npz.parent, tmp_path, *extra))
+
+
+def test_scale_is_one_flag_min_max(cifar10_npz, tmp_path, capsys):
+    args = tiny_args(cifar10_npz.parent, tmp_path, "--scale", "0.2,0.6")
+    config = TrainConfig.from_namespace(args)
+    assert (config.min_scale, config.max_scale) == (0.2, 0.6)
+    assert "--scale 0.2,0.6" in command_line(config)
+    with pytest.raises(SystemExit):
+        tiny_args(cifar10_npz.parent, tmp_path, "--scale", "0.5,0.2")
+    assert "expected 0 < MIN <= MAX <= 1, got '0.5,0.2'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--scale MIN,MAX"):  # the Python API checks the same
+        train(TrainConfig(data_root=str(cifar10_npz.parent), out=str(tmp_path), min_scale=0.5, max_scale=0.2))
 
 
 def test_image_folder_trains_with_its_val_split_as_knn_queries(cifar10_npz, tmp_path):
@@ -287,7 +300,7 @@ def test_image_folder_trains_with_its_val_split_as_knn_queries(cifar10_npz, tmp_
             # 48 px files: --image-size 32 resizes them to the 32 px the run trains on.
             Image.fromarray(cifar.images[i].permute(1, 2, 0).numpy()).resize((48, 48)).save(folder / f"{i}.png")
     out = tmp_path / "run"
-    args = build_parser().parse_args(["--data", str(tmp_path / "photos"), "--image-size", "32", "--out", str(out),
+    args = build_parser().parse_args(["--data", str(tmp_path / "photos"), "--image-size", "32", "--run-dir", str(out),
                                       *TINY, "--train-size", "16", "--batch-size", "8", "--epochs", "1"])
     path = train(args)
     header, record = read_log(out)

@@ -1,0 +1,232 @@
+"""One command-line vocabulary, and every user error as one line with exit status 2 (ssl_patch_analysis.cli).
+
+The table below runs every command on bad inputs of each kind (a bad flag value, a flag of an older version, a
+missing or unknown data set, a damaged or missing checkpoint, ``--device cuda`` without a GPU) and checks the
+promise: exit status 2, exactly one line on stderr, starting with ``error:``, naming the bad value or path, no
+traceback. ``--debug`` shows the traceback instead.
+"""
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_patch_analysis import cli
+from ssl_patch_analysis.checkpoints import save_checkpoint
+from ssl_patch_analysis.data import default_split
+
+from helpers import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ("extract", "convergence", "heatmap", "retrieval", "evaluate", "train", "checkpoints")
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda is valid here")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A damaged checkpoint, a foreign file, a good tiny checkpoint and an empty folder."""
+    folder = tmp_path_factory.mktemp("bad-inputs")
+    (folder / "damaged.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
+    (folder / "notes.txt").write_text("not weights")
+    save_checkpoint(tiny_model(), folder / "tiny.pt")
+    (folder / "empty").mkdir()
+    return folder
+
+
+def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
+    """(command, argv, what the one line must name)."""
+    damaged, missing, tiny = str(folder / "damaged.pt"), str(folder / "missing.pt"), str(folder / "tiny.pt")
+    nowhere = str(folder / "no-such-folder")
+    store = ["--store", str(folder / "store")]
+    model = ["--model", tiny, "--device", "cpu"]
+    table = [
+        # bad flag values (argparse's types): the flag and the value are named
+        ("extract", [*model, *store, "--grid", "0"], "--grid"),
+        ("extract", [*model, *store, "--grid", "8", "--num-images", "none"], "'none'"),
+        ("extract", [*model, *store, "--multiscale", "4", "--scale", "0.9,0.1"], "'0.9,0.1'"),
+        ("convergence", [*model, "--layers", "q"], "'q'"),
+        ("convergence", [*model, "--resize-to", "big"], "'big'"),
+        ("heatmap", [*model, "--figure-images", "0"], "--figure-images"),
+        ("retrieval", [*model, "--neighbours", "-1"], "-1"),
+        ("evaluate", [*model, "--k", "20,x"], "'20,x'"),
+        ("evaluate", [*model, "--probe-lr", "-1"], "'-1'"),
+        ("train", ["--epochs", "0", "--device", "cpu"], "--epochs"),
+        ("train", ["--scale", "0.5,0.2", "--device", "cpu"], "'0.5,0.2'"),
+        ("checkpoints", ["--model", tiny, "--arch", "resnet9"], "'resnet9'"),
+        # flags of an older version: named with what replaced them
+        ("extract", [*model, "--grid", "8", "--out", "s"], "--store"),
+        ("train", ["--out", "runs/x"], "--run-dir"),
+        ("train", ["--min-scale", "0.2"], "--scale"),
+        ("evaluate", [*model, "--store-dir", "cache"], "--cache-dir"),
+        ("evaluate", [*model, "--epochs", "3"], "--probe-epochs"),
+        ("evaluate", [*model, "--layer", "z"], "--layers"),
+        ("convergence", [*model, "--layer", "z"], "--layers"),
+        ("retrieval", [*model, "--k", "4"], "--neighbours"),
+        ("heatmap", [*model, "--num-images", "3"], "--figure-images"),
+        # values that parse but do not fit
+        ("convergence", [*model, "--layers", "h,z"], "h,z"),
+        ("evaluate", [*model, "--protocols", "central,lots"], "lots"),
+        ("evaluate", [*model, "--patch-size", "8", "--scale", "0.2,1"], "--scale"),
+        ("extract", [*model, *store, "--random", "4"], "--patch-size"),
+        ("retrieval", [*model, "--num-images", "20000"], "20000"),
+        ("heatmap", [*model, "--image-ids", "99999"], "99999"),
+        ("train", ["--resume", "--run-dir", nowhere, "--device", "cpu"], nowhere),
+        # a missing or unknown data set
+        ("extract", [*model, *store, "--grid", "8", "--data", nowhere], nowhere),
+        ("convergence", [*model, "--data", nowhere], nowhere),
+        ("heatmap", [*model, "--data", "mnist"], "mnist"),
+        ("retrieval", [*model, "--data", nowhere], nowhere),
+        ("evaluate", [*model, "--data", nowhere], nowhere),
+        ("train", ["--data", nowhere, "--device", "cpu", "--run-dir", str(folder / "run")], nowhere),
+        ("convergence", [*model, "--data", "imagenette", "--split", "train"], "train"),
+        ("extract", ["--verify", "--store", nowhere], nowhere),
+        # damaged, foreign or missing checkpoints
+        ("extract", ["--model", damaged, *store, "--grid", "8", "--device", "cpu"], damaged),
+        ("convergence", ["--model", damaged, "--device", "cpu"], damaged),
+        ("heatmap", ["--model", str(folder / "notes.txt"), "--device", "cpu"], "notes.txt"),
+        ("retrieval", ["--model", missing, "--device", "cpu"], "missing.pt"),
+        ("evaluate", ["--model", damaged, "--device", "cpu"], damaged),
+        ("checkpoints", ["--model", damaged], damaged),
+        ("checkpoints", ["--model", missing], "missing.pt"),
+    ]
+    return table
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(f"ssl_patch_analysis.{name}")
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    return stop.value.code
+
+
+def assert_one_line(err: str, named: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert named in lines[0], (named, lines[0])
+
+
+@pytest.mark.parametrize("index", range(len(bad_inputs(Path("/tmp")))))
+def test_every_bad_input_is_one_line_and_status_2(index, files, data_root, monkeypatch, capsys):
+    monkeypatch.setenv("SSL_PATCH_ANALYSIS_DATA", str(data_root))
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    name, argv, named = bad_inputs(files)[index]
+    capsys.readouterr()
+    code = run_command(name, argv)
+    err = capsys.readouterr().err
+    # Progress bars and notices (the built-in sample standing in for CIFAR-10) come before, and are not errors.
+    err = "\n".join(line for line in err.splitlines()
+                    if not line.startswith(("notice:", "note: ")) and not re.search(r"\d+%\|", line))
+    assert code == 2, (name, argv, err)
+    assert_one_line(err, named)
+
+
+def test_the_table_covers_every_command(files):
+    assert {name for name, _, _ in bad_inputs(files)} == set(COMMANDS)
+
+
+@NO_GPU
+@pytest.mark.parametrize("name", COMMANDS[:-1])
+def test_device_cuda_without_a_gpu_says_pass_cpu(name, files, capsys):
+    argv = ["--device", "cuda"] + ([] if name == "train" else ["--model", str(files / "tiny.pt")])
+    if name == "extract":
+        argv += ["--store", str(files / "store"), "--grid", "8"]
+    code = run_command(name, argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert_one_line(err, "pass --device cpu")
+
+
+def test_debug_shows_the_traceback_instead(files, monkeypatch, capsys):
+    from ssl_patch_analysis import convergence
+
+    with pytest.raises(ValueError, match="damaged.pt"):
+        convergence.main(["--model", str(files / "damaged.pt"), "--device", "cpu", "--debug"])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="damaged.pt"):
+        convergence.main(["--model", str(files / "damaged.pt"), "--device", "cpu"])
+
+
+def test_a_bug_is_one_line_with_status_1_and_the_way_to_see_more(files, monkeypatch, capsys):
+    from ssl_patch_analysis import convergence
+
+    def broken(*args, **kwargs):
+        raise TypeError("an internal mistake")
+
+    monkeypatch.setattr(convergence, "convergence_curve", broken)
+    with pytest.raises(SystemExit) as stop:
+        convergence.main(["--model", str(files / "tiny.pt"), "--device", "cpu", "--num-images", "2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 1
+    assert err.startswith("internal error (TypeError): an internal mistake") and "--debug" in err
+
+
+def test_from_the_shell_one_line_and_status_2(files):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(cli.DEBUG_ENV, None)
+    done = subprocess.run([sys.executable, "-m", "ssl_patch_analysis.checkpoints", "--model", str(files / "damaged.pt")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert_one_line(done.stderr, "damaged.pt")
+
+
+# ----------------------------------------------------------------------------------------------- vocabulary
+
+SHARED_FLAGS = {  # flag -> commands that take it (each with the same type and meaning)
+    "--model": COMMANDS[:-2] + ("checkpoints",), "--arch": COMMANDS, "--data": COMMANDS[:-1],
+    "--data-root": COMMANDS[:-1], "--image-size": COMMANDS[:-1], "--device": COMMANDS[:-1],
+    "--amp": COMMANDS[:-1], "--no-amp": COMMANDS[:-1], "--compile": COMMANDS[:-1], "--seed": COMMANDS[:-1],
+    "--batch-size": ("extract", "convergence", "retrieval", "evaluate", "train"), "--debug": COMMANDS, "--download": COMMANDS[:-2] + ("checkpoints",),
+    "--split": COMMANDS[:-2], "--skip-bad-images": COMMANDS[:-2], "--random-init": COMMANDS[:-2],
+    "--resize-to": COMMANDS[:-2], "--out": COMMANDS[1:-2], "--cifar-padding": COMMANDS,
+    "--num-images": ("extract", "convergence", "retrieval"), "--layers": ("extract", "convergence", "heatmap", "evaluate"),
+    "--scale": ("extract", "evaluate", "train"), "--store": ("extract", "retrieval"),
+}
+
+
+def parser_of(name: str):
+    return importlib.import_module(f"ssl_patch_analysis.{name}").build_parser()
+
+
+def test_shared_flags_are_where_they_belong_with_one_type():
+    flags = {name: {option: action for action in parser_of(name)._actions for option in action.option_strings}
+             for name in COMMANDS}
+    for flag, commands in SHARED_FLAGS.items():
+        for name in commands:
+            assert flag in flags[name], f"{name} lacks {flag}"
+        types = {getattr(flags[name][flag].type, "__name__", None) for name in commands}
+        if flag != "--resize-to":  # convergence's also takes 'native' (each patch at its own size)
+            assert len(types) == 1, (flag, types)
+    for name in COMMANDS:  # no command keeps a flag of an older version
+        assert not set(cli.RENAMED_FLAGS.get(name, {})) & set(flags[name]), name
+
+
+def test_no_abbreviations_so_old_singular_flags_do_not_slip_through(capsys):
+    with pytest.raises(SystemExit):
+        parser_of("convergence").parse_args(["--layer", "z"])
+    assert "--layer is now --layers" in capsys.readouterr().err
+
+
+def test_types_say_what_they_expect():
+    assert cli.count_or_all("all") is None and cli.count_or_all("12") == 12
+    assert cli.layer_list("z, h,z") == ["z", "h"]
+    assert cli.scale_range("0.08,1") == (0.08, 1.0)
+    assert cli.int_list("20,200") == [20, 200]
+    for parse, text in [(cli.count_or_all, "0"), (cli.layer_list, "h,x"), (cli.scale_range, "0,1"),
+                        (cli.int_list, "3,-1"), (cli.positive_float, "nan"), (cli.device_name, "gpu")]:
+        with pytest.raises(Exception, match=text.replace("(", r"\(")):
+            parse(text)
+
+
+def test_one_default_split():
+    assert default_split("imagenette") == "val" and default_split("cifar10") == "test"
+    assert default_split("/some/folder") == "test"
+
+
+def test_outputs_record_the_command_in_one_shape():
+    assert cli.command_line("python -m ssl_patch_analysis.heatmap", ["--model", "my model.pt", "--layers", "z"]) == (
+        "python -m ssl_patch_analysis.heatmap --model 'my model.pt' --layers z")
