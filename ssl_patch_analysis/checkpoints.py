@@ -26,9 +26,23 @@ Formats (``detect_format`` returns the name on the left):
 - ``sthalles-simclr``: sthalles/SimCLR ``{"epoch", "arch", "state_dict"}``, projection head in
   ``backbone.fc``.
 - ``vissl``: VISSL ``classy_state_dict -> base_model -> model -> {trunk, heads}``.
-- ``dino-full``: facebookresearch/dino full checkpoint; the ``teacher`` backbone is loaded. The
-  DINO head (MLP + weight-normalised prototypes) is not a projector in this project's sense and is
-  ignored.
+- ``dino-full``: facebookresearch/dino full checkpoint; the ``teacher`` backbone is loaded. For a
+  ResNet teacher the DINO head (MLP + weight-normalised prototypes) is ignored; for a ViT teacher it
+  is the projector ``z`` (MLP with GELU, L2 normalisation, weight-normalised last layer).
+
+Vision Transformers (timm's ``VisionTransformer``; see :mod:`.vit`), detected by their keys
+(``cls_token``/``pos_embed``, ``patch_embed.proj``, ``blocks.N``) wherever the backbone sits:
+
+- ``vit``: a bare ViT state_dict in timm names, without classifier (DINO's
+  ``dino_deitsmall16_pretrain.pth``, a timm ViT built with ``num_classes=0``), possibly inside
+  ``state_dict``.
+- ``timm-vit``: the same with timm's classifier ``head.*`` (dropped).
+- ``mocov3``: facebookresearch/moco-v3 ``{epoch, arch, state_dict, optimizer, scaler}`` with
+  ``module.base_encoder.*`` (ViT or ResNet); the encoder's head (``head.*`` / ``fc.*``) is the
+  projector, the momentum encoder and predictor are dropped. Its ViTs have 12 heads at every width.
+- ``mae``: facebookresearch/mae ``{"model": ...}`` (pretraining: decoder and mask token dropped and
+  named; fine-tuning: ``fc_norm`` global pooling, classifier dropped); DeiT-style ``{"model"}``
+  files read the same way.
 """
 from __future__ import annotations
 
@@ -54,11 +68,13 @@ from .models import (
     CIFAR10_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DINOHead,
     L2Normalize,
     ModelInfo,
     Preprocess,
     ResNet,
     SSLModel,
+    WeightNormLinear,
     build_backbone,
     build_mlp,
     build_mlp_from_layout,
@@ -82,6 +98,10 @@ FORMATS: dict[str, str] = {
     "sthalles-simclr": "sthalles/SimCLR {epoch, arch, state_dict} with the head in backbone.fc",
     "vissl": "facebookresearch/vissl classy_state_dict (trunk _feature_blocks, heads)",
     "dino-full": "facebookresearch/dino full checkpoint {student, teacher, ...}",
+    "vit": "bare ViT state_dict in timm names, no classifier (DINO dino_deitsmall16_pretrain.pth, timm num_classes=0)",
+    "timm-vit": "timm VisionTransformer state_dict with its classifier head",
+    "mocov3": "facebookresearch/moco-v3 {epoch, arch, state_dict} with module.base_encoder (ViT or ResNet)",
+    "mae": "facebookresearch/mae {model} ViT, pretraining (decoder dropped) or fine-tuned (fc_norm, head dropped)",
 }
 
 # Means/stds solo-learn normalises each data set with (solo/data/pretrain_dataloader.py).
@@ -129,6 +149,11 @@ class _Parts:
     input_size: int | None = None
     mean_std: tuple[Any, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # ViTs: the attention heads when the format knows them (the weights do not show them), and a
+    # projector that is not an MLP (DINO's head), built unloaded by the format handler.
+    num_heads: int | None = None
+    heads_source: str | None = None
+    projector_module: nn.Module | None = None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -246,6 +271,12 @@ def _is_lightly(keys: list[str]) -> bool:
     return any(k.startswith("projection_head.") or re.match(r"backbone\.\d+\.", k) for k in keys)
 
 
+def _is_vit(keys: list[str] | Mapping[str, Any]) -> bool:
+    """Whether state_dict keys (prefixes stripped) are a Vision Transformer's in timm/DINO/MAE names."""
+    return "pos_embed" in keys and any(k.startswith("patch_embed.") for k in keys) and any(
+        k.startswith("blocks.") for k in keys)
+
+
 def detect_format(obj: dict) -> str:
     """Name the layout of a loaded checkpoint object (one of :data:`FORMATS`)."""
     if not isinstance(obj, Mapping):
@@ -260,13 +291,20 @@ def detect_format(obj: dict) -> str:
     state = obj.get("state_dict")
     if _is_tensor_dict(state):
         keys = list(state)
+        if any(_strip(k, ("module.",)).startswith("base_encoder.") for k in keys):
+            return "mocov3"
         if "arch" in obj and any(k.startswith("backbone.fc.") for k in keys):
             return "sthalles-simclr"
         if _is_lightly(keys):
             return "lightly"
         if any(k.startswith(("backbone.", "encoder.")) for k in keys):
             return "solo-learn"
+        keys = [_strip(k, ("module.",)) for k in keys]
+        if _is_vit(keys):
+            return "timm-vit" if "head.weight" in keys else "vit"
     model = obj.get("model")
+    if _is_tensor_dict(model) and _is_vit([_strip(k, ("module.",)) for k in model]):
+        return "mae"
     if _is_tensor_dict(model) and any(_strip(k, ("module.",)).startswith("backbone.") for k in model):
         return "vicreg-full"
     if _is_tensor_dict(obj):
@@ -279,6 +317,8 @@ def detect_format(obj: dict) -> str:
             return "backbone-projector"
         if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
             return "torchvision" if "fc.weight" in keys else "backbone"
+        if _is_vit(keys):
+            return "timm-vit" if "head.weight" in keys else "vit"
     found = ", ".join(repr(k) for k in list(obj)[:12]) + (" ..." if len(obj) > 12 else "")
     raise ValueError(f"unknown checkpoint layout: top-level keys found: {found or '(none)'}; "
                      f"known formats: {_formats_list()}")
@@ -510,11 +550,104 @@ def _parts_vissl(obj: Mapping[str, Any]) -> _Parts:
 
 def _parts_dino_full(obj: Mapping[str, Any]) -> _Parts:
     state = {_strip(k, ("module.",)): v for k, v in obj["teacher"].items()}
-    backbone, _ = _torchvision_backbone(_sub_state(state, "backbone."))
+    trunk = _sub_state(state, "backbone.")
+    if _is_vit(trunk):
+        return _parts_dino_full_vit(obj, state, trunk)
+    backbone, _ = _torchvision_backbone(trunk)
     head_keys = [k for k in state if not k.startswith("backbone.")]
     return _Parts(backbone=backbone, method="dino",
                   extra={"dropped": {"teacher head (DINO head, not loaded)": len(head_keys)},
                          "epoch": obj.get("epoch")})
+
+
+# Attention heads of facebookresearch/dino's vision_transformer.py constructors (args.arch; "deit" names map to them).
+_DINO_VIT_HEADS = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12}
+
+
+def _parts_dino_full_vit(obj: Mapping[str, Any], state: dict[str, torch.Tensor],
+                         trunk: dict[str, torch.Tensor]) -> _Parts:
+    """The teacher ViT, with the teacher's DINO head as the projector."""
+    backbone, classifier = _vit_backbone(trunk)
+    extra: dict[str, Any] = {"epoch": obj.get("epoch"), "network": "teacher"}
+    if classifier:
+        extra["dropped"] = {"backbone.head (classifier)": len(classifier)}
+    parts = _Parts(backbone=backbone, method="dino", mean_std=(IMAGENET_MEAN, IMAGENET_STD), extra=extra)
+    arch = str(getattr(obj.get("args"), "arch", "")).replace("deit", "vit")
+    if arch in _DINO_VIT_HEADS:
+        parts.num_heads, parts.heads_source = _DINO_VIT_HEADS[arch], f"DINO's {arch}, named by the checkpoint's args"
+    head = _sub_state(state, "head.")
+    if head:
+        parts.projector, parts.projector_module = _dino_head(head)
+    return parts
+
+
+def _dino_head(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], DINOHead]:
+    """DINO's head (``mlp.*``, ``last_layer.weight_g/weight_v``) as an unloaded :class:`DINOHead` and its weights."""
+    mlp = _sub_state(state, "mlp.")
+    if "weight" in mlp:  # nlayers=1: the MLP is a single Linear, not an nn.Sequential
+        mlp = {f"0.{k}": v for k, v in mlp.items()}
+    # The activations between DINO's Linear layers are GELUs (infer_mlp_layout fills gaps with ReLU).
+    layout = [{"type": "gelu"} if spec["type"] == "relu" else spec for spec in infer_mlp_layout(mlp)]
+    # nn.utils.weight_norm writes weight_g/weight_v; its parametrizations successor original0/original1.
+    renamed = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+    last = {renamed.get(k, k): v for k, v in _sub_state(state, "last_layer.").items()}
+    prototypes = last.get("weight_v")
+    if prototypes is None or prototypes.ndim != 2:
+        raise ValueError("the DINO head has no weight-normalised last layer (head.last_layer.weight_v): found "
+                         f"{', '.join(sorted(state)[:8]) or 'nothing'}")
+    module = DINOHead(build_mlp_from_layout(layout), WeightNormLinear(prototypes.shape[1], prototypes.shape[0]))
+    weights = {**{f"mlp.{k}": v for k, v in mlp.items()}, **{f"last_layer.{k}": v for k, v in last.items()}}
+    return weights, module
+
+
+def _vit_backbone(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Keep the ViT, drop timm's classifier ``head.*``: returns (trunk, dropped keys)."""
+    trunk = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return trunk, [k for k in state if k.startswith("head.")]
+
+
+def _parts_vit(obj: Mapping[str, Any]) -> _Parts:
+    state = obj["state_dict"] if _is_tensor_dict(obj.get("state_dict")) else obj
+    backbone, classifier = _vit_backbone({_strip(k, ("module.",)): v for k, v in state.items()})
+    return _Parts(backbone=backbone, extra={"dropped": {"head (classifier)": len(classifier)}} if classifier else {})
+
+
+# moco-v3's vits.py builds vit_small and vit_base (and the conv-stem variants) with 12 heads.
+_MOCOV3_VIT_HEADS = 12
+
+
+def _parts_mocov3(obj: Mapping[str, Any]) -> _Parts:
+    state = {_strip(k, ("module.",)): v for k, v in obj["state_dict"].items()}
+    encoder = _sub_state(state, "base_encoder.")
+    extra: dict[str, Any] = {"epoch": obj.get("epoch"), "arch_in_file": obj.get("arch"),
+                             "dropped": {k: n for k, n in _group_by_prefix(state).items() if k != "base_encoder"}}
+    parts = _Parts(backbone={}, method="mocov3", mean_std=(IMAGENET_MEAN, IMAGENET_STD), extra=extra)
+    if _is_vit(encoder):
+        parts.backbone = {k: v for k, v in encoder.items() if not k.startswith("head.")}
+        parts.projector = _sub_state(encoder, "head.") or None
+        parts.num_heads, parts.heads_source = _MOCOV3_VIT_HEADS, "MoCo v3's vits.py uses 12 at every width"
+    else:
+        parts.backbone, _ = _torchvision_backbone(encoder)
+        parts.projector = _sub_state(encoder, "fc.") or None
+    return parts
+
+
+def _parts_mae(obj: Mapping[str, Any]) -> _Parts:
+    state = {_strip(k, ("module.",)): v for k, v in obj["model"].items()}
+    decoder = {k: v for k, v in state.items() if k.startswith("decoder_") or k == "mask_token"}
+    backbone, classifier = _vit_backbone({k: v for k, v in state.items() if k not in decoder})
+    model_name = str(getattr(obj.get("args"), "model", "") or "")
+    dropped: dict[str, Any] = {}
+    if decoder:
+        dropped["MAE decoder"] = _group_by_prefix(decoder)
+    if classifier:
+        dropped["head (classifier)"] = len(classifier)
+    extra: dict[str, Any] = {"epoch": obj.get("epoch"), "dropped": dropped}
+    if model_name:
+        extra["model_in_args"] = model_name
+    # A fine-tuned file (or one saved without its decoder) does not show that MAE pretrained it.
+    method = "mae" if decoder or model_name.startswith("mae_") else "unknown"
+    return _Parts(backbone=backbone, method=method, mean_std=(IMAGENET_MEAN, IMAGENET_STD), extra=extra)
 
 
 def _parts_plain(obj: Mapping[str, Any]) -> _Parts:
@@ -761,11 +894,27 @@ def _extract(obj: Mapping[str, Any], fmt: str, path: Path) -> _Parts:
         return _parts_vissl(obj)
     if fmt == "dino-full":
         return _parts_dino_full(obj)
+    if fmt == "mocov3":
+        return _parts_mocov3(obj)
+    if fmt == "mae":
+        return _parts_mae(obj)
+    if fmt in ("vit", "timm-vit"):
+        return _parts_vit(obj)
     return _parts_plain(obj)
 
 
 def _build_from_parts(parts: _Parts, source: str, arch: str | None, stem: str | None,
-                      cifar_padding: int | None) -> SSLModel:
+                      cifar_padding: int | None, num_heads: int | None = None) -> SSLModel:
+    if _is_vit(parts.backbone):
+        given = [name for name, value in (("arch", arch), ("stem", stem), ("cifar_padding", cifar_padding))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{source} holds a Vision Transformer: {', '.join(given)} appl"
+                             f"{'ies' if len(given) == 1 else 'y'} to ResNets only (its shape is read from the weights; "
+                             "num_heads is the one thing they do not show)")
+        return _build_vit_from_parts(parts, source, num_heads)
+    if num_heads is not None:
+        raise ValueError(f"num_heads applies to Vision Transformers only; {source} holds a ResNet")
     inferred_arch, inferred_stem, width = infer_backbone_arch(parts.backbone)
     if arch is not None:
         if arch not in ARCHS:
@@ -818,20 +967,76 @@ def _build_from_parts(parts: _Parts, source: str, arch: str | None, stem: str | 
     return SSLModel(backbone, projector, pre_feature, preprocess, info)
 
 
+def _build_vit_from_parts(parts: _Parts, source: str, num_heads: int | None) -> SSLModel:
+    # Imported here, not at the top: timm adds about a second to every import of this module.
+    from .vit import build_vit, infer_vit_config
+
+    config, heads_note = infer_vit_config(parts.backbone, num_heads=num_heads or parts.num_heads,
+                                          heads_source=None if num_heads else parts.heads_source)
+    backbone, dim = build_vit(config)
+    _load_strict(backbone, parts.backbone, "backbone", source)
+    projector: nn.Module | None = None
+    if parts.projector:
+        projector = parts.projector_module or build_mlp_from_layout(
+            parts.projector_layout if parts.projector_layout is not None else infer_mlp_layout(parts.projector))
+        _load_strict(projector, parts.projector, "projector", source)
+    if parts.pre_feature:
+        raise ValueError(f"{source}: a pre_feature layer on a Vision Transformer is not supported")
+
+    assumed: list[str] = [*parts.extra.pop("assumed", []), *heads_note]
+    preprocess = parts.preprocess
+    if preprocess is None:
+        if parts.mean_std is not None:
+            mean, std = parts.mean_std
+        elif config.img_size <= 64:
+            mean, std = CIFAR10_MEAN, CIFAR10_STD
+            assumed.append(f"CIFAR-10 mean/std (a ViT trained at {config.img_size} px; the file does not say how "
+                           "inputs were normalised)")
+        else:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+            assumed.append("ImageNet mean/std (the file does not say how inputs were normalised; timm's augreg ViTs "
+                           "use 0.5, 0.5)")
+        preprocess = Preprocess(input_size=parts.input_size or config.img_size, mean=tuple(float(v) for v in mean),
+                                std=tuple(float(v) for v in std))
+    if assumed:
+        parts.extra["assumed"] = assumed
+    grid = config.grid_size
+    parts.extra["vit"] = {
+        **config.to_dict(), "h": config.pooling,
+        "position_embeddings": f"{grid}x{grid} grid ({config.img_size} px), resampled (bicubic) for other inputs "
+                               f"whose sides are multiples of {config.patch_size} px",
+    }
+    if isinstance(projector, DINOHead):
+        projector_dims = projector.dims
+    else:
+        projector_dims = mlp_dims(mlp_layout(projector)) if projector is not None else None
+    info = ModelInfo(
+        method=parts.method, arch=config.name, stem=f"patch{config.patch_size}", width=1.0, embedding_dim=dim,
+        projector_dims=projector_dims,
+        projection_normalized=isinstance(projector, nn.Sequential) and isinstance(projector[-1], L2Normalize),
+        extra=parts.extra,
+    )
+    return SSLModel(backbone, projector, None, preprocess, info)
+
+
 def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", download: bool = False,
                arch: str | None = None, stem: str | None = None, verbose: bool = True,
-               cifar_padding: int | None = None) -> SSLModel:
+               cifar_padding: int | None = None, num_heads: int | None = None) -> SSLModel:
     """Load any supported checkpoint (a path, a published name, or a shipped name) as an SSLModel.
 
-    ``arch``/``stem``/``cifar_padding`` override what is inferred from the file. Published names
-    (``vicreg-resnet50``, ...) are downloaded into the torch hub cache only with ``download=True``.
-    The model is returned in eval mode on ``device``; ``model.info`` says what was loaded and
-    ``model.info.extra["assumed"]`` lists anything the file did not say.
+    ``arch``/``stem``/``cifar_padding`` override what is inferred from a ResNet file; ``num_heads``
+    gives a Vision Transformer's attention heads, which its weights do not show (by default the
+    format's own, else timm's for the width; ``info.extra["assumed"]`` says which). Published names
+    (``vicreg-resnet50``, ``dino-vits16``, ...) are downloaded into the torch hub cache only with
+    ``download=True``. The model is returned in eval mode on ``device``; ``model.info`` says what
+    was loaded and ``model.info.extra["assumed"]`` lists anything the file did not say.
     """
     if stem is not None and stem not in ("imagenet", "cifar"):
         raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
     if cifar_padding is not None and cifar_padding not in (1, 2):
         raise ValueError(f"cifar_padding must be 1 or 2, got {cifar_padding!r}")
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
     path, name = resolve_checkpoint(name_or_path, download=download, verbose=verbose)
     obj = read_checkpoint(path)
     fmt = detect_format(obj)
@@ -840,7 +1045,7 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", dow
         verify_checksum(obj, path)
         model = _load_own(obj, source)
     else:
-        model = _build_from_parts(_extract(obj, fmt, path), source, arch, stem, cifar_padding)
+        model = _build_from_parts(_extract(obj, fmt, path), source, arch, stem, cifar_padding, num_heads)
     _check_finite(model, source)
     model.info.source, model.info.format = source, fmt
     if name is not None:
@@ -869,6 +1074,11 @@ def describe(model: SSLModel, one_line: bool = False) -> str:
     """What a loaded model is: format, method, arch, dims, preprocessing and parameter count."""
     info, pre = model.info, model.preprocess
     stem = info.stem + (f" stem, padding {info.cifar_padding}" if info.stem == "cifar" else " stem")
+    width = f"width {info.width:g}"
+    vit = info.extra.get("vit")
+    if isinstance(vit, Mapping):
+        stem = f"{vit['patch_size']} px patches, depth {vit['depth']}, {vit['num_heads']} heads"
+        width = f"width {vit['embed_dim']}"
     n_params = sum(p.numel() for p in model.parameters())
     projector = "-".join(map(str, info.projector_dims)) if info.projector_dims else "none"
     if one_line:
@@ -879,8 +1089,8 @@ def describe(model: SSLModel, one_line: bool = False) -> str:
         f"source:        {info.source}",
         f"format:        {info.format} ({FORMATS.get(info.format or '', '')})",
         f"method:        {info.method}",
-        f"arch:          {info.arch} (width {info.width:g}, {stem})",
-        f"embedding h:   {info.embedding_dim}-d",
+        f"arch:          {info.arch} ({width}, {stem})",
+        f"embedding h:   {info.embedding_dim}-d" + (f" ({vit['h']})" if isinstance(vit, Mapping) else ""),
         f"pre_feature:   {'-'.join(map(str, info.pre_feature_dims)) if info.pre_feature_dims else 'none'}",
         f"projector g:   {projector}" + (" (L2-normalised output)" if info.projection_normalized else ""),
         f"preprocess:    input {pre.input_size} px, normalisation {norm}",

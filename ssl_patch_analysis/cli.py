@@ -6,7 +6,8 @@ flag means the same thing wherever it appears:
 
 =====================  =========================================================================
 ``--model``            shipped name, published name or checkpoint path (default ``vicreg``);
-                       ``--arch`` / ``--stem`` / ``--cifar-padding`` override what the weights say;
+                       ``--arch`` / ``--stem`` / ``--cifar-padding`` / ``--num-heads`` override what the
+                       weights cannot show;
                        ``--download`` allows fetching published weights / data sets;
                        ``--random-init`` the control: the same architecture with fresh weights
 ``--data``             ``cifar10``, ``cifar100``, ``imagenette`` or an image folder (default ``cifar10``);
@@ -198,6 +199,9 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "vicre
     parser.add_argument("--cifar-padding", type=int, choices=[1, 2], default=None,
                         help="padding of a CIFAR stem's conv1, which the weights cannot show (default: the "
                              "checkpoint's record, else 1)")
+    parser.add_argument("--num-heads", type=positive_int, default=None,
+                        help="Vision Transformers: attention heads, which the weights cannot show (default: the "
+                             "format's, else timm's for the width: ViT-Ti 3, ViT-S 6, ViT-B 12)")
     parser.add_argument("--download", action="store_true",
                         help="allow downloading published weights and data sets (needs internet)")
     if random_init:
@@ -329,7 +333,7 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str, v
     from .checkpoints import load_model
 
     return load_model(args.model, device=device, download=args.download, arch=args.arch, stem=args.stem,
-                      cifar_padding=args.cifar_padding, verbose=verbose)
+                      cifar_padding=args.cifar_padding, num_heads=args.num_heads, verbose=verbose)
 
 
 def load_data_from_args(args: argparse.Namespace, split: str | None = None):

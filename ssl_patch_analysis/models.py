@@ -133,6 +133,50 @@ class L2Normalize(nn.Module):
         return F.normalize(x, dim=-1)
 
 
+class WeightNormLinear(nn.Module):
+    """A Linear layer without bias whose weight is ``weight_g * weight_v / ||weight_v||`` row by row.
+
+    The parameters carry the names ``nn.utils.weight_norm(nn.Linear(..., bias=False))`` stores
+    (``weight_g``: out x 1, ``weight_v``: out x in), as DINO's head does, so its checkpoints load as
+    they are, without the deprecated hook.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))  # nn.Linear's default
+        nn.init.ones_(self.weight_g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_v * (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)))
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (facebookresearch/dino ``DINOHead``): ``z = last_layer(normalize(mlp(h)))``.
+
+    ``mlp`` is Linear-GELU blocks (BatchNorm after each hidden Linear with ``use_bn``) ending in the
+    bottleneck Linear; ``last_layer`` the weight-normalised prototypes. Parameter names are DINO's.
+    """
+
+    def __init__(self, mlp: nn.Module, last_layer: WeightNormLinear):
+        super().__init__()
+        self.mlp = mlp
+        self.last_layer = last_layer
+
+    @property
+    def dims(self) -> list[int]:
+        """Feature sizes along the head: input, each Linear's output, then the prototypes."""
+        return [*mlp_dims(mlp_layout(self.mlp)), self.last_layer.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
 def build_mlp(dims: Sequence[int], last_bias: bool = True, last_bn: bool = False) -> nn.Sequential:
     """Linear-BN-ReLU blocks between ``dims``, a plain Linear at the end (VICReg's projector).
 
@@ -153,8 +197,8 @@ def build_mlp(dims: Sequence[int], last_bias: bool = True, last_bn: bool = False
 def mlp_layout(mlp: nn.Sequential) -> list[dict[str, Any]]:
     """Describe a projector as plain values (layer types and sizes), enough to rebuild it.
 
-    Supports the layers every supported projector is made of: Linear, BatchNorm1d, ReLU,
-    Identity and L2Normalize. The layout is what the project's own checkpoint format stores.
+    Supports the layers every supported projector is made of: Linear, BatchNorm1d, ReLU, GELU
+    (DINO's head), Identity and L2Normalize. The layout is what the project's own checkpoint format stores.
     """
     layout: list[dict[str, Any]] = []
     for index, layer in enumerate(mlp):
@@ -166,6 +210,8 @@ def mlp_layout(mlp: nn.Sequential) -> list[dict[str, Any]]:
                            "eps": layer.eps})
         elif isinstance(layer, nn.ReLU):
             layout.append({"type": "relu"})
+        elif isinstance(layer, nn.GELU):
+            layout.append({"type": "gelu"})
         elif isinstance(layer, nn.Identity):
             layout.append({"type": "identity"})
         elif isinstance(layer, L2Normalize):
@@ -173,7 +219,7 @@ def mlp_layout(mlp: nn.Sequential) -> list[dict[str, Any]]:
         else:
             raise ValueError(
                 f"cannot describe projector layer {index} ({type(layer).__name__}): only Linear, "
-                "BatchNorm1d, ReLU, Identity and L2Normalize layers are supported"
+                "BatchNorm1d, ReLU, GELU, Identity and L2Normalize layers are supported"
             )
     return layout
 
@@ -190,6 +236,8 @@ def build_mlp_from_layout(layout: Sequence[dict[str, Any]]) -> nn.Sequential:
                                          affine=bool(spec.get("affine", True))))
         elif kind == "relu":
             layers.append(nn.ReLU(inplace=True))
+        elif kind == "gelu":
+            layers.append(nn.GELU())
         elif kind == "identity":
             layers.append(nn.Identity())
         elif kind == "l2normalize":

@@ -50,6 +50,55 @@ NAMED_WEIGHTS: dict[str, NamedWeights] = {
         f"{_FB}/vissl/model_zoo/simclr_rn50_800ep_simclr_8node_resnet_16_07_20.7e8feed1/"
         "model_final_checkpoint_phase799.torch", "simclr",
         "SimCLR ResNet-50, 800 epochs, VISSL model zoo (trunk + 2048-2048-128 head)"),
+    # Vision Transformers (loaded into timm's VisionTransformer; see vit.py). DINO's README and hubconf.py:
+    "dino-vits16": NamedWeights(
+        f"{_FB}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", "dino",
+        "DINO ViT-S/16 teacher backbone (facebookresearch/dino)"),
+    "dino-vits8": NamedWeights(
+        f"{_FB}/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", "dino",
+        "DINO ViT-S/8 teacher backbone"),
+    "dino-vitb16": NamedWeights(
+        f"{_FB}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "dino",
+        "DINO ViT-B/16 teacher backbone"),
+    "dino-vitb8": NamedWeights(
+        f"{_FB}/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", "dino",
+        "DINO ViT-B/8 teacher backbone"),
+    "dino-vits16-full": NamedWeights(
+        f"{_FB}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain_full_checkpoint.pth", "dino",
+        "DINO ViT-S/16 full checkpoint: teacher backbone + DINO head (65536 prototypes) as the projector"),
+    "dino-vits8-full": NamedWeights(
+        f"{_FB}/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain_full_checkpoint.pth", "dino",
+        "DINO ViT-S/8 full checkpoint: teacher backbone + DINO head"),
+    "dino-vitb16-full": NamedWeights(
+        f"{_FB}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain_full_checkpoint.pth", "dino",
+        "DINO ViT-B/16 full checkpoint: teacher backbone + DINO head"),
+    "dino-vitb8-full": NamedWeights(
+        f"{_FB}/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain_full_checkpoint.pth", "dino",
+        "DINO ViT-B/8 full checkpoint: teacher backbone + DINO head"),
+    # MoCo v3's CONFIG.md (300-epoch ViTs, 12 heads; full pretraining checkpoints with the projector):
+    "mocov3-vits": NamedWeights(
+        f"{_FB}/moco-v3/vit-s-300ep/vit-s-300ep.pth.tar", "mocov3",
+        "MoCo v3 ViT-S/16 (12 heads), 300 epochs: base encoder + 3-layer projector (facebookresearch/moco-v3)"),
+    "mocov3-vitb": NamedWeights(
+        f"{_FB}/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar", "mocov3",
+        "MoCo v3 ViT-B/16, 300 epochs: base encoder + 3-layer projector"),
+    "mocov3-resnet50": NamedWeights(
+        f"{_FB}/moco-v3/r-50-1000ep/r-50-1000ep.pth.tar", "mocov3",
+        "MoCo v3 ResNet-50, 1000 epochs: base encoder + 2-layer projector"),
+    # MAE's README (pretrained encoders) and FINETUNE.md (ImageNet fine-tuned, global pooling):
+    "mae-vitb16": NamedWeights(
+        f"{_FB}/mae/pretrain/mae_pretrain_vit_base.pth", "mae", "MAE ViT-B/16 pretrained encoder (facebookresearch/mae)"),
+    "mae-vitl16": NamedWeights(
+        f"{_FB}/mae/pretrain/mae_pretrain_vit_large.pth", "mae", "MAE ViT-L/16 pretrained encoder"),
+    "mae-vith14": NamedWeights(
+        f"{_FB}/mae/pretrain/mae_pretrain_vit_huge.pth", "mae", "MAE ViT-H/14 pretrained encoder"),
+    "mae-vitb16-finetuned": NamedWeights(
+        f"{_FB}/mae/finetune/mae_finetuned_vit_base.pth", "mae",
+        "MAE ViT-B/16 fine-tuned on ImageNet-1k (h = fc_norm of the mean patch token; classifier dropped)"),
+    "mae-vitl16-finetuned": NamedWeights(
+        f"{_FB}/mae/finetune/mae_finetuned_vit_large.pth", "mae", "MAE ViT-L/16 fine-tuned on ImageNet-1k"),
+    "mae-vith14-finetuned": NamedWeights(
+        f"{_FB}/mae/finetune/mae_finetuned_vit_huge.pth", "mae", "MAE ViT-H/14 fine-tuned on ImageNet-1k"),
 }
 
 # Short names for the models this project trains and ships as pretrained/<name>.pt.
