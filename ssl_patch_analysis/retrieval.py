@@ -3,9 +3,19 @@
 A :class:`PatchIndex` holds the L2-normalised embeddings of every patch of a
 :class:`~ssl_patch_analysis.store.PatchEmbeddings` (layer ``h`` or ``z``) in a FAISS index, exact
 inner product (``IndexFlatIP``: cosine similarity) by default, ``IndexIVFFlat`` for large patch
-sets, on the GPU when the installed faiss has GPU support and the device is CUDA. Beside every
-vector it keeps where the patch came from (image id, patch index, box, label), so results are
-patches, not row numbers; ``save(dir)`` / ``PatchIndex.load(dir)`` keep both.
+sets, product-quantised ``IndexIVFPQ`` (optionally behind OPQ) for patch sets larger than memory
+(:mod:`.index` says which to choose), on the GPU when the installed faiss has GPU support and the
+device is CUDA, or on every GPU (``multi_gpu``). Beside every vector it keeps where the patch came
+from (image id, patch index, box, label), so results are patches, not row numbers;
+``save(dir)`` / ``PatchIndex.load(dir)`` keep both.
+
+A compressed index only estimates similarities from its codes: its top ``rerank`` candidates are
+re-ranked by their exact cosine to the query, computed from the exact vectors (the store it was
+built from, read row by row; or the array in memory), so the neighbours and similarities it returns
+are exact ones among those candidates. Built from a store (:meth:`PatchIndex.from_store`, or
+:meth:`PatchIndex.from_embeddings` of a store opened from disk), the vectors are streamed in chunks,
+never held whole, and with ``save_to`` the build is checkpointed in the index's folder and resumed
+after an interruption; info.json records the store, and loading re-opens it for re-ranking.
 
 A saved index is a folder::
 
@@ -38,6 +48,9 @@ Command line (writes ``figures/retrieval_<model>_<data>.png`` and ``.json``, pri
 
     python -m ssl_patch_analysis.retrieval --model vicreg --data cifar10 --patch-size 16 --stride 8 \\
         --num-images 1000 --k 8
+    python -m ssl_patch_analysis.retrieval --model vicreg-resnet50 --download --data imagenette --num-images all \\
+        --patch-size 64 --stride 32 --store stores/imagenette-val --index ivfpq --pq-m 64 --rerank 100 \\
+        --save-index indexes/imagenette-val
 """
 from __future__ import annotations
 
@@ -54,25 +67,49 @@ import re
 import shlex
 import sys
 import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from .extract import extract_patch_embeddings
+from . import cli
+from .extract import extract_patch_embeddings, extract_token_embeddings
+from .index import (  # noqa: F401  (IVF_TRAIN_POINTS_PER_LIST: imported from here by users of older versions)
+    COMPRESSED_KINDS,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CHUNK_VECTORS,
+    DEFAULT_NBITS,
+    DEFAULT_RERANK,
+    INDEX_KINDS,
+    IVF_KINDS,
+    IVF_TRAIN_POINTS_PER_LIST,
+    MULTI_GPU_MODES,
+    ArrayVectors,
+    BuildCheckpoint,
+    IndexSpec,
+    IndexVectors,
+    StoreVectors,
+    VectorSource,
+    build_faiss_index,
+    check_multi_gpu,
+    exact_search,
+    index_kind,
+    index_metric,
+    normalised_float32,
+    place_index,
+    set_nprobe,
+    source_of_layer,
+)
 from .models import SSLModel
 from .patches import grid
-from . import cli
 from .report import _plain, data_label, format_table, model_label, output_stem, save_figure, save_json
 from .store import PatchEmbeddings
 
-INDEX_KINDS = ("flat", "ivf")
 RETRIEVAL_LAYERS = ("z", "h")  # the figure's row order: projection first, as in the paper
-# FAISS's k-means wants at least 39 training points per list; more than 256 per list adds little.
-IVF_TRAIN_POINTS_PER_LIST = 256
-_NORMALISE_ROWS = 65536  # rows converted to float32 at a time, so a float16 memmap is never copied whole
+KIND_NAMES = {"flat": "flat", "ivf": "IVF", "ivfpq": "IVF-PQ", "opq-ivfpq": "OPQ + IVF-PQ"}
 _INDEX_FILE, _METADATA_FILE, _INFO_FILE = "index.faiss", "metadata.npz", "info.json"
 _INDEX_FILES = (_INDEX_FILE, _METADATA_FILE, _INFO_FILE)  # in the order a save moves them in: info.json last
 _CHECKSUMMED_FILES = (_INDEX_FILE, _METADATA_FILE)
@@ -82,6 +119,7 @@ INDEX_VERSION = 1  # 1: checksums in info.json
 _METADATA_ARRAYS = {"image_ids": (), "patch_index": (), "boxes": (4,), "labels": ()}  # name: shape of one row
 _SAVED_ONLY = ("format", "version", "files", "command", "cwd", "info_sha256")  # in info.json, not in PatchIndex.info
 _HASH_BLOCK = 1 << 22
+_RERANK_ROWS = 16384  # candidate vectors re-ranked at a time (32 MiB of float32 at 512-d)
 REBUILD_ADVICE = ("rebuild it: re-run the retrieval command that saved it with --overwrite "
                   "(`python -m ssl_patch_analysis.retrieval ... --save-index DIR --overwrite`), or build the index "
                   "again and save it with PatchIndex.save(dir, overwrite=True)")
@@ -97,24 +135,6 @@ class Neighbour:
     label: int
     similarity: float
     row: int
-
-
-def normalised_float32(vectors: np.ndarray) -> np.ndarray:
-    """``vectors`` (``V x D``, any float dtype, memmap allowed) as a new C-contiguous float32 array of unit rows.
-
-    All-zero rows stay zero (their cosine similarity to anything is 0), instead of becoming NaN.
-    """
-    vectors = np.asarray(vectors) if not isinstance(vectors, np.memmap) else vectors
-    if vectors.ndim != 2:
-        raise ValueError(f"vectors must be 2-D (V x D), got shape {vectors.shape}")
-    out = np.empty(vectors.shape, dtype=np.float32)
-    for start in range(0, len(vectors), _NORMALISE_ROWS):
-        chunk = np.asarray(vectors[start:start + _NORMALISE_ROWS], dtype=np.float32)
-        if not np.isfinite(chunk).all():
-            raise ValueError("vectors contain NaN or infinite values: the embeddings are damaged, re-extract them")
-        norms = np.linalg.norm(chunk, axis=1, keepdims=True)
-        out[start:start + len(chunk)] = chunk / np.maximum(norms, np.finfo(np.float32).tiny)
-    return out
 
 
 class DamagedIndexError(ValueError):
@@ -223,11 +243,14 @@ def _read_info(path: Path, verify: bool) -> dict[str, Any]:
         _check_info(path, info)
     kind = info.get("index")
     if kind is None:
-        raise DamagedIndexError(path, _INFO_FILE, "lacks 'index' (the index kind: flat or ivf)")
+        raise DamagedIndexError(path, _INFO_FILE, f"lacks 'index' (the index kind: {', '.join(INDEX_KINDS)})")
     if kind not in INDEX_KINDS:
         raise DamagedIndexError(path, _INFO_FILE, f"names an unknown index kind {kind!r}")
-    if kind == "ivf" and not (isinstance(info.get("nprobe"), int) and info["nprobe"] >= 1):
+    if kind in IVF_KINDS and not (isinstance(info.get("nprobe"), int) and info["nprobe"] >= 1):
         raise DamagedIndexError(path, _INFO_FILE, "lacks 'nprobe' (the IVF lists searched per query)")
+    rerank = info.get("rerank", 0)
+    if not (isinstance(rerank, int) and rerank >= 0) or not isinstance(info.get("vectors", {}), dict):
+        raise DamagedIndexError(path, _INFO_FILE, "has a 'rerank' or 'vectors' entry of the wrong type")
     return info
 
 
@@ -265,16 +288,17 @@ def _read_faiss_index(path: Path, info: Mapping[str, Any], advice: str) -> faiss
         index = faiss.read_index(str(path / _INDEX_FILE))
     except (RuntimeError, MemoryError, ValueError) as error:
         raise DamagedIndexError(path, _INDEX_FILE, f"FAISS cannot read it ({_short(error)})", advice) from None
-    inner_product = index.metric_type == faiss.METRIC_INNER_PRODUCT
-    kind = "ivf" if isinstance(index, faiss.IndexIVFFlat) else "flat" if isinstance(index, faiss.IndexFlat) else None
+    inner_product = index_metric(index) == faiss.METRIC_INNER_PRODUCT
+    kind = index_kind(index)
     if kind is None or not inner_product:
-        raise DamagedIndexError(path, _INDEX_FILE, f"holds a {type(index).__name__} (metric {index.metric_type}), "
-                                                   "not the flat or IVF inner-product index PatchIndex saves", advice)
+        raise DamagedIndexError(path, _INDEX_FILE, f"holds a {type(index).__name__} (metric {index_metric(index)}), "
+                                                   "not one of the inner-product indexes PatchIndex saves", advice)
     if index.ntotal == 0:
         raise DamagedIndexError(path, _INDEX_FILE, "holds no vectors", advice)
     if info["index"] != kind:
-        raise DamagedIndexError(path, _INFO_FILE, f"says a {info['index']} index but {_INDEX_FILE} holds an "
-                                                  f"{'IVF' if kind == 'ivf' else 'flat'} index", advice)
+        name = KIND_NAMES[kind]
+        raise DamagedIndexError(path, _INFO_FILE, f"says a {info['index']} index but {_INDEX_FILE} holds "
+                                                  f"{'an' if name[0] in 'IO' else 'a'} {name} index", advice)
     for key, found in (("num_vectors", index.ntotal), ("dim", index.d)):
         said = info.get(key, found)
         if said != found:
@@ -369,6 +393,69 @@ def _reader_lock(path: Path) -> Iterator[None]:
             os.close(fd)
 
 
+def _check_metadata_shapes(count: int, image_ids: np.ndarray, patch_index: np.ndarray, boxes: np.ndarray,
+                           labels: np.ndarray) -> None:
+    for name, array, shape in (("image_ids", image_ids, (count,)), ("patch_index", patch_index, (count,)),
+                               ("boxes", boxes, (count, 4)), ("labels", labels, (count,))):
+        if np.shape(array) != shape:
+            raise ValueError(f"{name} must have shape {shape} (one per indexed vector), got {np.shape(array)}")
+
+
+def _embeddings_info(meta: Mapping[str, Any], layer: str, num_images: int, num_patches: int) -> dict[str, Any]:
+    """What an index of a store's (or embeddings') layer records of where its vectors came from."""
+    return {"layer": layer, "num_images": int(num_images), "patches_per_image": int(num_patches),
+            "model": meta.get("model"), "sampler": meta.get("sampler"), "dataset": meta.get("dataset"),
+            "class_names": meta.get("class_names")}
+
+
+def _refuse_to_replace(path: Path, overwrite: bool) -> None:
+    existing = [name for name in _INDEX_FILES if (path / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{path} already holds a saved patch index ({', '.join(existing)}): pass "
+                              "overwrite=True (--overwrite) to replace it, or save into another folder")
+
+
+def _open_vectors(path: Path, info: Mapping[str, Any], index: faiss.Index,
+                  vectors: VectorSource | np.ndarray | str | os.PathLike | None, needed: bool,
+                  advice: str) -> VectorSource | None:
+    """The exact vectors of a loaded index: ``vectors`` as given, or the store info.json names (for a compressed
+    index, or where re-ranking ``needed`` them). A missing or different store is an error only when ``needed``."""
+    if vectors is not None:
+        if isinstance(vectors, VectorSource):
+            source = vectors
+        elif isinstance(vectors, (str, os.PathLike)):
+            source = StoreVectors(vectors, str(info.get("layer") or (info.get("vectors") or {}).get("layer", "h")))
+        else:
+            source = ArrayVectors(np.asarray(vectors).reshape(-1, index.d) if np.ndim(vectors) == 3 else vectors)
+        if (source.num_vectors, source.dim) != (index.ntotal, index.d):
+            raise ValueError(f"vectors of shape {source.num_vectors} x {source.dim} are not those of the index at "
+                             f"{path} ({index.ntotal} x {index.d})")
+        return source
+    record = info.get("vectors") or {}
+    if not needed and info["index"] not in COMPRESSED_KINDS:
+        return None
+    instead = "pass vectors=STORE (--store) where it is now, or rerank=0 (--rerank 0) to search with the codes' " \
+              "approximate similarities"
+    if record.get("source") != "store":
+        if needed:
+            raise ValueError(f"the index at {path} re-ranks against exact vectors that were in memory when it was "
+                             "built: pass them (PatchIndex.load(dir, vectors=ARRAY)), or rerank=0")
+        return None
+    try:
+        source = StoreVectors(record["store"], record["layer"])
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        if needed:
+            raise ValueError(f"the index at {path} re-ranks against the store at {record.get('store')}, which cannot "
+                             f"be read ({_short(error)}): {instead}") from None
+        return None
+    if source.identity() != {key: record.get(key) for key in ("store_id", "layer", "num_vectors", "dim")}:
+        if needed:
+            raise ValueError(f"the store at {source.path} is not the one the index at {path} was built from (its id or "
+                             f"shape differ: it was made again since): {advice}")
+        return None
+    return source
+
+
 class PatchIndex:
     """Cosine k-NN over patch vectors, with each vector's image id, patch index, box and label.
 
@@ -378,95 +465,175 @@ class PatchIndex:
     """
 
     def __init__(self, cpu_index: faiss.Index, image_ids: np.ndarray, patch_index: np.ndarray, boxes: np.ndarray,
-                 labels: np.ndarray, info: dict[str, Any], device: str | torch.device | None = None):
+                 labels: np.ndarray, info: dict[str, Any], device: str | torch.device | None = None, *,
+                 vectors: VectorSource | None = None, multi_gpu: str | None = None):
         count = cpu_index.ntotal
         if count == 0:
             raise ValueError("the index is empty: build it from at least one patch vector")
-        for name, array, shape in (("image_ids", image_ids, (count,)), ("patch_index", patch_index, (count,)),
-                                   ("boxes", boxes, (count, 4)), ("labels", labels, (count,))):
-            if np.shape(array) != shape:
-                raise ValueError(f"{name} must have shape {shape} (one per indexed vector), got {np.shape(array)}")
+        _check_metadata_shapes(count, image_ids, patch_index, boxes, labels)
+        if vectors is not None and (vectors.num_vectors, vectors.dim) != (count, cpu_index.d):
+            raise ValueError(f"the exact vectors ({vectors.num_vectors} x {vectors.dim}) are not those of the index "
+                             f"({count} x {cpu_index.d})")
         self.cpu_index = cpu_index
+        self.exact_vectors = vectors
         self.rebuild_advice = "rebuild it from its embeddings (PatchIndex.from_embeddings or from_vectors)"
         self.image_ids = np.asarray(image_ids, dtype=np.int64)
         self.patch_index = np.asarray(patch_index, dtype=np.int64)
         self.boxes = np.asarray(boxes, dtype=np.float32)
         self.labels = np.asarray(labels, dtype=np.int64)
         unique_ids, counts = np.unique(self.image_ids, return_counts=True)
-        self._patches_per_image = dict(zip(unique_ids.tolist(), counts.tolist()))
+        self._patches_per_image = dict(zip(unique_ids.tolist(), counts.tolist(), strict=True))
+        kind = info.get("index", "flat")
         gpu = _faiss_gpu_device(device)
-        if gpu is None:
-            self.search_index = cpu_index
-            where = "cpu" if device is None or torch.device(device).type != "cuda" else \
-                "cpu (this faiss has no GPU support)"
-        else:
-            self._gpu_resources = faiss.StandardGpuResources()  # must outlive the GPU index
-            self.search_index = faiss.index_cpu_to_gpu(self._gpu_resources, gpu, cpu_index)
-            where = f"cuda:{gpu} (faiss GPU)"
-        if info.get("index") == "ivf":
-            self.search_index.nprobe = int(info["nprobe"])
+        # The GPU resources must outlive the GPU index.
+        self.search_index, where, self._gpu_resources = place_index(cpu_index, kind, gpu, multi_gpu)
+        if gpu is None and multi_gpu is None and device is not None and torch.device(device).type == "cuda":
+            where = "cpu (this faiss has no GPU support)"
+        self.nprobe: int | None = None
+        if kind in IVF_KINDS:
+            self.nprobe = int(info["nprobe"])
+            set_nprobe(self.search_index, self.nprobe)
+        self.rerank = int(info.get("rerank", 0))
+        if self.rerank and vectors is None:
+            raise ValueError(f"rerank={self.rerank} needs the exact vectors to re-rank against (vectors=...): pass "
+                             "them, or rerank=0")
+        info = {**info, "rerank": self.rerank}
+        if vectors is not None:
+            info["vectors"] = vectors.describe()
         self.info = {**info, "num_vectors": count, "dim": cpu_index.d, "faiss_device": where,
                      "metric": "cosine (inner product of L2-normalised float32 vectors)"}
+
+    def set_search(self, nprobe: int | None = None, rerank: int | None = None) -> None:
+        """Search ``nprobe`` lists (IVF kinds) and re-rank the top ``rerank`` candidates exactly (0: not at all)."""
+        kind = self.info["index"]
+        if nprobe is not None:
+            if kind not in IVF_KINDS:
+                raise ValueError(f"nprobe applies to the IVF kinds ({', '.join(IVF_KINDS)}), not to a {kind} index")
+            if int(nprobe) < 1:
+                raise ValueError(f"nprobe must be at least 1, got {nprobe}")
+            self.nprobe = min(int(nprobe), int(self.info["nlist"]))
+            set_nprobe(self.search_index, self.nprobe)
+            self.info["nprobe"] = self.nprobe
+        if rerank is not None:
+            if int(rerank) < 0:
+                raise ValueError(f"rerank must be at least 0, got {rerank}")
+            if rerank and self.exact_vectors is None:
+                raise ValueError("this index has no exact vectors to re-rank against: load it with its store "
+                                 "(PatchIndex.load(dir, vectors=STORE)) or build it with them")
+            self.rerank = int(rerank)
+            self.info["rerank"] = self.rerank
 
     # ------------------------------------------------------------------ building
     @classmethod
     def from_vectors(cls, vectors: np.ndarray, image_ids: np.ndarray, patch_index: np.ndarray, boxes: np.ndarray,
                      labels: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 8,
                      device: str | torch.device | None = None, seed: int = 0,
-                     info: dict[str, Any] | None = None) -> "PatchIndex":
+                     info: dict[str, Any] | None = None, **options: Any) -> PatchIndex:
         """Index ``vectors`` (``V x D``; normalised here) of the patches described by the other arrays.
 
         ``kind="ivf"`` clusters the vectors into ``nlist`` lists (default ``~sqrt(V)``), trained on
-        a random sample of at most ``256 * nlist`` of them (``seed``), and searches ``nprobe`` lists.
+        a random sample of at most ``256 * nlist`` of them (``seed``), and searches ``nprobe`` lists;
+        ``"ivfpq"`` and ``"opq-ivfpq"`` also compress them (``options``: see :meth:`from_source`). The
+        compressed kinds keep a reference to ``vectors`` to re-rank against.
         """
-        if kind not in INDEX_KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-        if np.ndim(vectors) != 2 or len(vectors) == 0:
-            raise ValueError(f"vectors must be a non-empty V x D array, got shape {np.shape(vectors)}; "
-                             "the index needs at least one patch vector")
-        unit = normalised_float32(vectors)
-        count, dim = unit.shape
-        info = {**(info or {}), "index": kind}
-        if kind == "flat":
-            index: faiss.Index = faiss.IndexFlatIP(dim)
-        else:
-            nlist = int(nlist) if nlist is not None else max(1, int(round(np.sqrt(count))))
-            if not 1 <= nlist <= count:
-                raise ValueError(f"nlist must be between 1 and the number of vectors ({count}), got {nlist}")
-            if not 1 <= nprobe:
-                raise ValueError(f"nprobe must be at least 1, got {nprobe}")
-            nprobe = min(int(nprobe), nlist)
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = seed
-            sample = np.random.default_rng(seed).permutation(count)[:IVF_TRAIN_POINTS_PER_LIST * nlist]
-            index.train(unit[np.sort(sample)])
-            info.update(nlist=nlist, nprobe=nprobe, train_vectors=len(sample))
-        index.add(unit)
-        if kind == "ivf":
-            index.make_direct_map()  # so stored vectors can be read back (queries by patch, recall)
-        return cls(index, image_ids, patch_index, boxes, labels, info, device=device)
+        return cls.from_source(ArrayVectors(vectors), image_ids, patch_index, boxes, labels, kind=kind, nlist=nlist,
+                               nprobe=nprobe, device=device, seed=seed, info=info, **options)
 
     @classmethod
     def from_embeddings(cls, embeddings: PatchEmbeddings, layer: str = "h", kind: str = "flat",
                         nlist: int | None = None, nprobe: int = 8, device: str | torch.device | None = None,
-                        seed: int = 0) -> "PatchIndex":
+                        seed: int = 0, **options: Any) -> PatchIndex:
         """Index every patch of ``embeddings`` in ``layer`` (``"h"`` embedding or ``"z"`` projection).
 
-        Vector ``row = i * P + j`` is patch ``j`` of image ``embeddings.image_ids[i]``.
+        Vector ``row = i * P + j`` is patch ``j`` of image ``embeddings.image_ids[i]``. Embeddings opened
+        from a store (memory-mapped) are read from the store in chunks, never whole, and the index
+        re-ranks against it (as :meth:`from_store`); ``options``: see :meth:`from_source`.
         """
         array = embeddings.layer(layer)
         num_images, num_patches = array.shape[:2]
-        meta = embeddings.meta
-        info = {"layer": layer, "num_images": num_images, "patches_per_image": num_patches,
-                "model": meta.get("model"), "sampler": meta.get("sampler"), "dataset": meta.get("dataset"),
-                "class_names": meta.get("class_names")}
-        return cls.from_vectors(
-            array.reshape(num_images * num_patches, array.shape[2]),
+        return cls.from_source(
+            source_of_layer(array, layer, embeddings.meta),
             image_ids=np.repeat(np.asarray(embeddings.image_ids, dtype=np.int64), num_patches),
             patch_index=np.tile(np.arange(num_patches, dtype=np.int64), num_images),
             boxes=np.asarray(embeddings.boxes, dtype=np.float32).reshape(-1, 4),
             labels=np.repeat(np.asarray(embeddings.labels, dtype=np.int64), num_patches),
-            kind=kind, nlist=nlist, nprobe=nprobe, device=device, seed=seed, info=info)
+            kind=kind, nlist=nlist, nprobe=nprobe, device=device, seed=seed,
+            info=_embeddings_info(embeddings.meta, layer, num_images, num_patches), **options)
+
+    @classmethod
+    def from_store(cls, store: str | os.PathLike, layer: str = "h", kind: str = "flat", nlist: int | None = None,
+                   nprobe: int = 8, device: str | torch.device | None = None, seed: int = 0,
+                   **options: Any) -> PatchIndex:
+        """Index every patch of the complete store at ``store`` in ``layer``, reading it in chunks (never mapped,
+        never whole: memory holds one chunk, the index and the per-vector metadata). ``options``: see
+        :meth:`from_source`; with ``save_to`` the build is resumable."""
+        source = StoreVectors(store, layer)
+        meta = source.layer_file.meta
+        num_images, num_patches = source.layer_file.shape[:2]
+        path = source.path
+        boxes = np.load(path / "boxes.npy")
+        if boxes.shape != (num_images, num_patches, 4):
+            raise ValueError(f"the store at {path} is damaged (boxes.npy has shape {boxes.shape}): re-extract it")
+        return cls.from_source(
+            source, image_ids=np.repeat(np.load(path / "image_ids.npy").astype(np.int64), num_patches),
+            patch_index=np.tile(np.arange(num_patches, dtype=np.int64), num_images),
+            boxes=boxes.reshape(-1, 4).astype(np.float32, copy=False),
+            labels=np.repeat(np.load(path / "labels.npy").astype(np.int64), num_patches),
+            kind=kind, nlist=nlist, nprobe=nprobe, device=device, seed=seed,
+            info=_embeddings_info(meta, layer, num_images, num_patches), **options)
+
+    @classmethod
+    def from_source(cls, source: VectorSource, image_ids: np.ndarray, patch_index: np.ndarray, boxes: np.ndarray,
+                    labels: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 8,
+                    device: str | torch.device | None = None, seed: int = 0, info: dict[str, Any] | None = None, *,
+                    pq_m: int | None = None, nbits: int = DEFAULT_NBITS, rerank: int | None = None,
+                    train_size: int | None = None, multi_gpu: str | None = None,
+                    chunk_vectors: int = DEFAULT_CHUNK_VECTORS, checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
+                    progress: bool = False, save_to: str | os.PathLike | None = None, overwrite: bool = False,
+                    command: str | None = None, wait: bool = True) -> PatchIndex:
+        """Index the vectors of ``source`` (:mod:`.index`), row ``i`` being the patch of the metadata's row ``i``.
+
+        - ``kind``, ``nlist``, ``pq_m``, ``nbits``, ``train_size``: the index (:class:`~.index.IndexSpec`;
+          its quantisers trained on a sample drawn with ``seed``); ``nprobe`` lists searched.
+        - ``rerank``: candidates re-ranked by their exact cosine (default 100 for the compressed kinds, 0
+          otherwise).
+        - ``multi_gpu``: ``"shard"`` or ``"replicate"`` over every visible GPU (faiss with GPU support).
+        - ``chunk_vectors``: vectors added at a time; ``progress``: a progress bar.
+        - ``save_to``: build in this folder and save the index there (:meth:`save`, with ``overwrite``,
+          ``command``, ``wait``). Its lock is held throughout; vectors of a store are checkpointed there
+          every ``checkpoint_every`` chunks, and a build interrupted is resumed by the same call.
+        """
+        count = source.num_vectors
+        _check_metadata_shapes(count, image_ids, patch_index, boxes, labels)
+        spec = IndexSpec(kind, nlist, pq_m, nbits, train_size).resolved(count, source.dim)
+        if multi_gpu is not None:  # before the build, not after it
+            check_multi_gpu(multi_gpu, spec.kind, spec.fast_scan)
+        if isinstance(nprobe, bool) or int(nprobe) < 1:
+            raise ValueError(f"nprobe must be at least 1, got {nprobe}")
+        rerank = (DEFAULT_RERANK if kind in COMPRESSED_KINDS else 0) if rerank is None else int(rerank)
+        if rerank < 0:
+            raise ValueError(f"rerank must be at least 0, got {rerank}")
+        info = {**(info or {}), **spec.info(), "rerank": rerank}
+        if kind in IVF_KINDS:
+            info["nprobe"] = min(int(nprobe), int(spec.nlist))
+        keep = source if isinstance(source, StoreVectors) or kind in COMPRESSED_KINDS or rerank else None
+
+        def build() -> PatchIndex:
+            cpu_index, built = build_faiss_index(source, spec, seed=seed, chunk_vectors=chunk_vectors,
+                                                 checkpoint=save_to, checkpoint_every=checkpoint_every,
+                                                 progress=progress)
+            return cls(cpu_index, image_ids, patch_index, boxes, labels, {**info, **built}, device=device,
+                       vectors=keep, multi_gpu=multi_gpu)
+
+        if save_to is None:
+            return build()
+        path = Path(save_to)
+        with _writer_lock(path, wait):
+            _refuse_to_replace(path, overwrite)
+            index = build()
+            index._save_locked(path, command)
+            BuildCheckpoint(path, {}).clear()
+        return index
 
     # ------------------------------------------------------------------ disk
     def save(self, path: str | os.PathLike, overwrite: bool = False, wait: bool = True,
@@ -480,20 +647,21 @@ class PatchIndex:
         """
         path = Path(path)
         with _writer_lock(path, wait):
-            existing = [name for name in _INDEX_FILES if (path / name).exists()]
-            if existing and not overwrite:
-                raise FileExistsError(f"{path} already holds a saved patch index ({', '.join(existing)}): pass "
-                                      "overwrite=True (--overwrite) to replace it, or save into another folder")
-            staged = {name: path / f".{name}.tmp" for name in _INDEX_FILES}
-            try:
-                self._write_staged(staged, command)
-                for name in _INDEX_FILES:  # info.json last: until it is in, it checks the old files, not a mix
-                    os.replace(staged[name], path / name)
-                _sync_folder(path)
-            finally:
-                for file in staged.values():
-                    file.unlink(missing_ok=True)
+            _refuse_to_replace(path, overwrite)
+            self._save_locked(path, command)
         return path
+
+    def _save_locked(self, path: Path, command: str | None) -> None:
+        """:meth:`save`'s writing, the folder's lock held."""
+        staged = {name: path / f".{name}.tmp" for name in _INDEX_FILES}
+        try:
+            self._write_staged(staged, command)
+            for name in _INDEX_FILES:  # info.json last: until it is in, it checks the old files, not a mix
+                os.replace(staged[name], path / name)
+            _sync_folder(path)
+        finally:
+            for file in staged.values():
+                file.unlink(missing_ok=True)
 
     def _write_staged(self, staged: dict[str, Path], command: str | None) -> None:
         """The three files under their temporary names, each on disk (fsync) before info.json records it."""
@@ -517,13 +685,20 @@ class PatchIndex:
             os.fsync(f.fileno())
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-             verify: bool = True) -> "PatchIndex":
-        """Read an index written by :meth:`save` (searches on ``device``'s GPU when faiss supports it).
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, verify: bool = True, *,
+             vectors: VectorSource | np.ndarray | str | os.PathLike | None = None, rerank: int | None = None,
+             multi_gpu: str | None = None) -> PatchIndex:
+        """Read an index written by :meth:`save` (searches on ``device``'s GPU when faiss supports it, or on
+        every GPU with ``multi_gpu``).
 
         Every file is checked against the checksums in info.json (``verify=False``: only their
         structure); damage raises :class:`DamagedIndexError`, naming the file and how to rebuild the
         index. A process saving into the folder is waited for.
+
+        A compressed index re-opens the store it was built from (recorded in info.json; checked to be
+        that store, by its id and shape, and its files but the rows) to re-rank its top ``rerank``
+        candidates (default: as saved). ``vectors`` gives them instead: the store's folder where it is
+        now, or the array the index was built from. ``rerank=0`` searches without them.
         """
         path = Path(path)
         if not any((path / name).is_file() for name in _INDEX_FILES):
@@ -540,8 +715,11 @@ class PatchIndex:
                 _check_checksums(path, info, advice)
             index = _read_faiss_index(path, info, advice)
             arrays = _read_metadata(path, index.ntotal, advice)
-        loaded = cls(index, info={key: value for key, value in info.items() if key not in _SAVED_ONLY},
-                     device=device, **arrays)
+        rerank = int(info.get("rerank", 0)) if rerank is None else int(rerank)
+        source = _open_vectors(path, info, index, vectors, rerank > 0, advice)
+        kept = {key: value for key, value in info.items() if key not in _SAVED_ONLY}
+        loaded = cls(index, info={**kept, "rerank": rerank}, device=device, vectors=source, multi_gpu=multi_gpu,
+                     **arrays)
         loaded.rebuild_advice = advice
         return loaded
 
@@ -577,7 +755,16 @@ class PatchIndex:
         """The stored (unit) vector of ``row``."""
         if not 0 <= int(row) < len(self):
             raise ValueError(f"row must be in 0..{len(self) - 1}, got {row}")
-        return self.cpu_index.reconstruct(int(row))
+        return self.vectors_of(np.array([int(row)]))[0]
+
+    def vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """The unit vectors of ``rows``: exact ones (the exact vectors, or a flat / IVF-Flat index's own), or for a
+        compressed index without its exact vectors the normalised reconstruction from its codes."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.exact_vectors is not None:
+            return self.exact_vectors.rows(rows)
+        stored = self.cpu_index.reconstruct_batch(rows)
+        return normalised_float32(stored) if self.info["index"] in COMPRESSED_KINDS else stored
 
     # ------------------------------------------------------------------ search
     def search(self, queries: np.ndarray, k: int, exclude_rows: np.ndarray | None = None,
@@ -601,17 +788,21 @@ class PatchIndex:
         num_queries = len(queries)
         skip_rows = np.full(num_queries, -1, np.int64) if exclude_rows is None else \
             np.asarray(exclude_rows, np.int64).reshape(num_queries)
-        skip_images = None if exclude_image_ids is None else np.asarray(exclude_image_ids, np.int64).reshape(num_queries)
+        skip_images = (None if exclude_image_ids is None
+                       else np.asarray(exclude_image_ids, np.int64).reshape(num_queries))
         excluded = (skip_rows >= 0).astype(np.int64)
         if skip_images is not None:
             excluded = np.array([self._patches_per_image.get(int(i), 0) for i in skip_images], np.int64)
-            excluded += [(r >= 0 and self.image_ids[r] != i) for r, i in zip(skip_rows, skip_images)]
+            excluded += [(r >= 0 and self.image_ids[r] != i) for r, i in zip(skip_rows, skip_images, strict=True)]
         available = len(self) - (int(excluded.max()) if num_queries else 0)
         if k > available:
             raise ValueError(f"k={k} is larger than the {available} vectors a query can be given (the index holds "
                              f"{len(self)}, minus the excluded ones): pass k <= {available}")
         fetch = k + (int(excluded.max()) if num_queries else 0)
-        similarities, rows = self.search_index.search(normalised_float32(queries), fetch)
+        unit = normalised_float32(queries)
+        similarities, rows = self.search_index.search(unit, min(max(fetch, self.rerank), len(self)))
+        if self.rerank:
+            similarities, rows = self._reranked(unit, rows)
         keep = (rows != skip_rows[:, None]) & (rows >= 0)
         if skip_images is not None:
             keep &= self.image_ids[np.maximum(rows, 0)] != skip_images[:, None]
@@ -627,10 +818,29 @@ class PatchIndex:
             raise FewerNeighboursError(self._fewer_neighbours_message(int(found[short]), k, short))
         return out_similarities, out_rows
 
+    def _reranked(self, unit: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates ``rows`` of each query ordered by their exact cosine to it: ``(similarities, rows)``,
+        missing candidates (row -1) last."""
+        similarities = np.full(rows.shape, -np.inf, np.float32)
+        block = max(1, _RERANK_ROWS // max(1, rows.shape[1]))  # queries at a time: bounded memory
+        for start in range(0, len(rows), block):
+            part = rows[start:start + block]
+            found = part >= 0
+            unique, inverse = np.unique(part[found], return_inverse=True)
+            exact = self.exact_vectors.rows(unique)
+            queries = np.nonzero(found)[0] + start
+            similarities[start:start + block][found] = np.einsum("ij,ij->i", exact[inverse], unit[queries])
+        order = np.argsort(-similarities, axis=1, kind="stable")
+        rows = np.take_along_axis(rows, order, axis=1)
+        similarities = np.take_along_axis(similarities, order, axis=1)
+        similarities[rows < 0] = np.nan
+        return similarities, rows
+
     def _fewer_neighbours_message(self, found: int, k: int, query: int) -> str:
-        if self.info.get("index") == "ivf":
-            nlist, nprobe = int(self.info["nlist"]), int(self.search_index.nprobe)
-            return (f"the IVF index found only {found} of the k={k} neighbours of query {query} in the {nprobe} of "
+        if self.info.get("index") in IVF_KINDS:
+            nlist, nprobe = int(self.info["nlist"]), int(self.nprobe)
+            name = KIND_NAMES[self.info["index"]]
+            return (f"the {name} index found only {found} of the k={k} neighbours of query {query} in the {nprobe} of "
                     f"its {nlist} lists it probes: probe more lists (nprobe, --nprobe; {nlist} probes them all), "
                     "ask for a smaller k, or pass allow_fewer=True to take the short lists (padded with row -1)")
         return (f"the index returned only {found} of the k={k} neighbours of query {query}, although a flat index "
@@ -641,7 +851,7 @@ class PatchIndex:
         """One query's ``(similarities, rows)`` (from :meth:`search`) as :class:`Neighbour` records."""
         return [Neighbour(int(self.image_ids[r]), int(self.patch_index[r]),
                           tuple(float(v) for v in self.boxes[r]), int(self.labels[r]), float(s), int(r))
-                for s, r in zip(similarities, rows) if r >= 0]
+                for s, r in zip(similarities, rows, strict=True) if r >= 0]
 
     def query(self, image_id: int, patch_index: int | None = None, box: Sequence[float] | None = None, k: int = 8,
               exclude_same_image: bool = False, include_query: bool = False) -> list[Neighbour]:
@@ -661,21 +871,26 @@ class PatchIndex:
         """The ``k`` nearest patches of each vector (``Q x D`` or ``D``), leaving out image ``exclude_image_ids[q]``."""
         similarities, rows = self.search(vectors, k, exclude_image_ids=None if exclude_image_ids is None
                                          else np.asarray(exclude_image_ids))
-        return [self.neighbours(s, r) for s, r in zip(similarities, rows)]
+        return [self.neighbours(s, r) for s, r in zip(similarities, rows, strict=True)]
 
     def recall_at_k(self, k: int = 10, num_queries: int = 1000, seed: int = 0) -> float:
-        """Mean fraction of the exact top-``k`` (brute-force ``IndexFlatIP``) this index finds, over random stored
-        vectors as queries. 1.0 for an exact index; below 1 for an IVF index that probes too few lists."""
+        """Mean fraction of the exact top-``k`` this index finds (re-ranking included), over random stored vectors
+        as queries. 1.0 for an exact index; below 1 for an IVF index that probes too few lists, or compressed
+        codes whose candidates miss some of the nearest. The exact top ``k`` is found by streaming exact inner
+        products over the exact vectors a chunk at a time (:func:`~.index.exact_search`)."""
         if len(self) < k:
             raise ValueError(f"k={k} is larger than the index ({len(self)} vectors)")
-        stored = self.cpu_index.reconstruct_n(0, len(self))
-        exact_index = faiss.IndexFlatIP(self.dim)
-        exact_index.add(stored)
+        source = self.exact_vectors
+        if source is None:
+            if self.info["index"] in COMPRESSED_KINDS:
+                raise ValueError("the recall of a compressed index needs its exact vectors: load it with its store "
+                                 "(PatchIndex.load(dir, vectors=STORE))")
+            source = IndexVectors(self.cpu_index)
         picks = np.random.default_rng(seed).choice(len(self), size=min(num_queries, len(self)), replace=False)
-        queries = stored[np.sort(picks)]
-        _, exact = exact_index.search(queries, k)
-        _, found = self.search_index.search(queries, k)
-        return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact)]))
+        queries = source.rows(np.sort(picks))
+        _, exact = exact_search(source, queries, k)
+        _, found = self.search(queries, k, allow_fewer=True)
+        return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact, strict=True)]))
 
 
 def neighbour_statistics(index: PatchIndex, k: int = 8, num_queries: int = 200, seed: int = 0) -> dict[str, Any]:
@@ -689,7 +904,7 @@ def neighbour_statistics(index: PatchIndex, k: int = 8, num_queries: int = 200, 
     if num_queries < 1:
         raise ValueError(f"num_queries must be at least 1, got {num_queries}")
     picks = np.sort(np.random.default_rng(seed).choice(len(index), size=min(num_queries, len(index)), replace=False))
-    queries = index.cpu_index.reconstruct_batch(picks)
+    queries = index.vectors_of(picks)
     similarities, rows = index.search(queries, k, exclude_rows=picks)
     found = rows >= 0
     same_image = (index.image_ids[rows] == index.image_ids[picks][:, None]) & found
@@ -726,7 +941,10 @@ class RetrievalSettings:
     - ``k``: neighbours per query; ``num_queries``: random query patches for the statistics.
     - ``query_image``, ``query_patch``: the figure's query patch (``None``: the grid patch nearest the
       image centre); ``exclude_same_image`` leaves the query's image out of the figure's neighbours.
-    - ``index``, ``nlist``, ``nprobe``: the FAISS index (:meth:`PatchIndex.from_vectors`).
+    - ``index``, ``nlist``, ``nprobe``, ``pq_m``, ``nbits``, ``train_size``: the FAISS index
+      (:meth:`PatchIndex.from_source`, :mod:`.index`); ``rerank``: candidates of a compressed index
+      re-ranked exactly (``None``: 100 for the compressed kinds, 0 otherwise); ``multi_gpu``: ``"shard"``
+      or ``"replicate"`` the index over every GPU (faiss with GPU support).
     - ``seed``: the random queries and the IVF training sample; ``batch_size``: images per extraction batch.
     """
 
@@ -744,10 +962,25 @@ class RetrievalSettings:
     nprobe: int = 8
     seed: int = 0
     batch_size: int = 64
+    tokens: bool = False  # a ViT's own patch tokens of `block` (default the last) instead of the grid's crops
+    block: int | None = None
+    pq_m: int | None = None
+    nbits: int = DEFAULT_NBITS
+    rerank: int | None = None
+    train_size: int | None = None
+    multi_gpu: str | None = None
+
+    def index_options(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`PatchIndex.from_embeddings` these settings give."""
+        return {"kind": self.index, "nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed, "pq_m": self.pq_m,
+                "nbits": self.nbits, "rerank": self.rerank, "train_size": self.train_size,
+                "multi_gpu": self.multi_gpu}
 
     @property
     def grid_description(self) -> str:
         """``"16x16 patches, stride 8"``, as titles and tables say it."""
+        if self.tokens:
+            return "ViT tokens of the last block" if self.block is None else f"ViT tokens of block {self.block}"
         return f"{self.patch_size}x{self.patch_size} patches, stride {self.stride}"
 
     def indexed_images(self, data: Any) -> int:
@@ -787,12 +1020,12 @@ class LayerRetrievalStats:
     recall_at_k: float | None = None
 
     @classmethod
-    def measure(cls, index: PatchIndex, settings: RetrievalSettings) -> "LayerRetrievalStats":
-        """The statistics of ``index`` with ``settings``' ``k``, ``num_queries`` and ``seed`` (recall for IVF)."""
+    def measure(cls, index: PatchIndex, settings: RetrievalSettings) -> LayerRetrievalStats:
+        """The statistics of ``index`` with ``settings``' ``k``, ``num_queries`` and ``seed`` (recall but for flat)."""
         stats = neighbour_statistics(index, k=settings.k, num_queries=settings.num_queries, seed=settings.seed)
         stats["query_rows"] = tuple(int(row) for row in stats["query_rows"])
         recall = (index.recall_at_k(settings.k, num_queries=settings.num_queries, seed=settings.seed)
-                  if settings.index == "ivf" else None)
+                  if settings.index != "flat" else None)
         return cls(**stats, recall_at_k=recall)
 
     def to_dict(self) -> dict[str, Any]:
@@ -865,7 +1098,7 @@ class RetrievalResult:
 
     def table_headers(self) -> list[str]:
         headers = ["layer", "same image", "chance", "same class, other image", "chance", "other class", "mean cos"]
-        return headers + ([f"recall@{self.settings.k}"] if self.settings.index == "ivf" else [])
+        return headers + ([f"recall@{self.settings.k}"] if self.settings.index != "flat" else [])
 
     def table_rows(self) -> list[list[Any]]:
         """Rows of :func:`~.report.format_table` under :meth:`table_headers`: one per layer."""
@@ -874,7 +1107,7 @@ class RetrievalResult:
             s = layer.statistics
             row = [name, s.same_image, s.chance_same_image, s.same_class_other_image, s.chance_same_class_other_image,
                    s.other_class, s.mean_similarity]
-            rows.append(row + ([s.recall_at_k] if self.settings.index == "ivf" else []))
+            rows.append(row + ([s.recall_at_k] if self.settings.index != "flat" else []))
         return rows
 
 
@@ -895,6 +1128,10 @@ def embed_grid_patches(model: SSLModel, data: Any, settings: RetrievalSettings =
     that ``data`` does not allow.
     """
     count = settings.indexed_images(data)
+    if settings.tokens:
+        return extract_token_embeddings(model, data, block=settings.block, image_ids=np.arange(count),
+                                        batch_size=settings.batch_size, device=device, out=store,
+                                        resize_to=settings.resize_to, overwrite=overwrite)
     return extract_patch_embeddings(model, data, grid(settings.patch_size, settings.stride),
                                     image_ids=np.arange(count), batch_size=settings.batch_size, device=device,
                                     out=store, resize_to=settings.resize_to, overwrite=overwrite)
@@ -903,7 +1140,8 @@ def embed_grid_patches(model: SSLModel, data: Any, settings: RetrievalSettings =
 def patch_retrieval(model: SSLModel, data: Any, settings: RetrievalSettings = RetrievalSettings(), *,
                     device: str | torch.device | None = None, embeddings: PatchEmbeddings | None = None,
                     store: str | os.PathLike | None = None, overwrite: bool = False,
-                    save_index: str | os.PathLike | None = None, command: str | None = None) -> RetrievalResult:
+                    save_index: str | os.PathLike | None = None, command: str | None = None,
+                    progress: bool = False) -> RetrievalResult:
     """Paper Fig. 5 and where the neighbours of random patches come from: what the retrieval command measures.
 
     Every grid patch of the first ``settings.num_images`` images of ``data`` (an
@@ -917,7 +1155,8 @@ def patch_retrieval(model: SSLModel, data: Any, settings: RetrievalSettings = Re
       (``overwrite``: see :func:`embed_grid_patches`).
     - ``save_index``: also save each layer's index to ``save_index/<layer>`` (:meth:`PatchIndex.save`;
       an index already there is replaced only with ``overwrite``), with ``command``, the command line
-      that rebuilds it.
+      that rebuilds it. Indexes of embeddings in a store are built there resumably.
+    - ``progress``: a progress bar while vectors are added to an index.
 
     Raises :class:`RetrievalSettingError` for a ``num_images``, ``query_image`` or ``query_patch`` that
     the data does not allow.
@@ -939,14 +1178,14 @@ def patch_retrieval(model: SSLModel, data: Any, settings: RetrievalSettings = Re
                            label=int(embeddings.labels[settings.query_image]))
     layers: dict[str, LayerRetrieval] = {}
     for layer in (name for name in RETRIEVAL_LAYERS if name in embeddings.layers):
-        index = PatchIndex.from_embeddings(embeddings, layer, kind=settings.index, nlist=settings.nlist,
-                                           nprobe=settings.nprobe, device=device, seed=settings.seed)
+        # Saved as it is built: a build from a store checkpoints there, and an interrupted one resumes.
+        index = PatchIndex.from_embeddings(embeddings, layer, device=device, progress=progress,
+                                           save_to=None if save_index is None else Path(save_index) / layer,
+                                           overwrite=overwrite, command=command, **settings.index_options())
         statistics = LayerRetrievalStats.measure(index, settings)
         neighbours = index.query(query.image_id, query.patch_index, k=settings.k,
                                  exclude_same_image=settings.exclude_same_image)
         layers[layer] = LayerRetrieval(layer, dict(index.info), statistics, tuple(neighbours))
-        if save_index is not None:
-            index.save(Path(save_index) / layer, overwrite=overwrite, command=command)
     return RetrievalResult(model=model_label(model), data=data_label(data), settings=settings, num_images=count,
                            num_indexed_patches=len(index), query=query, extraction=embeddings.meta.get("last_run"),
                            layers=layers)
@@ -988,8 +1227,11 @@ def plot_retrieval(data, query_image: int, query_box: Sequence[float], query_lab
     layers = list(neighbours_by_layer)
     columns = 1 + max(len(n) for n in neighbours_by_layer.values())
     ids = sorted({query_image} | {n.image_id for ns in neighbours_by_layer.values() for n in ns})
-    pixels = dict(zip(ids, data.get_batch(ids).permute(0, 2, 3, 1).numpy()))
-    name = (lambda label: class_names[label] if class_names and 0 <= label < len(class_names) else str(label))
+    pixels = dict(zip(ids, data.get_batch(ids).permute(0, 2, 3, 1).numpy(), strict=True))
+
+    def name(label: int) -> str:
+        return class_names[label] if class_names and 0 <= label < len(class_names) else str(label)
+
     layer_names = {"z": "projection z", "h": "embedding h", "pre_feature": "pre-feature"}
 
     fig = Figure(figsize=(1.6 * columns, 2.2 * len(layers) + 0.8))
@@ -1056,10 +1298,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exclude-same-image", action="store_true",
                         help="leave the query's own image out of the figure's neighbours")
     parser.add_argument("--index", choices=INDEX_KINDS, default="flat",
-                        help="flat: exact search (default); ivf: inverted lists (large patch sets)")
+                        help="flat: exact search (default; up to a few million patches: 4 bytes x dimension each, in "
+                             "RAM); ivf: inverted lists of the full vectors (as large, faster); ivfpq: inverted lists "
+                             "of product-quantised codes (--pq-m bytes each at --nbits 8: patch sets larger than "
+                             "RAM, built by streaming from --store), re-ranked exactly (--rerank); opq-ivfpq: the "
+                             "same behind an OPQ rotation")
     parser.add_argument("--nlist", type=cli.positive_int, default=None,
                         help="IVF lists (default ~sqrt(number of patches))")
     parser.add_argument("--nprobe", type=cli.positive_int, default=8, help="IVF lists searched per query (default 8)")
+    parser.add_argument("--pq-m", type=cli.positive_int, default=None,
+                        help="ivfpq: sub-quantisers, bytes per vector at --nbits 8; must divide the dimension "
+                             "(default: its largest divisor up to 64)")
+    parser.add_argument("--nbits", type=cli.positive_int, default=DEFAULT_NBITS,
+                        help=f"ivfpq: bits per sub-quantiser code (default {DEFAULT_NBITS}; 4 selects FAISS's "
+                             "fast-scan layout: several times faster on a CPU, coarser, no GPU version)")
+    parser.add_argument("--rerank", type=cli.non_negative_int, default=None, metavar="K",
+                        help=f"re-rank the top K candidates of the index by their exact cosine, read from the store "
+                             f"(default {DEFAULT_RERANK} for ivfpq and opq-ivfpq, 0 otherwise; 0: the codes' "
+                             "approximate similarities)")
+    parser.add_argument("--train-size", type=cli.positive_int, default=None,
+                        help="IVF kinds: vectors the quantisers are trained on, a seeded sample (default 256 per "
+                             "list; at least 39 x 2^nbits for ivfpq)")
+    parser.add_argument("--multi-gpu", choices=MULTI_GPU_MODES, default=None,
+                        help="search on every visible GPU (faiss with GPU support only): shard the index (each GPU "
+                             "holds a part: the largest indexes) or replicate it (each holds all: the most queries/s)")
     parser.add_argument("--store", type=Path, default=None,
                         help="patch-embedding store directory to reuse, or to write (and resume) the extraction in")
     parser.add_argument("--save-index", type=Path, default=None,
@@ -1068,6 +1330,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the indexes already saved in --save-index DIR (a damaged one too), and a --store "
                              "made with other settings or damaged beyond repair; only their own files are replaced")
     cli.add_batch_size_arg(parser)
+    cli.add_tokens_args(parser)
     return parser
 
 
@@ -1109,6 +1372,8 @@ def _in_retrieval_terms(message: str) -> str:
 def _main(args: argparse.Namespace) -> dict[str, Any]:
     if args.save_index is not None and not args.overwrite:
         _refuse_to_replace_saved_indexes(args.save_index)
+    if args.multi_gpu is not None:  # before any work
+        check_multi_gpu(args.multi_gpu, args.index, args.index in COMPRESSED_KINDS and args.nbits == 4)
     model, data, device = cli.load_model_and_data(args)
     if args.num_images is not None and args.num_images > len(data):
         raise cli.UserError(f"--num-images {args.num_images}: {data_label(data)} has only {len(data)} images (pass at "
@@ -1120,7 +1385,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         patch_size=args.patch_size, stride=args.stride, resize_to=args.resize_to, num_images=args.num_images,
         k=args.k, num_queries=args.num_queries, query_image=args.query_image, query_patch=args.query_patch,
         exclude_same_image=args.exclude_same_image, index=args.index, nlist=args.nlist, nprobe=args.nprobe,
-        seed=args.seed, batch_size=args.batch_size)
+        seed=args.seed, batch_size=args.batch_size, tokens=args.tokens, block=cli.token_block(args),
+        pq_m=args.pq_m, nbits=args.nbits, rerank=args.rerank, train_size=args.train_size, multi_gpu=args.multi_gpu)
     try:
         embeddings = embed_grid_patches(model, data, settings, device=device, store=args.store,
                                         overwrite=args.overwrite)
@@ -1130,11 +1396,12 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(_in_retrieval_terms(str(error))) from error
     try:
         result = patch_retrieval(model, data, settings, device=device, embeddings=embeddings, overwrite=args.overwrite,
-                                 save_index=args.save_index, command=getattr(args, "command", None))
+                                 save_index=args.save_index, command=getattr(args, "command", None),
+                                 progress=not args.no_progress)
     except RetrievalSettingError as error:  # the query patch, checked once the grid is known
         raise SystemExit(f"--{error.setting.replace('_', '-')} must be {error.requirement}") from None
 
-    stem = output_stem(args.out, "retrieval", cli.model_name(args), args.data)
+    stem = output_stem(args.out, cli.analysis_name("retrieval", args), cli.model_name(args), args.data)
     paths = save_figure(plot_retrieval_result(result, data), stem, pdf=args.pdf)
     summary = result.to_dict()
     save_json(summary, stem.with_suffix(".json"))

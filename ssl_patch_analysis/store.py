@@ -51,11 +51,12 @@ import shutil
 import sys
 import uuid
 import zlib
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -486,7 +487,7 @@ def _check_rows(path: Path, meta: Mapping[str, Any], records: Mapping[str, np.nd
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         results = list(pool.map(matches, tasks))
     failing: dict[str, list[int]] = {name: [] for name in names}
-    for (_, name, batch), ok in zip(tasks, results):
+    for (_, name, batch), ok in zip(tasks, results, strict=True):
         if not ok:
             failing[name].append(batch)
     return failing
@@ -634,7 +635,7 @@ class PatchEmbeddings:
         return array
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> "PatchEmbeddings":
+    def load(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> PatchEmbeddings:
         """Open a complete store; arrays are read-only memory maps unless ``mmap=False``.
 
         Every file is checked first (:func:`verify_store`): with ``verify=True`` (default) the rows too,
@@ -965,7 +966,7 @@ class StoreWriter:
         self._record_offset = len(_npy_header(_record_shape(self.meta), _RECORD_DTYPE))
         self._record_fd = os.open(record_file, os.O_WRONLY)
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1038,3 +1039,82 @@ def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     while view.nbytes:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
+
+
+# ----------------------------------------------------------------------------- positional reads of one layer
+
+
+@dataclass(frozen=True)
+class LayerFile:
+    """Where a complete, checked store keeps the rows of one layer, for reads that do not map the file.
+
+    Vector ``r`` (patch ``r % P`` of image row ``r // P``) is ``shape[2]`` values of ``dtype`` at byte
+    ``offset + r * row_bytes`` of ``file``. Positional reads (``os.pread``) keep the process's memory to
+    what it asked for: the pages of a memory map stay in its resident set once touched, so reading a
+    whole store through one charges the whole store to the reader.
+    """
+
+    store: Path
+    layer: str
+    file: Path
+    offset: int
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    meta: dict[str, Any]
+
+    @property
+    def num_vectors(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def row_bytes(self) -> int:
+        return self.shape[2] * self.dtype.itemsize
+
+
+def layer_file(path: str | os.PathLike, layer: str) -> LayerFile:
+    """The layer ``layer`` of the complete store at ``path``, every file checked but the rows (those are checked
+    batch by batch as :func:`read_layer_batches` reads them); :class:`DamagedStoreError` otherwise."""
+    path = Path(path)
+    meta = _read_meta(path)
+    if not meta.get("complete"):
+        done = done_batches(path)
+        raise RuntimeError(f"the store at {path} is incomplete ({int(done.sum())} of {done.size} batches written): "
+                           "re-run the same extract command to resume it")
+    if layer not in meta.get("layers", {}):
+        raise ValueError(f"the store at {path} has no layer {layer!r}; available: {', '.join(meta['layers'])}")
+    found = _inspect(path, meta, data=False)
+    if found.damage:
+        raise DamagedStoreError(path, found.damage, meta)
+    header, _, _ = _array_layout(meta, layer)
+    spec = meta["arrays"][layer]
+    return LayerFile(path, layer, path / f"{layer}.npy", len(header), tuple(int(s) for s in spec["shape"]),
+                     np.dtype(spec["dtype"]), meta)
+
+
+def read_layer_batches(layer: LayerFile, first_batch: int = 0, verify: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+    """``(batch, rows)`` for every batch of the store from ``first_batch`` on: its image rows of the layer
+    (``n x P x D``, read-only), read with ``os.pread``; with ``verify`` each is checked against its batch
+    record (CRC-32) before it is given, :class:`DamagedStoreError` naming the file and the batch otherwise."""
+    meta = layer.meta
+    column = list(meta["arrays"]).index(layer.layer)
+    records = [_read_records(file, meta)[0] for file in _record_files(layer.store)]
+    valid = [_valid_records(r, meta["store_id"]) for r in records]
+    row_bytes = layer.shape[1] * layer.row_bytes
+    fd = os.open(layer.file, os.O_RDONLY)
+    try:
+        for batch in range(first_batch, int(meta["num_batches"])):
+            start, stop = _batch_span(batch, meta)
+            size = (stop - start) * row_bytes
+            data = os.pread(fd, size, layer.offset + start * row_bytes)
+            problem = None
+            if len(data) != size:
+                problem = f"truncated (batch {batch} has {len(data)} of its {size} bytes)"
+            elif verify and not any(ok[batch] and int(r[batch, column]) == zlib.crc32(data)
+                                    for r, ok in zip(records, valid, strict=True)):
+                problem = "fails its checksum"
+            if problem:
+                damage = StoreDamage(layer.file.name, problem, (batch,), _rows_text([batch], meta))
+                raise DamagedStoreError(layer.store, [damage], meta)
+            yield batch, np.frombuffer(data, layer.dtype).reshape(stop - start, *layer.shape[1:])
+    finally:
+        os.close(fd)

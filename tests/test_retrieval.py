@@ -1,4 +1,5 @@
-"""Patch retrieval: FAISS results equal brute-force cosine top-k, survive save/load, and know where patches came from."""
+"""Patch retrieval: FAISS results equal brute-force cosine top-k, survive save/load, and know where patches came
+from."""
 import json
 
 import faiss  # isort: skip
@@ -7,18 +8,25 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import tiny_model
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.extract import extract_patch_embeddings
 from ssl_patch_analysis.patches import grid
 from ssl_patch_analysis.report import format_table
 from ssl_patch_analysis.retrieval import (
-    PatchIndex, RetrievalQuery, RetrievalSettingError, RetrievalSettings, embed_grid_patches, main,
-    neighbour_statistics, patch_retrieval, plot_retrieval, plot_retrieval_result,
+    PatchIndex,
+    RetrievalQuery,
+    RetrievalSettingError,
+    RetrievalSettings,
+    embed_grid_patches,
+    main,
+    neighbour_statistics,
+    patch_retrieval,
+    plot_retrieval,
+    plot_retrieval_result,
 )
 from ssl_patch_analysis.store import PatchEmbeddings
-
-from helpers import tiny_model
 
 
 def random_patches(num_images=40, patches=5, dim=24, seed=0):
@@ -112,7 +120,7 @@ def test_exclude_same_image_drops_the_image_and_still_returns_k():
     assert [n.row for n in neighbours] == list(expected_rows[0])
     # By vector, per query: each query leaves out its own image.
     results = index.query_vectors(vectors[[0, 6, 12]], k=4, exclude_image_ids=meta["image_ids"][[0, 6, 12]])
-    for result, row in zip(results, (0, 6, 12)):
+    for result, row in zip(results, (0, 6, 12), strict=True):
         assert len(result) == 4 and all(n.image_id != meta["image_ids"][row] for n in result)
 
 
@@ -140,7 +148,7 @@ def test_save_load_round_trip_gives_identical_results(tmp_path, kind):
     index.save(tmp_path / "index")
     loaded = PatchIndex.load(tmp_path / "index")
     queries = np.random.default_rng(3).standard_normal((20, vectors.shape[1])).astype(np.float32)
-    for got, expected in zip(loaded.search(queries, 6), index.search(queries, 6)):
+    for got, expected in zip(loaded.search(queries, 6), index.search(queries, 6), strict=True):
         assert np.array_equal(got, expected)
     for name in ("image_ids", "patch_index", "boxes", "labels"):
         assert np.array_equal(getattr(loaded, name), getattr(index, name))

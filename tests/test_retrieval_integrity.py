@@ -22,11 +22,10 @@ import faiss  # isort: skip
 import numpy as np
 import pytest
 
+from helpers import tiny_model
 from ssl_patch_analysis import retrieval
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.retrieval import PatchIndex
-
-from helpers import tiny_model
 
 INDEX_FILES = ("index.faiss", "metadata.npz", "info.json")
 TESTS = Path(__file__).resolve().parent
@@ -54,7 +53,7 @@ def same_index(a, b, k=6):
     queries = a.cpu_index.reconstruct_n(0, len(a))
     if not np.array_equal(queries, b.cpu_index.reconstruct_n(0, len(b))):
         return False
-    return all(np.array_equal(x, y) for x, y in zip(a.search(queries, k), b.search(queries, k)))
+    return all(np.array_equal(x, y) for x, y in zip(a.search(queries, k), b.search(queries, k), strict=True))
 
 
 def one_line(text):
@@ -213,7 +212,7 @@ def test_damaged_metadata_or_info_gives_one_line_naming_the_file(tmp_path, damag
     folder = PatchIndex.from_vectors(vectors, **meta, kind="ivf", nlist=4, nprobe=2).save(tmp_path / "index")
     damage(folder)
     for options in ({}, {"verify": False}):  # without checksums too: never a raw numpy / json / KeyError traceback
-        with pytest.raises(ValueError) as error:
+        with pytest.raises(ValueError) as error:  # noqa: PT011 - the message is checked below, per damage
             PatchIndex.load(folder, **options)
         message = str(error.value)
         assert one_line(message) and str(folder) in message and "rebuild it" in message, message
