@@ -1,0 +1,770 @@
+"""The paper's claims judged in one table, from the analyses' JSON outputs in ``figures/``.
+
+    python -m ssl_patch_analysis.claims [--figures figures] [--out figures]
+
+reads the JSON files that ``make figures`` writes (``convergence_*``, ``heatmap_*``, ``retrieval_*``,
+``evaluate_*``), measures each claim of the paper (arXiv 2206.08954: its abstract and figure captions)
+on every model found there, beside the same number for the random-init control (the outputs of the
+same command with ``--random-init``, named ``<model>-random-init``), writes ``claims.md`` (a Markdown
+table for the README) and ``claims.json`` to ``--out``, and prints the table. Nothing is measured
+again here: remake the figures and the table follows them.
+
+Claims and their numbers (each oriented so that the claim predicts a value above its bound: 0, and
+``-MATCH_MARGIN`` points for e)
+
+a. "with a multi-scale pretrained model ... the whole image embedding is approximately the average of
+   local patch embeddings" (abstract; Fig. 3a). ``convergence_*.json``, per patch size (a fixed-scale
+   model: its pretraining patch size only): *gain* = cos(mean of all grid patches, whole image) -
+   cos(1 patch, whole image); *above chance* = cos(mean of all patches, whole image) - the same to
+   another image's whole-image embedding. Judged on multi-scale models only (the claim is about
+   them); fixed-scale models are shown, not judged.
+b. "patch representation aggregation can improve various SOTA baseline methods" (abstract; Fig. 2,
+   3b). ``evaluate_*.json``: top-1 of the mean of n patches (the largest n evaluated) minus the
+   central view, k-NN (the first k) and linear probe, in points.
+c. "the embedding space tends to preserve more locality compared to the projection space" (Fig. 4).
+   ``heatmap_*.json``: per-image locality of h minus that of z (``paired_h_minus_z``), mean over
+   images; the fraction of images where h is more local is shown beside it.
+d. "the embedding space tends to preserve the local part information, whereas the projection space
+   may collapse different parts of the same category" (Fig. 5). ``retrieval_*.json``, the k nearest
+   neighbours of random query patches: *semantic* = same-class-other-image fraction in z minus in
+   h; *local* = same-image fraction in h minus in z.
+e. "learning a representation for fixed-scale patches and aggregating ... achieves similar or even
+   better results than the baseline methods" (abstract; Fig. 2). ``evaluate_*.json``: each
+   fixed-scale model's n-patch mean minus each multi-scale model's central view, k-NN and linear, in
+   points; "similar" is read as above ``-MATCH_MARGIN`` = -2 points (solo-learn's ResNet-18 VICReg
+   and SimCLR, which the field counts as comparable, differ by 1.4 points on CIFAR-10).
+
+95% confidence intervals (half-widths). The JSON files keep aggregates, not per-item values, so a
+paired interval cannot be formed; where it is needed a stated conservative bound is used.
+
+- mean over images (convergence, heatmap): Student-t, t(0.975, n-1) * std / sqrt(n), with the
+  sample std (ddof 1) over the n images (the ``ci95`` the convergence JSON records).
+- fraction p averaged over Q queries (retrieval), each query's fraction in [0, 1]:
+  1.96 * sqrt(p(1-p)/Q). p(1-p) bounds the variance of any variable in [0, 1] with mean p
+  (Bhatia-Davis), so this is at least the normal-approximation interval of the mean.
+- accuracy p on N test images: binomial, normal approximation, 1.96 * sqrt(p(1-p)/N) (the k-NN bank
+  and the probe's training set held fixed).
+- difference of two such numbers: sqrt(w1^2 + w2^2) of their half-widths, the unpaired interval.
+  Both numbers are measured on the same images, queries or test images; unless they are negatively
+  correlated over those items (two measurements of the same item are expected to correlate
+  positively), the unpaired interval is at least as wide as the paired one, i.e. conservative. The
+  JSON files hold no per-item values to check this or to form the (narrower) paired interval.
+
+Verdict rule (the outputs repeat it)
+
+A measurement is *shown* when its CI lies entirely above the claimed bound, *opposite* when it lies
+entirely below, *inconclusive* otherwise. It *beats its control* when it exceeds the random-init
+control's value by more than the two half-widths together (the CIs do not overlap); for e, when
+both accuracies compared exceed the random-init's accuracy under the same protocol by more than their
+two half-widths (the level matched is learned, not a property of the architecture).
+
+- reproduced: every judged measurement is shown and beats its control;
+- not reproduced: no judged measurement is shown (each inconclusive or opposite): these data do not
+  show the effect, which includes measurements too imprecise to show it;
+- mixed: otherwise (some shown, some not; or all shown but a control not beaten or not measured);
+- not measured: no input for the claim (the notes name the command that makes it).
+
+A control is the random-init output of the same model, data and settings; failing that, one of
+another model with the same architecture (the random weights depend only on the architecture and
+the seed) and the same settings, named in the table. Evaluate outputs record no architecture, and
+their patches follow the checkpoint's pretraining scale, so they take only their own control.
+Settings are compared where both files record them: a setting an older output does not record (it
+had one value then, e.g. the probe before ``--probe`` existed) is taken to agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+from . import cli
+from .cli import RENAMED_FLAGS
+from .report import save_json
+
+Z95 = 1.959963984540054  # scipy.stats.norm.ppf(0.975), "1.96"
+MATCH_MARGIN = 2.0  # points: "similar" accuracy in claim e
+RANDOM_INIT = "-random-init"
+ANALYSES = ("convergence", "heatmap", "retrieval", "evaluate")
+_FILE_PREFIXES = ("evaluate_boost", "convergence", "heatmap", "retrieval", "evaluate")  # longest match first
+_UNRECORDED = object()  # a setting an output's JSON does not hold
+_ARCHITECTURE_KEYS = ("arch", "stem", "cifar_padding", "width", "embedding_dim", "projector_dims",
+                      "pre_feature_dims", "projection_normalized")
+
+SHOWN, OPPOSITE, INCONCLUSIVE = "shown", "opposite", "inconclusive"
+REPRODUCED, NOT_REPRODUCED, MIXED, NOT_MEASURED = "reproduced", "not reproduced", "mixed", "not measured"
+
+UNPAIRED = ("Unpaired differences are conservative unless the two numbers are negatively correlated over the "
+            "items both are measured on (same images, queries or test images: expected to correlate positively); "
+            "the JSON files keep no per-item values for a paired interval.")
+RULE = (f"A measurement is shown when its 95% CI lies entirely above the claimed bound (0; -{MATCH_MARGIN:g} points "
+        "for e), "
+        "opposite when entirely below, inconclusive otherwise; it beats its control when it exceeds the "
+        "random-init control's value by more than the two CI half-widths together (for e: both accuracies "
+        "compared exceed the random-init's under the same protocol by more than their two half-widths). "
+        "Reproduced: every judged measurement shown and beating its control. Not reproduced: no judged "
+        "measurement shown (these data do not show the effect; this includes too imprecise measurements). "
+        "Mixed: otherwise, including a control not measured.")
+CI_METHODS = {
+    "student-t": "a mean over n images: Student-t, t(0.975, n-1) * std / sqrt(n)",
+    "difference of student-t": "each mean over the same n images: Student-t, t(0.975, n-1) * std / sqrt(n); "
+                               "the difference: sqrt(w1^2 + w2^2), unpaired",
+    "difference of fractions": "each fraction p over the same Q queries: 1.96 * sqrt(p(1-p)/Q), an upper bound for "
+                               "per-query fractions in [0, 1]; the difference: sqrt(w1^2 + w2^2), unpaired",
+    "difference of accuracies": "each top-1 accuracy p on the same N test images: binomial, 1.96 * sqrt(p(1-p)/N); "
+                                "the difference: sqrt(w1^2 + w2^2), unpaired",
+}
+
+
+# ---------------------------------------------------------------------------------------- intervals
+@dataclass(frozen=True)
+class Interval:
+    """A value and the half-width of its 95% confidence interval."""
+
+    value: float
+    half_width: float
+
+    @property
+    def low(self) -> float:
+        return self.value - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.value + self.half_width
+
+    def minus(self, other: Interval) -> Interval:
+        """The difference, with the unpaired half-width sqrt(w1^2 + w2^2)."""
+        return Interval(self.value - other.value, math.hypot(self.half_width, other.half_width))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"value": self.value, "ci95_low": self.low, "ci95_high": self.high, "half_width": self.half_width}
+
+
+def student_t_half_width(std: float, n: int) -> float:
+    """Half-width of the Student-t 95% CI of a mean of ``n`` values with sample std ``std``."""
+    return float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+
+
+def proportion_half_width(p: float, n: int) -> float:
+    """1.96 * sqrt(p(1-p)/n): a binomial proportion, or (an upper bound for) a mean of values in [0, 1]."""
+    return Z95 * math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def accuracy(percent: float, n: int) -> Interval:
+    """A top-1 accuracy in percent on ``n`` test images, with its binomial half-width in points."""
+    return Interval(percent, 100 * proportion_half_width(percent / 100, n))
+
+
+# ---------------------------------------------------------------------------------------- measurements
+@dataclass
+class Measurement:
+    """One number behind a claim, on one model (or pair of models), with its control."""
+
+    model: str
+    measure: str
+    estimate: Interval
+    ci_method: str
+    source: str
+    unit: str = ""  # "" (a similarity, fraction or score) or "points" (top-1 accuracy)
+    bound: float = 0.0
+    judged: bool = True
+    not_judged_because: str | None = None
+    control: Interval | None = None
+    control_source: str | None = None
+    control_note: str | None = None  # e.g. a control of another model with the same architecture
+    control_missing: str | None = None  # the command that makes it
+    control_beaten: bool | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if self.estimate.low > self.bound:
+            return SHOWN
+        if self.estimate.high < self.bound:
+            return OPPOSITE
+        return INCONCLUSIVE
+
+    def set_control(self, control: Interval, source: str, note: str | None = None) -> None:
+        """The random-init's value of the same measure; beaten when the two CIs do not overlap."""
+        self.control, self.control_source, self.control_note = control, source, note
+        self.control_beaten = self.estimate.value - control.value > self.estimate.half_width + control.half_width
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "measure": self.measure, **self.estimate.to_dict(), "unit": self.unit,
+                "ci_method": CI_METHODS[self.ci_method], "bound": self.bound, "status": self.status,
+                "judged": self.judged, "not_judged_because": self.not_judged_because,
+                "control": self.control.to_dict() if self.control else None, "control_source": self.control_source,
+                "control_note": self.control_note,
+                "control_missing": self.control_missing, "control_beaten": self.control_beaten,
+                "source": self.source, "details": self.details}
+
+
+@dataclass
+class Claim:
+    """A claim of the paper, the measurements that test it, and the verdict of :func:`judge`."""
+
+    key: str
+    statement: str
+    paper: str
+    measured_as: str
+    measurements: list[Measurement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    verdict: str = NOT_MEASURED
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"claim": self.key, "statement": self.statement, "paper": self.paper, "measured_as": self.measured_as,
+                "verdict": self.verdict, "reason": self.reason,
+                "measurements": [m.to_dict() for m in self.measurements], "notes": self.notes}
+
+
+def judge(measurements: Sequence[Measurement]) -> tuple[str, str]:
+    """The verdict of the module docstring's rule and its reason in words."""
+    judged = [m for m in measurements if m.judged]
+    if not judged:
+        return NOT_MEASURED, "no judged measurement: its inputs are missing"
+    shown = [m for m in judged if m.status == SHOWN]
+    opposite = sum(m.status == OPPOSITE for m in judged)
+    if not shown:
+        return NOT_REPRODUCED, (f"no measurement shown: {len(judged) - opposite} of {len(judged)} inconclusive"
+                                + (f", {opposite} opposite" if opposite else ""))
+    unmeasured = sum(m.control is None for m in judged)
+    not_beaten = sum(m.control is not None and not m.control_beaten for m in judged)
+    if len(shown) == len(judged) and not unmeasured and not not_beaten:
+        return REPRODUCED, f"all {len(judged)} shown and beating the random-init control"
+    reasons = [f"{len(shown)} of {len(judged)} shown"]
+    if opposite:
+        reasons.append(f"{opposite} opposite")
+    if not_beaten:
+        reasons.append(f"{not_beaten} not beating the random-init control")
+    if unmeasured:
+        reasons.append(f"control not measured for {unmeasured}")
+    return MIXED, "; ".join(reasons)
+
+
+# ---------------------------------------------------------------------------------------- reading outputs
+@dataclass(frozen=True)
+class Output:
+    """One analysis JSON file, ``<analysis>_<model>_<data>.json``."""
+
+    analysis: str
+    model: str
+    data: str
+    path: Path
+    doc: dict[str, Any]
+
+    @property
+    def random_init(self) -> bool:
+        return self.model.endswith(RANDOM_INIT)
+
+
+def read_outputs(figures: Path) -> tuple[dict[str, list[Output]], list[str]]:
+    """The analyses' JSON files in ``figures`` by analysis (``evaluate`` from ``evaluate_*``, else
+    ``evaluate_boost_*``), and a note for each file that could not be read."""
+    found: dict[str, dict[tuple[str, str], Output]] = {name: {} for name in (*ANALYSES, "evaluate_boost")}
+    notes = []
+    for path in sorted(Path(figures).glob("*.json")):
+        prefix = next((p for p in _FILE_PREFIXES if path.stem.startswith(p + "_")), None)
+        if prefix is None:
+            continue
+        model, _, data = path.stem[len(prefix) + 1:].rpartition("_")
+        if not model or not data:
+            continue
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            notes.append(f"{path}: cannot be read ({error}); remake it with `make figures`")
+            continue
+        found[prefix][(model, data)] = Output(prefix, model, data, path, doc)
+    for key, boost in found.pop("evaluate_boost").items():
+        found["evaluate"].setdefault(key, boost)
+    return {name: list(outputs.values()) for name, outputs in found.items()}, notes
+
+
+def _architecture(doc: dict[str, Any]) -> tuple | None:
+    info = doc.get("model_info")
+    if info is None and isinstance(doc.get("layers"), dict):  # retrieval keeps it with each layer's index
+        info = next(iter(doc["layers"].values()), {}).get("index", {}).get("model")
+    if not isinstance(info, dict) or "arch" not in info:
+        return None
+    return tuple(json.dumps(info.get(key)) for key in _ARCHITECTURE_KEYS)
+
+
+def control_command(output: Output) -> str:
+    """The command that makes ``output``'s random-init control: its own command with ``--random-init``
+    (flags of earlier versions renamed as the command-line vocabulary says)."""
+    analysis = "evaluate" if output.analysis == "evaluate_boost" else output.analysis
+    recorded = output.doc.get("command")
+    if isinstance(recorded, str):
+        words = shlex.split(recorded)
+    elif isinstance(recorded, list):
+        words = [str(w) for w in recorded]
+    else:
+        words = ["python", "-m", f"ssl_patch_analysis.{analysis}", "--model", output.model, "--data", output.data]
+        if analysis == "retrieval":
+            d = output.doc
+            words += ["--patch-size", str(d["patch_size"]), "--stride", str(d["stride"]), "--num-images",
+                      str(d["num_images"]), "--neighbours", str(d["k"]), "--num-queries", str(d["num_queries"])]
+    renamed = RENAMED_FLAGS.get(analysis, {})
+    words = [renamed[w].split()[0] if w in renamed else w for w in words]
+    return shlex.join(words + ([] if "--random-init" in words else ["--random-init"]))
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        elif value is not _UNRECORDED:
+            flat[prefix + key] = json.dumps(value)
+    return flat
+
+
+def same_settings(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two outputs' settings agree on every setting both record: a setting an older output does not
+    record (it had one value then, e.g. the probe before ``--probe`` existed) is taken to agree."""
+    a, b = _flat(a), _flat(b)
+    return all(a[key] == b[key] for key in a.keys() & b.keys())
+
+
+def _recorded(doc: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    return {key: doc.get(key, _UNRECORDED) for key in keys}
+
+
+def find_control(candidates: Sequence[Output], shipped: Output,
+                 settings: Callable[[dict[str, Any]], dict[str, Any]]) -> tuple[Output | None, str | None]:
+    """The random-init output that controls ``shipped`` (see the module docstring), or ``None`` and a
+    note saying which command makes it."""
+    own = [c for c in candidates if c.random_init and c.data == shipped.data and c.model == shipped.model + RANDOM_INIT]
+    architecture = _architecture(shipped.doc)
+    alike = [c for c in candidates if c.random_init and c.data == shipped.data and c not in own
+             and architecture is not None and _architecture(c.doc) == architecture]
+    wanted = settings(shipped.doc)
+    for candidate in own + alike:
+        if same_settings(settings(candidate.doc), wanted):
+            return candidate, None
+    command = control_command(shipped)
+    if own:
+        return None, (f"{own[0].path.name} was measured with other settings than {shipped.path.name}: "
+                      f"make the control with `{command}`")
+    return None, f"no random-init control for {shipped.path.name}: make it with `{command}`"
+
+
+def _control_note(control: Output, shipped: Output) -> str | None:
+    if control.model == shipped.model + RANDOM_INIT:
+        return None
+    return f"of {control.model}, the same architecture"
+
+
+def _missing_analysis_note(analysis: str) -> str:
+    return (f"no {analysis}_<model>_<data>.json in the figures folder: `make figures` writes them "
+            f"(e.g. `python -m ssl_patch_analysis.{analysis} --model vicreg`)")
+
+
+# ---------------------------------------------------------------------------------------- claim a
+def _convergence_settings(doc: dict[str, Any]) -> dict[str, Any]:
+    return _recorded(doc, ("data", "layer", "num_images", "draws", "seed", "resize_to", "whole_image_size", "tokens"))
+
+
+def _curve_key(curve: dict[str, Any]) -> tuple:
+    return curve.get("patch_size"), curve.get("stride"), curve.get("fed_size")
+
+
+def _convergence_numbers(curve: dict[str, Any]) -> tuple[Interval, Interval, dict[str, Any]]:
+    """(gain from 1 to all patches, margin above chance with all patches, the points used)."""
+    points = sorted(curve["points"], key=lambda p: p["num_averaged"])
+    first, last = points[0], points[-1]
+
+    def point(p: dict[str, Any], kind: str) -> Interval:
+        return Interval(p[kind]["mean"], p[kind]["ci95"])
+
+    gain = point(last, "similarity").minus(point(first, "similarity"))
+    above_chance = point(last, "similarity").minus(point(last, "chance"))
+    details = {"n_first": first["n"], "n_last": last["n"], "num_averaged_last": last["num_averaged"],
+               "similarity_first": first["similarity"]["mean"], "similarity_last": last["similarity"]["mean"],
+               "chance_first": first["chance"]["mean"], "chance_last": last["chance"]["mean"]}
+    return gain, above_chance, details
+
+
+def convergence_claim(outputs: Sequence[Output]) -> Claim:
+    claim = Claim("a", "the mean of patch embeddings converges to the whole-image embedding as N grows",
+                  "abstract; Fig. 3a",
+                  "cosine to the whole image, layer h: mean of all patches minus 1 patch (gain), and all patches "
+                  "minus the chance level of another image (above chance), per patch size (convergence_*.json)")
+    shipped = [o for o in outputs if not o.random_init]
+    if not shipped:
+        claim.notes.append(_missing_analysis_note("convergence"))
+    for out in shipped:
+        pretraining = out.doc.get("pretraining_patch_size")
+        curves = [c for c in out.doc["curves"] if pretraining is None or c["patch_size"] == pretraining]
+        if not curves:
+            claim.notes.append(f"{out.path.name}: no curve at the pretraining patch size {pretraining} px")
+        control, note = find_control(outputs, out, _convergence_settings)
+        if note:
+            claim.notes.append(note)
+        control_curves = {_curve_key(c): c for c in control.doc["curves"]} if control else {}
+        for curve in curves:
+            gain, above, details = _convergence_numbers(curve)
+            ps = curve["patch_size"]
+            layer = out.doc.get("layer", "h")
+            names = (f"{ps} px: gain N={details['n_first']}→{details['n_last']}",
+                     f"{ps} px: above chance at N={details['n_last']}")
+            control_curve = control_curves.get(_curve_key(curve))
+            control_numbers = _convergence_numbers(control_curve)[:2] if control_curve else (None, None)
+            for name, estimate, control_estimate in zip(names, (gain, above), control_numbers, strict=True):
+                m = Measurement(out.model, name, estimate, "difference of student-t", out.path.name,
+                                judged=pretraining is None, details={**details, "layer": layer})
+                if pretraining is not None:
+                    m.not_judged_because = (f"fixed-scale model ({pretraining} px patches): the claim is about "
+                                            "multi-scale models")
+                if control_estimate is not None:
+                    m.set_control(control_estimate, control.path.name, _control_note(control, out))
+                elif control is not None:
+                    m.control_missing = f"{control.path.name} has no {ps} px curve"
+                else:
+                    m.control_missing = note
+                claim.measurements.append(m)
+    return claim
+
+
+# ---------------------------------------------------------------------------------------- claims b and e
+def _comparison_settings(doc: dict[str, Any]) -> dict[str, Any]:
+    """What two models' evaluations must share to be compared: the same images, classifiers and features."""
+    settings = _recorded(doc, ("test_data", "train_data", "train_size", "test_size", "seed", "layer", "resize_to",
+                               "probe", "augmentation"))
+    settings["probe_schedule"] = {k: v for k, v in (doc.get("probe_schedule") or {}).items() if k != "text"}
+    settings["ks"] = (doc.get("knn_settings") or {}).get("ks", _UNRECORDED)
+    return settings
+
+
+def _evaluate_settings(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a control must share with the evaluation it controls: also the patches' scale."""
+    return {**_comparison_settings(doc), "patch_scale": doc.get("patch_scale")}
+
+
+def evaluation_accuracies(doc: dict[str, Any]) -> tuple[dict[str, dict[str, float]], str | None, str]:
+    """``({protocol: {classifier: top-1 %}}, the largest n-patch protocol, the k-NN classifier's name)`` from an
+    evaluate JSON (its protocols, or an evaluate_boost JSON's rows); classifiers: ``kNN k=<first k>``, ``linear``."""
+    k = (doc.get("knn_settings") or {}).get("ks", [20])[0]
+    knn = f"kNN k={k}"
+    table: dict[str, dict[str, float]] = {}
+    for row in doc.get("protocols", []):
+        scores = row.get("knn", {})
+        table[str(row["protocol"])] = {knn: scores.get(str(k), scores.get(k)), "linear": row.get("linear")}
+    boost = doc.get("boost")
+    if not table and boost:
+        for row in boost["rows"]:
+            if row["classifier"] in (knn, "linear"):
+                table.setdefault("central", {})[row["classifier"]] = row["central"]
+                table.setdefault(str(boost["patch_protocol"]), {})[row["classifier"]] = row["patches"]
+    many = [p for p in table if p.isdigit() and int(p) > 1]
+    return table, (max(many, key=int) if many else None), knn
+
+
+def _is_fixed_scale(doc: dict[str, Any]) -> bool:
+    return bool((doc.get("patch_scale") or {}).get("patch_size"))
+
+
+def _is_multi_scale(doc: dict[str, Any]) -> bool:
+    return bool((doc.get("patch_scale") or {}).get("scale"))
+
+
+def aggregation_claim(outputs: Sequence[Output]) -> Claim:
+    claim = Claim("b", "n-patch aggregation beats the central view and boosts multi-scale baselines",
+                  "abstract; Fig. 2, 3b",
+                  "top-1 (points) of the mean of n patches at the pretraining scale minus the central view, k-NN "
+                  "and linear probe (evaluate_*.json)")
+    shipped = [o for o in outputs if not o.random_init]
+    if not shipped:
+        claim.notes.append(_missing_analysis_note("evaluate"))
+    for out in shipped:
+        table, many, knn = evaluation_accuracies(out.doc)
+        if many is None or "central" not in table:
+            claim.notes.append(f"{out.path.name}: needs the protocols central and n > 1 (--protocols central,1,16)")
+            continue
+        control, note = find_control(outputs, out, _evaluate_settings)
+        if note:
+            claim.notes.append(note)
+        n = out.doc["test_size"]
+        for classifier in (knn, "linear"):
+            estimate = accuracy(table[many][classifier], n).minus(accuracy(table["central"][classifier], n))
+            m = Measurement(out.model, f"{classifier}: {many} patches − central", estimate, "difference of accuracies",
+                            out.path.name, unit="points",
+                            details={"central": table["central"][classifier], "patches": table[many][classifier],
+                                     "protocol": many, "test_size": n,
+                                     "multi_scale": _is_multi_scale(out.doc)})
+            if control is not None:
+                ctable, cmany, _ = evaluation_accuracies(control.doc)
+                cn = control.doc["test_size"]
+                random = accuracy(ctable[cmany][classifier], cn).minus(accuracy(ctable["central"][classifier], cn))
+                m.set_control(random, control.path.name)
+            else:
+                m.control_missing = note
+            claim.measurements.append(m)
+    return claim
+
+
+def matching_claim(outputs: Sequence[Output]) -> Claim:
+    claim = Claim("e", "fixed-scale patch models match multi-scale baselines", "abstract; Fig. 2",
+                  f"top-1 (points) of a fixed-scale model's n-patch mean minus a multi-scale model's central view, "
+                  f"k-NN and linear; matching = above −{MATCH_MARGIN:g} points (evaluate_*.json)")
+    shipped = [o for o in outputs if not o.random_init]
+    fixed = [o for o in shipped if _is_fixed_scale(o.doc)]
+    multi = [o for o in shipped if _is_multi_scale(o.doc)]
+    if not fixed or not multi:
+        claim.notes.append("needs the evaluation of a fixed-scale and of a multi-scale model: "
+                           + _missing_analysis_note("evaluate"))
+    for patchy in fixed:
+        for baseline in multi:
+            if patchy.data != baseline.data or not same_settings(_comparison_settings(patchy.doc),
+                                                                    _comparison_settings(baseline.doc)):
+                claim.notes.append(f"{patchy.path.name} and {baseline.path.name} were evaluated with other settings: "
+                                   "not compared")
+                continue
+            table, many, knn = evaluation_accuracies(patchy.doc)
+            base_table, _, _ = evaluation_accuracies(baseline.doc)
+            if many is None or "central" not in base_table:
+                claim.notes.append(f"{patchy.path.name} needs an n-patch protocol and {baseline.path.name} the "
+                                   "central one")
+                continue
+            controls = [find_control(outputs, o, _evaluate_settings) for o in (patchy, baseline)]
+            notes = [note for _, note in controls if note]
+            claim.notes.extend(note for note in notes if note not in claim.notes)
+            n = patchy.doc["test_size"]
+            for classifier in (knn, "linear"):
+                ours, theirs = accuracy(table[many][classifier], n), accuracy(base_table["central"][classifier], n)
+                m = Measurement(f"{patchy.model} vs {baseline.model}",
+                                f"{classifier}: {patchy.model} {many} patches − {baseline.model} central",
+                                ours.minus(theirs), "difference of accuracies",
+                                f"{patchy.path.name}, {baseline.path.name}", unit="points", bound=-MATCH_MARGIN,
+                                details={"fixed_scale": ours.value, "multi_scale_central": theirs.value,
+                                         "test_size": n})
+                (patchy_control, _), (baseline_control, _) = controls
+                if patchy_control is None or baseline_control is None:
+                    m.control_missing = "; ".join(notes)
+                else:
+                    ctable, cmany, _ = evaluation_accuracies(patchy_control.doc)
+                    btable, _, _ = evaluation_accuracies(baseline_control.doc)
+                    random_ours = accuracy(ctable[cmany][classifier], patchy_control.doc["test_size"])
+                    random_theirs = accuracy(btable["central"][classifier], baseline_control.doc["test_size"])
+                    m.set_control(random_ours.minus(random_theirs),
+                                  f"{patchy_control.path.name}, {baseline_control.path.name}",
+                                  f"random init {random_ours.value:.1f} vs {random_theirs.value:.1f}, trained "
+                                  f"{ours.value:.1f} vs {theirs.value:.1f}")
+                    m.control_beaten = all(trained.value - random.value > trained.half_width + random.half_width
+                                           for trained, random in ((ours, random_ours), (theirs, random_theirs)))
+                    m.details.update({"random_init_fixed_scale": random_ours.value,
+                                      "random_init_multi_scale_central": random_theirs.value})
+                claim.measurements.append(m)
+    return claim
+
+
+# ---------------------------------------------------------------------------------------- claim c
+def _heatmap_settings(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**_recorded(doc, ("data",)),
+            "heatmaps": _recorded(doc.get("heatmaps", {}), ("grid_shape", "patch_size", "stride", "resize_to")),
+            "locality": _recorded(doc.get("locality", {}), ("image_ids",))}
+
+
+def _paired_locality(doc: dict[str, Any]) -> tuple[Interval, dict[str, Any]] | None:
+    paired = (doc.get("locality") or {}).get("paired_h_minus_z")
+    if not paired:
+        return None
+    n = paired["num_images"]
+    return (Interval(paired["mean"], student_t_half_width(paired["std"], n)),
+            {"fraction_h_more_local": paired["fraction_h_more_local"], "num_images": n, "std": paired["std"]})
+
+
+def locality_claim(outputs: Sequence[Output]) -> Claim:
+    claim = Claim("c", "the embedding h is more local than the projection z", "Fig. 4",
+                  "locality (−Spearman rho of similarity vs distance within an image) of h minus z, paired per image, "
+                  "mean over images; in brackets the fraction of images where h is more local (heatmap_*.json)")
+    shipped = [o for o in outputs if not o.random_init]
+    if not shipped:
+        claim.notes.append(_missing_analysis_note("heatmap"))
+    for out in shipped:
+        paired = _paired_locality(out.doc)
+        if paired is None:
+            claim.notes.append(f"{out.path.name}: no paired h/z locality (run the heatmap with --layers z,h)")
+            continue
+        control, note = find_control(outputs, out, _heatmap_settings)
+        m = Measurement(out.model, f"{out.data}: locality h − z", paired[0], "student-t", out.path.name,
+                        details=paired[1])
+        control_paired = _paired_locality(control.doc) if control else None
+        if control_paired is not None:
+            m.set_control(control_paired[0], control.path.name, _control_note(control, out))
+            m.details["control_fraction_h_more_local"] = control_paired[1]["fraction_h_more_local"]
+        else:
+            m.control_missing = note or f"{control.path.name}: no paired h/z locality"
+            claim.notes.append(m.control_missing)
+        claim.measurements.append(m)
+    return claim
+
+
+# ---------------------------------------------------------------------------------------- claim d
+def _retrieval_settings(doc: dict[str, Any]) -> dict[str, Any]:
+    return _recorded(doc, ("data", "patch_size", "stride", "num_images", "k", "num_queries"))
+
+
+def _retrieval_numbers(doc: dict[str, Any]) -> tuple[Interval, Interval] | None:
+    layers = doc.get("layers", {})
+    if "z" not in layers or "h" not in layers:
+        return None
+    z, h = layers["z"]["statistics"], layers["h"]["statistics"]
+    q = z["num_queries"]
+
+    def fraction(stats_: dict[str, Any], key: str) -> Interval:
+        return Interval(stats_[key], proportion_half_width(stats_[key], q))
+
+    semantic = fraction(z, "same_class_other_image").minus(fraction(h, "same_class_other_image"))
+    local = fraction(h, "same_image").minus(fraction(z, "same_image"))
+    return semantic, local
+
+
+def retrieval_claim(outputs: Sequence[Output]) -> Claim:
+    claim = Claim("d", "nearest neighbours in z are more semantic, in h more local", "Fig. 5",
+                  "fractions of the k nearest patches of random query patches: same class, other image in z minus h "
+                  "(semantic); same image in h minus z (local) (retrieval_*.json)")
+    shipped = [o for o in outputs if not o.random_init]
+    if not shipped:
+        claim.notes.append(_missing_analysis_note("retrieval"))
+    for out in shipped:
+        numbers = _retrieval_numbers(out.doc)
+        if numbers is None:
+            claim.notes.append(f"{out.path.name}: needs both layers z and h")
+            continue
+        control, note = find_control(outputs, out, _retrieval_settings)
+        if note:
+            claim.notes.append(note)
+        control_numbers = _retrieval_numbers(control.doc) if control else None
+        k, q = out.doc.get("k"), out.doc.get("num_queries")
+        z, h = out.doc["layers"]["z"]["statistics"], out.doc["layers"]["h"]["statistics"]
+        names = ("semantic: same class, other image, z − h", "local: same image, h − z")
+        details = ({"z": z["same_class_other_image"], "h": h["same_class_other_image"],
+                    "chance": z["chance_same_class_other_image"], "k": k, "num_queries": q},
+                   {"z": z["same_image"], "h": h["same_image"], "chance": z["chance_same_image"], "k": k,
+                    "num_queries": q})
+        for i, (name, estimate) in enumerate(zip(names, numbers, strict=True)):
+            m = Measurement(out.model, name, estimate, "difference of fractions", out.path.name, details=details[i])
+            if control_numbers is not None:
+                m.set_control(control_numbers[i], control.path.name, _control_note(control, out))
+            else:
+                m.control_missing = note or f"{control.path.name}: needs both layers z and h"
+            claim.measurements.append(m)
+    return claim
+
+
+# ---------------------------------------------------------------------------------------- the table
+def claims_from_figures(figures: Path | str = "figures") -> tuple[list[Claim], list[str]]:
+    """Every claim, measured from the JSON files in ``figures`` and judged; and the notes on unreadable files."""
+    outputs, notes = read_outputs(Path(figures))
+    builders = ((convergence_claim, "convergence"), (aggregation_claim, "evaluate"), (locality_claim, "heatmap"),
+                (retrieval_claim, "retrieval"), (matching_claim, "evaluate"))
+    claims = []
+    for build, analysis in builders:
+        try:
+            claim = build(outputs[analysis])
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            claim = build([])
+            claim.notes = [f"the {analysis}_*.json files lack what this reads ({type(error).__name__}: {error}): "
+                           "remake them with `make figures`"]
+        claim.verdict, claim.reason = judge(claim.measurements)
+        claims.append(claim)
+    return claims, notes
+
+
+def _number(value: float, unit: str) -> str:
+    return f"{value:+.1f}" if unit == "points" else f"{value:+.3f}"
+
+
+def format_interval(estimate: Interval, unit: str = "") -> str:
+    """``+0.066 [+0.059, +0.073]`` (accuracies in points: one decimal)."""
+    return f"{_number(estimate.value, unit)} [{_number(estimate.low, unit)}, {_number(estimate.high, unit)}]"
+
+
+def _measured_cell(m: Measurement) -> str:
+    text = f"{m.model} {m.measure}: {format_interval(m.estimate, m.unit)} {m.status}"
+    if "fraction_h_more_local" in m.details:
+        text += f" (h more local on {m.details['fraction_h_more_local']:.0%})"
+    return text + ("" if m.judged else " (not judged: fixed-scale)")
+
+
+def _control_cell(m: Measurement) -> str:
+    if m.control is None:
+        return "control not measured"
+    text = format_interval(m.control, m.unit)
+    if "control_fraction_h_more_local" in m.details:
+        text += f" ({m.details['control_fraction_h_more_local']:.0%})"
+    if m.control_note:
+        text += f" ({m.control_note})"
+    return text + ("; beaten" if m.control_beaten else "; not beaten")
+
+
+def markdown_table(claims: Sequence[Claim]) -> str:
+    """One row per claim; one line per measurement within a cell."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    header = ("| | claim (paper) | measured as | shipped models: value [95% CI] | random-init control [95% CI] "
+              "| verdict |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    for c in claims:
+        measured = "<br>".join(cell(_measured_cell(m)) for m in c.measurements) or "not measured"
+        controls = "<br>".join(cell(_control_cell(m)) for m in c.measurements) or "–"
+        lines.append(f"| {c.key} | {cell(c.statement)} ({c.paper}) | {cell(c.measured_as)} | {measured} | {controls} "
+                     f"| **{c.verdict}**: {cell(c.reason)} |")
+    return "\n".join(lines)
+
+
+def markdown_report(claims: Sequence[Claim], notes: Sequence[str]) -> str:
+    """The table, then the rule, the CI methods and every note (missing inputs and controls)."""
+    all_notes = list(notes) + [f"claim {c.key}: {n}" for c in claims for n in c.notes]
+    parts = [markdown_table(claims), "", f"Verdict rule: {RULE}", "",
+             "95% CIs: " + "; ".join(f"{name}: {text}" for name, text in CI_METHODS.items()) + ". " + UNPAIRED]
+    if all_notes:
+        parts += ["", "Missing inputs:", *(f"- {n}" for n in all_notes)]
+    return "\n".join(parts) + "\n"
+
+
+def claims_json(claims: Sequence[Claim], notes: Sequence[str], figures: Path | str) -> dict[str, Any]:
+    return {"figures": str(figures), "rule": RULE, "confidence_intervals": {**CI_METHODS, "unpaired": UNPAIRED},
+            "match_margin_points": MATCH_MARGIN, "claims": [c.to_dict() for c in claims], "notes": list(notes)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m ssl_patch_analysis.claims",
+                                description="The paper's claims judged in one table from the analyses' JSON outputs "
+                                            "(figures/claims.md and claims.json).")
+    parser.add_argument("--figures", type=Path, default=cli.DEFAULT_OUT,
+                        help="folder holding the analyses' JSON files (default: figures/)")
+    parser.add_argument("--out", type=Path, default=cli.DEFAULT_OUT,
+                        help="folder claims.md and claims.json are written to (default: figures/)")
+    return parser
+
+
+@cli.command
+def main(argv: Sequence[str] | None = None) -> list[Claim]:
+    args = build_parser().parse_args(argv)
+    if not args.figures.is_dir():
+        raise cli.UserError(f"--figures {args.figures} is not a folder (pass the folder `make figures` writes to)")
+    claims, notes = claims_from_figures(args.figures)
+    report = markdown_report(claims, notes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    markdown = args.out / "claims.md"
+    tmp = markdown.with_name(f".{markdown.name}.tmp")
+    tmp.write_text(report, encoding="utf-8")
+    tmp.replace(markdown)
+    written = save_json(claims_json(claims, notes, args.figures), args.out / "claims.json")
+    print(report)
+    print(f"wrote {markdown}, {written}")
+    return claims
+
+
+if __name__ == "__main__":
+    main()

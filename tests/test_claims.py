@@ -1,0 +1,325 @@
+"""The claims table: the verdict rule on hand-made analysis outputs, its CIs checked by scipy, the committed figures."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from ssl_patch_analysis import claims
+from ssl_patch_analysis.claims import (
+    MIXED,
+    NOT_MEASURED,
+    NOT_REPRODUCED,
+    OPPOSITE,
+    REPRODUCED,
+    SHOWN,
+    Interval,
+    Measurement,
+    claims_from_figures,
+    judge,
+)
+
+FIGURES = Path(__file__).resolve().parents[1] / "figures"
+ARCH = {"arch": "resnet18", "stem": "cifar", "cifar_padding": 1, "width": 1.0, "embedding_dim": 512,
+        "projector_dims": [512, 1024, 512], "pre_feature_dims": None, "projection_normalized": False}
+
+
+# ------------------------------------------------------------------------------- hand-made analysis outputs
+def convergence_doc(gain: float, above: float, *, pretraining=None, ci=0.005, command=True) -> dict:
+    """One 16 px curve: similarity 0.8 at N = 1, 0.8 + gain at N = all, chance 0.8 + gain - above."""
+    def point(n, count, similarity, chance):
+        return {"n": n, "num_averaged": count, "similarity": {"mean": similarity, "std": 0.05, "ci95": ci},
+                "chance": {"mean": chance, "std": 0.1, "ci95": ci}}
+
+    doc = {"model_info": ARCH, "data": "CIFAR-10 test", "layer": "h", "num_images": 128, "draws": 20, "seed": 0,
+           "resize_to": None, "whole_image_size": 32, "pretraining_patch_size": pretraining,
+           "curves": [{"patch_size": 16, "stride": 4, "fed_size": 32,
+                       "points": [point("1", 1, 0.8, 0.5), point("4", 4, 0.8 + gain / 2, 0.5),
+                                  point("all", 25, 0.8 + gain, 0.8 + gain - above)]}]}
+    if command:
+        doc["command"] = ["python", "-m", "ssl_patch_analysis.convergence", "--model", "vicreg"]
+    return doc
+
+
+def heatmap_doc(differences) -> dict:
+    differences = np.asarray(differences, dtype=float)
+    return {"command": "python -m ssl_patch_analysis.heatmap --model vicreg --data cifar10", "model_info": ARCH,
+            "data": "CIFAR-10 test",
+            "heatmaps": {"grid_shape": [13, 13], "patch_size": 8, "stride": 2, "resize_to": 32},
+            "locality": {"image_ids": list(range(len(differences))),
+                         "paired_h_minus_z": {"mean": float(differences.mean()), "std": float(differences.std(ddof=1)),
+                                              "fraction_h_more_local": float((differences > 0).mean()),
+                                              "num_images": len(differences)}}}
+
+
+def retrieval_doc(z_class: float, h_class: float, z_image: float, h_image: float, queries: int = 200) -> dict:
+    def layer(same_class, same_image):
+        return {"index": {"model": ARCH},
+                "statistics": {"k": 8, "num_queries": queries, "same_image": same_image,
+                               "same_class_other_image": same_class, "other_class": 1 - same_image - same_class,
+                               "chance_same_image": 0.001, "chance_same_class_other_image": 0.1}}
+
+    return {"model": "m", "data": "CIFAR-10 test", "patch_size": 16, "stride": 8, "num_images": 1000, "k": 8,
+            "num_queries": queries, "layers": {"z": layer(z_class, z_image), "h": layer(h_class, h_image)}}
+
+
+def evaluate_doc(central: float, patches: float, *, fixed: bool, test_size: int = 1000, model="vicreg") -> dict:
+    """central and 16-patch accuracies (%); k-NN and linear the same."""
+    def row(protocol, acc):
+        return {"protocol": protocol, "knn": {"20": acc, "200": acc}, "linear": acc}
+
+    return {"model": model, "train_data": "CIFAR-10 train", "test_data": "CIFAR-10 test", "train_size": 2000,
+            "test_size": test_size, "seed": 0, "layer": "h", "resize_to": 32,
+            "patch_scale": {"patch_size": 16, "scale": None} if fixed else {"patch_size": None, "scale": [0.08, 1.0]},
+            "knn_settings": {"ks": [20, 200], "temperature": 0.07}, "probe_schedule": {"epochs": 100, "text": "x"},
+            "protocols": [row("central", central), row("1", central - 5), row("16", patches)],
+            "command": f"python -m ssl_patch_analysis.evaluate --model {model} --protocols central,1,16 --boost "
+                       "--store-dir /tmp/s"}
+
+
+def write(folder: Path, name: str, doc: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(doc))
+
+
+def figures_with(folder: Path, *, effect: float, control: float | None, both_models: bool = True) -> Path:
+    """Outputs of vicreg (and bagssl) whose every claimed effect is ``effect`` (scaled per analysis), and
+    random-init controls at ``control`` (none when None)."""
+    models = [("vicreg", False), ("bagssl", True)] if both_models else [("vicreg", False)]
+    for model, fixed in models:
+        pretraining = 16 if fixed else None
+        write(folder, f"convergence_{model}_cifar10", convergence_doc(effect / 10, effect, pretraining=pretraining))
+        write(folder, f"heatmap_{model}_cifar10", heatmap_doc(np.linspace(-0.01, 0.01, 64) + effect / 10))
+        write(folder, f"retrieval_{model}_cifar10", retrieval_doc(0.2 + effect, 0.2, 0.1, 0.1 + effect))
+        write(folder, f"evaluate_{model}_cifar10", evaluate_doc(50.0, 50.0 + 20 * effect, fixed=fixed, model=model))
+    if control is not None:
+        write(folder, "convergence_vicreg-random-init_cifar10", convergence_doc(control / 10, control))
+        write(folder, "heatmap_vicreg-random-init_cifar10", heatmap_doc(np.linspace(-0.01, 0.01, 64) + control / 10))
+        write(folder, "retrieval_vicreg-random-init_cifar10", retrieval_doc(0.2 + control, 0.2, 0.1, 0.1 + control))
+        for model, fixed in models:
+            write(folder, f"evaluate_{model}-random-init_cifar10",
+                  evaluate_doc(20.0, 20.0 + 20 * control, fixed=fixed, model=f"{model}-random-init"))
+    return folder
+
+
+def verdicts(folder: Path) -> dict[str, str]:
+    return {c.key: c.verdict for c in claims_from_figures(folder)[0]}
+
+
+# ------------------------------------------------------------------------------- the verdict rule
+def test_every_claim_reproduced_when_effects_are_clear_and_beat_the_control(tmp_path):
+    assert verdicts(figures_with(tmp_path, effect=0.5, control=0.0)) == dict.fromkeys("abcde", REPRODUCED)
+
+
+def test_not_reproduced_when_no_effect_is_shown(tmp_path):
+    found = verdicts(figures_with(tmp_path, effect=0.0, control=0.0))
+    # e: equal accuracies are inside the +-2 point margin, but 1000 test images cannot show it (CI +-4.4 points)
+    assert found == dict.fromkeys("abcde", NOT_REPRODUCED)
+
+
+def test_mixed_when_the_control_is_as_large(tmp_path):
+    found = verdicts(figures_with(tmp_path, effect=0.5, control=0.5))
+    assert found == {"a": MIXED, "b": MIXED, "c": MIXED, "d": MIXED, "e": REPRODUCED}  # e: trained beat 20% random
+
+
+def test_mixed_when_only_one_model_shows_it(tmp_path):
+    figures_with(tmp_path, effect=0.5, control=0.0)
+    write(tmp_path, "heatmap_bagssl_cifar10", heatmap_doc(np.linspace(-0.01, 0.01, 64)))
+    claim = {c.key: c for c in claims_from_figures(tmp_path)[0]}["c"]
+    assert claim.verdict == MIXED
+    assert [m.status for m in claim.measurements] == ["inconclusive", SHOWN]  # bagssl, vicreg
+    assert claim.reason.startswith("1 of 2 shown")
+
+
+def test_missing_controls_say_control_not_measured_and_name_the_command(tmp_path):
+    figures_with(tmp_path, effect=0.5, control=None)
+    found, _ = claims_from_figures(tmp_path)
+    assert {c.key: c.verdict for c in found} == dict.fromkeys("abcde", MIXED)
+    table = claims.markdown_table(found)
+    assert "control not measured" in table
+    evaluate_note = next(n for n in found[1].notes if "evaluate_vicreg_cifar10.json" in n)
+    # the command recorded in the JSON, its renamed flag (--store-dir) in today's name, with --random-init
+    assert ("`python -m ssl_patch_analysis.evaluate --model vicreg --protocols central,1,16 --boost --cache-dir /tmp/s "
+            "--random-init`") in evaluate_note
+    retrieval_note = next(n for n in found[3].notes if "retrieval_vicreg" in n)
+    assert "--neighbours 8 --num-queries 200 --random-init" in retrieval_note
+
+
+def test_a_control_of_another_model_with_the_same_architecture_is_used_and_named(tmp_path):
+    figures_with(tmp_path, effect=0.5, control=0.0)
+    claim = claims_from_figures(tmp_path)[0][2]
+    bagssl = next(m for m in claim.measurements if m.model == "bagssl")
+    assert bagssl.control_source == "heatmap_vicreg-random-init_cifar10.json"
+    assert bagssl.control_note == "of vicreg-random-init, the same architecture"
+    other = dict(ARCH, embedding_dim=2048)
+    doc = heatmap_doc(np.linspace(-0.01, 0.01, 64))
+    write(tmp_path, "heatmap_bagssl_cifar10", {**doc, "model_info": other})
+    claim = claims_from_figures(tmp_path)[0][2]
+    assert next(m for m in claim.measurements if m.model == "bagssl").control is None
+
+
+def test_a_control_with_other_settings_is_not_used(tmp_path):
+    figures_with(tmp_path, effect=0.5, control=0.0)
+    doc = json.loads((tmp_path / "evaluate_vicreg-random-init_cifar10.json").read_text())
+    write(tmp_path, "evaluate_vicreg-random-init_cifar10", {**doc, "test_size": 500})
+    claim = claims_from_figures(tmp_path)[0][1]
+    assert all(m.control is None for m in claim.measurements if m.model == "vicreg")
+    assert any("measured with other settings" in n for n in claim.notes)
+
+
+def test_settings_an_older_output_does_not_record_are_taken_to_agree(tmp_path):
+    figures_with(tmp_path, effect=0.5, control=0.0)
+    doc = json.loads((tmp_path / "evaluate_vicreg-random-init_cifar10.json").read_text())
+    newer = {**doc, "probe": "adam", "probe_schedule": {**doc["probe_schedule"], "optimizer": "adam"}}
+    write(tmp_path, "evaluate_vicreg-random-init_cifar10", newer)
+    claim = claims_from_figures(tmp_path)[0][1]
+    assert all(m.control is not None for m in claim.measurements if m.model == "vicreg")
+    write(tmp_path, "evaluate_vicreg-random-init_cifar10", {**newer, "probe_schedule": {"epochs": 10}})
+    claim = claims_from_figures(tmp_path)[0][1]
+    assert all(m.control is None for m in claim.measurements if m.model == "vicreg")
+
+
+def test_fixed_scale_convergence_is_shown_but_not_judged(tmp_path):
+    figures_with(tmp_path, effect=0.5, control=0.0)
+    write(tmp_path, "convergence_bagssl_cifar10", convergence_doc(-0.1, -0.1, pretraining=16))
+    claim = claims_from_figures(tmp_path)[0][0]
+    bagssl = [m for m in claim.measurements if m.model == "bagssl"]
+    assert [m.status for m in bagssl] == [OPPOSITE, OPPOSITE] and not any(m.judged for m in bagssl)
+    assert claim.verdict == REPRODUCED
+
+
+def test_judge_statuses_and_reasons():
+    def measurement(value, half_width=1.0, control=None, bound=0.0):
+        m = Measurement("m", "x", Interval(value, half_width), "student-t", "f.json", bound=bound)
+        if control is not None:
+            m.set_control(Interval(control, 0.5), "c.json")
+        return m
+
+    assert [measurement(v).status for v in (1.5, 0.5, -1.5)] == [SHOWN, "inconclusive", OPPOSITE]
+    assert measurement(-0.5, bound=-2.0).status == SHOWN and measurement(-3.5, bound=-2.0).status == OPPOSITE
+    assert judge([measurement(3, control=0), measurement(5, control=1)])[0] == REPRODUCED
+    assert judge([measurement(3, control=2)]) == (MIXED, "1 of 1 shown; 1 not beating the random-init control")
+    assert judge([measurement(3, control=0), measurement(-3, control=-9)]) == (MIXED, "1 of 2 shown; 1 opposite")
+    assert judge([measurement(0.2), measurement(-3)]) == (NOT_REPRODUCED,
+                                                          "no measurement shown: 1 of 2 inconclusive, 1 opposite")
+    assert judge([])[0] == NOT_MEASURED
+
+
+def test_nothing_to_read_says_which_command_makes_it(tmp_path):
+    found, _ = claims_from_figures(tmp_path)
+    assert [c.verdict for c in found] == [NOT_MEASURED] * 5
+    assert all("make figures" in " ".join(c.notes) for c in found)
+
+
+# ------------------------------------------------------------------------------- CIs as stated, checked by scipy
+def test_paired_locality_ci_is_the_student_t_interval_of_the_per_image_differences(tmp_path):
+    differences = np.random.default_rng(0).normal(0.01, 0.03, size=64)
+    write(tmp_path, "heatmap_vicreg_cifar10", heatmap_doc(differences))
+    m = claims_from_figures(tmp_path)[0][2].measurements[0]
+    low, high = stats.ttest_1samp(differences, 0.0).confidence_interval(0.95)
+    assert m.estimate.low == pytest.approx(low, abs=1e-12) and m.estimate.high == pytest.approx(high, abs=1e-12)
+
+
+def test_retrieval_ci_is_the_unpaired_normal_interval_of_the_two_fraction_bounds(tmp_path):
+    write(tmp_path, "retrieval_vicreg_cifar10", retrieval_doc(0.3, 0.2, 0.1, 0.15, queries=200))
+    semantic, local = claims_from_figures(tmp_path)[0][3].measurements
+    scale = math.sqrt(0.3 * 0.7 / 200 + 0.2 * 0.8 / 200)
+    assert (semantic.estimate.low, semantic.estimate.high) == pytest.approx(
+        stats.norm.interval(0.95, loc=0.1, scale=scale), abs=1e-12)
+    scale = math.sqrt(0.15 * 0.85 / 200 + 0.1 * 0.9 / 200)
+    assert (local.estimate.low, local.estimate.high) == pytest.approx(
+        stats.norm.interval(0.95, loc=0.05, scale=scale), abs=1e-12)
+
+
+def test_fraction_bound_covers_any_per_query_fractions():
+    """p(1-p)/Q bounds the variance of a mean of per-query fractions in [0, 1] (what the retrieval CI relies on)."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        fractions = rng.integers(0, 9, size=200) / 8 * rng.integers(0, 2, size=200)
+        p = fractions.mean()
+        assert fractions.std(ddof=0) <= math.sqrt(p * (1 - p)) + 1e-12
+
+
+def test_accuracy_difference_ci_is_the_unpaired_binomial_interval(tmp_path):
+    write(tmp_path, "evaluate_vicreg_cifar10", evaluate_doc(49.7, 51.8, fixed=False, test_size=1000))
+    knn, _ = claims_from_figures(tmp_path)[0][1].measurements
+    a, b = 0.518, 0.497
+    expected = stats.norm.interval(0.95, loc=a - b, scale=math.sqrt(a * (1 - a) / 1000 + b * (1 - b) / 1000))
+    assert (knn.estimate.low / 100, knn.estimate.high / 100) == pytest.approx(expected, abs=1e-12)
+    assert knn.unit == "points" and knn.estimate.value == pytest.approx(2.1)
+
+
+def test_convergence_ci_combines_the_recorded_student_t_half_widths(tmp_path):
+    write(tmp_path, "convergence_vicreg_cifar10", convergence_doc(0.05, 0.3, ci=0.004))
+    gain, above = claims_from_figures(tmp_path)[0][0].measurements
+    assert gain.estimate.value == pytest.approx(0.05) and above.estimate.value == pytest.approx(0.3)
+    assert gain.estimate.half_width == pytest.approx(math.hypot(0.004, 0.004))
+
+
+# ------------------------------------------------------------------------------- the committed figures
+def committed(name: str) -> dict:
+    return json.loads((FIGURES / f"{name}.json").read_text())
+
+
+def test_committed_figures_give_a_row_per_claim_with_the_json_numbers(tmp_path):
+    found, notes = claims_from_figures(FIGURES)
+    assert [c.key for c in found] == list("abcde") and not notes
+    table = claims.markdown_table(found).splitlines()
+    assert len(table) == 2 + 5 and [row.split("|")[1].strip() for row in table[2:]] == list("abcde")
+    assert all(c.verdict in (REPRODUCED, NOT_REPRODUCED, MIXED) for c in found)
+    by_key = {c.key: c for c in found}
+
+    def measured(key, model, measure_start):
+        return next(m for m in by_key[key].measurements if m.model == model and m.measure.startswith(measure_start))
+
+    for model in ("vicreg", "bagssl"):
+        paired = committed(f"heatmap_{model}_cifar10")["locality"]["paired_h_minus_z"]
+        assert measured("c", model, "cifar10").estimate.value == paired["mean"]
+
+        boost = {row["classifier"]: row for row in committed(f"evaluate_{model}_cifar10")["boost"]["rows"]}
+        assert measured("b", model, "kNN k=20").estimate.value == pytest.approx(boost["kNN k=20"]["delta"], abs=1e-9)
+        assert measured("b", model, "linear").estimate.value == pytest.approx(boost["linear"]["delta"], abs=1e-9)
+
+        layers = committed(f"retrieval_{model}_cifar10")["layers"]
+        z, h = layers["z"]["statistics"], layers["h"]["statistics"]
+        assert measured("d", model, "semantic").estimate.value == pytest.approx(
+            z["same_class_other_image"] - h["same_class_other_image"], abs=1e-12)
+        assert measured("d", model, "local").estimate.value == pytest.approx(h["same_image"] - z["same_image"],
+                                                                             abs=1e-12)
+
+    curve = next(c for c in committed("convergence_vicreg_cifar10")["curves"] if c["patch_size"] == 16)
+    first, last = curve["points"][0], curve["points"][-1]
+    assert (first["n"], last["n"]) == ("1", "all")
+    assert measured("a", "vicreg", "16 px: gain").estimate.value == pytest.approx(
+        last["similarity"]["mean"] - first["similarity"]["mean"], abs=1e-12)
+    assert measured("a", "vicreg", "16 px: above chance").estimate.value == pytest.approx(
+        last["similarity"]["mean"] - last["chance"]["mean"], abs=1e-12)
+    assert [m.measure.split(":")[0] for m in by_key["a"].measurements if m.model == "bagssl"] == ["16 px"] * 2
+
+    bagssl16 = next(p for p in committed("evaluate_bagssl_cifar10")["protocols"] if p["protocol"] == "16")
+    vicreg_central = next(p for p in committed("evaluate_vicreg_cifar10")["protocols"] if p["protocol"] == "central")
+    assert measured("e", "bagssl vs vicreg", "linear").estimate.value == pytest.approx(
+        bagssl16["linear"] - vicreg_central["linear"], abs=1e-12)
+
+    if (FIGURES / "heatmap_vicreg-random-init_cifar10.json").exists():
+        control = committed("heatmap_vicreg-random-init_cifar10")["locality"]["paired_h_minus_z"]["mean"]
+        assert measured("c", "vicreg", "cifar10").control.value == control
+
+
+def test_command_writes_the_table_and_the_json(tmp_path, capsys):
+    figures_with(tmp_path / "figures", effect=0.5, control=0.0)
+    claims.main(["--figures", str(tmp_path / "figures"), "--out", str(tmp_path / "out")])
+    markdown = (tmp_path / "out" / "claims.md").read_text()
+    assert markdown.startswith("| | claim (paper) |") and "Verdict rule:" in markdown
+    written = json.loads((tmp_path / "out" / "claims.json").read_text())
+    assert [c["verdict"] for c in written["claims"]] == [REPRODUCED] * 5
+    assert written["claims"][2]["measurements"][0]["ci95_low"] > 0
+    assert "| a |" in capsys.readouterr().out
+
+
+def test_command_refuses_a_missing_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        claims.main(["--figures", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert stop.value.code == 2 and "--figures" in capsys.readouterr().err
