@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "test_images": len(test_ids), "knn": "weighted, cosine, k=20, T=0.07",
                      "probe": schedule.describe(), **numbers, "seconds": round(time.perf_counter() - start, 1)})
 
-    print("| checkpoint | protocol | k-NN top-1 trained | linear trained | k-NN top-1 random init | linear random init |")
+    print("| checkpoint | protocol | k-NN top-1 trained | linear trained | k-NN top-1 random init "
+          "| linear random init |")
     print("|---|---|---:|---:|---:|---:|")
     for row in rows:
         for name, trained in row["trained"].items():

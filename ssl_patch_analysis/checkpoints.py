@@ -47,16 +47,17 @@ Vision Transformers (timm's ``VisionTransformer``; see :mod:`.vit`), detected by
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import pickle
 import re
-import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -680,10 +681,11 @@ def infer_backbone_arch(state: Mapping[str, torch.Tensor]) -> tuple[str, str, fl
         len({int(k.split(".")[1]) for k in state if k.startswith(f"layer{i}.") and k.split(".")[1].isdigit()})
         for i in range(1, 5)
     )
-    matches = [(name, arch_width) for name, (b, l, arch_width) in ARCHS.items() if b is block and tuple(l) == layers]
+    matches = [(name, arch_width) for name, (b, blocks, arch_width) in ARCHS.items()
+               if b is block and tuple(blocks) == layers]
     if not matches:
         raise ValueError(f"unsupported ResNet: {block.__name__} blocks {layers} per stage; supported: "
-                         + ", ".join(f"{n} {b.__name__} {tuple(l)}" for n, (b, l, _) in ARCHS.items()))
+                         + ", ".join(f"{n} {b.__name__} {tuple(blocks)}" for n, (b, blocks, _) in ARCHS.items()))
     for name, arch_width in matches:
         if arch_width == width:
             return name, stem, width
@@ -726,13 +728,17 @@ def save_checkpoint(model: SSLModel, path: str | Path, train: dict | None = None
     read back as float32. The file is written to a temporary name and renamed, so a crash never
     leaves a partial checkpoint under ``path``.
     """
-    if not isinstance(model.backbone, ResNet):
-        raise ValueError(f"save_checkpoint supports ResNet backbones only, got {type(model.backbone).__name__}")
+    vit_config = getattr(model.backbone, "config", None) if type(model.backbone).__name__ == "ViT" else None
+    if not isinstance(model.backbone, ResNet) and vit_config is None:
+        raise ValueError(f"save_checkpoint supports ResNet and ViT backbones only, got {type(model.backbone).__name__}")
     info = model.info
     # Read the architecture off the module itself, not off model.info, so that the file always
     # describes the weights it holds.
-    arch_name, stem, width = infer_backbone_arch(model.backbone.state_dict())
-    padding = int(model.backbone.conv1.padding[0]) if stem == "cifar" else None
+    if vit_config is not None:
+        arch_name, stem, width, padding = vit_config.name, f"patch{vit_config.patch_size}", 1.0, None
+    else:
+        arch_name, stem, width = infer_backbone_arch(model.backbone.state_dict())
+        padding = int(model.backbone.conv1.padding[0]) if stem == "cifar" else None
 
     def tensors(module: nn.Module | None) -> dict[str, torch.Tensor] | None:
         if module is None:
@@ -753,6 +759,8 @@ def save_checkpoint(model: SSLModel, path: str | Path, train: dict | None = None
         "pre_feature_layout": pre_feature_layout,
         "projection_normalized": bool(projector_layout and projector_layout[-1]["type"] == "l2normalize"),
     }
+    if vit_config is not None:  # everything that shapes the ViT, as plain values (vit.ViTConfig)
+        arch["vit"] = vit_config.to_dict()
     train = dict(train or {})
     train.setdefault("method", info.method)
     checkpoint = {
@@ -844,7 +852,20 @@ def _load_own(obj: Mapping[str, Any], source: str) -> SSLModel:
     arch = obj["arch"]
     stem = arch.get("stem", "imagenet")
     padding = arch.get("cifar_padding") or 1
-    backbone, dim = build_backbone(arch["name"], stem=stem, cifar_padding=padding, width=arch.get("width"))
+    extra: dict[str, Any] = {}
+    if arch.get("vit") is not None:
+        from .vit import ViTConfig, build_vit  # timm only when a ViT is loaded
+
+        fields = {f.name for f in dataclasses.fields(ViTConfig)}
+        unknown = sorted(set(arch["vit"]) - fields)
+        if unknown:
+            raise ValueError(f"{source}: its ViT has settings this version does not know ({', '.join(unknown)}): "
+                             "update ssl_patch_analysis")
+        config = ViTConfig(**arch["vit"])
+        backbone, dim = build_vit(config)
+        extra["vit"] = {**config.to_dict(), "h": config.pooling}
+    else:
+        backbone, dim = build_backbone(arch["name"], stem=stem, cifar_padding=padding, width=arch.get("width"))
     _load_strict(backbone, _float32(obj["backbone"]), "backbone", source)
 
     def head(kind: str) -> nn.Sequential | None:
@@ -869,7 +890,7 @@ def _load_own(obj: Mapping[str, Any], source: str) -> SSLModel:
         embedding_dim=dim, projection_normalized=bool(arch.get("projection_normalized")),
         projector_dims=mlp_dims(mlp_layout(projector)) if projector is not None else None,
         pre_feature_dims=mlp_dims(mlp_layout(pre_feature)) if pre_feature is not None else None,
-        extra={"train": train},
+        extra={"train": train, **extra},
     )
     return SSLModel(backbone, projector, pre_feature, Preprocess.from_dict(obj["preprocess"]), info)
 
@@ -910,8 +931,8 @@ def _build_from_parts(parts: _Parts, source: str, arch: str | None, stem: str | 
                  if value is not None]
         if given:
             raise ValueError(f"{source} holds a Vision Transformer: {', '.join(given)} appl"
-                             f"{'ies' if len(given) == 1 else 'y'} to ResNets only (its shape is read from the weights; "
-                             "num_heads is the one thing they do not show)")
+                             f"{'ies' if len(given) == 1 else 'y'} to ResNets only (its shape is read from the "
+                             "weights; num_heads is the one thing they do not show)")
         return _build_vit_from_parts(parts, source, num_heads)
     if num_heads is not None:
         raise ValueError(f"num_heads applies to Vision Transformers only; {source} holds a ResNet")
@@ -928,7 +949,8 @@ def _build_from_parts(parts: _Parts, source: str, arch: str | None, stem: str | 
         padding = cifar_padding or parts.cifar_padding
         if padding is None:
             padding = 1
-            assumed.append("CIFAR stem padding 1 (not visible in weights; pass cifar_padding=2 for solo-learn-style nets)")
+            assumed.append("CIFAR stem padding 1 (not visible in weights; pass cifar_padding=2 for solo-learn-style "
+                           "nets)")
     backbone, dim = build_backbone(arch, stem=stem, cifar_padding=padding or 1, width=width)
     _load_strict(backbone, parts.backbone, "backbone", source)
 
@@ -968,7 +990,8 @@ def _build_from_parts(parts: _Parts, source: str, arch: str | None, stem: str | 
 
 
 def _build_vit_from_parts(parts: _Parts, source: str, num_heads: int | None) -> SSLModel:
-    # Imported here, not at the top: timm adds about a second to every import of this module.
+    # Imported here, not at the top: timm makes every import of this module seconds slower
+    # (benchmarks/RESULTS.md, "Numbers quoted in the code").
     from .vit import build_vit, infer_vit_config
 
     config, heads_note = infer_vit_config(parts.backbone, num_heads=num_heads or parts.num_heads,

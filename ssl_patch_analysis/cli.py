@@ -19,6 +19,8 @@ flag means the same thing wherever it appears:
 ``--layers``           comma-separated among ``h``, ``z``, ``pre_feature``
 ``--scale``            multi-scale crops' area range ``MIN,MAX`` (e.g. ``0.08,1``)
 ``--resize-to``        side in pixels every patch is resized to for the model
+``--tokens``           Vision Transformers: the model's own patch tokens (one forward pass per image) instead
+                       of crops; ``--block K`` the transformer block they are taken from (default the last)
 ``--store``            one patch-embedding store folder (``extract``, ``retrieval``);
                        ``--cache-dir`` a folder in which a command keeps its stores (``evaluate``)
 ``--out``              the folder a command writes its figures and numbers to (default ``figures/``);
@@ -38,8 +40,9 @@ import functools
 import os
 import shlex
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -283,8 +286,10 @@ def one_layer(args: argparse.Namespace, command: str) -> str:
     return args.layers[0]
 
 
-def add_resize_arg(parser: argparse.ArgumentParser, type: Callable[[str], Any] = positive_int,
-                   help: str = "side in pixels every patch is resized to for the model (default: its input size)") -> None:
+def add_resize_arg(
+    parser: argparse.ArgumentParser, type: Callable[[str], Any] = positive_int,
+    help: str = "side in pixels every patch is resized to for the model (default: its input size)",
+) -> None:
     parser.add_argument("--resize-to", type=type, default=None, help=help)
 
 
@@ -292,6 +297,35 @@ def add_scale_arg(parser: argparse.ArgumentParser, default: tuple[float, float] 
     shown = "none" if default is None else f"{default[0]:g},{default[1]:g}"
     parser.add_argument("--scale", type=scale_range, default=default, metavar="MIN,MAX",
                         help=f"{help} (default: {shown})")
+
+
+def add_tokens_args(parser: argparse.ArgumentParser) -> None:
+    """``--tokens`` (a Vision Transformer's own patch tokens instead of crops through the network) and ``--block K``
+    (the transformer block whose tokens are taken); read them back with :func:`token_block`."""
+    parser.add_argument("--tokens", action="store_true",
+                        help="Vision Transformers: the model's own patch tokens, one forward pass per whole image (fed "
+                             "at --resize-to, default the input size), each token's box its pixel square, instead of "
+                             "crops through the network")
+    parser.add_argument("--block", type=non_negative_int, default=None, metavar="K",
+                        help="with --tokens: the transformer block whose tokens are taken, 0 = the first (default: "
+                             "the last); every block's tokens go through the final norm")
+
+
+def token_block(args: argparse.Namespace) -> int | None:
+    """``--block``, refused without ``--tokens`` (it names the ViT block whose tokens are taken)."""
+    if getattr(args, "block", None) is not None and not getattr(args, "tokens", False):
+        raise UserError(f"--block {args.block} applies to --tokens only (the ViT block whose tokens are taken): add "
+                        "--tokens, or leave out --block")
+    return getattr(args, "block", None)
+
+
+def analysis_name(analysis: str, args: argparse.Namespace) -> str:
+    """The name output files of ``analysis`` take: ``convergence``, or ``convergence_tokens`` (``_block<K>``) with
+    ``--tokens``, so a token figure never replaces the figure of crops."""
+    if not getattr(args, "tokens", False):
+        return analysis
+    block = getattr(args, "block", None)
+    return f"{analysis}_tokens" + ("" if block is None else f"_block{block}")
 
 
 def add_analysis_args(parser: argparse.ArgumentParser) -> None:
@@ -432,7 +466,7 @@ def command(main: F) -> F:
                 raise
             print(f"error: {one_line(error)}", file=sys.stderr)
             raise SystemExit(2) from None
-        except Exception as error:  # noqa: BLE001 - a bug: still one line, and how to see more
+        except Exception as error:  # a bug: still one line, and how to see more
             if debug:
                 raise
             print(f"internal error ({type(error).__name__}): {one_line(error)}; run again with --debug for the "

@@ -26,23 +26,25 @@ Command line (writes ``figures/convergence_<model>_<data>.png`` and ``.json``)::
 
     python -m ssl_patch_analysis.convergence --model vicreg
     python -m ssl_patch_analysis.convergence --model bagssl --patch-sizes 8,16,24 --n-values 1,2,4,8,16,all
+    python -m ssl_patch_analysis.convergence --model dino-vits16 --tokens  # a ViT's own tokens vs its class token
 """
 from __future__ import annotations
 
 import argparse
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy import stats
 
-from .extract import extract_patch_embeddings
+from . import cli
+from .extract import extract_patch_embeddings, extract_token_embeddings, whole_image_embeddings
 from .models import SSLModel
 from .patches import central, grid
-from . import cli
 from .report import data_label, format_table, model_label, output_stem, save_figure, save_json
 
 if TYPE_CHECKING:
@@ -180,7 +182,7 @@ class Summary:
     ci95: float
 
     @classmethod
-    def of(cls, values: np.ndarray) -> "Summary":
+    def of(cls, values: np.ndarray) -> Summary:
         """``values``: draws x I similarities."""
         per_image = np.asarray(values, dtype=np.float64).mean(axis=0)
         count = per_image.size
@@ -212,6 +214,15 @@ class PatchSizeCurve:
     fed_size: int
     points: list[CurvePoint]
     skipped: list[str] = field(default_factory=list)
+    tokens: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        """How tables name the curve: ``"8 px (7x7 grid)"``, or ``"8 px tokens, block 11 (4x4)"`` for a ViT's tokens."""
+        rows, cols = self.grid_shape
+        if self.tokens is not None:
+            return f"{self.patch_size} px tokens, block {self.tokens['block']} ({rows}x{cols})"
+        return f"{self.patch_size} px ({rows}x{cols} grid)"
 
 
 @dataclass
@@ -230,6 +241,7 @@ class ConvergenceResult:
     whole_image_size: int
     pretraining_patch_size: int | None
     curves: list[PatchSizeCurve]
+    tokens: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -244,7 +256,7 @@ class ConvergenceResult:
         rows = []
         for curve in self.curves:
             for point in curve.points:
-                rows.append([f"{curve.patch_size} px ({curve.grid_shape[0]}x{curve.grid_shape[1]} grid)",
+                rows.append([curve.label,
                              f"{point.n} ({point.num_averaged})" if point.n == ALL else point.n,
                              f"{point.similarity.mean:.3f} ± {point.similarity.std:.3f}",
                              f"± {point.similarity.ci95:.3f}",
@@ -280,7 +292,8 @@ def convergence_curve(model: SSLModel, data: Any, patch_sizes: Sequence[int] | N
                       n_values: Sequence[NValue] = DEFAULT_N_VALUES, *, stride: int | None = None,
                       layer: str = "h", num_images: int | None = DEFAULT_NUM_IMAGES, draws: int = DEFAULT_DRAWS,
                       seed: int = 0, device: str | torch.device | None = None, resize_to: int | str | None = None,
-                      batch_size: int = 64, progress: bool = False) -> ConvergenceResult:
+                      batch_size: int = 64, progress: bool = False, tokens: bool = False,
+                      block: int | None = None) -> ConvergenceResult:
     """Measure the aggregation-convergence curves of ``model`` on the first ``num_images`` images of ``data``.
 
     - ``data``: an :class:`~.data.ImageDataset` or an ``N x 3 x H x W`` tensor (uint8, or float in [0, 1]).
@@ -294,7 +307,17 @@ def convergence_curve(model: SSLModel, data: Any, patch_sizes: Sequence[int] | N
     - ``resize_to``: side the patches are fed at (default the model's input size, as the paper's
       patch evaluation); ``"native"`` feeds each patch, and the whole image, at its own size. The
       whole image is otherwise fed at the model's input size.
+    - ``tokens``: a Vision Transformer's own patch tokens instead of crops (one curve, labelled by the
+      token size: patch sizes and strides do not apply): the mean of N tokens of block ``block``
+      (default the last) against the whole-image embedding of the same forward pass, the class token
+      after the final norm (:func:`~.extract.whole_image_embeddings`); ``resize_to`` is the side the
+      whole image is fed at.
     """
+    if tokens and (patch_sizes is not None or stride is not None or resize_to == "native"):
+        raise ValueError("the patches of tokens=True (--tokens) are the ViT's own tokens: patch sizes, --stride and "
+                         "--resize-to native do not apply (--resize-to N sets the side the whole image is fed at)")
+    if block is not None and not tokens:
+        raise ValueError(f"block={block} applies to tokens=True (--tokens) only: the ViT block whose tokens are taken")
     if layer not in LAYER_CHOICES:
         raise ValueError(f"layer must be one of {', '.join(LAYER_CHOICES)}, got {layer!r}")
     if isinstance(resize_to, str) and resize_to != "native":
@@ -317,6 +340,9 @@ def convergence_curve(model: SSLModel, data: Any, patch_sizes: Sequence[int] | N
         raise ValueError(f"num_images must be between 2 (the chance level pairs each image with another) and "
                          f"{total} (the size of the data), got {count}")
     ids = np.arange(count)
+    if tokens:
+        return _token_convergence(model, data, n_values, ids, block=block, layer=layer, draws=draws, seed=seed,
+                                  device=device, resize_to=resize_to, batch_size=batch_size, progress=progress)
     native = resize_to == "native"
 
     whole_size = side if native else int(model.preprocess.input_size)
@@ -350,6 +376,41 @@ def convergence_curve(model: SSLModel, data: Any, patch_sizes: Sequence[int] | N
         pretraining_patch_size=train.get("patch_size"), curves=curves)
 
 
+def _token_convergence(model: SSLModel, data: Any, n_values: list[NValue], ids: np.ndarray, *, block: int | None,
+                       layer: str, draws: int, seed: int, device: Any, resize_to: int | None, batch_size: int,
+                       progress: bool) -> ConvergenceResult:
+    """:func:`convergence_curve` with ``tokens=True``: one forward pass per image gives its tokens and, from the
+    same pass, the whole-image embedding they are compared with."""
+    embeddings = extract_token_embeddings(model, data, block=block, resize_to=resize_to,
+                                          layers=["h"] if layer == "h" else ["h", layer], image_ids=ids,
+                                          batch_size=batch_size, device=device, dtype="float32", progress=progress)
+    description = embeddings.meta["tokens"]
+    whole = whole_image_embeddings(model, data, block=description["block"], layers=[layer], image_ids=ids,
+                                   resize_to=description["input_size"], batch_size=batch_size, device=device)[layer]
+    patches = np.asarray(embeddings.layer(layer), dtype=np.float32)
+    rows, cols = description["grid"]
+    num_patches, size = rows * cols, int(description["token_size"])
+    usable = [n for n in n_values if n == ALL or n <= num_patches]
+    skipped = [f"N={n} skipped: the {rows}x{cols} token grid has only {num_patches} tokens"
+               for n in n_values if n not in usable]
+    partner = derangement(len(ids), np.random.default_rng(seed))
+    sims = cosine_to_whole_image(patches, whole, usable, draws, np.random.default_rng([seed, size]), partner)
+    points = [CurvePoint(n=key, num_averaged=num_patches if key == ALL else int(key),
+                         similarity=Summary.of(value["similarity"]), chance=Summary.of(value["chance"]),
+                         num_images=len(ids), draws=value["similarity"].shape[0])
+              for key, value in sims.items()]
+    curve = PatchSizeCurve(patch_size=size, stride=size, grid_shape=(rows, cols), num_patches=num_patches,
+                           fed_size=int(description["input_size"]), points=points, skipped=skipped,
+                           tokens=description)
+    train = model.info.extra.get("train") or {}
+    data_name = "tensor images" if isinstance(data, (torch.Tensor, np.ndarray)) else data_label(data)
+    return ConvergenceResult(
+        model=model_label(model), model_info=model.info.to_dict(), data=data_name, layer=layer, num_images=len(ids),
+        image_ids=ids.tolist(), draws=draws, seed=seed, resize_to=resize_to,
+        whole_image_size=int(description["input_size"]), pretraining_patch_size=train.get("patch_size"),
+        curves=[curve], tokens=description)
+
+
 def _x_positions(points: Sequence[CurvePoint], all_position: float) -> list[float]:
     return [all_position if point.n == ALL else math.log2(int(point.n)) for point in points]
 
@@ -360,14 +421,33 @@ def plot_convergence(result: ConvergenceResult, title: str | None = None) -> Fig
     One colour per patch size, mean +- std over images shaded, chance level dashed in the same colour.
     """
     # A bare Figure, not pyplot: no global backend or figure state, so notebooks and the CLI share it.
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5.6), layout="constrained")
+    draw_convergence(fig.subplots(), result, title)
+    return fig
+
+
+def plot_convergence_panels(results: Sequence[ConvergenceResult], titles: Sequence[str]) -> Figure:
+    """Several results side by side on one shared y axis (e.g. a ResNet and a ViT, crops and tokens)."""
+    from matplotlib.figure import Figure
+
+    if len(results) != len(titles):
+        raise ValueError(f"got {len(results)} results and {len(titles)} titles")
+    fig = Figure(figsize=(6.2 * len(results), 5.8), layout="constrained")
+    axes = fig.subplots(1, len(results), sharey=True, squeeze=False)[0]
+    for ax, result, title in zip(axes, results, titles, strict=True):
+        draw_convergence(ax, result, title)
+    return fig
+
+
+def draw_convergence(ax, result: ConvergenceResult, title: str | None = None) -> None:
+    """:func:`plot_convergence`'s drawing, on the matplotlib axes ``ax``."""
+    from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
     numeric = sorted({int(point.n) for curve in result.curves for point in curve.points if point.n != ALL})
     all_position = (math.log2(numeric[-1]) + 1) if numeric else 0.0
-    fig = Figure(figsize=(7.5, 5.6), layout="constrained")
-    ax = fig.subplots()
     colours = colormaps["tab10"]
     for index, curve in enumerate(result.curves):
         colour = colours(index % 10)
@@ -377,7 +457,10 @@ def plot_convergence(result: ConvergenceResult, title: str | None = None) -> Fig
         chance = np.array([point.chance.mean for point in curve.points])
         label = (f"{curve.patch_size}×{curve.patch_size} px patches, {curve.grid_shape[0]}×{curve.grid_shape[1]} grid "
                  f"(stride {curve.stride})")
-        if result.pretraining_patch_size == curve.patch_size:
+        if curve.tokens is not None:
+            label = (f"ViT tokens of block {curve.tokens['block']}: {curve.grid_shape[0]}×{curve.grid_shape[1]} grid "
+                     f"of {curve.patch_size}×{curve.patch_size} px patches ({curve.fed_size} px input)")
+        elif result.pretraining_patch_size == curve.patch_size:
             label += ", pretraining scale"
         ax.plot(x, mean, "o-", color=colour, label=label)
         ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.18, linewidth=0)
@@ -385,7 +468,9 @@ def plot_convergence(result: ConvergenceResult, title: str | None = None) -> Fig
     ticks = [math.log2(n) for n in numeric] + ([all_position] if any(
         point.n == ALL for curve in result.curves for point in curve.points) else [])
     ax.set_xticks(ticks, [str(n) for n in numeric] + (["all"] if len(ticks) > len(numeric) else []))
-    ax.set_xlabel("N, patch embeddings averaged (log2 scale; all = every grid patch)")
+    what = "token embeddings" if result.tokens is not None else "patch embeddings"
+    every = "every token" if result.tokens is not None else "every grid patch"
+    ax.set_xlabel(f"N, {what} averaged (log2 scale; all = {every})")
     ax.set_ylabel(f"cosine similarity to the whole-image {LAYER_NAMES[result.layer]}")
     ax.grid(alpha=0.3)
     handles, _ = ax.get_legend_handles_labels()
@@ -394,9 +479,9 @@ def plot_convergence(result: ConvergenceResult, title: str | None = None) -> Fig
     # Below the axes: the curves span the whole height, from chance to near 1.
     ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
               title=f"shaded: ±1 std over {result.num_images} images, {result.draws} draws", title_fontsize=8)
-    ax.set_title(title or f"Mean of N patch embeddings vs the whole image\n{result.model} · {result.data}",
+    whole = f" ({result.tokens['whole_image']})" if result.tokens is not None else ""
+    ax.set_title(title or f"Mean of N {what} vs the whole image{whole}\n{result.model} · {result.data}",
                  fontsize=11)
-    return fig
 
 
 def _parse_resize(text: str | None) -> int | str | None:
@@ -435,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_resize_arg(parser, type=resize_or_native,
                        help="side patches are fed at: pixels, or 'native' (own size); default the model's input size")
     cli.add_batch_size_arg(parser)
+    cli.add_tokens_args(parser)
     return parser
 
 
@@ -453,13 +539,18 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
     except ValueError as error:
         parser.error(f"argument --n-values: {error}")
     layer = cli.one_layer(args, "convergence")
+    block = cli.token_block(args)
+    if args.tokens and (args.patch_sizes is not None or args.stride is not None or args.resize_to == "native"):
+        raise cli.UserError("--patch-sizes, --stride and --resize-to native do not apply to --tokens (the patches are "
+                            "the ViT's own tokens; --resize-to N sets the side the whole image is fed at)")
     model, data, device = cli.load_model_and_data(args)
     result = convergence_curve(model, data, args.patch_sizes, n_values, stride=args.stride, layer=layer,
                                num_images=args.num_images, draws=args.draws, seed=args.seed, device=device,
-                               resize_to=args.resize_to, batch_size=args.batch_size, progress=not args.no_progress)
+                               resize_to=args.resize_to, batch_size=args.batch_size, progress=not args.no_progress,
+                               tokens=args.tokens, block=block)
     seconds = time.perf_counter() - started
 
-    stem = output_stem(args.out, "convergence", cli.model_name(args), args.data)
+    stem = output_stem(args.out, cli.analysis_name("convergence", args), cli.model_name(args), args.data)
     figures = save_figure(plot_convergence(result), stem, pdf=args.pdf)
     numbers = {**result.to_dict(), "command": cli.command_line(
         "python -m ssl_patch_analysis.convergence", argv), "seconds": round(seconds, 1), "device": str(device)}

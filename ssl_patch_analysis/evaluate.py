@@ -24,6 +24,7 @@ Command line::
 
     python -m ssl_patch_analysis.evaluate --model bagssl --protocols central,1,16 --train-size 2000 --test-size 1000
     python -m ssl_patch_analysis.evaluate --model vicreg --boost          # + central vs n-patch figure
+    python -m ssl_patch_analysis.evaluate --model dino-vits16 --tokens --protocols central,1,16,all  # a ViT's tokens
     python -m ssl_patch_analysis.evaluate --model runs/emp-ssl-resnet18-cifar10/checkpoint.pt --layer pre_feature \
         --protocols 20 --probe emp-ssl --augment-patches emp-ssl          # EMP-SSL's protocol
 
@@ -39,22 +40,23 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cli
 from .augment import Augmentation
+from .cli import resolve_device
 from .data import ImageDataset
-from .extract import extract_patch_embeddings, model_sha256
+from .extract import describe_tokens, extract_patch_embeddings, model_sha256, token_sampler
 from .knn import knn_accuracy
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
-from . import cli
-from .cli import resolve_device
 from .report import data_label, format_table, model_label, output_stem, save_figure, save_json, slug
 
 DEFAULT_PROTOCOLS = ("central", "1", "16")
@@ -140,9 +142,83 @@ def protocol_sampler(protocol: str, patch_scale: PatchScale | None = None, seed:
     return random_resized(int(text), scale=patch_scale.scale, seed=seed)  # type: ignore[arg-type]
 
 
-def protocol_title(protocol: str) -> str:
-    """How a figure or table names a protocol: "central", "1 patch", "16 patches", "grid 8 px"."""
+# Mixed into the seed of each image's token subsets: a stream apart from the samplers' and the augmentation's.
+_TOKEN_STREAM = 0x746F6B656E73  # "tokens"
+
+
+def token_protocol(protocol: str) -> str | int:
+    """A protocol on a ViT's own tokens (``--tokens``): ``"central"`` (the standard whole-image view, as without
+    tokens), an int ``N`` (the mean of ``N`` of the image's tokens, drawn without replacement) or ``"all"`` (the
+    mean of every token)."""
     text = protocol.strip().lower()
+    if text in ("central", "all"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"protocol {protocol!r} does not apply to tokens: use central, a number of tokens N >= 1 (e.g. "
+                     "1 or 16) or all (every token of the image)")
+
+
+def token_subset(num_tokens: int, n: int, seed: int, image_id: int) -> np.ndarray:
+    """The ``n`` token indices (sorted, distinct) of the image ``image_id`` under ``seed``: the same in any batch."""
+    if not 1 <= n <= num_tokens:
+        raise ValueError(f"cannot draw {n} of the {num_tokens} tokens of an image without replacement: pass a protocol "
+                         f"N <= {num_tokens}, or all")
+    rng = np.random.default_rng([_TOKEN_STREAM, seed & 0xFFFFFFFFFFFFFFFF, int(image_id)])
+    return np.sort(rng.choice(num_tokens, n, replace=False))
+
+
+def _mean_of_tokens(embeddings: np.ndarray, image_ids: np.ndarray, choice: str | int, seed: int,
+                    rows_per_block: int = 4096) -> np.ndarray:
+    """``N x P x D`` tokens -> ``N x D`` float32: the mean of every token (``"all"``) or of :func:`token_subset`."""
+    out = np.empty((embeddings.shape[0], embeddings.shape[2]), dtype=np.float32)
+    for start in range(0, embeddings.shape[0], rows_per_block):
+        rows = np.asarray(embeddings[start:start + rows_per_block], dtype=np.float32)
+        if choice == "all":
+            out[start:start + len(rows)] = rows.mean(axis=1)
+            continue
+        index = np.stack([token_subset(rows.shape[1], int(choice), seed, i)
+                          for i in image_ids[start:start + len(rows)]])
+        out[start:start + len(rows)] = np.take_along_axis(rows, index[..., None], axis=1).mean(axis=1)
+    return out
+
+
+def _token_features(model: SSLModel, data: ImageDataset, choice: str | int, *, layer: str, block: int | None,
+                    ids: np.ndarray, seed: int, resize_to: int | None, batch_size: int,
+                    device: str | torch.device | None, store_dir: str | Path | None,
+                    progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`protocol_features` of the token protocols: every token of each image embedded once (one forward
+    pass), then the mean of the protocol's tokens. All token protocols of a model share one cached store."""
+    sampler = token_sampler(model, resize_to, block)
+    count = sampler.num_patches(tuple(data.image_size))
+    if choice != "all":
+        token_subset(count, int(choice), seed, 0)  # N larger than the token grid: said before any embedding
+    options = dict(layers=["h"] if layer == "h" else ["h", layer], batch_size=batch_size,
+                   resize_to=sampler.input_size, device=device, dtype="float32", progress=progress)
+    if store_dir is not None:
+        path = _store_path(Path(store_dir), model, data, f"tokens-block{sampler.block}", sampler, ids, layer,
+                           sampler.input_size)
+        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, overwrite=True,
+                                              **options)
+        return (_mean_of_tokens(embeddings.layer(layer), ids, choice, seed),
+                np.asarray(embeddings.labels, dtype=np.int64))
+    images_per_block = max(batch_size, PATCHES_PER_BLOCK // count)
+    features, labels = [], []
+    for start in range(0, len(ids), images_per_block):
+        block_ids = ids[start:start + images_per_block]
+        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=block_ids, **options)
+        features.append(_mean_of_tokens(embeddings.layer(layer), block_ids, choice, seed))
+        labels.append(np.asarray(embeddings.labels, dtype=np.int64))
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def protocol_title(protocol: str, tokens: bool = False) -> str:
+    """How a figure or table names a protocol: "central", "1 patch", "16 patches", "grid 8 px"; with ``tokens``
+    "1 token", "16 tokens", "all tokens"."""
+    text = protocol.strip().lower()
+    if tokens and text != "central":
+        choice = token_protocol(text)
+        return f"{choice} token" if choice == 1 else f"{choice} tokens"
     if text.isdigit():
         return f"{int(text)} patch" if int(text) == 1 else f"{int(text)} patches"
     if text.startswith("grid:"):
@@ -170,7 +246,7 @@ def subset_ids(labels: np.ndarray, size: int | None, seed: int = 0, exclude: np.
     order = np.random.default_rng(seed).permutation(pool)
     chosen = np.zeros(len(labels), dtype=bool)
     classes, counts = np.unique(labels[pool], return_counts=True)
-    for label, count in zip(classes, counts):
+    for label, count in zip(classes, counts, strict=True):
         quota = (size * int(count)) // len(pool)
         chosen[order[labels[order] == label][:quota]] = True
     remainder = size - int(chosen.sum())
@@ -217,6 +293,8 @@ def protocol_features(
     store_dir: str | Path | None = None,
     progress: bool = True,
     augmentation: Augmentation | None = None,
+    tokens: bool = False,
+    block: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(features N x D float32, labels N)``: one feature per image of ``data`` under ``protocol``.
 
@@ -229,7 +307,20 @@ def protocol_features(
     ``augmentation`` (e.g. :data:`EMP_SSL_AUGMENTATION`) is applied to every resized patch before
     the model sees it, as EMP-SSL's evaluation does, drawn per image from ``seed``
     (:func:`.extract.augment_patches`): the same seed gives the same features.
+
+    ``tokens``: a Vision Transformer's own patch tokens of ``block`` (default the last) instead of
+    crops (:func:`token_protocol`): ``"N"`` is the mean of ``N`` of the image's tokens
+    (:func:`token_subset`, drawn from ``seed`` and the image id), ``"all"`` the mean of every token;
+    ``"central"`` stays the standard whole-image view. ``resize_to`` is then the side the whole image
+    is fed at; patch scales and augmentations do not apply.
     """
+    if tokens and token_protocol(protocol) != "central":
+        if augmentation is not None:
+            raise ValueError("a patch augmentation does not apply to tokens (they are not cropped): leave it out")
+        ids = np.arange(len(data)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
+        return _token_features(model, data, token_protocol(protocol), layer=layer, block=block, ids=ids, seed=seed,
+                               resize_to=resize_to, batch_size=batch_size, device=device, store_dir=store_dir,
+                               progress=progress)
     if _needs_scale(protocol) and patch_scale is None:
         patch_scale = pretraining_scale(model)
     sampler = protocol_sampler(protocol, patch_scale, seed=seed)
@@ -537,9 +628,12 @@ def evaluate_protocols(
     store_dir: str | Path | None = None,
     progress: bool = True,
     augmentation: Augmentation | None = None,
+    tokens: bool = False,
+    block: int | None = None,
 ) -> dict[str, Any]:
     """k-NN and linear probe for every protocol; the train and test features are built the same way
     (``augmentation``, if any, applied to the patches of both: see :func:`protocol_features`).
+    ``tokens``: the protocols on a ViT's own tokens of ``block`` (:func:`token_protocol`).
 
     Returns the numbers behind the Fig. 2 table as plain values: ``results["protocols"]`` holds, per
     protocol, ``{"protocol", "title", "sampler", "patches_per_image", "feature_dim", "knn": {k: acc},
@@ -551,10 +645,15 @@ def evaluate_protocols(
     if set(train_data.class_names) != set(test_data.class_names) or len(train_data.class_names) == 0:
         raise ValueError(f"train ({train_data.name} {train_data.split}) and test ({test_data.name} "
                          f"{test_data.split}) data must share their classes")
-    if patch_scale is None and any(_needs_scale(p) for p in protocols):
+    tokens_grid = token_sampler(model, resize_to, block) if tokens else None  # a ViT, or a one-line error
+    if tokens:
+        for protocol in protocols:
+            token_protocol(protocol)
+    elif patch_scale is None and any(_needs_scale(p) for p in protocols):
         patch_scale = pretraining_scale(model)
     for protocol in protocols:
-        protocol_sampler(protocol, patch_scale, seed)  # reject a bad protocol before any embedding
+        if not tokens or token_protocol(protocol) == "central":
+            protocol_sampler(protocol, patch_scale, seed)  # reject a bad protocol before any embedding
     num_classes = len(train_data.class_names)
     train_ids = np.arange(len(train_data)) if train_ids is None else np.asarray(train_ids)
     test_ids = np.arange(len(test_data)) if test_ids is None else np.asarray(test_ids)
@@ -564,7 +663,8 @@ def evaluate_protocols(
         print(f"k-NN: the bank holds {len(train_ids)} training images, so k = {', '.join(map(str, requested_ks))} "
               f"runs as k = {', '.join(map(str, ks))} (the tables and the JSON name the k used)", file=sys.stderr)
     options = dict(patch_scale=patch_scale, layer=layer, seed=seed, resize_to=resize_to, batch_size=batch_size,
-                   device=device, store_dir=store_dir, progress=progress, augmentation=augmentation)
+                   device=device, store_dir=store_dir, progress=progress, augmentation=augmentation, tokens=tokens,
+                   block=block)
     rows = []
     for protocol in protocols:
         started = time.perf_counter()
@@ -573,9 +673,13 @@ def evaluate_protocols(
         feature_seconds = time.perf_counter() - started
         scores = evaluate_features(train_x, train_y, test_x, test_y, num_classes, ks, temperature, schedule,
                                    seed, device)
-        sampler = protocol_sampler(protocol, patch_scale, seed)
-        rows.append({"protocol": protocol, "title": protocol_title(protocol), "sampler": sampler.to_dict(),
-                     "patches_per_image": sampler.num_patches(tuple(test_data.image_size)),
+        on_tokens = tokens_grid is not None and token_protocol(protocol) != "central"
+        sampler = tokens_grid if on_tokens else protocol_sampler(protocol, patch_scale, seed)
+        per_image = sampler.num_patches(tuple(test_data.image_size))
+        if on_tokens and token_protocol(protocol) != "all":
+            per_image = int(token_protocol(protocol))
+        rows.append({"protocol": protocol, "title": protocol_title(protocol, tokens), "sampler": sampler.to_dict(),
+                     "patches_per_image": per_image,
                      "feature_dim": int(train_x.shape[1]), **scores,
                      "seconds": {"features": feature_seconds, **scores["seconds"]}})
     return {
@@ -589,6 +693,7 @@ def evaluate_protocols(
         "probe_schedule": {**asdict(schedule), "text": schedule.describe()},
         "augmentation": asdict(augmentation) if augmentation is not None else None,
         "augmentation_text": describe_augmentation(augmentation),
+        "tokens": describe_tokens(model, tokens_grid) if tokens_grid is not None else None,
         "protocols": rows,
     }
 
@@ -635,8 +740,9 @@ def boost_table(boost: dict[str, Any]) -> str:
 def _subtitle(results: dict[str, Any]) -> str:
     scale = f", {results['patch_scale_text']}" if results.get("patch_scale_text") else ""
     augmented = ", augmented patches" if results.get("augmentation") else ""
+    tokens = f", ViT tokens of block {results['tokens']['block']}" if results.get("tokens") else ""
     return (f"train {results['train_size']} / test {results['test_size']} images, layer {results['layer']}"
-            f"{scale}{augmented}")
+            f"{scale}{augmented}{tokens}")
 
 
 def plot_evaluation(results: dict[str, Any]):
@@ -680,7 +786,7 @@ def plot_boost(results: dict[str, Any], boost: dict[str, Any]):
     for offset, key, label in ((-0.2, "central", "central view"), (0.2, "patches", f"mean of {boost['patch_title']}")):
         bars = ax.bar(positions + offset, [row[key] for row in rows], 0.4, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
-    for x, row in zip(positions, rows):
+    for x, row in zip(positions, rows, strict=True):
         top = max(row["central"], row["patches"])
         ax.annotate(f"{row['delta']:+.1f} pts", (x, top + 6), ha="center", fontsize=9, fontweight="bold")
     ax.axhline(100.0 / results["num_classes"], color="grey", linestyle="--", linewidth=1, label="chance")
@@ -725,7 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the two subsets are disjoint)")
     parser.add_argument("--protocols", default=",".join(DEFAULT_PROTOCOLS),
                         help="comma-separated: central, N (mean of N patches at the pretraining scale), grid:P "
-                             f"(every patch of a P-px tiling grid) (default: {','.join(DEFAULT_PROTOCOLS)})")
+                             "(every patch of a P-px tiling grid); with --tokens: central, N (mean of N tokens), all "
+                             f"(every token) (default: {','.join(DEFAULT_PROTOCOLS)})")
     parser.add_argument("--patch-size", type=cli.positive_int, default=None,
                         help="fixed patch side in pixels (default: the checkpoint's pretraining patch size)")
     cli.add_scale_arg(parser, None, "multi-scale crops' area range, e.g. 0.08,1; none: the checkpoint's pretraining "
@@ -737,6 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seeded class-stratified subset of the test split (default: all)")
     cli.add_batch_size_arg(parser, 64, "images per embedding batch")
     cli.add_resize_arg(parser)
+    cli.add_tokens_args(parser)
     parser.add_argument("--k", type=cli.int_list, default=list(DEFAULT_KS),
                         help=f"k-NN neighbours, comma-separated (default {','.join(map(str, DEFAULT_KS))})")
     parser.add_argument("--temperature", type=cli.positive_float, default=DEFAULT_TEMPERATURE,
@@ -780,11 +888,22 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     patch_scale = _patch_scale_from_args(args)
     schedule = probe_schedule_from_args(args)
     augmentation = PATCH_AUGMENTATIONS[args.augment_patches]
+    block = cli.token_block(args)
+    if args.tokens and (patch_scale is not None or augmentation is not None):
+        raise cli.UserError("--patch-size, --scale and --augment-patches apply to crops, not to --tokens (the ViT's "
+                            "own tokens of the whole image)")
     model, test_data, device = cli.load_model_and_data(args)
-    if patch_scale is None and any(_needs_scale(p) for p in protocols):
+    if args.tokens:  # before the (larger) training split is read
+        tokens_grid = token_sampler(model, args.resize_to, block)
+        for protocol in protocols:
+            choice = token_protocol(protocol)
+            if isinstance(choice, int):  # more tokens than the grid has: said now
+                token_subset(tokens_grid.num_patches(tuple(test_data.image_size)), choice, args.seed, 0)
+    elif patch_scale is None and any(_needs_scale(p) for p in protocols):
         patch_scale = pretraining_scale(model)
     for protocol in protocols:  # before the (larger) training split is read
-        protocol_sampler(protocol, patch_scale, args.seed)
+        if not args.tokens or token_protocol(protocol) == "central":
+            protocol_sampler(protocol, patch_scale, args.seed)
     train_data = cli.load_data_from_args(args, args.train_split)
     train_ids = subset_ids(train_data.labels, args.train_size, args.seed)
     same_split = train_data.split == test_data.split
@@ -798,6 +917,9 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
           f"test: {data_label(test_data)} ({len(test_ids)} images); layer {layer}; device {device}")
     if patch_scale is not None:
         print(f"patches: {patch_scale.describe()}, seed {args.seed}")
+    if args.tokens:
+        print(f"tokens: the {tokens_grid.grid[0]} x {tokens_grid.grid[1]} tokens of block {tokens_grid.block}, each "
+              f"image fed whole at {tokens_grid.input_size} px; token subsets seeded by {args.seed}")
     print(f"k-NN: cosine, k = {', '.join(map(str, ks))}, temperature {args.temperature:g}")
     print(f"patch augmentation: {args.augment_patches}"
           + (f" ({describe_augmentation(augmentation)}), seed {args.seed}" if augmentation is not None else ""))
@@ -807,7 +929,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
         model, train_data, test_data, protocols, patch_scale=patch_scale, layer=layer, train_ids=train_ids,
         test_ids=test_ids, ks=ks, temperature=args.temperature, schedule=schedule, seed=args.seed,
         resize_to=args.resize_to, batch_size=args.batch_size, device=device, store_dir=args.cache_dir,
-        progress=not args.no_progress, augmentation=augmentation,
+        progress=not args.no_progress, augmentation=augmentation, tokens=args.tokens, block=block,
     )
     results["probe"] = args.probe
     results["patch_augmentation"] = args.augment_patches
@@ -820,13 +942,13 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
                          for row in results["protocols"])
         print(f"linear, best epoch selected on the test set (what EMP-SSL's func.py prints as best; the table "
               f"reports the last epoch): {best}")
-    stem = output_stem(args.out, "evaluate", cli.model_name(args), args.data)
+    stem = output_stem(args.out, cli.analysis_name("evaluate", args), cli.model_name(args), args.data)
     written = save_figure(plot_evaluation(results), stem, pdf=args.pdf)
     if args.boost:
         results["boost"] = patch_boost(results)
         print()
         print(boost_table(results["boost"]))
-        boost_stem = output_stem(args.out, "evaluate_boost", cli.model_name(args), args.data)
+        boost_stem = output_stem(args.out, cli.analysis_name("evaluate_boost", args), cli.model_name(args), args.data)
         written += save_figure(plot_boost(results, results["boost"]), boost_stem, pdf=args.pdf)
         context = {key: value for key, value in results.items() if key != "protocols"}
         written.append(save_json(context, boost_stem.with_suffix(".json")))

@@ -13,6 +13,7 @@ Command line (``torchrun --nproc_per_node=K -m ssl_patch_analysis.extract ...`` 
 between K processes writing one store)::
 
     python -m ssl_patch_analysis.extract --model M --data cifar10 --split test --grid 8 --stride 4 --store DIR
+    python -m ssl_patch_analysis.extract --model dino-vits16 --tokens --block 9 --store DIR  # a ViT's own tokens
     python -m ssl_patch_analysis.extract --verify --store DIR  # check every checksum of a store, list any damage
 
 Re-running the same command resumes an interrupted store and repairs a damaged one (only its
@@ -29,14 +30,16 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import roi_align
 from tqdm import tqdm
@@ -45,11 +48,21 @@ from . import cli
 from .augment import Augmentation
 from .cli import UserError
 from .data import ImageDataset, TensorImageDataset
-from .models import SSLModel
+from .models import ResNet, SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
 from .store import (
-    LAYERS, STORE_DTYPES, PatchEmbeddings, StoreLayout, StorePlan, StoreWriter, done_batches, prepare_store,
-    read_store_meta, repair_advice, store_lock, verify_store,
+    LAYERS,
+    STORE_DTYPES,
+    PatchEmbeddings,
+    StoreLayout,
+    StorePlan,
+    StoreWriter,
+    done_batches,
+    prepare_store,
+    read_store_meta,
+    repair_advice,
+    store_lock,
+    verify_store,
 )
 
 # Patches per forward pass when chunk_size is not given. On a GPU, large chunks fill the device;
@@ -322,7 +335,8 @@ def _autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | Non
     return torch.bfloat16
 
 
-_OPTIONS: contextvars.ContextVar[dict[str, bool]] = contextvars.ContextVar("extraction_options", default={})
+_OPTIONS: contextvars.ContextVar[dict[str, bool]] = contextvars.ContextVar(
+    "extraction_options", default={})  # noqa: B039 - never mutated: extraction_options sets a new dict
 
 
 @contextlib.contextmanager
@@ -448,7 +462,8 @@ class _Embedder:
                 torch.cuda.empty_cache()
                 if not self._warned:
                     warnings.warn(f"CUDA ran out of memory; continuing with chunks of {self.chunk_size} patches "
-                                  "(pass a smaller chunk_size / --chunk-size to start there)", RuntimeWarning)
+                                  "(pass a smaller chunk_size / --chunk-size to start there)", RuntimeWarning,
+                                  stacklevel=2)
                     self._warned = True
                 continue
             for name in self.layers:
@@ -478,6 +493,253 @@ def augment_patches(patches: torch.Tensor, image_ids: Sequence[int] | np.ndarray
     per_image = patches.shape[0] // len(image_ids)
     return torch.cat([augmentation(patches[k * per_image:(k + 1) * per_image], _augmentation_generator(seed, i))
                       for k, i in enumerate(np.asarray(image_ids).tolist())])
+
+
+# ----------------------------------------------------------------------------- a ViT's own patch tokens
+
+
+@dataclass(frozen=True)
+class TokenSampler(PatchSampler):
+    """Where a Vision Transformer's patch tokens are: token ``(i, j)`` of its ``rows x cols`` grid over an
+    ``H x W`` image is the pixel square ``[j W / cols, i H / rows, (j + 1) W / cols, (i + 1) H / rows]``, row-major.
+
+    The grid is what the ViT makes of the whole image fed at ``input_size`` pixels with ``token_size``-pixel
+    patches; ``block`` is the transformer block (0 .. depth - 1) whose tokens are taken. Like every sampler
+    it gives boxes only; :func:`extract_token_embeddings` embeds them, one forward pass per image. Made by
+    :func:`token_sampler`, which checks them against the model.
+    """
+
+    kind: ClassVar[str] = "tokens"
+    seed: ClassVar[int] = 0
+    patch_size: ClassVar[None] = None
+    grid: tuple[int, int]
+    token_size: int
+    input_size: int
+    block: int
+
+    def __post_init__(self) -> None:
+        rows, cols = (int(v) for v in self.grid)
+        if rows < 1 or cols < 1 or self.token_size < 1 or self.input_size < 1 or self.block < 0:
+            raise ValueError(f"a token grid needs positive sides, token size and input size and a block >= 0, got "
+                             f"grid {self.grid}, token_size {self.token_size}, input_size {self.input_size}, "
+                             f"block {self.block}")
+        object.__setattr__(self, "grid", (rows, cols))
+
+    def num_patches(self, image_size: tuple[int, int]) -> int:
+        _positive_image_size(image_size)
+        return self.grid[0] * self.grid[1]
+
+    def boxes(self, image_ids: Sequence[int] | torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        height, width = _positive_image_size(image_size)
+        rows, cols = self.grid
+        # Multiplied before dividing, in float64: the last edge is exactly the image side.
+        ys = torch.arange(rows + 1, dtype=torch.float64) * height / rows
+        xs = torch.arange(cols + 1, dtype=torch.float64) * width / cols
+        y0, x0 = torch.meshgrid(ys[:-1], xs[:-1], indexing="ij")
+        y1, x1 = torch.meshgrid(ys[1:], xs[1:], indexing="ij")
+        one_image = torch.stack((x0, y0, x1, y1), dim=-1).reshape(-1, 4).to(torch.float32)
+        return one_image.unsqueeze(0).repeat(len(image_ids), 1, 1)
+
+
+def _positive_image_size(image_size: Sequence[int]) -> tuple[int, int]:
+    if len(image_size) != 2 or min(int(v) for v in image_size) < 1:
+        raise ValueError(f"image_size must be (height, width) in pixels, got {tuple(image_size)!r}")
+    return int(image_size[0]), int(image_size[1])
+
+
+def vit_backbone(model: SSLModel) -> Any:
+    """The model's :class:`~.vit.ViT` backbone; a one-line ``ValueError`` for any other backbone."""
+    from .vit import ViT  # timm is imported only when tokens are asked for
+
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, ViT):
+        return backbone
+    name = Path(str(model.info.source or model.info.arch or "the model")).stem
+    kind = "a ResNet" if isinstance(backbone, ResNet) else f"a {type(backbone).__name__}, not a ViT"
+    raise UserError(f"--tokens needs a Vision Transformer; {name} is {kind}: its patches go through the network "
+                    "as crops (leave out --tokens / tokens=True)")
+
+
+def token_sampler(model: SSLModel, resize_to: int | None = None, block: int | None = None) -> TokenSampler:
+    """The :class:`TokenSampler` of ``model`` (a ViT) fed whole images at ``resize_to`` pixels (default its input
+    size), taking the tokens of ``block`` (default the last; negative counts from the end).
+
+    Raises a one-line ``ValueError`` for a model that is not a ViT, a side that is not a multiple of its
+    patch size, or a block it does not have.
+    """
+    vit = vit_backbone(model)
+    size = int(resize_to if resize_to is not None else model.preprocess.input_size)
+    patch = int(vit.config.patch_size)
+    if size < patch or size % patch:
+        raise UserError(f"the whole image is fed to the ViT at {size} px, which is not a multiple of its {patch} px "
+                        f"patches: pass --resize-to (resize_to) a multiple of {patch}, e.g. "
+                        f"{max(patch, round(size / patch) * patch)}")
+    return TokenSampler((size // patch, size // patch), patch, size, vit.block_index(block))
+
+
+def describe_tokens(model: SSLModel, sampler: TokenSampler) -> dict[str, Any]:
+    """What a token store holds, in its settings: the block, the depth and what ``h`` / ``z`` of a token are."""
+    vit = vit_backbone(model)
+    depth = len(vit.blocks)
+    norm = "after the final norm" if vit.config.final_norm and not vit.config.fc_norm else "without a norm"
+    return {
+        "block": sampler.block, "depth": depth, "last_block": sampler.block == depth - 1,
+        "grid": list(sampler.grid), "token_size": sampler.token_size, "input_size": sampler.input_size,
+        "h": f"patch token of block {sampler.block} (of 0..{depth - 1}) {norm}",
+        "z": "the model's projector applied to each token (eval mode)" if model.projector is not None else None,
+        "whole_image": f"{vit.config.pooling}, of block {sampler.block}",
+    }
+
+
+class _TokenNetwork(nn.Module):
+    """One forward pass per whole image: every patch token of one ViT block, and the whole-image embedding
+    of that block (the model's pooling: the class token), each through the model's heads (``pre_feature``,
+    projector ``z``) as a patch embedding would be. Outputs ``name`` (B x P x D) and ``whole_<name>`` (B x D)."""
+
+    def __init__(self, model: SSLModel, block: int):
+        super().__init__()
+        self.model, self.block = model, block
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        model = self.model
+        whole, tokens = model.backbone.embed_tokens(model.normalize_pixels(x), self.block)
+        count, dim = whole.shape
+        # One batch of rows through the heads (eval mode: rows do not touch each other): the whole images first.
+        rows = torch.cat([whole, tokens.flatten(2).transpose(1, 2).reshape(-1, dim)])
+        outputs = {"h": rows}
+        if model.pre_feature is not None:
+            outputs["pre_feature"] = model.pre_feature(rows)
+        if model.projector is not None:
+            outputs["z"] = model.projector(outputs.get("pre_feature", rows))
+        result = {name: value[count:].reshape(count, -1, value.shape[-1]) for name, value in outputs.items()}
+        result.update({f"whole_{name}": value[:count] for name, value in outputs.items()})
+        return result
+
+
+class _TokenEmbedder:
+    """Whole images through :class:`_TokenNetwork` in chunks of images (``_Embedder``'s autocast, compile and
+    chunking), each resized to the input side as the central view is; writes ``P`` token rows per image into
+    the host buffers of the layers, and one row per image into those named ``whole_<layer>``."""
+
+    def __init__(self, network: _TokenNetwork, device: torch.device, outputs: Sequence[str], chunk_size: int,
+                 amp_dtype: torch.dtype | None, compile: bool = False, weights_sha256: str | None = None):
+        self.runner = _Embedder(network, device, outputs, chunk_size, amp_dtype, compile,  # type: ignore[arg-type]
+                                weights_sha256)
+        self.device = device
+
+    def embed(self, images: torch.Tensor, boxes: torch.Tensor, size: int, exact: bool,
+              host: dict[str, torch.Tensor], augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        if augment is not None:
+            raise ValueError("a patch augmentation does not apply to tokens (they are not cropped): leave it out")
+        runner, count, per_image = self.runner, images.shape[0], boxes.shape[1]
+        height, width = images.shape[-2:]
+        whole_exact = height == width == size
+        frame = torch.tensor([0.0, 0.0, float(width), float(height)], device=images.device).expand(count, 4)
+        start = 0
+        while start < count:
+            stop = min(start + runner.chunk_size, count)
+            try:
+                pixels = images[start:stop] if whole_exact else _crop(
+                    images, frame[start:stop], torch.arange(start, stop, device=images.device), size, False)
+                outputs = runner.forward(pixels)
+            except torch.OutOfMemoryError:
+                if runner.chunk_size == 1:
+                    raise RuntimeError("CUDA ran out of memory embedding the tokens of a single image: use a smaller "
+                                       "--resize-to or another device") from None
+                runner.chunk_size = max(1, runner.chunk_size // 2)
+                torch.cuda.empty_cache()
+                continue
+            for name, buffer in host.items():
+                value = outputs[name].reshape(-1, outputs[name].shape[-1]).to(buffer.dtype)
+                rows = slice(start, stop) if name.startswith("whole_") else slice(start * per_image, stop * per_image)
+                buffer[rows].copy_(value, non_blocking=True)
+            start = stop
+
+
+def _check_token_sampler(model: SSLModel, sampler: TokenSampler, size: int) -> None:
+    expected = token_sampler(model, size, sampler.block)
+    if expected != sampler:
+        raise ValueError(f"this token sampler ({sampler.to_dict()}) is not the model's at {size} px "
+                         f"({expected.to_dict()}): make it with token_sampler(model, resize_to, block)")
+
+
+def extract_token_embeddings(
+    model: SSLModel,
+    data: ImageDataset | torch.Tensor | np.ndarray,
+    *,
+    block: int | None = None,
+    resize_to: int | None = None,
+    **options: Any,
+) -> PatchEmbeddings:
+    """A Vision Transformer's own patch tokens as patch embeddings: one forward pass per image.
+
+    Each image is fed whole at ``resize_to`` pixels (default the model's input size; a multiple of the
+    patch size), resized as the central view is. Row ``i`` holds every patch token of block ``block``
+    (default the last; tokens of every block go through the final norm, as DINO's
+    ``get_intermediate_layers``), row-major over the token grid, with its pixel square as its box
+    (:class:`TokenSampler`): ``h`` of a token is the token, ``z`` (and ``pre_feature``) the model's
+    heads applied to it in eval mode. ``options`` are :func:`extract_patch_embeddings`'s (``layers``,
+    ``image_ids``, ``batch_size``, ``chunk_size`` -- images per forward pass here --, ``device``,
+    ``out``, ``dtype``, ``amp``, ``compile``, ``overwrite``, ...): a store of tokens is resumable and
+    checksummed like any other, and its settings (the sampler ``{"kind": "tokens", ...}`` and
+    ``tokens``: the block) keep it apart from a store of crops. The whole-image embedding of the same
+    block is :func:`whole_image_embeddings`. A model that is not a ViT raises a one-line ``ValueError``.
+    """
+    sampler = token_sampler(model, resize_to, block)
+    return extract_patch_embeddings(model, data, sampler, resize_to=sampler.input_size, **options)
+
+
+def whole_image_embeddings(
+    model: SSLModel,
+    data: ImageDataset | torch.Tensor | np.ndarray,
+    *,
+    block: int | None = None,
+    layers: Sequence[str] | None = None,
+    image_ids: Iterable[int] | np.ndarray | torch.Tensor | None = None,
+    resize_to: int | None = None,
+    batch_size: int = 64,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    num_workers: int | None = None,
+) -> dict[str, np.ndarray]:
+    """``{layer: N x D float32}``: the whole-image embedding of each image from the forward pass that gives its
+    tokens (:func:`extract_token_embeddings` with the same ``block`` and ``resize_to``): the model's pooling of
+    that block (the class token after the final norm; for the last block exactly the model's ``h`` of the
+    image at that size), and the heads applied to it (``z``)."""
+    amp = _OPTIONS.get().get("amp") if amp is None else amp
+    source = _ImageSource(data)
+    ids = _as_image_ids(image_ids, len(source))
+    sampler = token_sampler(model, resize_to, block)
+    size = sampler.input_size
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    was_training = model.training
+    model.eval().to(device)
+    try:
+        dims = _layer_dims(model, size, device)
+        layers = list(dims) if layers is None else list(layers)
+        unknown = [name for name in layers if name not in dims]
+        if unknown:
+            raise ValueError(f"layers must be among those the model has ({', '.join(dims)}), got {layers}")
+        outputs = [f"whole_{name}" for name in layers]
+        embedder = _TokenEmbedder(_TokenNetwork(model, sampler.block), device, outputs,
+                                  chunk_size or default_chunk_size(size, device), _autocast_dtype(device, amp))
+        result = {name: np.empty((len(ids), dims[name]), dtype=np.float32) for name in layers}
+        spans = _batches(len(ids), batch_size)
+        batch_ids = [ids[span] for span in spans]
+        for span, pixels in zip(spans, _image_batches(source, batch_ids, device, num_workers), strict=True):
+            with torch.inference_mode():
+                images = pixels.to(device)
+                images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+                host = {name: torch.empty(span.stop - span.start, dims[name[len("whole_"):]]) for name in outputs}
+                embedder.embed(images, sampler.boxes(ids[span], source.image_size), size, False, host)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            for name in layers:
+                result[name][span] = host[f"whole_{name}"].numpy()
+        return result
+    finally:
+        model.train(was_training)
 
 
 def _layer_dims(model: SSLModel, size: int, device: torch.device) -> dict[str, int]:
@@ -553,6 +815,9 @@ def extract_patch_embeddings(
 ) -> PatchEmbeddings:
     """Embed every patch the ``sampler`` places on each image of ``data``.
 
+    A :class:`TokenSampler` (:func:`token_sampler`) embeds a ViT's own patch tokens instead, one
+    forward pass per whole image: see :func:`extract_token_embeddings`.
+
     - ``data``: an :class:`~.data.ImageDataset` or an ``N x 3 x H x W`` tensor (uint8 0..255 or
       float 0..1; its labels are then -1). All images must share one size.
     - ``layers``: among ``"h"``, ``"z"``, ``"pre_feature"`` (default: all the model has).
@@ -605,6 +870,11 @@ def extract_patch_embeddings(
     size = int(resize_to if resize_to is not None else model.preprocess.input_size)
     if size < 1:
         raise ValueError(f"resize_to must be a positive number of pixels, got {size}")
+    tokens = isinstance(sampler, TokenSampler)
+    if tokens:
+        _check_token_sampler(model, sampler, size)
+        if augmentation is not None:
+            raise ValueError("augmentation applies to crops, not to a ViT's tokens: leave it out with tokens")
     num_patches = sampler.num_patches(source.image_size)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world_size = _distributed()
@@ -642,6 +912,8 @@ def extract_patch_embeddings(
             # Always present (None without one), so an augmented store and a plain one never resume each other.
             "augmentation": None if augmentation is None else {**asdict(augmentation), "seed": int(augmentation_seed)},
         }
+        if tokens:  # the sampler says "tokens" and the block too; this says what a token's h and z are
+            settings["tokens"] = describe_tokens(model, sampler)
         layout = StoreLayout(num_patches=num_patches, layer_dims={name: dims[name] for name in layers},
                              image_ids=ids, labels=source.labels[ids], batch_size=batch_size, dtype=dtype)
         runner = _Run(model, source, sampler, layout, device, chunk_size, amp_dtype, compile, settings["model_sha256"],
@@ -678,8 +950,14 @@ class _Run:
         self.source, self.sampler, self.layout, self.device = source, sampler, layout, device
         self.size, self.progress, self.num_workers = size, progress, num_workers
         self.augmentation = augmentation
-        self.embedder = _Embedder(model, device, list(layout.layer_dims), chunk_size, amp_dtype, compile,
-                                  weights_sha256)
+        self.unit = "tokens" if isinstance(sampler, TokenSampler) else "patches"
+        if isinstance(sampler, TokenSampler):
+            self.embedder: _Embedder | _TokenEmbedder = _TokenEmbedder(
+                _TokenNetwork(model, sampler.block), device, list(layout.layer_dims), chunk_size, amp_dtype, compile,
+                weights_sha256)
+        else:
+            self.embedder = _Embedder(model, device, list(layout.layer_dims), chunk_size, amp_dtype, compile,
+                                      weights_sha256)
         self.run_info = {"device": str(device), "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
                          "compile": compile}
 
@@ -694,9 +972,9 @@ class _Run:
         total = sum(s.stop - s.start for s in batches)
         started, done_images = time.perf_counter(), 0
         with tqdm(total=total, unit="img", disable=not self.progress, dynamic_ncols=True, mininterval=0.5,
-                  desc=f"embedding {layout.num_patches} patches/img") as bar:
+                  desc=f"embedding {layout.num_patches} {self.unit}/img") as bar:
             pixel_batches = _image_batches(self.source, ids, self.device, self.num_workers)
-            for span, batch_ids, pixels in zip(batches, ids, pixel_batches):
+            for span, batch_ids, pixels in zip(batches, ids, pixel_batches, strict=True):
                 boxes = torch.as_tensor(self.sampler.boxes(batch_ids, self.source.image_size), dtype=torch.float32)
                 flat = boxes.reshape(-1, 4)
                 _check_boxes(flat, self.source.image_size)
@@ -721,7 +999,7 @@ class _Run:
                 done_images += n
                 bar.update(n)
                 rate = done_images * layout.num_patches / (time.perf_counter() - started)
-                bar.set_postfix_str(f"{rate:,.0f} patches/s", refresh=False)
+                bar.set_postfix_str(f"{rate:,.0f} {self.unit}/s", refresh=False)
         seconds = time.perf_counter() - started
         self.run_info.update(images=done_images, seconds=round(seconds, 3),
                              patches_per_s=round(done_images * layout.num_patches / max(seconds, 1e-9), 1))
@@ -800,13 +1078,15 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser)
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--grid", type=cli.positive_int, metavar="P", help="every PxP patch of a grid (stride --stride)")
-    where.add_argument("--random", type=cli.positive_int, metavar="N", help="N fixed-scale patches of side --patch-size")
+    where.add_argument("--random", type=cli.positive_int, metavar="N",
+                       help="N fixed-scale patches of side --patch-size")
     where.add_argument("--multiscale", type=cli.positive_int, metavar="N",
                        help="N RandomResizedCrop boxes (area range --scale)")
     where.add_argument("--central", type=int, nargs="?", const=0, metavar="SIZE",
                        help="the central view (default the whole square image)")
     parser.add_argument("--stride", type=cli.positive_int, default=None, help="grid stride (default: the patch size)")
     parser.add_argument("--patch-size", type=cli.positive_int, default=None, help="side of --random patches")
+    cli.add_tokens_args(parser)
     cli.add_scale_arg(parser, (0.08, 1.0), "area range of --multiscale crops")
     cli.add_seed_arg(parser, "seed of the random samplers")
     cli.add_num_images_arg(parser, None, "images embedded")
@@ -840,8 +1120,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("the following argument is required: --store DIR (the store folder)")
     if args.verify:
         raise SystemExit(verify_command(args.store))
-    if all(getattr(args, flag) is None for flag in ("grid", "random", "multiscale", "central")):
-        parser.error("one of the arguments --grid --random --multiscale --central is required")
+    given = [flag for flag in ("grid", "random", "multiscale", "central") if getattr(args, flag) is not None]
+    if args.tokens and given:
+        parser.error(f"--{given[0]} places crops; --tokens takes the ViT's own tokens: pass one of them")
+    if not given and not args.tokens:
+        parser.error("one of the arguments --grid --random --multiscale --central --tokens is required")
+    cli.token_block(args)
     _extract_command(args)
 
 
@@ -866,8 +1150,9 @@ def _extract_command(args: argparse.Namespace) -> None:
             raise UserError(f"--num-images {args.num_images}: {args.data} {data.split} has only {len(data)} images "
                             "(pass at most that, or all)")
         image_ids = np.arange(args.num_images) if args.num_images is not None else None
+        sampler = token_sampler(model, args.resize_to, args.block) if args.tokens else _sampler_from_args(args)
         embeddings = extract_patch_embeddings(
-            model, data, _sampler_from_args(args), layers=args.layers, image_ids=image_ids, batch_size=args.batch_size,
+            model, data, sampler, layers=args.layers, image_ids=image_ids, batch_size=args.batch_size,
             chunk_size=args.chunk_size, resize_to=args.resize_to, device=device, out=args.store, dtype=args.dtype,
             amp=args.amp, compile=args.compile, overwrite=args.overwrite, num_workers=args.workers,
         )

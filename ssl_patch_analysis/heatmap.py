@@ -22,13 +22,15 @@ Command line (figure and JSON to ``figures/heatmap_<model>_<data>.{png,json}``):
     python -m ssl_patch_analysis.heatmap --model vicreg --data cifar10
     python -m ssl_patch_analysis.heatmap --model bagssl --queries "6,6;0,0" --image-ids 0,1,3
     python -m ssl_patch_analysis.heatmap --model vicreg --data imagenette --resize-to 32
+    python -m ssl_patch_analysis.heatmap --model dino-vits16-full --tokens  # a ViT's own tokens
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +41,12 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 from scipy.stats import rankdata
 
-from .data import ImageDataset
-from .extract import extract_patch_embeddings
-from .models import SSLModel
-from .patches import grid
 from . import cli
 from .cli import non_negative_int, positive_int
+from .data import ImageDataset
+from .extract import TokenSampler, extract_patch_embeddings, token_sampler
+from .models import SSLModel
+from .patches import PatchSampler, grid
 from .report import _plain, data_label, format_table, model_label, output_stem, save_figure, save_json
 
 LAYER_TITLES = {"z": "projection z", "h": "embedding h", "pre_feature": "pre-feature"}
@@ -68,7 +70,8 @@ class HeatmapResult:
     ``maps[layer][q, r, c]`` is the similarity, in ``layer``, of grid patch ``(r, c)`` to query ``q``.
     Query ``q`` is cell ``(queries[q, 1], queries[q, 2])`` of image ``image_ids[queries[q, 0]]``.
     Grid cell ``(r, c)`` is the box ``boxes[r * cols + c]`` (``x0, y0, x1, y1`` pixels), the same on
-    every image.
+    every image. With a ViT's own tokens (``tokens``: what they are, :func:`~.extract.describe_tokens`)
+    the grid is the token grid, and ``patch_size`` = ``stride`` is a token's side in image pixels.
     """
 
     maps: dict[str, np.ndarray]
@@ -82,6 +85,7 @@ class HeatmapResult:
     stride: int
     resize_to: int
     class_names: list[str]
+    tokens: dict[str, Any] | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -116,7 +120,7 @@ class HeatmapResult:
                 "maps": {layer: np.round(self.maps[layer][q], 4).tolist() for layer in self.layers},
             })
         return {"grid_shape": list(self.grid_shape), "patch_size": self.patch_size, "stride": self.stride,
-                "resize_to": self.resize_to, "layers": self.layers, "queries": queries}
+                "resize_to": self.resize_to, "tokens": self.tokens, "layers": self.layers, "queries": queries}
 
 
 def _source_images(data: ImageDataset | torch.Tensor | np.ndarray, image_ids: np.ndarray) -> np.ndarray:
@@ -197,6 +201,8 @@ def patch_similarity_maps(
     resize_to: int | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
+    tokens: bool = False,
+    block: int | None = None,
 ) -> HeatmapResult:
     """Cosine similarity of each query patch to every patch of a grid over its image, per layer.
 
@@ -205,14 +211,23 @@ def patch_similarity_maps(
     - ``patch_size``, ``stride``: the grid (default :func:`default_grid`, a 13 x 13 grid).
     - ``queries``: see :func:`query_cells` (cells on every image, ``K`` random cells, or the centre).
     - ``resize_to``: side the patches are resized to for the model (default its input size).
+    - ``tokens``: a Vision Transformer's own patch tokens of block ``block`` (default the last) instead of
+      crops: one forward pass per image fed whole at ``resize_to``, the grid the token grid (no
+      ``patch_size`` / ``stride``), ``z`` of a token the projector applied to it.
     """
     layers = _check_layers(model, layers)
     image_size = _image_size(data)
-    default_patch, default_stride = default_grid(image_size)
-    patch_size = default_patch if patch_size is None else int(patch_size)
-    stride = default_stride if stride is None else int(stride)
-    sampler = grid(patch_size, stride)
-    grid_shape = sampler.grid_shape(image_size)
+    if tokens:
+        tokens_grid = _token_grid(model, resize_to, block, patch_size, stride)
+        sampler: PatchSampler = tokens_grid
+        grid_shape = tokens_grid.grid
+        patch_size = stride = _token_side(tokens_grid, image_size)
+    else:
+        default_patch, default_stride = default_grid(image_size)
+        patch_size = default_patch if patch_size is None else int(patch_size)
+        stride = default_stride if stride is None else int(stride)
+        sampler = grid(patch_size, stride)
+        grid_shape = sampler.grid_shape(image_size)
     ids = np.asarray(list(image_ids), dtype=np.int64)
     cells = query_cells(queries, grid_shape, ids, seed=seed)
 
@@ -230,8 +245,23 @@ def patch_similarity_maps(
         maps=maps, queries=cells, image_ids=ids, labels=labels, images=_source_images(data, ids),
         boxes=np.asarray(embeddings.boxes[0], dtype=np.float32), grid_shape=grid_shape, patch_size=patch_size,
         stride=stride, resize_to=int(resize_to if resize_to is not None else model.preprocess.input_size),
-        class_names=class_names,
+        class_names=class_names, tokens=embeddings.meta.get("tokens"),
     )
+
+
+def _token_grid(model: SSLModel, resize_to: int | None, block: int | None, patch_size: int | None,
+                stride: int | None) -> TokenSampler:
+    """The token grid of ``model`` (a ViT), refusing a patch size or stride (tokens have the ViT's own)."""
+    if patch_size is not None or stride is not None:
+        raise ValueError("the patches of tokens=True (--tokens) are the ViT's own tokens: --patch-size and --stride "
+                         "do not apply")
+    return token_sampler(model, resize_to, block)
+
+
+def _token_side(sampler: TokenSampler, image_size: tuple[int, int]) -> int | float:
+    """A token's side in pixels of the image (an int where it is whole)."""
+    side = image_size[0] / sampler.grid[0]
+    return int(side) if side == int(side) else side
 
 
 def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
@@ -295,8 +325,8 @@ def locality_score(
         "locality_mean": float(locality.mean()) if len(locality) else float("nan"),
         "locality_std": float(locality.std(ddof=1)) if len(locality) > 1 else float("nan"),
         "locality_sem": float(locality.std(ddof=1) / np.sqrt(len(locality))) if len(locality) > 1 else float("nan"),
-        "num_images": int(len(defined)), "num_undefined": int(num_images - len(defined)),
-        "queries_per_image": int(len(query_index)),
+        "num_images": len(defined), "num_undefined": int(num_images - len(defined)),
+        "queries_per_image": len(query_index),
         "mean_similarity": float(np.mean(similarities)),
     }
 
@@ -332,7 +362,7 @@ def compare_locality(layer_embeddings: dict[str, np.ndarray], boxes: np.ndarray,
             result["paired_h_minus_z"] = {
                 "mean": float(difference.mean()),
                 "std": float(difference.std(ddof=1)) if len(difference) > 1 else float("nan"),
-                "fraction_h_more_local": float((difference > 0).mean()), "num_images": int(len(difference)),
+                "fraction_h_more_local": float((difference > 0).mean()), "num_images": len(difference),
             }
     return result
 
@@ -351,6 +381,8 @@ class HeatmapSettings:
     - The locality score: ``locality_images`` random images of the data (0: no score), with
       ``locality_queries`` random query patches per image (``None``: every patch).
     - ``seed``: the random query cells and patches, and the locality images.
+    - ``tokens``: a Vision Transformer's own patch tokens of ``block`` (default the last) instead of crops
+      (``patch_size`` and ``stride`` must be ``None``; ``resize_to`` is the side the whole image is fed at).
     """
 
     patch_size: int | None = None
@@ -363,6 +395,8 @@ class HeatmapSettings:
     locality_images: int = 64
     locality_queries: int | None = None
     seed: int = 0
+    tokens: bool = False
+    block: int | None = None
 
     def grid_on(self, data: ImageDataset | torch.Tensor | np.ndarray) -> tuple[int, int]:
         """``(patch_size, stride)`` on the images of ``data``: the settings', :func:`default_grid`'s where ``None``."""
@@ -430,7 +464,7 @@ class LocalityResult:
 
     @classmethod
     def from_scores(cls, scores: dict[str, Any], image_ids: np.ndarray, patch_size: int,
-                    stride: int) -> "LocalityResult":
+                    stride: int) -> LocalityResult:
         """From :func:`compare_locality`'s dictionary, measured on ``image_ids``."""
         paired = scores.get("paired_h_minus_z")
         return cls(image_ids=np.asarray(image_ids), patch_size=int(patch_size), stride=int(stride),
@@ -465,7 +499,7 @@ class HeatmapAnalysis:
 
     @classmethod
     def of(cls, model: SSLModel, data: Any, heatmaps: HeatmapResult,
-           locality: LocalityResult | None) -> "HeatmapAnalysis":
+           locality: LocalityResult | None) -> HeatmapAnalysis:
         return cls(model=model_label(model), model_info=model.info.to_dict(), data=data_label(data),
                    heatmaps=heatmaps, locality=locality)
 
@@ -492,11 +526,16 @@ def figure_heatmaps(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndar
     if not image_ids or min(image_ids) < 0 or max(image_ids) >= len(data):
         raise ValueError(f"image ids must lie in 0..{len(data) - 1} (the images of {data_label(data)}), got "
                          f"{image_ids}")
-    patch_size, stride = settings.grid_on(data)
-    rows, cols = grid(patch_size, stride).grid_shape(_image_size(data))
+    if settings.tokens:
+        patch_size, stride = settings.patch_size, settings.stride
+        rows, cols = _token_grid(model, settings.resize_to, settings.block, patch_size, stride).grid
+    else:
+        patch_size, stride = settings.grid_on(data)
+        rows, cols = grid(patch_size, stride).grid_shape(_image_size(data))
     queries = [(rows // 2, cols // 2), (0, 0)] if settings.queries is None else settings.queries
     return patch_similarity_maps(model, data, image_ids, patch_size, stride, queries=queries, layers=settings.layers,
-                                 resize_to=settings.resize_to, device=device, seed=settings.seed)
+                                 resize_to=settings.resize_to, device=device, seed=settings.seed,
+                                 tokens=settings.tokens, block=settings.block)
 
 
 def locality_over_images(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray,
@@ -511,10 +550,16 @@ def locality_over_images(model: SSLModel, data: ImageDataset | torch.Tensor | np
     layers = _check_layers(model, settings.layers)
     if settings.locality_images < 1:
         raise ValueError(f"locality_images must be at least 1 (the images scored), got {settings.locality_images}")
-    patch_size, stride = settings.grid_on(data)
+    if settings.tokens:
+        tokens_grid = _token_grid(model, settings.resize_to, settings.block, settings.patch_size, settings.stride)
+        sampler: PatchSampler = tokens_grid
+        patch_size = stride = _token_side(tokens_grid, _image_size(data))
+    else:
+        patch_size, stride = settings.grid_on(data)
+        sampler = grid(patch_size, stride)
     count = min(settings.locality_images, len(data))
     image_ids = np.sort(np.random.default_rng(settings.seed).choice(len(data), count, replace=False))
-    embeddings = extract_patch_embeddings(model, data, grid(patch_size, stride),
+    embeddings = extract_patch_embeddings(model, data, sampler,
                                           layers=["h"] + [name for name in layers if name != "h"], image_ids=image_ids,
                                           resize_to=settings.resize_to, device=device, dtype="float32",
                                           progress=progress)
@@ -535,8 +580,12 @@ def heatmap_analysis(model: SSLModel, data: ImageDataset | torch.Tensor | np.nda
 
 
 def _cell_extent(result: HeatmapResult) -> tuple[float, float, float, float]:
-    """``imshow`` extent putting cell ``(r, c)`` as a stride-wide square centred on its patch centre."""
+    """``imshow`` extent putting cell ``(r, c)`` as a stride-wide square centred on its patch centre (a token's
+    cell is its own pixel square: the token grid tiles the image)."""
     rows, cols = result.grid_shape
+    if result.tokens is not None:
+        height, width = result.images.shape[1:3]
+        return (0, width, height, 0)
     half_patch, half_stride = result.patch_size / 2, result.stride / 2
     left = half_patch - half_stride
     top = half_patch - half_stride
@@ -587,8 +636,9 @@ def plot_heatmaps(result: HeatmapResult, title: str, layers: Sequence[str] | Non
     handles = [
         Line2D([], [], color="red", linestyle="--", linewidth=1.5, label="query patch"),
         Line2D([], [], color="red", marker="+", linestyle="none", markersize=7, label="query patch centre"),
-        Rectangle((0, 0), 1, 1, facecolor="0.85", label="outside the grid of patch centres"),
     ]
+    if result.tokens is None:  # the token grid tiles the whole image
+        handles.append(Rectangle((0, 0), 1, 1, facecolor="0.85", label="outside the grid of patch centres"))
     fig.legend(handles=handles, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
     return fig
@@ -600,6 +650,11 @@ def _analysis_title(analysis: HeatmapAnalysis) -> str:
     lines = [f"Patch similarity heatmaps: {analysis.model} on {analysis.data}",
              f"grid of {result.grid_shape[0]} x {result.grid_shape[1]} patches of {result.patch_size} px, stride "
              f"{result.stride} px, each resized to {result.resize_to} px for the model"]
+    if result.tokens is not None:
+        lines[0] = f"Token similarity heatmaps: {analysis.model} on {analysis.data}"
+        lines[1] = (f"ViT tokens of block {result.tokens['block']}: {result.grid_shape[0]} x {result.grid_shape[1]} "
+                    f"grid of {result.tokens['token_size']} px patches of the image fed whole at {result.resize_to} "
+                    f"px (each token {result.patch_size:.3g} px of the image)")
     if analysis.model_info.get("stem") == "cifar" and min(height, width) > 64:
         lines[-1] += f" (a CIFAR-trained model on {height} px images)"
     if locality is not None:
@@ -673,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random images of the split for the locality score (default 64; 0 skips it)")
     parser.add_argument("--locality-queries", type=positive_int, default=None, metavar="K",
                         help="K random query patches per image for the locality score (default: every patch)")
+    cli.add_tokens_args(parser)
     return parser
 
 
@@ -695,7 +751,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
         patch_size=args.patch_size, stride=args.stride, resize_to=args.resize_to, layers=tuple(args.layers),
         image_ids=tuple(chosen_ids) if chosen_ids else None, figure_images=args.figure_images,
         queries=args.random_queries if args.random_queries is not None else (tuple(cells) if cells else None),
-        locality_images=args.locality_images, locality_queries=args.locality_queries, seed=args.seed)
+        locality_images=args.locality_images, locality_queries=args.locality_queries, seed=args.seed,
+        tokens=args.tokens, block=cli.token_block(args))
     patch_size, stride = settings.grid_on(data)  # first: images of one size, or the error that says --image-size
     image_ids = settings.figure_image_ids(data)
     if not image_ids or min(image_ids) < 0 or max(image_ids) >= len(data):
@@ -709,13 +766,17 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
                 if settings.locality_images > 0 else None)
     analysis = HeatmapAnalysis.of(model, data, heatmaps, locality)
 
-    stem = output_stem(args.out, "heatmap", cli.model_name(args), args.data)
+    stem = output_stem(args.out, cli.analysis_name("heatmap", args), cli.model_name(args), args.data)
     paths = save_figure(plot_heatmap_analysis(analysis), stem, pdf=args.pdf)
     record = {"command": cli.command_line("python -m ssl_patch_analysis.heatmap", argv), **analysis.to_dict()}
     paths.append(save_json(record, stem.with_suffix(".json")))
 
-    print(f"{analysis.model} on {analysis.data}: {heatmaps.grid_shape[0]} x {heatmaps.grid_shape[1]} grid, "
-          f"{patch_size} px patches, stride {stride}, resized to {heatmaps.resize_to} px")
+    if heatmaps.tokens is not None:
+        print(f"{analysis.model} on {analysis.data}: {heatmaps.grid_shape[0]} x {heatmaps.grid_shape[1]} tokens of "
+              f"block {heatmaps.tokens['block']}, the image fed whole at {heatmaps.resize_to} px")
+    else:
+        print(f"{analysis.model} on {analysis.data}: {heatmaps.grid_shape[0]} x {heatmaps.grid_shape[1]} grid, "
+              f"{patch_size} px patches, stride {stride}, resized to {heatmaps.resize_to} px")
     if locality is not None:
         print(format_table(locality.table_rows(), LOCALITY_TABLE_HEADERS))
         paired = locality.paired_h_minus_z

@@ -52,12 +52,14 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,6 +85,10 @@ from .knn import knn_accuracy
 from .losses import BagSSLLoss, EMPSSLLoss, LossOutput, NTXentLoss, VICRegLoss
 from .models import IMAGENET_MEAN, IMAGENET_STD, L2Normalize, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp
 from .patches import central, random_fixed, random_resized
+
+# ResNets, and timm's standard ViTs at the patch sizes used on small and large images.
+TRAIN_ARCHS = ("resnet18", "resnet50", *(f"vit_{size}_patch{patch}" for size in ("tiny", "small", "base")
+                                         for patch in (4, 8, 16)))
 
 # ----------------------------------------------------------------------------- the methods
 
@@ -197,7 +203,7 @@ class TrainConfig:
     command: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_namespace(cls, args: argparse.Namespace | "TrainConfig") -> "TrainConfig":
+    def from_namespace(cls, args: argparse.Namespace | TrainConfig) -> TrainConfig:
         if isinstance(args, TrainConfig):
             return dataclasses.replace(args)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -284,13 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-root", default=None, help="folder holding the data files (default: $SSL_PATCH_ANALYSIS_DATA)")
     add("--image-size", type=cli.positive_int, default=defaults.image_size,
         help="image folders only: resize and centre-crop every image to this")
-    add("--train-size", type=cli.positive_int, default=None, help="train on a fixed random subset of this many images (all: None)")
-    add("--arch", choices=("resnet18", "resnet50"), default=defaults.arch, help="backbone")
+    add("--train-size", type=cli.positive_int, default=None,
+        help="train on a fixed random subset of this many images (all: None)")
+    add("--arch", choices=TRAIN_ARCHS, default=defaults.arch,
+        help="backbone: a ResNet, or a ViT (timm's vit_<size>_patch<P>: tiny 192 wide, small 384, base 768, depth 12; "
+             "the crops' side --input-size must be a multiple of P; use --optimizer adamw)")
     add("--width", type=float, default=defaults.width,
         help="channel multiplier of the backbone (0.25: a narrow net for CPUs)")
     add("--cifar-padding", type=int, choices=(1, 2), default=defaults.cifar_padding,
         help="padding of the CIFAR stem's 3x3 conv (used automatically on images of 64 px or less)")
-    add("--input-size", type=int, default=None, help="side every crop is resized to (default: 32 on 32 px data, else 224)")
+    add("--input-size", type=int, default=None,
+        help="side every crop is resized to (default: 32 on 32 px data, else 224)")
     add("--projector", default=None,
         help="projector output sizes after the embedding, e.g. 2048-2048-2048 (default: the method's; emp-ssl's "
              "4096-1024 is L2-normalised and follows its pre_feature layer)")
@@ -321,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup-epochs", type=float, default=None,
         help="linear warm-up epochs before the per-step cosine decay (default: 10; emp-ssl 0)")
     cli.add_device_args(parser)
-    add("--seed", type=int, default=defaults.seed, help="seed of the initial weights, data order, crops and augmentation")
+    add("--seed", type=int, default=defaults.seed,
+        help="seed of the initial weights, data order, crops and augmentation")
     add("--run-dir", dest="out", default=None,
         help="the run folder: checkpoint, resume state and log (default: runs/<method>-<arch>-<data>)")
     add("--resume", action="store_true", help="continue the run in --run-dir from its last epoch")
@@ -329,8 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds: stop (saving a checkpoint) after the epoch after which another epoch would exceed this")
     add("--knn-every", type=int, default=defaults.knn_every,
         help="online k-NN every this many epochs and at the end (0: only at the end)")
-    add("--knn-train-size", type=int, default=defaults.knn_train_size, help="k-NN bank: this many training images (fixed subset)")
-    add("--knn-test-size", type=int, default=defaults.knn_test_size, help="k-NN queries: this many test images (fixed subset)")
+    add("--knn-train-size", type=int, default=defaults.knn_train_size,
+        help="k-NN bank: this many training images (fixed subset)")
+    add("--knn-test-size", type=int, default=defaults.knn_test_size,
+        help="k-NN queries: this many test images (fixed subset)")
     return parser
 
 
@@ -467,11 +480,34 @@ def parse_dims(text: str) -> list[int]:
     return dims
 
 
+def build_vit_backbone(arch: str, input_size: int, width: float = 1.0) -> tuple[nn.Module, int]:
+    """``vit_<tiny|small|base>_patch<P>``: timm's standard ViT of that size, position embeddings for
+    ``input_size``."""
+    from .vit import VIT_SIZES, ViTConfig, build_vit  # timm only when a ViT is trained
+
+    match = re.fullmatch(r"vit_(tiny|small|base)_patch(\d+)", arch)
+    if match is None:
+        raise ValueError(f"unknown ViT {arch!r}: use vit_<tiny|small|base>_patch<P>")
+    if width != 1.0:
+        raise ValueError(f"--width applies to ResNets only; {arch} has timm's width")
+    embed_dim, (_, depth, heads) = next((d, v) for d, v in VIT_SIZES.items() if v[0] == match.group(1))
+    patch = int(match.group(2))
+    if input_size % patch:
+        raise ValueError(f"--input-size {input_size} is not a multiple of {arch}'s patch size {patch}")
+    return build_vit(ViTConfig(patch_size=patch, embed_dim=embed_dim, depth=depth, num_heads=heads,
+                               img_size=input_size))
+
+
 def build_model(config: TrainConfig | argparse.Namespace, image_side: int) -> SSLModel:
-    """The backbone (CIFAR stem on images of 64 px or less) and the method's projector."""
+    """The backbone (CIFAR stem on images of 64 px or less, or a ViT) and the method's projector."""
     small = image_side <= 64
     stem = "cifar" if small else "imagenet"
-    backbone, dim = build_backbone(config.arch, stem=stem, cifar_padding=config.cifar_padding, width=config.width)
+    if config.arch.startswith("vit_"):
+        backbone, dim = build_vit_backbone(config.arch, config.input_size, config.width)
+        stem = f"patch{backbone.config.patch_size}"
+    else:
+        backbone, dim = build_backbone(config.arch, stem=stem, cifar_padding=config.cifar_padding,
+                                       width=config.width)
     dims = parse_dims(config.projector)
     pre_feature = None
     if METHODS[config.method].pre_feature:
@@ -489,7 +525,8 @@ def build_model(config: TrainConfig | argparse.Namespace, image_side: int) -> SS
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     preprocess = Preprocess(input_size=config.input_size, mean=tuple(mean), std=tuple(std))
     info = ModelInfo(method=config.method, arch=config.arch, stem=stem,
-                     cifar_padding=config.cifar_padding if small else None, width=config.width, embedding_dim=dim,
+                     cifar_padding=config.cifar_padding if small and stem == "cifar" else None, width=config.width,
+                     embedding_dim=dim,
                      projector_dims=[config.pre_feature if pre_feature else dim, *dims],
                      pre_feature_dims=[dim, config.pre_feature] if pre_feature else None,
                      projection_normalized=pre_feature is not None)
@@ -648,8 +685,8 @@ def central_embeddings(model: SSLModel, images: torch.Tensor, size: int, amp: bo
 
 
 def _device_layout(x: torch.Tensor) -> torch.Tensor:
-    # channels_last on every device: oneDNN's CPU convolutions are faster in it too (measured in
-    # benchmarks/train.py), as cuDNN's are under autocast.
+    # channels_last on every device: oneDNN's CPU convolutions are faster in it too (benchmarks/RESULTS.md,
+    # training throughput), as cuDNN's are under autocast.
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -755,7 +792,8 @@ def command_line(config: TrainConfig | argparse.Namespace) -> str:
     """The command that runs ``config`` (every flag that differs from its default; ``--resume`` left out)."""
     parts = ["python -m ssl_patch_analysis.train"]
     for action in build_parser()._actions:
-        if not action.option_strings or action.dest in ("help", "resume", "debug") or "--no-amp" in action.option_strings:
+        left_out = action.dest in ("help", "resume", "debug") or "--no-amp" in action.option_strings
+        if not action.option_strings or left_out:
             continue
         value = getattr(config, action.dest, action.default)
         if action.dest == "scale":  # --scale MIN,MAX holds min_scale and max_scale
@@ -772,7 +810,7 @@ def command_line(config: TrainConfig | argparse.Namespace) -> str:
 
 
 def _nonfinite_message(step: int, record: torch.Tensor, names: list[str]) -> str:
-    values = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, record.tolist()))
+    values = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, record.tolist(), strict=True))
     return (f"the loss became NaN or infinite at step {step} ({values}); stopping. The last good checkpoint is kept. "
             "Try a lower --lr / --base-lr or a longer --warmup-epochs, and check that the images are valid.")
 
@@ -997,9 +1035,7 @@ def _repair_log(path: Path, copy: list[str], source: Path, epoch: int) -> list[s
     kept, dropped = [], []
     for raw in tail.splitlines(keepends=True):
         record, problem = _log_line_problem(raw, True)
-        if problem is None and "epoch" not in record:
-            kept.append(raw.decode())
-        elif problem is None and int(record["epoch"]) <= epoch:
+        if problem is None and ("epoch" not in record or int(record["epoch"]) <= epoch):
             kept.append(raw.decode())
         else:
             dropped.append(f"epoch {record['epoch']} (trained again)" if problem is None else problem)
@@ -1030,7 +1066,8 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     export_model = build_model(config, min(image_size))
     steps_per_epoch = len(data.images) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(data.images)} images)")
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the training set "
+                         f"({len(data.images)} images)")
     optimizer = build_optimizer(config, ssl_model, config.peak_lr)
 
     start_epoch, step, previous_wall = 0, 0, 0.0
@@ -1069,7 +1106,8 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         if not log_lines and log_path.is_file():  # a log the resume state holds no copy of: kept as it is
             log_lines = log_path.read_text(errors="replace").splitlines(keepends=True)
         header = log_line({
-            "command": config.command, "args": _plain(config), "resumed_from_epoch": start_epoch if config.resume else None,
+            "command": config.command, "args": _plain(config),
+            "resumed_from_epoch": start_epoch if config.resume else None,
             "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
             "world_size": processes.world_size, "device": _device_name(device)})
         log_lines.append(header)
@@ -1091,7 +1129,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
                            config.patch_size, config.min_scale, config.max_scale),
         augmentation=config.augmentation(), steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * schedule_epochs,
-        warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)),
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         start_epoch=start_epoch, step=step, previous_wall=previous_wall, start_time=start_time, log_lines=log_lines,
         rotate_resume=resume_source == resume_path)
 
@@ -1138,7 +1176,7 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> EpochResult:
     if processes.world_size > 1:
         dist.all_reduce(mean_terms)
         mean_terms /= processes.world_size
-    return EpochResult(dict(zip(monitor.names, mean_terms.tolist())), train_time, lr)
+    return EpochResult(dict(zip(monitor.names, mean_terms.tolist(), strict=True)), train_time, lr)
 
 
 def training_step(run: TrainingRun, images: torch.Tensor, boxes: torch.Tensor, exact: bool, lr: float) -> LossOutput:
@@ -1304,7 +1342,8 @@ def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall:
         "projector": config.projector, "epochs": epochs_done, "epochs_planned": config.epochs,
         "schedule_epochs": config.schedule_epochs or config.epochs,
         "batch_size": config.batch_size, "lr": config.peak_lr, "base_lr": config.base_lr,
-        "optimizer": config.optimizer, "weight_decay": config.weight_decay, "amp": bool(config.amp), "seed": config.seed,
+        "optimizer": config.optimizer, "weight_decay": config.weight_decay, "amp": bool(config.amp),
+        "seed": config.seed,
         "wall_time_s": wall, "device": _device_name(device), "knn_top1": knn,
         "knn": f"weighted k-NN k={KNN_K} T={KNN_TEMPERATURE}, central view, {data.knn_split}",
         "stopped_early": stopped_early, "command": config.command,

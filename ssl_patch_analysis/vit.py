@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -133,16 +134,38 @@ class ViT(VisionTransformer):
         self._check_input(x)
         return super().forward(x)
 
+    def block_index(self, block: int | None = None) -> int:
+        """``block`` as an index in ``0 .. depth - 1`` (None: the last block; negative counts from the end)."""
+        depth = len(self.blocks)
+        index = depth - 1 if block is None else int(block)
+        if not -depth <= index < depth:
+            raise ValueError(f"block {block} does not exist: this ViT has {depth} blocks (0 to {depth - 1})")
+        return index % depth
+
     def patch_tokens(self, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
         """The patch tokens of block ``block`` (default: the last), after the final norm where the model has one
         (as DINO's ``get_intermediate_layers``), as a B x D x grid_h x grid_w map; prefix tokens are left out."""
+        return self.embed_tokens(x, block)[1]
+
+    def embed_tokens(self, x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, tokens)`` of one forward pass stopped after block ``block`` (default: the last).
+
+        Every token of that block goes through the final norm (``norm``, as DINO's
+        ``get_intermediate_layers`` does for any block); ``tokens`` are the patch tokens as a
+        B x D x grid_h x grid_w map (prefix tokens left out) and ``h`` (B x D) is the model's pooling of
+        the same sequence (the class token, or the mean of the patch tokens then ``fc_norm``): for the
+        last block exactly :meth:`forward`'s output.
+        """
         self._check_input(x)
-        index = len(self.blocks) - 1 if block is None else block
-        if not -len(self.blocks) <= index < len(self.blocks):
-            raise ValueError(f"block {block} does not exist: this ViT has {len(self.blocks)} blocks (0 to "
-                             f"{len(self.blocks) - 1})")
-        return self.forward_intermediates(x, indices=[index % len(self.blocks)], norm=True, stop_early=True,
-                                          output_fmt="NCHW", intermediates_only=True)[0]
+        index = self.block_index(block)
+        grid_h, grid_w = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        t = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for layer in self.blocks[:index + 1]:
+            t = layer(t)
+        t = self.norm(t)
+        h = self.forward_head(t, pre_logits=True)
+        tokens = t[:, self.num_prefix_tokens:].reshape(len(t), grid_h, grid_w, -1).permute(0, 3, 1, 2)
+        return h, tokens
 
 
 def build_vit(config: ViTConfig) -> tuple[ViT, int]:

@@ -87,7 +87,8 @@ NAMED_WEIGHTS: dict[str, NamedWeights] = {
         "MoCo v3 ResNet-50, 1000 epochs: base encoder + 2-layer projector"),
     # MAE's README (pretrained encoders) and FINETUNE.md (ImageNet fine-tuned, global pooling):
     "mae-vitb16": NamedWeights(
-        f"{_FB}/mae/pretrain/mae_pretrain_vit_base.pth", "mae", "MAE ViT-B/16 pretrained encoder (facebookresearch/mae)"),
+        f"{_FB}/mae/pretrain/mae_pretrain_vit_base.pth", "mae",
+        "MAE ViT-B/16 pretrained encoder (facebookresearch/mae)"),
     "mae-vitl16": NamedWeights(
         f"{_FB}/mae/pretrain/mae_pretrain_vit_large.pth", "mae", "MAE ViT-L/16 pretrained encoder"),
     "mae-vith14": NamedWeights(
@@ -106,6 +107,7 @@ SHIPPED_ALIASES: dict[str, str] = {
     "vicreg": "vicreg-resnet18-cifar10",
     "bagssl": "bagssl-resnet18-cifar10",
     "simclr": "simclr-resnet18-cifar10",
+    "vicreg-vit": "vicreg-vit_tiny_patch4-cifar10",
 }
 
 

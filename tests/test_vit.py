@@ -208,7 +208,8 @@ def test_dino_full_checkpoint_loads_the_teacher_and_its_head_as_the_projector(tm
     teacher_head, student_head = _dino_head(48, 4, use_bn).state_dict(), _dino_head(48, 5, use_bn).state_dict()
     # main_dino.py: the student is DDP-wrapped (module.), the teacher is not (a ViT has no BatchNorm);
     # MultiCropWrapper names the parts backbone and head.
-    teacher = {**{f"backbone.{k}": v for k, v in teacher_vit.items()}, **{f"head.{k}": v for k, v in teacher_head.items()}}
+    teacher = {**{f"backbone.{k}": v for k, v in teacher_vit.items()},
+               **{f"head.{k}": v for k, v in teacher_head.items()}}
     student = {**{f"module.backbone.{k}": v for k, v in student_vit.items()},
                **{f"module.head.{k}": v for k, v in student_head.items()}}
     torch.save({"student": student, "teacher": teacher, "epoch": 100,
@@ -450,7 +451,8 @@ def test_analyses_run_on_a_vit_with_crops_through_the_network(tmp_path):
 
     vit = _vit_state(width=48, depth=2, patch=8, grid=4, seed=15)
     head = _dino_head(48, 16).state_dict()
-    torch.save({"teacher": {**{f"backbone.{k}": v for k, v in vit.items()}, **{f"head.{k}": v for k, v in head.items()}},
+    teacher = {**{f"backbone.{k}": v for k, v in vit.items()}, **{f"head.{k}": v for k, v in head.items()}}
+    torch.save({"teacher": teacher,
                 "student": {}, "args": argparse.Namespace(arch="vit_tiny")}, tmp_path / "checkpoint.pth")
     model = _load(tmp_path / "checkpoint.pth")
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -541,8 +543,9 @@ def test_foreign_and_damaged_vit_checkpoints_are_named_in_one_line(tmp_path):
         _load(save(state))
 
     conv_stem = {k: v for k, v in good.items() if not k.startswith("patch_embed.")}
-    conv_stem.update({"patch_embed.proj.0.weight": torch.zeros(6, 3, 3, 3), "patch_embed.proj.1.running_mean": torch.zeros(6)})
-    with pytest.raises(ValueError, match="convolutional stem .*vit_conv") as err:
+    conv_stem.update({"patch_embed.proj.0.weight": torch.zeros(6, 3, 3, 3),
+                      "patch_embed.proj.1.running_mean": torch.zeros(6)})
+    with pytest.raises(ValueError, match=r"convolutional stem .*vit_conv") as err:
         _load(save(conv_stem))
     _one_line(err)
 
@@ -567,7 +570,8 @@ def test_foreign_and_damaged_vit_checkpoints_are_named_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="truncated or corrupt"):
         _load(tmp_path / "half.pth")
 
-    swin_like = {"patch_embed.proj.weight": torch.zeros(48, 3, 4, 4), "layers.0.blocks.0.attn.qkv.weight": torch.zeros(144, 48)}
+    swin_like = {"patch_embed.proj.weight": torch.zeros(48, 3, 4, 4),
+                 "layers.0.blocks.0.attn.qkv.weight": torch.zeros(144, 48)}
     with pytest.raises(ValueError, match="unknown checkpoint layout") as err:
         _load(save(swin_like))
     assert "vit (" in str(err.value) and "mocov3 (" in str(err.value)
