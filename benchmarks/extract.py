@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import platform
 import time
 
@@ -29,10 +30,19 @@ from PIL import Image
 
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.extract import (
-    _autocast_dtype, _Embedder, cpu_has_bf16, default_chunk_size, extract_patch_embeddings,
+    _autocast_dtype,
+    _Embedder,
+    cpu_has_bf16,
+    default_chunk_size,
+    extract_patch_embeddings,
 )
 from ssl_patch_analysis.models import (
-    CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ModelInfo,
+    Preprocess,
+    SSLModel,
+    build_backbone,
 )
 from ssl_patch_analysis.patches import grid
 
@@ -47,7 +57,8 @@ def make_model(arch: str, stem: str, images_uint8: torch.Tensor) -> SSLModel:
     """A randomly initialised network whose BatchNorm statistics are calibrated on real images.
 
     With the initial statistics (mean 0, variance 1) activations of a random ResNet drift into
-    subnormal floats, which run 50-100x slower on a CPU and would make every timing meaningless.
+    subnormal floats, which run slowly on a CPU and would make every timing meaningless (RESULTS.md,
+    "Numbers quoted in the code").
     """
     torch.manual_seed(0)
     backbone, dim = build_backbone(arch, stem=stem)
@@ -72,7 +83,7 @@ def sync(device: torch.device) -> None:
 def naive(model, images_uint8, boxes, size, device) -> torch.Tensor:
     outputs = []
     with torch.inference_mode():
-        for image, image_boxes in zip(images_uint8, boxes):
+        for image, image_boxes in zip(images_uint8, boxes, strict=True):
             pil = Image.fromarray(image.permute(1, 2, 0).numpy())
             crops = [TF.to_tensor(pil.crop(tuple(int(v) for v in b)).resize((size, size), Image.BILINEAR))
                      for b in image_boxes.tolist()]
@@ -123,7 +134,7 @@ def run_setup(name, data, model, sampler, num_images, device, repeats):
     reference = naive(user_model, images, boxes, size, device)
     rows = []
     for mode, options in MODES[device.type].items():
-        def extract():
+        def extract(options: dict = options):  # bound now: timed within this iteration
             result = extract_patch_embeddings(model, data, sampler, image_ids=ids, chunk_size=chunk, device=device,
                                               progress=False, layers=["h"], dtype="float32", **options)
             sync(device)
@@ -136,7 +147,7 @@ def run_setup(name, data, model, sampler, num_images, device, repeats):
         agreement = min_cosine(torch.from_numpy(extract().h.reshape(patches, -1)), reference)
         embedder = _Embedder(model, device, ["h"], chunk, _autocast_dtype(device, options["amp"]), options["compile"])
         forward_only(embedder, chunk, size, device)  # warm-up (compiles)
-        t_forward = median_time(lambda: forward_only(embedder, patches, size, device), repeats)
+        t_forward = median_time(functools.partial(forward_only, embedder, patches, size, device), repeats)
         rows.append({
             "setup": name, "mode": mode, "patches": patches, "chunk": chunk, "naive": patches / t_naive,
             "extract": patches / t_extract, "forward": patches / t_forward, "cos": agreement,
@@ -161,7 +172,8 @@ def main() -> None:
                           128 * args.scale, device, args.repeats))
     imagenette = load_dataset("imagenette", "val", root=args.data_root)
     rows.extend(run_setup("Imagenette val, 224 px, ResNet-50, grid 112/56 -> 224 px",
-                          imagenette, make_model("resnet50", "imagenet", imagenette.get_batch(range(32))), grid(112, 56),
+                          imagenette, make_model("resnet50", "imagenet", imagenette.get_batch(range(32))),
+                          grid(112, 56),
                           64 * args.scale, device, args.repeats))
 
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else

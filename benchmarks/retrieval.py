@@ -104,12 +104,14 @@ def versions() -> str:
     import sklearn
     import torch
 
-    return f"faiss {faiss.__version__}, scikit-learn {sklearn.__version__}, torch {torch.__version__}, numpy {np.__version__}"
+    return (f"faiss {faiss.__version__}, scikit-learn {sklearn.__version__}, torch {torch.__version__}, "
+            f"numpy {np.__version__}")
 
 
 def recall(found: np.ndarray, reference: np.ndarray) -> float:
     rows = min(len(found), len(reference))
-    return float(np.mean([len(set(a) & set(b)) / reference.shape[1] for a, b in zip(found[:rows], reference[:rows])]))
+    pairs = zip(found[:rows], reference[:rows], strict=True)
+    return float(np.mean([len(set(a) & set(b)) / reference.shape[1] for a, b in pairs]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([method, f"{r['build_s']:.2f}", f"{search_all:.1f}", f"{total:.1f}",
                      f"{r['peak_rss_mib']:,.0f}", f"{r['peak_rss_mib'] - r['rss_with_data_mib']:,.0f}",
                      f"{recall(neighbours[method], neighbours['faiss']):.4f}", note])
-    for row, method in zip(rows, methods):
+    for row in rows:
         total = float(row[3])
         row.insert(4, f"{total / faiss_total:.1f}x")
 

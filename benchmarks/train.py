@@ -22,7 +22,6 @@ Prints one table: crops (patches or views) per second, (b)/(a) and (b)/(c).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import tempfile
@@ -38,9 +37,16 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.extract import cpu_has_bf16
 from ssl_patch_analysis.train import (
-    METHODS, TrainConfig, build_loss, build_model, build_optimizer, crops_of, method_loss, read_log, train,
+    METHODS,
+    TrainConfig,
+    build_loss,
+    build_model,
+    build_optimizer,
+    crops_of,
+    method_loss,
+    read_log,
+    train,
 )
-
 
 # ----------------------------------------------------------------------------- (a) EMP-SSL's data path
 
@@ -52,8 +58,9 @@ class _RandomBlur:
         self.p = p
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if np.random.rand() < self.p:
-            return image.filter(ImageFilter.GaussianBlur(np.random.rand() * 1.9 + 0.1))
+        # EMP-SSL draws from NumPy's global generator (seeded per DataLoader worker): kept as written.
+        if np.random.rand() < self.p:  # noqa: NPY002
+            return image.filter(ImageFilter.GaussianBlur(np.random.rand() * 1.9 + 0.1))  # noqa: NPY002
         return image
 
 

@@ -63,7 +63,7 @@ def adjust_saturation(images: torch.Tensor, factors: torch.Tensor) -> torch.Tens
 def _rgb_to_hsv(images: torch.Tensor) -> torch.Tensor:
     # Pillow's algorithm, as torchvision implements it; denominators are replaced by 1 where
     # max == min (grey pixels), where hue and saturation are 0 anyway.
-    r, g, b = images.unbind(dim=1)
+    r, g, _ = images.unbind(dim=1)
     minc, maxc = torch.aminmax(images, dim=1)
     grey = maxc == minc
     ones = torch.ones_like(maxc)

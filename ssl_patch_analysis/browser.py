@@ -26,19 +26,19 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .checkpoints import load_model
+from .cli import resolve_device
 from .data import ImageDataset, cache_dir, load_dataset
 from .extract import extract_patch_embeddings, model_sha256
 from .models import SSLModel
 from .patches import grid
-from .cli import resolve_device
 from .report import data_label, model_label, slug
 from .store import PatchEmbeddings
 
@@ -181,8 +181,8 @@ class PatchBrowser:
                                             description="patch row", continuous_update=False)
         self.col_slider = widgets.IntSlider(value=first.grid_shape[1] // 2, min=0, max=first.grid_shape[1] - 1,
                                             description="patch col", continuous_update=False)
-        self.layer_buttons = widgets.ToggleButtons(options=[(LAYER_LABELS.get(l, l), l) for l in layers], value=layer,
-                                                   description="space")
+        self.layer_buttons = widgets.ToggleButtons(options=[(LAYER_LABELS.get(name, name), name) for name in layers],
+                                                   value=layer, description="space")
         self.k_slider = widgets.IntSlider(value=k, min=1, max=max(16, k), description="k", continuous_update=False)
         self.exclude_box = widgets.Checkbox(value=exclude_same_image, description="leave out the query's image")
         self.summary = widgets.HTML()

@@ -92,7 +92,8 @@ def spectral_contrastive_loss_sampled(f_a: Tensor, f_b: Tensor, f_neg: Tensor) -
             f"{tuple(f_b.shape)}"
         )
     if f_neg.ndim != 2 or f_neg.shape[1] != f_a.shape[1]:
-        raise ValueError(f"f_neg must be M x {f_a.shape[1]} (patches drawn from the marginal), got {tuple(f_neg.shape)}")
+        raise ValueError(f"f_neg must be M x {f_a.shape[1]} (patches drawn from the marginal), "
+                         f"got {tuple(f_neg.shape)}")
     if f_a.shape[0] == 0 or f_neg.shape[0] == 0:
         raise ValueError("need at least one positive pair and one independent patch")
     positive = (f_a * f_b).sum(dim=1).mean()

@@ -12,7 +12,8 @@ Where the data come from (:func:`load_dataset`):
   ones (about 7 grey levels off); their decode is cached once under :func:`cache_dir`. Both give an
   in-memory :class:`TensorImageDataset`.
 - ``imagenette`` (split ``val``): ``imagenette_jpeg.npz``, decoded lazily image by image (the whole
-  split would be 590 MB decoded, while decoding one 224 px JPEG takes about a millisecond).
+  split would be 590 MB decoded, while decoding one 224 px JPEG is cheap: benchmarks/RESULTS.md, "Numbers
+  quoted in the code").
 - a folder path: :class:`ImageFolderDataset` (torchvision's ImageFolder layout), decoded lazily.
 
 When CIFAR-10 is found nowhere, a request for its ``test`` split is served by the built-in sample
@@ -45,11 +46,12 @@ import tempfile
 import warnings
 import zipfile
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, partial
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -382,7 +384,7 @@ class JpegArchiveDataset(ImageDataset):
 
     @cached_property
     def image_size(self) -> tuple[int, int] | None:
-        # Pillow reads only the JPEG header here: all 3,925 Imagenette sizes take ~0.15 s.
+        # Pillow reads only the JPEG headers here: cheap even for all of Imagenette (benchmarks/RESULTS.md).
         sizes = {_header_size(self._file(i), f"image {i} of {self.source}", self.fix) for i in range(len(self))}
         return _common_size(sizes)
 
@@ -435,7 +437,8 @@ class ImageFolderDataset(ImageDataset):
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             problems = list(tqdm(pool.map(_image_problem, self.paths), total=len(self.paths),
                                  desc=f"checking the images of {self.root}", unit="img", delay=2.0, mininterval=0.5))
-        self.skipped = [(path, problem) for path, problem in zip(self.paths, problems) if problem is not None]
+        self.skipped = [(path, problem) for path, problem in zip(self.paths, problems, strict=True)
+                        if problem is not None]
         if not self.skipped:
             return
         named = ", ".join(f"{path.relative_to(self.root).as_posix()} ({problem})"
@@ -555,7 +558,8 @@ def _decoded_cache_path(archive: Path, split: str) -> Path:
 
 
 def _checksum(images: np.ndarray) -> int:
-    # CRC-32 runs at over 1 GB/s: the 150 MB of CIFAR-10's training split cost about 0.1 s.
+    # CRC-32 is cheap beside decoding: a fraction of a second for CIFAR-10's training split (timing in
+    # benchmarks/RESULTS.md, "Numbers quoted in the code").
     return zlib.crc32(np.ascontiguousarray(images))
 
 
@@ -634,11 +638,11 @@ class _CifarUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batch files and nothing else: only the globals a pickled dict of numpy
     arrays needs may load, so a tampered file cannot run code."""
 
-    allowed = {
+    allowed = frozenset({
         ("_codecs", "encode"), ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    }
+    })
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.allowed:
@@ -706,7 +710,7 @@ def _load_torchvision_cifar(folder: Path, name: str, split: str) -> TensorImageD
     _, files, meta_file, names_key, labels_key = TORCHVISION_CIFAR[name]
     batches = [_cifar_batch(folder / f, labels_key) for f in files[split]]
     class_names = _cifar_class_names(folder / meta_file, names_key)
-    for f, (_, batch_labels) in zip(files[split], batches):
+    for f, (_, batch_labels) in zip(files[split], batches, strict=True):
         if len(batch_labels) and not (0 <= batch_labels.min() and batch_labels.max() < len(class_names)):
             raise _damaged_cifar(folder / f, f"its labels {batch_labels.min()}..{batch_labels.max()} do not fit the "
                                              f"{len(class_names)} classes of {meta_file}")

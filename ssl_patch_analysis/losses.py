@@ -22,9 +22,9 @@ determinant of the TCR and the squared covariances are not safe in float16.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist

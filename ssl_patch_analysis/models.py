@@ -1,6 +1,6 @@
 """Backbones, projectors and the `SSLModel` wrapper every analysis works with.
 
-Notation (DESIGN.md): a patch ``x`` gives the embedding ``h = f(x)`` (pooled backbone output) and
+Notation (docs/design.md): a patch ``x`` gives the embedding ``h = f(x)`` (pooled backbone output) and
 the projection ``z = g(h)``. EMP-SSL puts a ``pre_feature`` layer between them:
 ``z = projection(pre_feature(h))``.
 
@@ -16,10 +16,12 @@ stripping alone. They add two things torchvision's constructors cannot express:
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +61,7 @@ class ResNet(nn.Module):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
-        base = max(1, int(round(64 * width)))
+        base = max(1, round(64 * width))
         self.inplanes = base
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, base, kernel_size=7, stride=2, padding=3, bias=False)
@@ -186,7 +188,7 @@ def build_mlp(dims: Sequence[int], last_bias: bool = True, last_bn: bool = False
     if len(dims) < 2:
         raise ValueError(f"a projector needs at least input and output dims, got {list(dims)}")
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+    for d_in, d_out in itertools.pairwise(dims[:-1]):
         layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1], bias=last_bias))
     if last_bn:
@@ -290,7 +292,7 @@ class Preprocess:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
         mean, std = d.get("mean"), d.get("std")
         return cls(
             input_size=int(d.get("input_size", 224)),
@@ -402,7 +404,8 @@ def randomly_initialised(model: SSLModel, seed: int = 0, calibration_images: tor
     are then set to the average, over batches of those images, of the activations' batch mean and
     variance (as BatchNorm computes them in training mode): with the
     initial statistics (mean 0, variance 1) a random ResNet's activations shrink layer by layer into
-    subnormal floats (50-100x slower on a CPU, and numerically degenerate). No weight sees the data.
+    subnormal floats (slow on a CPU, and numerically degenerate; see benchmarks/RESULTS.md, "Numbers
+    quoted in the code"). No weight sees the data.
     ``model.info`` records it (``extra["random_init"]``) and its source gains a ``random-init``
     suffix, so figures and stores of the control never take the trained model's name.
     """
@@ -442,7 +445,8 @@ def _calibrate_batch_norm(model: SSLModel, batch_norms: list[nn.Module], images:
                     x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
                 model(x)
     finally:
-        for m, (momentum, training) in zip(batch_norms, saved):
-            m.momentum = momentum
         model.train(was_training)
+        for m, (momentum, training) in zip(batch_norms, saved, strict=True):
+            m.momentum = momentum
+            m.train(training)
     return len(images)

@@ -5,7 +5,7 @@ exclusive: the box covers columns ``x0 .. x1 - 1`` and rows ``y0 .. y1 - 1`` (as
 coordinates it spans ``[x0, x1] x [y0, y1]``, which is what ``torchvision.ops.roi_align`` takes
 with ``aligned=True``). Every sampler returns a float32 tensor ``B x P x 4`` for ``B`` images.
 
-The samplers are the scales of the paper (DESIGN.md):
+The samplers are the scales of the paper (docs/design.md):
 
 - :func:`grid`: every position of a regular grid (heatmaps, "all patches" of the convergence study);
 - :func:`random_fixed`: BagSSL's fixed-scale patches at random positions (its pretraining and its
@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import operator
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -256,9 +257,9 @@ class RandomResizedSampler(PatchSampler):
         """``(h, w)`` of the crop used when no try fits: the image cropped to the nearest allowed ratio."""
         in_ratio = width / height
         if in_ratio < self.ratio[0]:
-            return int(round(width / self.ratio[0])), width
+            return round(width / self.ratio[0]), width
         if in_ratio > self.ratio[1]:
-            return height, int(round(height * self.ratio[1]))
+            return height, round(height * self.ratio[1])
         return height, width
 
     def boxes(self, image_ids: Sequence[int] | torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
@@ -333,7 +334,7 @@ class CentralSampler(PatchSampler):
         ids = _image_ids(image_ids)
         side = min(height, width) if self.size is None else self.size
         _check_fits(side, height, width, what="central crop")
-        y0, x0 = int(round((height - side) / 2.0)), int(round((width - side) / 2.0))
+        y0, x0 = round((height - side) / 2.0), round((width - side) / 2.0)
         box = torch.tensor([[x0, y0, x0 + side, y0 + side]], dtype=torch.float32)
         return box.unsqueeze(0).repeat(len(ids), 1, 1)
 

@@ -3,6 +3,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+import helpers
+from ssl_patch_analysis.models import SSLModel
 
 DATA_ENV = "SSL_PATCH_ANALYSIS_DATA"
 
@@ -46,8 +50,19 @@ def no_data_root(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_cache(tmp_path_factory):
+def _isolated_cache(tmp_path_factory) -> None:
     """Keep decoded-data caches of the test run out of the user's cache folder."""
     if "SSL_PATCH_ANALYSIS_CACHE" not in os.environ:
         os.environ["SSL_PATCH_ANALYSIS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
+
+
+@pytest.fixture
+def tiny_model() -> SSLModel:
+    """A fresh :func:`helpers.tiny_model` for each test: narrow CIFAR ResNet-18 with projector, seed 0."""
+    return helpers.tiny_model()
+
+
+@pytest.fixture
+def random_images() -> torch.Tensor:
+    """:func:`helpers.random_images` ``(8)``: 8 x 3 x 32 x 32 uint8 noise, seed 0 (slice what a test needs)."""
+    return helpers.random_images(8)

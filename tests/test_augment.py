@@ -29,7 +29,7 @@ def images(cifar10_npz) -> torch.Tensor:
 
 
 def _each(images: torch.Tensor, op, factors) -> torch.Tensor:
-    return torch.stack([op(image, float(f)) for image, f in zip(images, factors)])
+    return torch.stack([op(image, float(f)) for image, f in zip(images, factors, strict=True)])
 
 
 @pytest.mark.parametrize("ours, theirs, low, high", [
@@ -50,7 +50,8 @@ def test_large_hue_shifts_match_torchvision(images):
 
 def test_blur_matches_torchvision_per_image(images):
     sigmas = torch.linspace(0.1, 2.0, len(images))
-    expected = torch.stack([TF.gaussian_blur(image, [5, 5], [float(s), float(s)]) for image, s in zip(images, sigmas)])
+    expected = torch.stack([TF.gaussian_blur(image, [5, 5], [float(s), float(s)])
+                            for image, s in zip(images, sigmas, strict=True)])
     torch.testing.assert_close(gaussian_blur(images, sigmas, 5), expected, atol=1e-5, rtol=0)
 
 
@@ -65,7 +66,8 @@ def test_p1_with_fixed_factors_equals_the_torchvision_chain(images):
                                 grayscale_p=1.0, blur_p=1.0, blur_sigma=(1.5, 1.5), blur_kernel_size=3,
                                 solarize_p=1.0)
     out = augmentation(images, torch.Generator().manual_seed(0))
-    expected = TF.solarize(TF.gaussian_blur(TF.rgb_to_grayscale(TF.horizontal_flip(images), 3), [3, 3], [1.5, 1.5]), 0.5)
+    grey = TF.rgb_to_grayscale(TF.horizontal_flip(images), 3)
+    expected = TF.solarize(TF.gaussian_blur(grey, [3, 3], [1.5, 1.5]), 0.5)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
@@ -75,7 +77,7 @@ def test_p1_jitter_applies_the_drawn_factors_in_torchvision_order(images):
     out = augmentation(images, generator)
     u = torch.rand(len(images), 10, generator=torch.Generator().manual_seed(3))
     expected = []
-    for image, row in zip(images, u):
+    for image, row in zip(images, u, strict=True):
         image = TF.adjust_brightness(image, 0.6 + 0.8 * float(row[2]))
         image = TF.adjust_contrast(image, 0.6 + 0.8 * float(row[3]))
         image = TF.adjust_saturation(image, 0.8 + 0.4 * float(row[4]))

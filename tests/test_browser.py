@@ -5,19 +5,17 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
+import helpers
 from ssl_patch_analysis.browser import PatchBrowser, default_grid, embed_data, spread_ids
 from ssl_patch_analysis.data import load_dataset
-
-from helpers import tiny_model
 
 K = 5
 
 
 @pytest.fixture(scope="module")
 def browser(cifar10_npz, imagenette_npz, data_root, tmp_path_factory):
-    model = tiny_model()
+    model = helpers.tiny_model()
     cache = tmp_path_factory.mktemp("browser-cache")
     sources = {
         "cifar10": embed_data(model, load_dataset("cifar10", "test", root=data_root), num_images=24, cache=cache,
@@ -131,7 +129,7 @@ def test_select_rejects_bad_input_with_the_valid_range(browser):
 
 
 def test_second_embedding_reads_the_store_back(cifar10_npz, data_root, tmp_path):
-    model = tiny_model(1)
+    model = helpers.tiny_model(1)
     data = load_dataset("cifar10", "test", root=data_root)
     first = embed_data(model, data, num_images=6, cache=tmp_path, device="cpu", progress=False)
     files = sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock")  # the lock records its holder
@@ -139,6 +137,6 @@ def test_second_embedding_reads_the_store_back(cifar10_npz, data_root, tmp_path)
     second = embed_data(model, data, num_images=6, cache=tmp_path, device="cpu", progress=False)
     assert [p.stat().st_mtime_ns for p in files] == stamps  # nothing rewritten
     np.testing.assert_array_equal(np.asarray(first.embeddings.layer("z")), np.asarray(second.embeddings.layer("z")))
-    other = embed_data(tiny_model(2), data, num_images=6, cache=tmp_path, device="cpu", progress=False)
+    other = embed_data(helpers.tiny_model(2), data, num_images=6, cache=tmp_path, device="cpu", progress=False)
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2  # other weights: their own store
     assert not np.allclose(np.asarray(other.embeddings.layer("z")), np.asarray(first.embeddings.layer("z")))

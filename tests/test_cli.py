@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from ssl_patch_analysis import cli
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.data import default_split
-
-from helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("extract", "convergence", "heatmap", "retrieval", "evaluate", "train", "checkpoints")
@@ -32,7 +31,7 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad-inputs")
     (folder / "damaged.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
     (folder / "notes.txt").write_text("not weights")
-    save_checkpoint(tiny_model(), folder / "tiny.pt")
+    save_checkpoint(helpers.tiny_model(), folder / "tiny.pt")
     (folder / "empty").mkdir()
     return folder
 
@@ -144,10 +143,10 @@ def test_device_cuda_without_a_gpu_says_pass_cpu(name, files, capsys):
 def test_debug_shows_the_traceback_instead(files, monkeypatch, capsys):
     from ssl_patch_analysis import convergence
 
-    with pytest.raises(ValueError, match="damaged.pt"):
+    with pytest.raises(ValueError, match=r"damaged\.pt"):
         convergence.main(["--model", str(files / "damaged.pt"), "--device", "cpu", "--debug"])
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
-    with pytest.raises(ValueError, match="damaged.pt"):
+    with pytest.raises(ValueError, match=r"damaged\.pt"):
         convergence.main(["--model", str(files / "damaged.pt"), "--device", "cpu"])
 
 
@@ -168,8 +167,8 @@ def test_a_bug_is_one_line_with_status_1_and_the_way_to_see_more(files, monkeypa
 def test_from_the_shell_one_line_and_status_2(files):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(cli.DEBUG_ENV, None)
-    done = subprocess.run([sys.executable, "-m", "ssl_patch_analysis.checkpoints", "--model", str(files / "damaged.pt")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "ssl_patch_analysis.checkpoints", "--model", str(files / "damaged.pt")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert_one_line(done.stderr, "damaged.pt")
 
@@ -180,10 +179,12 @@ SHARED_FLAGS = {  # flag -> commands that take it (each with the same type and m
     "--model": COMMANDS[:-2] + ("checkpoints",), "--arch": COMMANDS, "--data": COMMANDS[:-1],
     "--data-root": COMMANDS[:-1], "--image-size": COMMANDS[:-1], "--device": COMMANDS[:-1],
     "--amp": COMMANDS[:-1], "--no-amp": COMMANDS[:-1], "--compile": COMMANDS[:-1], "--seed": COMMANDS[:-1],
-    "--batch-size": ("extract", "convergence", "retrieval", "evaluate", "train"), "--debug": COMMANDS, "--download": COMMANDS[:-2] + ("checkpoints",),
+    "--batch-size": ("extract", "convergence", "retrieval", "evaluate", "train"), "--debug": COMMANDS,
+    "--download": COMMANDS[:-2] + ("checkpoints",),
     "--split": COMMANDS[:-2], "--skip-bad-images": COMMANDS[:-2], "--random-init": COMMANDS[:-2],
     "--resize-to": COMMANDS[:-2], "--out": COMMANDS[1:-2], "--cifar-padding": COMMANDS,
-    "--num-images": ("extract", "convergence", "retrieval"), "--layers": ("extract", "convergence", "heatmap", "evaluate"),
+    "--num-images": ("extract", "convergence", "retrieval"),
+    "--layers": ("extract", "convergence", "heatmap", "evaluate"),
     "--scale": ("extract", "evaluate", "train"), "--store": ("extract", "retrieval"),
 }
 

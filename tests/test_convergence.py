@@ -10,8 +10,15 @@ from scipy import stats
 
 from ssl_patch_analysis.checkpoints import load_model
 from ssl_patch_analysis.convergence import (
-    Summary, convergence_curve, cosine_to_whole_image, default_patch_sizes, default_stride, derangement, main,
-    parse_n_values, plot_convergence,
+    Summary,
+    convergence_curve,
+    cosine_to_whole_image,
+    default_patch_sizes,
+    default_stride,
+    derangement,
+    main,
+    parse_n_values,
+    plot_convergence,
 )
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.models import ModelInfo, Preprocess, SSLModel

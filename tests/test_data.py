@@ -3,6 +3,7 @@ image folders, and the errors a user gets for missing or wrong data."""
 import io
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import helpers
 from ssl_patch_analysis import data
 from ssl_patch_analysis.data import (
     DataFileError,
@@ -34,15 +36,17 @@ def chw_to_hwc(image: torch.Tensor) -> np.ndarray:
     return image.permute(1, 2, 0).numpy()
 
 
-def jpeg_bytes(image: np.ndarray) -> bytes:
+def jpeg_bytes(image: torch.Tensor) -> bytes:
+    """``image`` (3 x H x W, uint8) as a JPEG file."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=90)
+    Image.fromarray(chw_to_hwc(image)).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
-def write_jpeg_archive(path: Path, splits: dict[str, tuple[list[np.ndarray], list[int]]],
+def write_jpeg_archive(path: Path, splits: dict[str, tuple[Sequence[torch.Tensor], list[int]]],
                        class_names: list[str]) -> None:
-    """An archive in the shared data folder's layout: <split>_jpeg, <split>_offsets, <split>_labels."""
+    """An archive in the shared data folder's layout: <split>_jpeg, <split>_offsets, <split>_labels.
+    Each split's images are 3 x H x W uint8 tensors (a batch from :func:`helpers.random_images`)."""
     arrays: dict[str, np.ndarray] = {"class_names": np.array(class_names)}
     for split, (images, labels) in splits.items():
         files = [np.frombuffer(jpeg_bytes(im), dtype=np.uint8) for im in images]
@@ -50,10 +54,6 @@ def write_jpeg_archive(path: Path, splits: dict[str, tuple[list[np.ndarray], lis
         arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(f) for f in files])]).astype(np.int64)
         arrays[f"{split}_labels"] = np.array(labels, dtype=np.int64)
     np.savez(path, **arrays)
-
-
-def random_images(rng: np.random.Generator, n: int, size: int = 32) -> list[np.ndarray]:
-    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
 @pytest.fixture(scope="session")
@@ -125,9 +125,9 @@ def test_changed_archive_is_decoded_again(tmp_path, monkeypatch):
     calls = []
     real_decode = data.decode_jpegs
     monkeypatch.setattr(data, "decode_jpegs", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
-    rng = np.random.default_rng(0)
     archive = tmp_path / "cifar10_jpeg.npz"
-    splits = {"train": (random_images(rng, 4), [0, 1, 2, 3]), "test": (random_images(rng, 3), [9, 8, 7])}
+    splits = {"train": (helpers.random_images(4, seed=0), [0, 1, 2, 3]),
+              "test": (helpers.random_images(3, seed=1), [9, 8, 7])}
     write_jpeg_archive(archive, splits, CIFAR10_CLASSES)
 
     first = load_dataset("cifar10", "test", root=tmp_path)
@@ -136,7 +136,7 @@ def test_changed_archive_is_decoded_again(tmp_path, monkeypatch):
     assert torch.equal(first.images, second.images)
     assert first.labels.tolist() == [9, 8, 7]
 
-    splits["test"] = (random_images(rng, 2), [5, 6])
+    splits["test"] = (helpers.random_images(2, seed=2), [5, 6])
     write_jpeg_archive(archive, splits, CIFAR10_CLASSES)
     stat = archive.stat()
     os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new mtime even on coarse clocks
@@ -153,16 +153,15 @@ def test_unwritable_cache_warns_and_still_loads(tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("SSL_PATCH_ANALYSIS_CACHE", str(blocker / "cache"))
-    rng = np.random.default_rng(1)
-    write_jpeg_archive(tmp_path / "cifar10_jpeg.npz", {"test": (random_images(rng, 2), [1, 2])}, CIFAR10_CLASSES)
+    write_jpeg_archive(tmp_path / "cifar10_jpeg.npz", {"test": (helpers.random_images(2, seed=1), [1, 2])},
+                       CIFAR10_CLASSES)
     with pytest.warns(UserWarning, match="SSL_PATCH_ANALYSIS_CACHE"):
         dataset = load_dataset("cifar10", "test", root=tmp_path)
     assert dataset.labels.tolist() == [1, 2]
 
 
 def test_archive_with_mixed_image_sizes_is_refused(tmp_path):
-    rng = np.random.default_rng(2)
-    images = random_images(rng, 1) + random_images(rng, 1, size=16)
+    images = [*helpers.random_images(1, seed=2), *helpers.random_images(1, size=16, seed=3)]
     write_jpeg_archive(tmp_path / "cifar10_jpeg.npz", {"test": (images, [0, 1])}, CIFAR10_CLASSES)
     with pytest.raises(ValueError, match="image 1 is 16x16"):
         load_dataset("cifar10", "test", root=tmp_path)
@@ -226,8 +225,9 @@ def test_torchvision_cifar10_folder_is_read_and_preferred(tmp_path, monkeypatch)
     rng = np.random.default_rng(3)
     expected = write_fake_cifar10_folder(tmp_path, rng)
     # A JPEG archive beside it must be ignored: torchvision's files hold the official pixels.
-    write_jpeg_archive(tmp_path / "cifar10_jpeg.npz", {"train": (random_images(rng, 1), [0]),
-                                                       "test": (random_images(rng, 1), [0])}, CIFAR10_CLASSES)
+    write_jpeg_archive(tmp_path / "cifar10_jpeg.npz", {"train": (helpers.random_images(1, seed=4), [0]),
+                                                       "test": (helpers.random_images(1, seed=5), [0])},
+                       CIFAR10_CLASSES)
     for split in ("train", "test"):
         dataset = load_dataset("cifar10", split, root=tmp_path)
         images, labels = expected[split]
@@ -252,7 +252,7 @@ def test_torchvision_cifar100_folder_with_str_keys(tmp_path):
     assert dataset.class_names == names
     assert dataset.labels.tolist() == [99, 0, 42]
     assert torch.equal(dataset.images, torch.from_numpy(images))
-    with pytest.raises(FileNotFoundError, match="train.*download=True"):
+    with pytest.raises(FileNotFoundError, match=r"train.*download=True"):
         load_dataset("cifar100", "train", root=tmp_path)
 
 
@@ -442,5 +442,5 @@ def test_tensor_dataset_validates_and_batches():
         TensorImageDataset(images.float(), [0, 1, 1, 0], ["a", "b"])
     with pytest.raises(ValueError, match="N=4"):
         TensorImageDataset(images, [0, 1], ["a", "b"])
-    with pytest.raises(ValueError, match="0..1"):
+    with pytest.raises(ValueError, match=r"0\.\.1"):
         TensorImageDataset(images, [0, 1, 2, 0], ["a", "b"])

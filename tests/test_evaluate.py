@@ -8,18 +8,36 @@ import pytest
 import torch
 from torch import nn
 
+import helpers
 from ssl_patch_analysis import evaluate
 from ssl_patch_analysis.augment import Augmentation
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.data import TensorImageDataset
 from ssl_patch_analysis.evaluate import (
-    EMP_SSL_AUGMENTATION, PatchScale, ProbeSchedule, build_parser, evaluate_features, evaluate_protocols, knn_eval,
-    linear_probe, main, patch_boost, pretraining_scale, probe_schedule_from_args, protocol_features, protocol_sampler,
-    results_table, subset_ids,
+    EMP_SSL_AUGMENTATION,
+    PatchScale,
+    ProbeSchedule,
+    build_parser,
+    evaluate_features,
+    evaluate_protocols,
+    knn_eval,
+    linear_probe,
+    main,
+    patch_boost,
+    pretraining_scale,
+    probe_schedule_from_args,
+    protocol_features,
+    protocol_sampler,
+    results_table,
+    subset_ids,
 )
 from ssl_patch_analysis.extract import augment_patches, extract_patch_embeddings
 from ssl_patch_analysis.models import (
-    CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ModelInfo,
+    Preprocess,
+    SSLModel,
 )
 from ssl_patch_analysis.patches import CentralSampler, GridSampler, RandomFixedSampler, RandomResizedSampler
 
@@ -53,26 +71,8 @@ def linear_gap_model(channels: int = 6, seed: int = 0) -> SSLModel:
 
 
 def random_dataset(n: int = 6, size: int = 32, seed: int = 0, classes: int = 3) -> TensorImageDataset:
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
-    return TensorImageDataset(images, torch.arange(n) % classes, [f"class{c}" for c in range(classes)],
-                              name="random", split="test")
-
-
-def tiny_model(train: dict | None = None) -> SSLModel:
-    """A narrow CIFAR ResNet-18 with batch-norm statistics measured on random images (normal activations)."""
-    torch.manual_seed(0)
-    backbone, dim = build_backbone("resnet18", stem="cifar", width=0.125)
-    info = ModelInfo(method="test", arch="resnet18", stem="cifar", width=0.125, embedding_dim=dim,
-                     extra={"train": train or {}})
-    model = SSLModel(backbone, build_mlp([dim, 32, 16]), preprocess=Preprocess(32, CIFAR10_MEAN, CIFAR10_STD),
-                     info=info)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(torch.rand(64, 3, 32, 32))
-    return model.eval()
+    return TensorImageDataset(helpers.random_images(n, size, seed), torch.arange(n) % classes,
+                              [f"class{c}" for c in range(classes)], name="random", split="test")
 
 
 def normalising_linear_model(channels: int = 6, seed: int = 0) -> SSLModel:
@@ -203,7 +203,7 @@ def test_linear_probe_standardises_features():
 
 def test_linear_probe_rejects_bad_input():
     x, y = gaussian_blobs(5, seed=0)
-    with pytest.raises(ValueError, match="lie in 0..2"):
+    with pytest.raises(ValueError, match=r"lie in 0\.\.2"):
         linear_probe(x, y + 1, x, y, 3, device="cpu")
     with pytest.raises(ValueError, match="NaN or infinite"):
         linear_probe(np.full_like(x, np.nan), y, x, y, 3, device="cpu")
@@ -288,12 +288,12 @@ def test_probe_without_standardisation_trains_on_the_raw_features():
 
 
 def test_protocol_samplers_follow_the_pretraining_scale():
-    fixed = tiny_model({"patch_size": 16, "min_scale": None, "max_scale": None})
-    multi = tiny_model({"patch_size": None, "min_scale": 0.2, "max_scale": 0.9})
+    fixed = helpers.tiny_model(train={"patch_size": 16, "min_scale": None, "max_scale": None})
+    multi = helpers.tiny_model(train={"patch_size": None, "min_scale": 0.2, "max_scale": 0.9})
     assert pretraining_scale(fixed) == PatchScale(patch_size=16)
     assert pretraining_scale(multi) == PatchScale(scale=(0.2, 0.9))
     with pytest.raises(ValueError, match="--patch-size"):
-        pretraining_scale(tiny_model({}))
+        pretraining_scale(helpers.tiny_model(train={}))
 
     assert isinstance(protocol_sampler("central"), CentralSampler)
     one = protocol_sampler("1", pretraining_scale(fixed), seed=4)
@@ -347,7 +347,7 @@ def test_n_patch_feature_is_the_mean_over_the_drawn_patches():
 
 
 def test_store_dir_caches_features(tmp_path):
-    model, data = tiny_model({"patch_size": 16}), random_dataset(n=4)
+    model, data = helpers.tiny_model(train={"patch_size": 16}), random_dataset(n=4)
     options = dict(device="cpu", progress=False, store_dir=tmp_path, seed=1)
     first, _ = protocol_features(model, data, "3", **options)
     assert len(list(tmp_path.iterdir())) == 1
@@ -366,7 +366,7 @@ def test_store_dir_caches_features(tmp_path):
 
 
 def test_identity_augmentation_gives_exactly_the_unaugmented_features():
-    model, data = tiny_model({"patch_size": 16}), random_dataset(n=5)
+    model, data = helpers.tiny_model(train={"patch_size": 16}), random_dataset(n=5)
     identity = Augmentation(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
     for protocol in ("central", "3"):  # gathered exactly, and resized by roi_align
         options = dict(device="cpu", progress=False, seed=3, batch_size=2)
@@ -377,7 +377,7 @@ def test_identity_augmentation_gives_exactly_the_unaugmented_features():
 
 
 def test_augmentation_changes_the_features_and_is_seeded_per_image():
-    model, data = tiny_model({"patch_size": 16}), random_dataset(n=3)
+    model, data = helpers.tiny_model(train={"patch_size": 16}), random_dataset(n=3)
     options = dict(device="cpu", progress=False, augmentation=EMP_SSL_AUGMENTATION)
     plain, _ = protocol_features(model, data, "3", seed=1, device="cpu", progress=False)
     first, _ = protocol_features(model, data, "3", seed=1, **options)
@@ -424,7 +424,7 @@ def test_augment_patches_keys_each_image_by_seed_and_id():
 
 
 def test_augmented_features_have_a_store_of_their_own(tmp_path):
-    model, data = tiny_model({"patch_size": 16}), random_dataset(n=4)
+    model, data = helpers.tiny_model(train={"patch_size": 16}), random_dataset(n=4)
     options = dict(device="cpu", progress=False, store_dir=tmp_path / "cache", seed=1)
     protocol_features(model, data, "2", **options)
     stored, _ = protocol_features(model, data, "2", augmentation=EMP_SSL_AUGMENTATION, **options)
@@ -464,7 +464,7 @@ def test_subset_ids_are_stratified_seeded_and_disjoint():
 
 
 def test_evaluate_protocols_and_boost_on_tiny_model():
-    model = tiny_model({"patch_size": 16})
+    model = helpers.tiny_model(train={"patch_size": 16})
     train, test = random_dataset(n=12, seed=0), random_dataset(n=6, seed=1)
     results = evaluate_protocols(model, train, test, ["central", "1", "3"], ks=(2, 20), device="cpu",
                                  schedule=ProbeSchedule(epochs=2), progress=False)
@@ -494,9 +494,9 @@ def test_evaluate_protocols_and_boost_on_tiny_model():
 # ----------------------------------------------------------------------------- command line
 
 
-def test_cli_writes_figures_and_json(tmp_path, cifar10_npz, data_root, capsys):
+def test_cli_writes_figures_and_json(tmp_path, cifar10_npz, data_root, capsys, tiny_model):
     checkpoint = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_model(), checkpoint, train={"patch_size": 16, "min_scale": None, "max_scale": None})
+    save_checkpoint(tiny_model, checkpoint, train={"patch_size": 16, "min_scale": None, "max_scale": None})
     out = tmp_path / "figures"
     argv = ["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--split", "test",
             "--train-split", "test", "--train-size", "40", "--test-size", "20", "--protocols", "central,1,4",
@@ -534,13 +534,14 @@ def test_probe_flags_fill_in_the_preset():
     assert schedule("--probe", "emp-ssl") == ProbeSchedule.emp_ssl()
     assert schedule("--probe", "emp-ssl", "--probe-lr", "0.1", "--probe-epochs", "7") == dataclasses.replace(
         ProbeSchedule.emp_ssl(), lr=0.1, epochs=7)
-    assert schedule("--probe-weight-decay", "0", "--probe-batch-size", "64") == ProbeSchedule(weight_decay=0.0, batch_size=64)
+    small_batches = ProbeSchedule(weight_decay=0.0, batch_size=64)
+    assert schedule("--probe-weight-decay", "0", "--probe-batch-size", "64") == small_batches
     assert build_parser().parse_args(["--model", "m"]).augment_patches == "none"
 
 
-def test_cli_emp_ssl_probe_and_augmentation(tmp_path, cifar10_npz, data_root, capsys, monkeypatch):
+def test_cli_emp_ssl_probe_and_augmentation(tmp_path, cifar10_npz, data_root, capsys, monkeypatch, tiny_model):
     checkpoint = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_model(), checkpoint, train={"patch_size": 16, "min_scale": None, "max_scale": None})
+    save_checkpoint(tiny_model, checkpoint, train={"patch_size": 16, "min_scale": None, "max_scale": None})
     augmentations = []
     real_protocol_features = evaluate.protocol_features
 

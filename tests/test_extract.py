@@ -15,35 +15,21 @@ import torch.multiprocessing as mp
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from helpers import random_images, tiny_model
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.data import ImageFolderDataset, TensorImageDataset
 from ssl_patch_analysis.extract import (
-    cpu_has_bf16, crop_patches, default_num_workers, extract_patch_embeddings, extraction_options,
+    cpu_has_bf16,
+    crop_patches,
+    default_num_workers,
+    extract_patch_embeddings,
+    extraction_options,
 )
 from ssl_patch_analysis.models import (
-    CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp,
+    SSLModel,
 )
 from ssl_patch_analysis.patches import grid, random_fixed, random_resized
 from ssl_patch_analysis.store import PatchEmbeddings, done_batches
-
-
-def tiny_model(seed: int = 0, projector: bool = True, input_size: int = 32) -> SSLModel:
-    """A narrow ResNet-18 whose batch-norm statistics were measured on random images.
-
-    Calibrated statistics keep activations in a normal range; with the initial ones (mean 0, var 1)
-    some inputs drive the CPU into slow subnormal arithmetic.
-    """
-    torch.manual_seed(seed)
-    backbone, dim = build_backbone("resnet18", stem="cifar", width=0.125)
-    head = build_mlp([dim, 32, 16]) if projector else None
-    info = ModelInfo(method="test", arch="resnet18", stem="cifar", width=0.125, embedding_dim=dim)
-    model = SSLModel(backbone, head, preprocess=Preprocess(input_size, CIFAR10_MEAN, CIFAR10_STD), info=info)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # a plain average over the calibration batch
-    with torch.no_grad():
-        model.train()(torch.rand(64, 3, input_size, input_size))
-    return model.eval()
 
 
 def smooth_image(size: int = 64, period: float = 64.0) -> torch.Tensor:
@@ -53,10 +39,6 @@ def smooth_image(size: int = 64, period: float = 64.0) -> torch.Tensor:
     channels = [0.5 + 0.25 * torch.sin(2 * math.pi * (x / period + c / 3))
                 * torch.cos(2 * math.pi * (y / (1.3 * period) + c / 5)) for c in range(3)]
     return torch.stack(channels).float()
-
-
-def random_images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- crops
@@ -219,6 +201,7 @@ def test_cuda_out_of_memory_halves_the_chunk_and_changes_nothing():
     assert np.allclose(got.h, expected.h, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_and_bf16_runs_agree_with_float32():
     model, images = tiny_model(), random_images(3)
     # 27 patches in chunks of 10: the last chunk (7) is padded to the compiled shape and cut back.
@@ -238,6 +221,7 @@ def test_compiled_and_bf16_runs_agree_with_float32():
     assert not np.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compile_never_serves_a_graph_of_old_weights():
     # Compiled graphs hold the weights as constants; after the weights change the extractor must
     # compile again rather than reuse torch.compile's cached graph for the same module.
@@ -317,6 +301,7 @@ def test_images_of_mixed_sizes_ask_for_image_size(tmp_path):
 # ----------------------------------------------------------------------------- resume, ranks, CLI
 
 
+@pytest.mark.slow  # SIGKILL of a command-line run
 def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path, cifar10_npz):
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(tiny_model(), checkpoint)
@@ -377,6 +362,7 @@ def _rank_worker(rank: int, world_size: int, rendezvous: str, weights: str, imag
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes
 def test_two_gloo_ranks_write_one_store_equal_to_a_single_process(tmp_path):
     model = tiny_model(seed=5)
     torch.save(model.state_dict(), tmp_path / "weights.pt")

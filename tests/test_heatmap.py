@@ -9,40 +9,30 @@ from matplotlib.image import AxesImage
 from PIL import Image
 from scipy.stats import spearmanr
 
+import helpers
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.heatmap import (
-    LOCALITY_TABLE_HEADERS, HeatmapSettings, compare_locality, default_grid, figure_heatmaps, first_of_each_class,
-    heatmap_analysis, locality_over_images, locality_score, main, patch_similarity_maps, plot_heatmap_analysis,
-    plot_heatmaps, spearman_rho,
+    LOCALITY_TABLE_HEADERS,
+    HeatmapSettings,
+    compare_locality,
+    default_grid,
+    figure_heatmaps,
+    first_of_each_class,
+    heatmap_analysis,
+    locality_over_images,
+    locality_score,
+    main,
+    patch_similarity_maps,
+    plot_heatmap_analysis,
+    plot_heatmaps,
+    spearman_rho,
 )
-from ssl_patch_analysis.report import format_table
 from ssl_patch_analysis.models import (
-    CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, ModelInfo, Preprocess, SSLModel, build_backbone,
-    build_mlp,
+    SSLModel,
 )
 from ssl_patch_analysis.patches import grid
-
-
-def tiny_model(stem: str = "cifar", input_size: int = 32, projector: bool = True, seed: int = 0) -> SSLModel:
-    """A narrow random ResNet-18 whose batch-norm statistics were measured on random images (eval mode)."""
-    torch.manual_seed(seed)
-    backbone, dim = build_backbone("resnet18", stem=stem, width=0.125)
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if stem == "cifar" else (IMAGENET_MEAN, IMAGENET_STD)
-    info = ModelInfo(method="test", arch="resnet18", stem=stem, width=0.125, embedding_dim=dim)
-    model = SSLModel(backbone, build_mlp([dim, 32, 16]) if projector else None,
-                     preprocess=Preprocess(input_size, mean, std), info=info)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None
-    with torch.no_grad():
-        model.train()(torch.rand(32, 3, input_size, input_size))
-    return model.eval()
-
-
-def random_images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (count, 3, size, size), generator=torch.Generator().manual_seed(seed),
-                         dtype=torch.uint8)
+from ssl_patch_analysis.report import format_table
 
 
 @torch.no_grad()
@@ -62,8 +52,8 @@ def direct_maps(model: SSLModel, image: torch.Tensor, patch: int, stride: int, c
 # ----------------------------------------------------------------------------- similarity maps
 
 
-def test_maps_equal_direct_computation_and_query_scores_one():
-    model, images = tiny_model(), random_images(2)
+def test_maps_equal_direct_computation_and_query_scores_one(tiny_model, random_images):
+    model, images = tiny_model, random_images[:2]
     cells = [(3, 3), (0, 6), (5, 1)]
     result = patch_similarity_maps(model, images, [1, 0], patch_size=8, stride=4, queries=cells, resize_to=8,
                                    device="cpu")
@@ -80,9 +70,9 @@ def test_maps_equal_direct_computation_and_query_scores_one():
     np.testing.assert_array_equal(result.images[0], images[1].permute(1, 2, 0).numpy())
 
 
-def test_identical_patches_elsewhere_score_one():
-    model = tiny_model()
-    tile = random_images(1, size=16, seed=3)[0]
+def test_identical_patches_elsewhere_score_one(tiny_model):
+    model = tiny_model
+    tile = helpers.random_images(1, size=16, seed=3)[0]
     tiled = tile.repeat(1, 2, 2)[None]  # a 32 x 32 image of 2 x 2 copies of one 16 x 16 tile
     # Patches at their own size (no resampling): resizing would blend in pixels just outside each box,
     # which differ between the copies.
@@ -92,7 +82,7 @@ def test_identical_patches_elsewhere_score_one():
         np.testing.assert_allclose(result.maps[layer], 1.0, atol=1e-5)
 
     # Period 8, stride 4: every other cell repeats the query's pixels exactly, the cells between do not.
-    periodic = random_images(1, size=8, seed=4)[0].repeat(1, 4, 4)[None]
+    periodic = helpers.random_images(1, size=8, seed=4)[0].repeat(1, 4, 4)[None]
     result = patch_similarity_maps(model, periodic, [0], patch_size=8, stride=4, queries=[(2, 4)], resize_to=8,
                                    device="cpu")
     for layer in ("z", "h"):
@@ -103,7 +93,7 @@ def test_identical_patches_elsewhere_score_one():
 
 def test_imagenet_shaped_model_on_real_imagenette(imagenette_npz):
     data = load_dataset("imagenette", "val", root=imagenette_npz.parent)
-    model = tiny_model(stem="imagenet", input_size=56)
+    model = helpers.tiny_model(stem="imagenet", input_size=56)
     patch, stride = default_grid(data.image_size)
     assert (patch, stride) == (56, 14) and grid(patch, stride).grid_shape((224, 224)) == (13, 13)
     result = patch_similarity_maps(model, data, [5], patch_size=56, stride=56, queries=[(1, 2)], device="cpu")
@@ -115,8 +105,8 @@ def test_imagenet_shaped_model_on_real_imagenette(imagenette_npz):
     assert fig.axes[0].get_xlim() == (0.0, 224.0)
 
 
-def test_default_and_random_queries_and_clear_errors():
-    model, images = tiny_model(), random_images(2)
+def test_default_and_random_queries_and_clear_errors(tiny_model, random_images):
+    model, images = tiny_model, random_images[:2]
     result = patch_similarity_maps(model, images, [0, 1], patch_size=8, stride=4, resize_to=8, device="cpu")
     assert result.queries.tolist() == [[0, 3, 3], [1, 3, 3]]  # the centre cell of the 7 x 7 grid
     result = patch_similarity_maps(model, images, [0, 1], patch_size=8, stride=4, queries=5, resize_to=8,
@@ -128,11 +118,11 @@ def test_default_and_random_queries_and_clear_errors():
     with pytest.raises(ValueError, match=r"inside the 7 x 7 grid"):
         patch_similarity_maps(model, images, [0], patch_size=8, stride=4, queries=[(7, 0)], device="cpu")
     with pytest.raises(ValueError, match="has h; pass layers among those"):
-        patch_similarity_maps(tiny_model(projector=False), images, [0], patch_size=8, stride=4, device="cpu")
+        patch_similarity_maps(helpers.tiny_model(projector=False), images, [0], patch_size=8, stride=4, device="cpu")
 
 
-def test_plot_puts_every_map_on_one_colour_scale_with_cells_on_patch_centres():
-    result = patch_similarity_maps(tiny_model(), random_images(2), [0, 1], patch_size=8, stride=4,
+def test_plot_puts_every_map_on_one_colour_scale_with_cells_on_patch_centres(tiny_model, random_images):
+    result = patch_similarity_maps(tiny_model, random_images[:2], [0, 1], patch_size=8, stride=4,
                                    queries=[(3, 3), (0, 0)], resize_to=8, device="cpu")
     fig = plot_heatmaps(result, "tiny model on random images")
     maps = [image for ax in fig.axes for image in ax.get_images() if image.get_label() in ("z", "h")]
@@ -207,9 +197,9 @@ def test_locality_matches_scipy_spearman_pair_by_pair():
 # ----------------------------------------------------------------------------- command line
 
 
-def test_cli_writes_figure_and_json(tmp_path, cifar10_npz):
+def test_cli_writes_figure_and_json(tmp_path, cifar10_npz, tiny_model):
     checkpoint = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_model(), checkpoint)
+    save_checkpoint(tiny_model, checkpoint)
     record = main(["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(cifar10_npz.parent),
                    "--device", "cpu", "--patch-size", "16", "--stride", "8", "--queries", "1,1;0,2",
                    "--image-ids", "0,3", "--locality-images", "4", "--out", str(tmp_path / "figs")])
@@ -229,9 +219,9 @@ def test_cli_writes_figure_and_json(tmp_path, cifar10_npz):
     assert len(written["locality"]["image_ids"]) == 4
 
 
-def test_cli_explains_bad_queries(tmp_path, cifar10_npz, capsys):
+def test_cli_explains_bad_queries(tmp_path, cifar10_npz, capsys, tiny_model):
     checkpoint = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_model(), checkpoint)
+    save_checkpoint(tiny_model, checkpoint)
     common = ["--model", str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu",
               "--patch-size", "16", "--stride", "8", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
@@ -243,9 +233,9 @@ def test_cli_explains_bad_queries(tmp_path, cifar10_npz, capsys):
     assert not list(tmp_path.glob("heatmap_*"))
 
 
-def test_cli_random_init_control_is_named_apart_and_uses_fresh_weights(tmp_path, cifar10_npz):
+def test_cli_random_init_control_is_named_apart_and_uses_fresh_weights(tmp_path, cifar10_npz, tiny_model):
     checkpoint = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_model(), checkpoint)
+    save_checkpoint(tiny_model, checkpoint)
     common = ["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(cifar10_npz.parent),
               "--device", "cpu", "--patch-size", "16", "--stride", "8", "--queries", "1,1",
               "--image-ids", "0", "--locality-images", "4", "--out", str(tmp_path / "figs")]
@@ -279,12 +269,13 @@ def test_cli_refuses_negative_counts_instead_of_skipping_silently(flag, value, m
 # ----------------------------------------------------------------------------- the library functions
 
 
-def test_heatmap_analysis_is_what_the_command_writes(tmp_path, cifar10_npz, capsys):
+def test_heatmap_analysis_is_what_the_command_writes(tmp_path, cifar10_npz, capsys, tiny_model):
     checkpoint = tmp_path / "tiny.pt"
-    save_checkpoint(tiny_model(), checkpoint)
+    save_checkpoint(tiny_model, checkpoint)
     record = main(["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(cifar10_npz.parent),
                    "--device", "cpu", "--patch-size", "16", "--stride", "8", "--resize-to", "16",
-                   "--queries", "1,1;0,2", "--image-ids", "0,3", "--locality-images", "5", "--locality-queries", "4", "--seed", "2",
+                   "--queries", "1,1;0,2", "--image-ids", "0,3", "--locality-images", "5", "--locality-queries", "4",
+                   "--seed", "2",
                    "--out", str(tmp_path / "figs")])
     printed = capsys.readouterr().out
     written = json.loads((tmp_path / "figs" / "heatmap_tiny_cifar10.json").read_text())
@@ -304,8 +295,8 @@ def test_heatmap_analysis_is_what_the_command_writes(tmp_path, cifar10_npz, caps
     assert fig.get_suptitle().startswith(f"Patch similarity heatmaps: {analysis.model} on {analysis.data}\n")
 
 
-def test_locality_over_images_equals_a_direct_computation_on_real_images(cifar10_npz):
-    data, model = load_dataset("cifar10", "test", root=cifar10_npz.parent), tiny_model()
+def test_locality_over_images_equals_a_direct_computation_on_real_images(cifar10_npz, tiny_model):
+    data, model = load_dataset("cifar10", "test", root=cifar10_npz.parent), tiny_model
     # Patches fed at their own size (no resampling), so that slicing them out by hand gives the same pixels.
     settings = HeatmapSettings(patch_size=16, stride=8, resize_to=16, locality_images=3, seed=5)
     locality = locality_over_images(model, data, settings, device="cpu")
@@ -339,8 +330,8 @@ def test_locality_over_images_equals_a_direct_computation_on_real_images(cifar10
     assert paired.mean == pytest.approx(difference.mean()) and paired.fraction_h_more_local == np.mean(difference > 0)
 
 
-def test_figure_heatmaps_defaults_and_errors(cifar10_npz):
-    data, model = load_dataset("cifar10", "test", root=cifar10_npz.parent), tiny_model()
+def test_figure_heatmaps_defaults_and_errors(cifar10_npz, tiny_model):
+    data, model = load_dataset("cifar10", "test", root=cifar10_npz.parent), tiny_model
     settings = HeatmapSettings(patch_size=16, stride=8, resize_to=16, figure_images=2, locality_images=0)
     analysis = heatmap_analysis(model, data, settings, device="cpu")
     heatmaps = analysis.heatmaps

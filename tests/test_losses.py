@@ -9,6 +9,8 @@ Conventions where lightly differs (each adapted below, and stated in the losses'
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -46,7 +48,7 @@ def _assert_same_value_and_grads(ours, reference, *inputs: torch.Tensor) -> None
     value, grads = _value_and_grads(ours, *inputs)
     ref_value, ref_grads = _value_and_grads(reference, *inputs)
     torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
-    for grad, ref_grad in zip(grads, ref_grads):
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
 
 
@@ -111,7 +113,8 @@ def test_total_coding_rate_of_orthonormal_batch():
     dim, eps = 6, 0.2
     q, _ = torch.linalg.qr(_randn(dim, dim, seed=5))
     rate = total_coding_rate(q.unsqueeze(1), eps)
-    torch.testing.assert_close(rate, torch.tensor([dim / 2 * torch.log(torch.tensor(1 + 1 / eps)).item()], dtype=torch.float64))
+    expected = dim / 2 * math.log(1 + 1 / eps)
+    torch.testing.assert_close(rate, torch.tensor([expected], dtype=torch.float64))
 
 
 def test_variance_term_zero_when_std_at_least_one_and_positive_when_collapsed():
@@ -273,6 +276,7 @@ def _distributed_worker(rank: int, init_file: str, results: dict) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes
 def test_gather_with_grad_gives_the_global_batch_loss_on_two_gloo_processes(tmp_path):
     """Each rank holds half the batch; the mean of the ranks' losses is the single-process loss of
     the whole batch, and each rank's input gradient is WORLD times the global one (DDP then
@@ -281,9 +285,9 @@ def test_gather_with_grad_gives_the_global_batch_loss_on_two_gloo_processes(tmp_
     results = manager.dict()
     mp.spawn(_distributed_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=WORLD, join=True)
     for name, (make, _) in LOSSES.items():
-        value, grads = _value_and_grads(lambda *x: make()(*x).total, *_global_inputs(name))
+        value, grads = _value_and_grads(lambda *x, make=make: make()(*x).total, *_global_inputs(name))
         rank_values = [results[(name, r)][0] for r in range(WORLD)]
         assert sum(rank_values) / WORLD == pytest.approx(value.item(), rel=1e-10), name
         for r in range(WORLD):
-            for rank_grad, grad in zip(results[(name, r)][1], grads):
+            for rank_grad, grad in zip(results[(name, r)][1], grads, strict=True):
                 torch.testing.assert_close(rank_grad / WORLD, grad.chunk(WORLD)[r], msg=name)

@@ -4,9 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import tiny_model
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, subset_ids
@@ -21,8 +19,8 @@ def _card_module():
     return module
 
 
-def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar10_npz):
-    model = tiny_model()
+def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar10_npz, tiny_model):
+    model = tiny_model
     model.info.method = "bagssl"
     checkpoint = tmp_path / "tiny-bagssl.pt"
     save_checkpoint(model, checkpoint, train={"method": "bagssl", "patch_size": 16})

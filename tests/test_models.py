@@ -5,8 +5,15 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import helpers
 from ssl_patch_analysis.models import (
-    CIFAR10_MEAN, CIFAR10_STD, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    ModelInfo,
+    Preprocess,
+    SSLModel,
+    build_backbone,
+    build_mlp,
 )
 
 
@@ -81,13 +88,12 @@ def test_model_without_projector_says_so():
 
 
 def test_randomly_initialised_fresh_seeded_weights_and_calibrated_batch_norm():
-    from helpers import tiny_model
     from ssl_patch_analysis.models import randomly_initialised
 
-    trained = tiny_model(seed=1)
+    trained = helpers.tiny_model(seed=1)
     trained.info.source = "pretrained/tiny.pt"
     before = {k: v.clone() for k, v in trained.state_dict().items()}
-    images = torch.randint(0, 256, (40, 3, 48, 48), dtype=torch.uint8)  # resized to the input side (32)
+    images = helpers.random_images(40, size=48, seed=1)  # resized to the input side (32)
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
     control = randomly_initialised(trained, seed=7, calibration_images=images, batch_size=64)
@@ -95,7 +101,7 @@ def test_randomly_initialised_fresh_seeded_weights_and_calibrated_batch_norm():
     assert not control.training
     weights = [k for k, v in before.items() if v.ndim >= 2]  # convolutions and linear layers
     assert weights and all(not torch.allclose(control.state_dict()[k], before[k]) for k in weights)
-    again = randomly_initialised(tiny_model(seed=2), seed=7, calibration_images=images, batch_size=64)
+    again = randomly_initialised(helpers.tiny_model(seed=2), seed=7, calibration_images=images, batch_size=64)
     for k, v in control.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k  # the seed alone decides the control
     # BatchNorm of the stem: one calibration batch, so its statistics are the batch's own, computed here
@@ -111,13 +117,12 @@ def test_randomly_initialised_fresh_seeded_weights_and_calibrated_batch_norm():
     assert control.info.extra["random_init"] == {"seed": 7, "batch_norm_calibration_images": 40}
 
 
-def test_randomly_initialised_without_calibration_keeps_initial_statistics():
-    from helpers import tiny_model
+def test_randomly_initialised_without_calibration_keeps_initial_statistics(tiny_model):
     from ssl_patch_analysis.models import randomly_initialised
 
-    control = randomly_initialised(tiny_model(), seed=0)
+    control = randomly_initialised(tiny_model, seed=0)
     bn = control.backbone.bn1
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
     with pytest.raises(ValueError, match="B x 3 x H x W"):
-        randomly_initialised(tiny_model(), calibration_images=torch.zeros(4, 32, 32, dtype=torch.uint8))
+        randomly_initialised(helpers.tiny_model(), calibration_images=torch.zeros(4, 32, 32, dtype=torch.uint8))

@@ -190,7 +190,7 @@ def test_random_resized_matches_torchvision_random_resized_crop_statistically(he
     if height == width:
         return
     # A wide image often gets no fitting try: both fall back to the centred crop on the same share.
-    fallback_w = int(round(height * ratio[1]))
+    fallback_w = round(height * ratio[1])
     fallback = torch.tensor([(width - fallback_w) // 2, 0, (width - fallback_w) // 2 + fallback_w, height],
                             dtype=torch.float32)
     ours_rate = (ours == fallback).all(-1).float().mean().item()

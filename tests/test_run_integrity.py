@@ -150,6 +150,7 @@ def damage(path, how, offset, mask):
         path.unlink()
 
 
+@pytest.mark.slow  # dozens of damaged copies, each resumed
 def test_fault_injection_every_file_detected_named_and_repaired_with_nothing_lost(
         cifar10_npz, tmp_path, interrupted, uninterrupted, capsys):
     cases = list(faults(interrupted))
@@ -200,7 +201,7 @@ def test_both_resume_states_damaged_say_so_in_one_line(cifar10_npz, tmp_path, in
     out = shutil.copytree(interrupted, tmp_path / "run")
     flip(out / "resume.pt", largest_tensor_offset(out / "resume.pt"), 0x01)
     (out / "resume.prev.pt").write_bytes(b"")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ValueError, match="cannot be continued") as error:
         resume(cifar10_npz, out)
     message = str(error.value)
     assert "\n" not in message

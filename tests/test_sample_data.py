@@ -135,7 +135,7 @@ def test_a_damaged_cifar10_folder_is_reported_not_replaced(tmp_path, capsys):
 
 def test_a_missing_sample_file_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "sample_path", lambda: tmp_path / "cifar10_test_sample.npz")
-    with pytest.raises(FileNotFoundError, match="data set 'cifar10' not found(.|\n)*sample .* is missing too"):
+    with pytest.raises(FileNotFoundError, match=r"data set 'cifar10' not found(.|\n)*sample .* is missing too"):
         load_dataset("cifar10", "test", root=tmp_path)
 
 
@@ -148,6 +148,7 @@ def test_sample_ships_as_package_data():
     assert data.sample_path().is_file()
 
 
+@pytest.mark.slow  # the demo in a subprocess
 def test_demo_runs_on_a_fresh_clone_without_data(demo_on_sample):
     done, numbers = demo_on_sample
     notices = [line for line in done.stderr.splitlines() if "built-in sample" in line]
@@ -156,6 +157,7 @@ def test_demo_runs_on_a_fresh_clone_without_data(demo_on_sample):
     assert numbers["num_images"] == 8 and numbers["image_ids"] == list(range(8))
 
 
+@pytest.mark.slow  # the demo in two subprocesses
 def test_demo_numbers_on_the_sample_equal_the_full_run(demo_on_sample, cifar10_npz, tmp_path):
     _, on_sample = demo_on_sample
     done, on_full = run_demo(cifar10_npz.parent, tmp_path / "figures")

@@ -8,7 +8,11 @@ import pytest
 
 from ssl_patch_analysis import store
 from ssl_patch_analysis.store import (
-    PatchEmbeddings, StoreLayout, StoreWriter, done_batches, prepare_store,
+    PatchEmbeddings,
+    StoreLayout,
+    StoreWriter,
+    done_batches,
+    prepare_store,
 )
 
 N, P, DH, DZ = 7, 5, 6, 3
@@ -56,7 +60,7 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype):
 def test_layer_names_what_is_missing():
     emb = random_embeddings(with_z=False)
     assert emb.layer("h") is emb.h
-    with pytest.raises(ValueError, match="no layer 'z'.*available: h"):
+    with pytest.raises(ValueError, match=r"no layer 'z'.*available: h"):
         emb.layer("z")
     with pytest.raises(ValueError, match="unknown layer 'q'"):
         emb.layer("q")
@@ -68,7 +72,7 @@ def test_save_refuses_non_empty_target_and_load_needs_a_store(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         random_embeddings().save(tmp_path / "taken")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
-    with pytest.raises(FileNotFoundError, match="meta.json is missing"):
+    with pytest.raises(FileNotFoundError, match=r"meta\.json is missing"):
         PatchEmbeddings.load(tmp_path / "nowhere")
 
 
@@ -121,7 +125,7 @@ def test_settings_decide_resume_refuse_or_overwrite(tmp_path):
     assert prepare_store(path, same, layout()).complete is False
     assert done_batches(path).tolist() == [True, False, False]
     other = {**SETTINGS, "dtype": "float32"}
-    with pytest.raises(ValueError, match=r"different: dtype.*another --out.*--overwrite"):
+    with pytest.raises(ValueError, match=r"different: dtype.*another --store.*--overwrite"):
         prepare_store(path, other, layout(dtype="float32"))
     # The replacement is built beside the store, which stays as it was until the new one is complete.
     plan = prepare_store(path, other, layout(dtype="float32"), overwrite=True)
@@ -157,7 +161,7 @@ def test_full_disk_while_writing_leaves_a_resumable_store(tmp_path, monkeypatch)
     with StoreWriter(path) as writer:
         monkeypatch.setattr(store.os, "pwrite", pwrite_until_full)
         writer.write_batch(0, rows_of(emb, writer.batch_rows(0)))
-        with pytest.raises(OSError, match="full.*re-run the same command") as error:
+        with pytest.raises(OSError, match=r"full.*re-run the same command") as error:
             writer.write_batch(1, rows_of(emb, writer.batch_rows(1)))
         assert error.value.errno == errno.ENOSPC
         monkeypatch.setattr(store.os, "pwrite", real_pwrite)

@@ -110,7 +110,7 @@ def test_random_bytes_in_h_are_named_and_only_their_batch_is_re_extracted(tmp_pa
         PatchEmbeddings.load(path)
     damage = store.verify_store(path)
     assert [(d.file, d.batches) for d in damage] == [("h.npy", (1,))]
-    repaired, embedded = run(model, images, path)
+    _, embedded = run(model, images, path)
     assert embedded == BATCH_SIZE  # batch 1 only
     assert_same_store(path, fresh)
 
@@ -384,7 +384,7 @@ def test_failed_overwrite_keeps_the_old_store_and_resumes_beside_it(tmp_path, mo
         real_write(self, batch, rows)
 
     monkeypatch.setattr(store.StoreWriter, "write_batch", fail_on_second)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):  # noqa: PT011 - the injected failure is a bare OSError
         run(model, images, path, overwrite=True)
     monkeypatch.undo()
     kept = PatchEmbeddings.load(path)  # the old store, whole and verified
@@ -476,9 +476,9 @@ def test_the_lock_is_released_when_its_process_dies(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(store.StoreLockedError, match=rf"process {holder.pid} is writing the store at .*s\b"):
-            with store.store_lock(path, wait=False):
-                pass
+        with pytest.raises(store.StoreLockedError, match=rf"process {holder.pid} is writing the store at .*s\b"), \
+                store.store_lock(path, wait=False):
+            pass
     finally:
         holder.kill()
         holder.wait()
@@ -486,6 +486,7 @@ def test_the_lock_is_released_when_its_process_dies(tmp_path):
         pass
 
 
+@pytest.mark.slow  # several processes
 def test_synchronised_starts_of_one_command_embed_each_image_once(tmp_path, model):
     folder = tmp_path / "pictures"
     (folder / "a").mkdir(parents=True)
@@ -500,7 +501,7 @@ def test_synchronised_starts_of_one_command_embed_each_image_once(tmp_path, mode
     runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(3)]
     results = [run.communicate(timeout=300) for run in runs]
-    for run, (_, err) in zip(runs, results):
+    for run, (_, err) in zip(runs, results, strict=True):
         assert run.returncode == 0, err
     assert sum("embedding" in err for _, err in results) == 1  # one run computed, the others waited and read it
     assert store.verify_store(out) == []

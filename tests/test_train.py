@@ -14,7 +14,15 @@ from ssl_patch_analysis.checkpoints import load_model, read_checkpoint
 from ssl_patch_analysis.losses import LossOutput
 from ssl_patch_analysis.models import CIFAR10_MEAN, CIFAR10_STD
 from ssl_patch_analysis.train import (
-    LARS, TrainConfig, TrainingDiverged, build_model, build_parser, command_line, learning_rate, main, train,
+    LARS,
+    TrainConfig,
+    TrainingDiverged,
+    build_model,
+    build_parser,
+    command_line,
+    learning_rate,
+    main,
+    train,
 )
 
 # A narrow ResNet-18 and a tiny batch: a step takes a fraction of a second on two CPU cores.
@@ -210,7 +218,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_npz, tmp_path
         main(argv)
     assert stop.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("error: ") and "NaN or infinite at step 2" in message and "loss=nan" in message and "--lr" in message
+    assert message.startswith("error: ") and "NaN or infinite at step 2" in message
+    assert "loss=nan" in message and "--lr" in message
     kept = read_checkpoint(tmp_path / "checkpoint.pt")
     assert kept["train"]["epochs"] == 1
     assert all(torch.isfinite(t).all() for t in kept["backbone"].values() if t.is_floating_point())
@@ -225,6 +234,7 @@ def test_huge_learning_rate_is_reported_not_saved(cifar10_npz, tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow  # torchrun: two processes
 def test_two_process_gloo_run_stays_in_sync(cifar10_npz, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "ssl_patch_analysis.train", "--data-root", str(cifar10_npz.parent), "--run-dir", str(tmp_path),
@@ -331,7 +341,7 @@ def test_emp_ssl_lars_matches_sgd_nesterov_inside_solo_learns_clipped_lars_wrapp
                      weight_decay=decay, eta=eta, clip=True, nesterov=True)
     sgd = torch.optim.SGD(reference, lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
     for step_grads in grads:
-        for p, q, grad in zip(ours, reference, step_grads):
+        for p, q, grad in zip(ours, reference, step_grads, strict=True):
             p.grad, q.grad = grad.clone(), grad.clone()
         for q in reference:
             if q.ndim == 1:
@@ -342,7 +352,7 @@ def test_emp_ssl_lars_matches_sgd_nesterov_inside_solo_learns_clipped_lars_wrapp
                 q.grad = (q.grad + decay * q.detach()) * scaled
         optimizer.step()
         sgd.step()
-        for p, q in zip(ours, reference):
+        for p, q in zip(ours, reference, strict=True):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
@@ -355,7 +365,7 @@ def test_vicreg_lars_over_several_steps_matches_the_per_parameter_formula():
     expected = [p.clone() for p in params]
     moments = [torch.zeros_like(p) for p in params]
     for step_grads in grads:
-        for p, grad in zip(ours, step_grads):
+        for p, grad in zip(ours, step_grads, strict=True):
             p.grad = grad.clone()
         optimizer.step()
         for k, grad in enumerate(step_grads):
@@ -366,7 +376,7 @@ def test_vicreg_lars_over_several_steps_matches_the_per_parameter_formula():
                 update = update * (eta * w / u if w > 0 and u > 0 else 1.0)
             moments[k] = 0.9 * moments[k] + update
             expected[k] = expected[k] - lr * moments[k]
-        for p, e in zip(ours, expected):
+        for p, e in zip(ours, expected, strict=True):
             torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
 
 
@@ -377,7 +387,8 @@ def test_method_table_gives_emp_ssl_its_published_recipe():
     assert config.peak_lr == 0.3 and config.base_lr is None and config.warmup_epochs == 0
     assert config.projector == "4096-1024" and config.pre_feature == 4096 and config.weight_decay == 1e-4
     augmentation = config.augmentation()
-    assert (augmentation.saturation, augmentation.hue, augmentation.blur_p, augmentation.solarize_p) == (0.4, 0.2, 0.1, 0.1)
+    chosen = (augmentation.saturation, augmentation.hue, augmentation.blur_p, augmentation.solarize_p)
+    assert chosen == (0.4, 0.2, 0.1, 0.1)
     lars = train_module.METHODS["emp-ssl"].lars
     assert (lars.eta, lars.clip, lars.nesterov) == (0.005, True, True)
     # The others keep their settings: VICReg's LARS, lr per 256 images, 10 warm-up epochs.
