@@ -68,7 +68,7 @@ class UserError(ValueError):
 
 
 # What a user can act on: said in one line, exit status 2. Anything else is a bug: one line, exit status 1.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, LookupError, ImportError, torch.OutOfMemoryError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, torch.OutOfMemoryError)
 
 
 class ArgumentParser(argparse.ArgumentParser):

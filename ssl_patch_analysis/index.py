@@ -376,7 +376,8 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 
 # ---------------------------------------------------------------------- building, resumable
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (saved indexes and build checkpoints record it)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -384,7 +385,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (renames into it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -419,7 +421,7 @@ class BuildCheckpoint:
             file = self.folder / record["file"]
             if record.get("format") != _CHECKPOINT_FORMAT or record.get("key") != self.key:
                 reason = "it was made with other settings or from other vectors"
-            elif not file.is_file() or file.stat().st_size != record["bytes"] or _sha256(file) != record["sha256"]:
+            elif not file.is_file() or file.stat().st_size != record["bytes"] or file_sha256(file) != record["sha256"]:
                 reason = f"{file.name} does not match its checksum"
             else:
                 index = faiss.read_index(str(file))
@@ -439,17 +441,17 @@ class BuildCheckpoint:
         file = self.folder / f"{CHECKPOINT_PREFIX}.{vectors}.faiss"
         staged = file.with_name(file.name + ".tmp")
         faiss.write_index(index, str(staged))
-        _fsync(staged)
+        fsync_path(staged)
         os.replace(staged, file)
         record = {"format": _CHECKPOINT_FORMAT, "key": self.key, "vectors": vectors, "file": file.name,
-                  "bytes": file.stat().st_size, "sha256": _sha256(file)}
+                  "bytes": file.stat().st_size, "sha256": file_sha256(file)}
         staged_record = self.record.with_name(self.record.name + ".tmp")
         with open(staged_record, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.replace(staged_record, self.record)
-        _fsync(self.folder)
+        fsync_path(self.folder)
         for old in self.files():  # earlier checkpoints, now superseded
             if old not in (file, self.record):
                 old.unlink(missing_ok=True)

@@ -96,6 +96,8 @@ from .index import (  # noqa: F401  (IVF_TRAIN_POINTS_PER_LIST: imported from he
     build_faiss_index,
     check_multi_gpu,
     exact_search,
+    file_sha256,
+    fsync_path,
     index_kind,
     index_metric,
     normalised_float32,
@@ -118,7 +120,6 @@ INDEX_FORMAT = "ssl_patch_analysis.patch_index"
 INDEX_VERSION = 1  # 1: checksums in info.json
 _METADATA_ARRAYS = {"image_ids": (), "patch_index": (), "boxes": (4,), "labels": ()}  # name: shape of one row
 _SAVED_ONLY = ("format", "version", "files", "command", "cwd", "info_sha256")  # in info.json, not in PatchIndex.info
-_HASH_BLOCK = 1 << 22
 _RERANK_ROWS = 16384  # candidate vectors re-ranked at a time (32 MiB of float32 at 512-d)
 REBUILD_ADVICE = ("rebuild it: re-run the retrieval command that saved it with --overwrite "
                   "(`python -m ssl_patch_analysis.retrieval ... --save-index DIR --overwrite`), or build the index "
@@ -173,25 +174,6 @@ def _faiss_gpu_device(device: str | torch.device | None) -> int | None:
 
 
 # ---------------------------------------------------------------------- saved indexes: files, checks, the lock
-def _sync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_folder(path: Path) -> None:
-    """Make the renames into ``path`` durable (the folder's entries are data too)."""
-    _sync_file(path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_HASH_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _json_value(value: Any) -> Any:
@@ -278,7 +260,7 @@ def _check_checksums(path: Path, info: Mapping[str, Any], advice: str) -> None:
         if size != expected["bytes"]:
             raise DamagedIndexError(path, name, f"{size:,} bytes where {expected['bytes']:,} were saved "
                                                 "(truncated, or written over)", advice)
-        if _sha256(path / name) != expected["sha256"]:
+        if file_sha256(path / name) != expected["sha256"]:
             raise DamagedIndexError(path, name, "its content does not match its checksum (sha256)", advice)
 
 
@@ -658,7 +640,7 @@ class PatchIndex:
             self._write_staged(staged, command)
             for name in _INDEX_FILES:  # info.json last: until it is in, it checks the old files, not a mix
                 os.replace(staged[name], path / name)
-            _sync_folder(path)
+            fsync_path(path)
         finally:
             for file in staged.values():
                 file.unlink(missing_ok=True)
@@ -666,14 +648,14 @@ class PatchIndex:
     def _write_staged(self, staged: dict[str, Path], command: str | None) -> None:
         """The three files under their temporary names, each on disk (fsync) before info.json records it."""
         faiss.write_index(self.cpu_index, str(staged[_INDEX_FILE]))
-        _sync_file(staged[_INDEX_FILE])
+        fsync_path(staged[_INDEX_FILE])
         with open(staged[_METADATA_FILE], "wb") as f:
             np.savez(f, image_ids=self.image_ids, patch_index=self.patch_index, boxes=self.boxes, labels=self.labels)
             f.flush()
             os.fsync(f.fileno())
         info = {key: value for key, value in self.info.items() if key not in ("faiss_device", *_SAVED_ONLY)}
         info.update(format=INDEX_FORMAT, version=INDEX_VERSION,
-                    files={name: {"bytes": staged[name].stat().st_size, "sha256": _sha256(staged[name])}
+                    files={name: {"bytes": staged[name].stat().st_size, "sha256": file_sha256(staged[name])}
                            for name in _CHECKSUMMED_FILES})
         if command:
             info.update(command=command, cwd=os.getcwd())
