@@ -8,7 +8,7 @@ runs=${1:?usage: train_shipped.sh RUNS_DIR [flags]}
 shift
 python=${PYTHON:-python3}
 $python -m ssl_patch_analysis.train --method vicreg --data cifar10 --arch resnet18 --projector 1024-512 \
-    --epochs 18 --warmup-epochs 2 --batch-size 256 --time-limit 115 --out "$runs/vicreg" "$@"
+    --epochs 18 --warmup-epochs 2 --batch-size 256 --time-limit 115 --run-dir "$runs/vicreg" "$@"
 $python -m ssl_patch_analysis.train --method bagssl --data cifar10 --arch resnet18 --projector 1024-512 \
     --patch-size 16 --num-patches 16 --epochs 7 --warmup-epochs 1 --batch-size 256 --time-limit 125 \
-    --out "$runs/bagssl" "$@"
+    --run-dir "$runs/bagssl" "$@"

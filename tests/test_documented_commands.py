@@ -1,0 +1,91 @@
+"""Every command the project tells a user to run parses with today's flags.
+
+The README, the model cards, the Makefile and the shell scripts spell out ``python -m ssl_patch_analysis.<command>``
+lines. A renamed flag (``train --out`` became ``--run-dir``) leaves such a line failing for whoever copies it, so
+each one is handed to its command's own parser here (nothing runs: parsing only). Records of past runs
+(``benchmarks/RESULTS.md``, ``*.log.jsonl``) keep the flags they ran with and are not checked.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Where the project tells a user what to type.
+DOCUMENTS = ["README.md", "pretrained/README.md", "sample_data/README.md", "docs/design.md", "Makefile",
+             *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.sh")),
+             *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pretrained").glob("*.sh"))]
+COMMAND = re.compile(r"-m\s+ssl_patch_analysis\.(\w+)")
+# A shell or make variable stands for one word; "$@" / ... for the caller's further flags.
+VARIABLE = re.compile(r"\$\(\w+\)|\$\{\w+[^}]*\}|\$\w+")
+
+
+def logical_lines(text: str) -> list[tuple[int, str]]:
+    """Lines with backslash continuations joined, each with the number of its first line."""
+    out: list[tuple[int, str]] = []
+    pending, start = "", 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if not pending:
+            start = number
+        stripped = line.rstrip()
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        out.append((start, pending + line))
+        pending = ""
+    if pending:
+        out.append((start, pending))
+    return out
+
+
+def documented_commands(path: str) -> list[tuple[str, str, list[str]]]:
+    """``(where, module, argv)`` for each ``python -m ssl_patch_analysis.X ...`` in one document."""
+    found = []
+    lines = logical_lines((ROOT / path).read_text(encoding="utf-8"))
+    for (number, line), (_, after) in zip(lines, [*lines[1:], (0, "")], strict=True):
+        if after.lstrip().startswith("error:"):  # an example of a refused command, shown with its error
+            continue
+        for match in COMMAND.finditer(line):
+            rest = VARIABLE.sub("VAR", line[match.end():].replace('"$@"', "").replace("...", ""))
+            rest = re.split(r"`|\s(?:&&|\|\||\||;|>|2>|#)\s?|\)\s*$", rest)[0]  # end of the command in prose/shell
+            try:
+                argv = shlex.split(rest)
+            except ValueError:
+                argv = rest.split()
+            # a variable after --device stands for a device; one on its own (`$control`) for optional flags
+            argv = ["cpu" if word == "VAR" and i and argv[i - 1] == "--device" else word for i, word in enumerate(argv)
+                    if not (word == "VAR" and (i == 0 or not argv[i - 1].startswith("-")))]
+            found.append((f"{path}:{number}", match.group(1), argv))
+    return found
+
+
+CASES = [case for document in DOCUMENTS if (ROOT / document).is_file() for case in documented_commands(document)]
+
+
+def test_the_documents_name_commands():
+    """The scan finds the commands (a broken pattern would make every case below vanish)."""
+    modules = {module for _, module, _ in CASES}
+    assert {"train", "evaluate", "extract", "convergence", "heatmap", "retrieval"} <= modules
+    assert len(CASES) > 50
+
+
+@pytest.mark.parametrize(("where", "module", "argv"), CASES, ids=[f"{w} {m}" for w, m, _ in CASES])
+def test_documented_command_parses(where, module, argv, capsys):
+    parser = importlib.import_module(f"ssl_patch_analysis.{module}").build_parser()
+    try:
+        parser.parse_args(argv)
+    except SystemExit as stop:
+        if stop.code:
+            pytest.fail(f"{where}: `python -m ssl_patch_analysis.{module} {shlex.join(argv)}` does not parse: "
+                        f"{capsys.readouterr().err.strip()}")
+
+
+def test_a_stale_flag_is_caught():
+    """The check itself: a line with a renamed flag fails to parse."""
+    parser = importlib.import_module("ssl_patch_analysis.train").build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "runs/x"])
