@@ -10,6 +10,7 @@ features, last epoch), exactly as ``python -m ssl_patch_analysis.evaluate`` comp
 
     python pretrained/model_card.py pretrained/vicreg-resnet18-cifar10.pt pretrained/bagssl-resnet18-cifar10.pt
     python pretrained/model_card.py runs/x/checkpoint.pt --max-images 2000 --probe-epochs 20   # a quick look
+    python pretrained/model_card.py runs/x/checkpoint.pt --protocols central   # the central view only
 """
 from __future__ import annotations
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-patches", type=int, default=16)
+    parser.add_argument("--protocols", default=None,
+                        help="comma-separated evaluate protocols, e.g. central (default: central, and --num-patches "
+                             "patches for patch-trained models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (default float32)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for path in args.checkpoints:
         model = load_model(path, device=device)
         method = model.info.method
-        protocols = card_protocols(model, args.num_patches)
+        protocols = args.protocols.split(",") if args.protocols else card_protocols(model, args.num_patches)
         start = time.perf_counter()
         numbers = {}
         for kind in ("trained", "random_init"):
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             numbers[kind] = card_numbers(results)
             if kind == "trained" and args.amp_check:
                 samplers = {"central": central()}
-                if len(protocols) > 1:
+                if str(args.num_patches) in protocols:
                     samplers[f"{args.num_patches} patches"] = random_fixed(
                         args.num_patches, int(model.info.extra["train"]["patch_size"]), seed=args.seed)
                 numbers["bf16_vs_fp32_cosine"] = amp_agreement(model, test, samplers, device)

@@ -49,3 +49,18 @@ def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar1
     for numbers in (*row["trained"].values(), *row["random_init"].values()):
         for accuracy in numbers.values():
             assert (accuracy * 60 / 100) == pytest.approx(round(accuracy * 60 / 100))  # whole test images
+
+
+def test_model_card_protocols_flag_picks_the_rows(tmp_path, cifar10_npz, tiny_model):
+    model = tiny_model
+    model.info.method = "bagssl"
+    checkpoint = tmp_path / "tiny-bagssl.pt"
+    save_checkpoint(model, checkpoint, train={"method": "bagssl", "patch_size": 16})
+    card = _card_module()
+    common = [str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
+              "--num-patches", "2", "--probe-epochs", "2"]
+    (central_only,) = card.main([*common, "--protocols", "central"])
+    (both,) = card.main(common)
+    assert set(central_only["trained"]) == set(central_only["random_init"]) == {"central"}
+    assert central_only["trained"]["central"] == both["trained"]["central"]
+    assert central_only["random_init"]["central"] == both["random_init"]["central"]
