@@ -1,12 +1,60 @@
-"""Turn a training run's checkpoint into a shipped model: float16, the project's own format.
+"""Turn a training run's checkpoint into a shipped model: float16, the project's own format, under 25 MB.
 
     python pretrained/ship.py runs/vicreg/checkpoint.pt pretrained/vicreg-resnet18-cifar10.pt
+    python pretrained/ship.py runs/emp-ssl/checkpoint.pt pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
+
+``--backbone-only`` keeps the embedding h and drops the heads (projector, and EMP-SSL's pre_feature layer):
+EMP-SSL's 4096-wide heads alone are 46 MB in float16. Such a model answers every analysis of h; one that asks
+for z or pre_feature says that the model has none.
 """
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+from pathlib import Path
 
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 
+MAX_MB = 25.0
+
+
+def ship(source: str | Path, target: str | Path, backbone_only: bool = False, max_mb: float = MAX_MB) -> Path:
+    """Write ``source``'s model as float16 to ``target``; refuse (writing nothing) a file over ``max_mb`` MB."""
+    model = load_model(source, verbose=False)
+    train = dict(model.info.extra.get("train", {}))
+    if backbone_only:
+        model.projector, model.pre_feature = None, None
+        train["heads_dropped"] = "projector and pre_feature not shipped (pretrained/ship.py --backbone-only)"
+    target = Path(target)
+    draft = target.with_name(f".{target.name}.ship{os.getpid()}")
+    try:
+        save_checkpoint(model, draft, train=train, half=True)
+        size_mb = draft.stat().st_size / 1e6
+        if size_mb > max_mb:
+            heads = "" if backbone_only else "; --backbone-only drops the heads (projector, pre_feature)"
+            raise ValueError(f"{target} would be {size_mb:.1f} MB, over the {max_mb:g} MB a shipped model may "
+                             f"take{heads}")
+        draft.replace(target)
+    finally:
+        draft.unlink(missing_ok=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a run's checkpoint.pt (or any checkpoint load_model reads)")
+    parser.add_argument("target", help="the shipped file, e.g. pretrained/<method>-<arch>-<data>.pt")
+    parser.add_argument("--backbone-only", action="store_true", help="drop the projector and pre_feature layer")
+    parser.add_argument("--max-mb", type=float, default=MAX_MB, help="refuse a file larger than this")
+    args = parser.parse_args(argv)
+    try:
+        target = ship(args.source, args.target, args.backbone_only, args.max_mb)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    return target
+
+
 if __name__ == "__main__":
-    source, target = sys.argv[1:3]
-    model = load_model(source)
-    save_checkpoint(model, target, train=model.info.extra["train"], half=True)
+    main()

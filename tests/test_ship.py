@@ -1,0 +1,64 @@
+"""pretrained/ship.py: float16 shipped models, heads dropped on request, nothing written over the size limit."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import random_images, tiny_model
+from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
+from ssl_patch_analysis.models import build_mlp
+
+SHIP = Path(__file__).resolve().parents[1] / "pretrained" / "ship.py"
+
+
+def _ship_module():
+    spec = importlib.util.spec_from_file_location("ship", SHIP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def run_checkpoint(tmp_path):
+    """A float32 checkpoint of an EMP-SSL-shaped model: pre_feature layer, then a projector."""
+    model = tiny_model(train={"method": "emp-ssl", "patch_size": 16})
+    model.pre_feature = build_mlp([model.info.embedding_dim, 24])
+    model.projector = build_mlp([24, 32, 16])
+    model.info.method = "emp-ssl"
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(model, path, train={"method": "emp-ssl", "patch_size": 16})
+    return path
+
+
+def test_ship_keeps_every_layer_in_float16(run_checkpoint, tmp_path):
+    target = _ship_module().main([str(run_checkpoint), str(tmp_path / "shipped.pt")])
+    original, shipped = load_model(run_checkpoint, verbose=False), load_model(target, verbose=False)
+    images = random_images(4).float() / 255
+    with torch.no_grad():
+        a, b = original(images), shipped(images)
+    assert set(a) == set(b) == {"h", "pre_feature", "z"}
+    for layer in a:  # float16 weights: close to the float32 model, not bit-equal
+        torch.testing.assert_close(b[layer], a[layer], rtol=2e-2, atol=2e-2)
+    assert target.stat().st_size < run_checkpoint.stat().st_size * 0.6
+
+
+def test_backbone_only_drops_the_heads_and_keeps_h(run_checkpoint, tmp_path):
+    target = _ship_module().main([str(run_checkpoint), str(tmp_path / "h-only.pt"), "--backbone-only"])
+    original, shipped = load_model(run_checkpoint, verbose=False), load_model(target, verbose=False)
+    assert shipped.projector is None and shipped.pre_feature is None
+    assert shipped.info.method == "emp-ssl"
+    assert "heads_dropped" in shipped.info.extra["train"]
+    images = random_images(4).float() / 255
+    with torch.no_grad():
+        a, b = original(images), shipped(images)
+    assert set(b) == {"h"}
+    torch.testing.assert_close(b["h"], a["h"], rtol=2e-2, atol=2e-2)
+
+
+def test_a_file_over_the_limit_is_refused_and_not_written(run_checkpoint, tmp_path, capsys):
+    target = tmp_path / "big.pt"
+    with pytest.raises(SystemExit) as stop:
+        _ship_module().main([str(run_checkpoint), str(target), "--max-mb", "0.01"])
+    assert "over the 0.01 MB" in str(stop.value) and "--backbone-only" in str(stop.value)
+    assert not target.exists() and list(tmp_path.glob(".big.pt*")) == []
