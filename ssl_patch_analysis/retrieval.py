@@ -1385,7 +1385,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
 
     stem = output_stem(args.out, cli.analysis_name("retrieval", args), cli.model_name(args), args.data)
     paths = save_figure(plot_retrieval_result(result, data), stem, pdf=args.pdf)
-    summary = result.to_dict()
+    summary = {**result.to_dict(), "command": args.command}
     save_json(summary, stem.with_suffix(".json"))
 
     print(f"{result.model} on {result.data}: {settings.grid_description}; {settings.k} nearest of "

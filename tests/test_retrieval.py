@@ -238,6 +238,9 @@ def test_command_line_writes_figure_and_numbers(cifar10_npz, data_root, tmp_path
         assert [n.row for n in loaded.query(2, 4, k=4)] == \
             [n["row"] for n in written["layers"][layer]["figure_neighbours"]]
     assert summary["num_images"] == 12
+    # The JSON says how to make it again, as the other analyses' do.
+    assert written["command"].startswith("python -m ssl_patch_analysis.retrieval --model ")
+    assert "--neighbours 4" in written["command"] and summary["command"] == written["command"]
 
 
 def test_plot_marks_relations_in_the_legend():
@@ -274,7 +277,7 @@ def test_patch_retrieval_result_is_what_the_command_writes(cifar10_npz, data_roo
     # The command's store: the same embeddings, and the same record of how they were computed (speed included).
     result = patch_retrieval(load_model(checkpoint, device="cpu", verbose=False), data, settings, device="cpu",
                              store=store)
-    assert result.to_json() == written
+    assert result.to_json() == {key: value for key, value in written.items() if key != "command"}
     assert summary["layers"]["h"]["statistics"] == result.layers["h"].statistics.to_dict()
     assert list(result.layers) == ["z", "h"] and result.num_images == 10 and result.num_indexed_patches == 90
     assert result.query == RetrievalQuery(image_id=3, patch_index=1, box=(8.0, 0.0, 24.0, 16.0),
