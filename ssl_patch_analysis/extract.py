@@ -421,6 +421,18 @@ class _Embedder:
         self._compiled_ok = True
         return outputs
 
+    def halve_chunk(self, unit: str, units: str) -> None:
+        """After CUDA ran out of memory: halve the chunk (warned once), or say what to do when it holds one item."""
+        if self.chunk_size == 1:
+            raise RuntimeError(f"CUDA ran out of memory embedding a single {unit}: use a smaller --resize-to or "
+                               "another device") from None
+        self.chunk_size = max(1, self.chunk_size // 2)
+        torch.cuda.empty_cache()
+        if not self._warned:
+            warnings.warn(f"CUDA ran out of memory; continuing with chunks of {self.chunk_size} {units} "
+                          "(pass a smaller chunk_size / --chunk-size to start there)", RuntimeWarning, stacklevel=3)
+            self._warned = True
+
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         count = patches.shape[0]
         if self.compiled is not None and count < self.chunk_size:
@@ -454,17 +466,7 @@ class _Embedder:
                            else _crop(images, flat[start:stop], index // num_patches, size, exact))
                 outputs = self.forward(patches)
             except torch.OutOfMemoryError:
-                if self.chunk_size == 1:
-                    raise RuntimeError(
-                        "CUDA ran out of memory embedding a single patch: use a smaller --resize-to or another device"
-                    ) from None
-                self.chunk_size = max(1, self.chunk_size // 2)
-                torch.cuda.empty_cache()
-                if not self._warned:
-                    warnings.warn(f"CUDA ran out of memory; continuing with chunks of {self.chunk_size} patches "
-                                  "(pass a smaller chunk_size / --chunk-size to start there)", RuntimeWarning,
-                                  stacklevel=2)
-                    self._warned = True
+                self.halve_chunk("patch", "patches")
                 continue
             for name in self.layers:
                 # Cast on the device: float16 storage halves the transfer.
@@ -643,11 +645,7 @@ class _TokenEmbedder:
                     images, frame[start:stop], torch.arange(start, stop, device=images.device), size, False)
                 outputs = runner.forward(pixels)
             except torch.OutOfMemoryError:
-                if runner.chunk_size == 1:
-                    raise RuntimeError("CUDA ran out of memory embedding the tokens of a single image: use a smaller "
-                                       "--resize-to or another device") from None
-                runner.chunk_size = max(1, runner.chunk_size // 2)
-                torch.cuda.empty_cache()
+                runner.halve_chunk("image's tokens", "images")
                 continue
             for name, buffer in host.items():
                 value = outputs[name].reshape(-1, outputs[name].shape[-1]).to(buffer.dtype)

@@ -200,6 +200,19 @@ def test_cuda_out_of_memory_halves_the_chunk_and_changes_nothing():
     assert len(messages) == 1, messages  # said once, although the chunk was halved three times (64 -> 8)
     assert np.allclose(got.h, expected.h, rtol=1e-5, atol=1e-6)
 
+    calls = []
+
+    def fails_after_the_probe(x):  # the first pass (one blank patch) reads the layers' sizes
+        calls.append(len(x))
+        if len(calls) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return SSLModel.forward(model, x)
+
+    model.forward = fails_after_the_probe
+    with pytest.raises(RuntimeError, match="out of memory embedding a single patch: use a smaller --resize-to"), \
+            pytest.warns(RuntimeWarning, match="out of memory"):
+        extract_patch_embeddings(model, images, grid(16, 8), chunk_size=64, dtype="float32", progress=False)
+
 
 @pytest.mark.slow  # torch.compile
 def test_compiled_and_bf16_runs_agree_with_float32():

@@ -294,3 +294,36 @@ def test_token_store_resumes_is_reused_and_is_never_taken_for_a_crop_store(tmp_p
     # 8 px crops of a 32 px image fed at 32 px are not the tokens (the crop sees no context)
     assert crops.h.shape == whole.h.shape and not np.allclose(crops.h, whole.h, atol=1e-2)
     assert isinstance(token_sampler(model), TokenSampler)
+
+
+def test_tokens_out_of_memory_halves_the_images_per_pass_and_changes_nothing(cifar, raw_vit, monkeypatch):
+    """CUDA running out of memory on a pass of more than 2 images: the chunk is halved (one warning) and the
+    tokens and whole-image embeddings are those of the unhindered run; at one image, one line says what to do."""
+    _, path = raw_vit
+    model = load_model(path, verbose=False)
+    ids = np.arange(5)
+    expected = extract_token_embeddings(model, cifar, image_ids=ids, dtype="float32", progress=False, chunk_size=8)
+    expected_whole = whole_image_embeddings(model, cifar, image_ids=ids, chunk_size=8)
+    network_forward = extract._TokenNetwork.forward
+    passes = []
+
+    def forward(self, x, limit=2):
+        passes.append(x.shape[0])
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError("simulated")
+        return network_forward(self, x)
+
+    monkeypatch.setattr(extract._TokenNetwork, "forward", forward)
+    with pytest.warns(RuntimeWarning, match="chunks of 4 images") as caught:
+        tokens = extract_token_embeddings(model, cifar, image_ids=ids, dtype="float32", progress=False, chunk_size=8)
+    assert len(caught) == 1 and passes[:4] == [5, 4, 2, 2]  # 8 > 5 images: the first pass tries all five
+    np.testing.assert_array_equal(tokens.layer("h"), expected.layer("h"))
+    passes.clear()
+    with pytest.warns(RuntimeWarning):
+        whole = whole_image_embeddings(model, cifar, image_ids=ids, chunk_size=8)
+    np.testing.assert_array_equal(whole["h"], expected_whole["h"])
+
+    monkeypatch.setattr(extract._TokenNetwork, "forward", lambda self, x: forward(self, x, limit=0))
+    with pytest.raises(RuntimeError, match="out of memory embedding a single image's tokens: use a smaller"), \
+            pytest.warns(RuntimeWarning):
+        extract_token_embeddings(model, cifar, image_ids=ids, dtype="float32", progress=False, chunk_size=8)
