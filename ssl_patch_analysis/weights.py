@@ -107,6 +107,7 @@ SHIPPED_ALIASES: dict[str, str] = {
     "vicreg": "vicreg-resnet18-cifar10",
     "bagssl": "bagssl-resnet18-cifar10",
     "simclr": "simclr-resnet18-cifar10",
+    "emp-ssl": "emp-ssl-resnet18-cifar10",
     "vicreg-vit": "vicreg-vit_tiny_patch4-cifar10",
 }
 
