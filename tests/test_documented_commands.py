@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ DOCUMENTS = ["README.md", "pretrained/README.md", "sample_data/README.md", "docs
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pretrained").glob("*.sh"))]
 COMMAND = re.compile(r"-m\s+ssl_patch_analysis\.(\w+)")
 # A shell or make variable stands for one word; "$@" / ... for the caller's further flags.
-VARIABLE = re.compile(r"\$\(\w+\)|\$\{\w+[^}]*\}|\$\w+")
+DEFAULTED = re.compile(r"\$\{\w+:-([^}]*)\}")  # ${NAME:-default}: its default
+VARIABLE = re.compile(r"\$\([^)]*\)|\$\{\w+[^}]*\}|\$\w+")
 
 
 def logical_lines(text: str) -> list[tuple[int, str]]:
@@ -50,7 +52,8 @@ def documented_commands(path: str) -> list[tuple[str, str, list[str]]]:
         if after.lstrip().startswith("error:"):  # an example of a refused command, shown with its error
             continue
         for match in COMMAND.finditer(line):
-            rest = VARIABLE.sub("VAR", line[match.end():].replace('"$@"', "").replace("...", ""))
+            rest = DEFAULTED.sub(r"\1", line[match.end():].replace('"$@"', "").replace("...", ""))
+            rest = VARIABLE.sub("VAR", rest)
             rest = re.split(r"`|\s(?:&&|\|\||\||;|>|2>|#)\s?|\)\s*$", rest)[0]  # end of the command in prose/shell
             try:
                 argv = shlex.split(rest)
@@ -89,3 +92,14 @@ def test_a_stale_flag_is_caught():
     parser = importlib.import_module("ssl_patch_analysis.train").build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["--out", "runs/x"])
+
+
+@pytest.mark.parametrize("model", ["emp-ssl", "vicreg", "simclr", "bagssl"])
+def test_gpu_session_model_recipes_parse(model):
+    """benchmarks/gpu_session.sh keeps each issue-12 model's trainer flags in a function, not on a command line."""
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    define = f'eval "$(sed -n "/^model_recipe()/,/^}}/p" {script})"'
+    recipe = subprocess.run(["bash", "-c", f"{define}; model_recipe {model}"], capture_output=True, text=True,
+                            check=True).stdout.split()
+    args = importlib.import_module("ssl_patch_analysis.train").build_parser().parse_args(recipe)
+    assert args.method == model and args.epochs >= 10
