@@ -17,13 +17,16 @@ from ssl_patch_analysis.data import data_roots
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", type=Path, default=None)
-    parser.add_argument("--imagenette-images", type=int, default=400)
+    parser.add_argument("--imagenette-images", type=int, default=400,
+                        help="a seeded subset of Imagenette val (0: none; the 'models' step needs CIFAR-10 only)")
     parser.add_argument("--out", type=Path, default=Path(".gpu_data"))
     args = parser.parse_args()
     root = args.data_root or next(r for r in data_roots() if (r / "cifar10_jpeg.npz").is_file())
     args.out.mkdir(exist_ok=True)
     cifar = np.load(root / "cifar10_jpeg.npz")
     np.savez(args.out / "cifar10_jpeg.npz", **{k: cifar[k] for k in cifar.files if k != "test_tiny_images_filename"})
+    if args.imagenette_images == 0:
+        return
     nette = np.load(root / "imagenette_jpeg.npz")
     offsets = nette["val_offsets"]
     ids = np.sort(np.random.default_rng(0).choice(len(offsets) - 1, args.imagenette_images, replace=False))
