@@ -51,12 +51,14 @@ figures: venv
 	$(PY) -m ssl_patch_analysis.retrieval --model bagssl --data cifar10 --patch-size 16 --stride 8 --num-images 1000 --neighbours 8 --num-queries 200 --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.evaluate --model vicreg --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.evaluate --model bagssl --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.evaluate --model emp-ssl --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.convergence --model vicreg --random-init --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.heatmap --model vicreg --data cifar10 --random-init --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.heatmap --model vicreg --data imagenette --resize-to 32 --random-init --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.retrieval --model vicreg --data cifar10 --patch-size 16 --stride 8 --num-images 1000 --neighbours 8 --num-queries 200 --random-init --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.evaluate --model vicreg --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.evaluate --model bagssl --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.evaluate --model emp-ssl --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
 	cd notebooks && NUM_IMAGES=128 SAVE_FIGURE=$(abspath figures)/convergence_resnet_vs_vit_cifar10.png $(abspath $(PY)) -m jupyter nbconvert --to notebook --execute --stdout 07_resnet_vs_vit.ipynb > /dev/null
 	$(PY) -m ssl_patch_analysis.claims --figures figures --out figures
 
