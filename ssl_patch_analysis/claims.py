@@ -367,6 +367,14 @@ def _missing_analysis_note(analysis: str) -> str:
             f"(e.g. `python -m ssl_patch_analysis.{analysis} --model vicreg`)")
 
 
+def _shipped_outputs(claim: Claim, outputs: Sequence[Output], analysis: str) -> list[Output]:
+    """The outputs of trained models (not the random-init controls); a note on ``claim`` when there are none."""
+    shipped = [o for o in outputs if not o.random_init]
+    if not shipped:
+        claim.notes.append(_missing_analysis_note(analysis))
+    return shipped
+
+
 # ---------------------------------------------------------------------------------------- claim a
 def _convergence_settings(doc: dict[str, Any]) -> dict[str, Any]:
     return _recorded(doc, ("data", "layer", "num_images", "draws", "seed", "resize_to", "whole_image_size", "tokens"))
@@ -397,9 +405,7 @@ def convergence_claim(outputs: Sequence[Output]) -> Claim:
                   "abstract; Fig. 3a",
                   "cosine to the whole image, layer h: mean of all patches minus 1 patch (gain), and all patches "
                   "minus the chance level of another image (above chance), per patch size (convergence_*.json)")
-    shipped = [o for o in outputs if not o.random_init]
-    if not shipped:
-        claim.notes.append(_missing_analysis_note("convergence"))
+    shipped = _shipped_outputs(claim, outputs, "convergence")
     for out in shipped:
         pretraining = out.doc.get("pretraining_patch_size")
         curves = [c for c in out.doc["curves"] if pretraining is None or c["patch_size"] == pretraining]
@@ -480,9 +486,7 @@ def aggregation_claim(outputs: Sequence[Output]) -> Claim:
                   "abstract; Fig. 2, 3b",
                   "top-1 (points) of the mean of n patches at the pretraining scale minus the central view, k-NN "
                   "and linear probe (evaluate_*.json)")
-    shipped = [o for o in outputs if not o.random_init]
-    if not shipped:
-        claim.notes.append(_missing_analysis_note("evaluate"))
+    shipped = _shipped_outputs(claim, outputs, "evaluate")
     for out in shipped:
         table, many, knn = evaluation_accuracies(out.doc)
         if many is None or "central" not in table:
@@ -585,9 +589,7 @@ def locality_claim(outputs: Sequence[Output]) -> Claim:
     claim = Claim("c", "the embedding h is more local than the projection z", "Fig. 4",
                   "locality (−Spearman rho of similarity vs distance within an image) of h minus z, paired per image, "
                   "mean over images; in brackets the fraction of images where h is more local (heatmap_*.json)")
-    shipped = [o for o in outputs if not o.random_init]
-    if not shipped:
-        claim.notes.append(_missing_analysis_note("heatmap"))
+    shipped = _shipped_outputs(claim, outputs, "heatmap")
     for out in shipped:
         paired = _paired_locality(out.doc)
         if paired is None:
@@ -631,9 +633,7 @@ def retrieval_claim(outputs: Sequence[Output]) -> Claim:
     claim = Claim("d", "nearest neighbours in z are more semantic, in h more local", "Fig. 5",
                   "fractions of the k nearest patches of random query patches: same class, other image in z minus h "
                   "(semantic); same image in h minus z (local) (retrieval_*.json)")
-    shipped = [o for o in outputs if not o.random_init]
-    if not shipped:
-        claim.notes.append(_missing_analysis_note("retrieval"))
+    shipped = _shipped_outputs(claim, outputs, "retrieval")
     for out in shipped:
         numbers = _retrieval_numbers(out.doc)
         if numbers is None:

@@ -52,3 +52,15 @@ def random_images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     (``random_images(8)[:2]`` equals ``random_images(2)``)."""
     return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(seed))
+
+
+def load_script(relative_path: str) -> Any:
+    """A script of the repository (``pretrained/ship.py``, ...) imported as a module from its path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

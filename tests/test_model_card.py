@@ -1,22 +1,16 @@
 """pretrained/model_card.py reports what ``evaluate`` computes, for the model and its random-init control."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from helpers import load_script
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, subset_ids
 
-CARD = Path(__file__).resolve().parents[1] / "pretrained" / "model_card.py"
-
 
 def _card_module():
-    spec = importlib.util.spec_from_file_location("model_card", CARD)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pretrained/model_card.py")
 
 
 def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar10_npz, tiny_model):

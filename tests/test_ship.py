@@ -1,22 +1,14 @@
 """pretrained/ship.py: float16 shipped models, heads dropped on request, nothing written over the size limit."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-from helpers import random_images, tiny_model
+from helpers import load_script, random_images, tiny_model
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.models import build_mlp
 
-SHIP = Path(__file__).resolve().parents[1] / "pretrained" / "ship.py"
-
 
 def _ship_module():
-    spec = importlib.util.spec_from_file_location("ship", SHIP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pretrained/ship.py")
 
 
 @pytest.fixture
