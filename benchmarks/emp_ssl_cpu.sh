@@ -7,11 +7,6 @@
 # random-init control. About 2 h of training and 20 min of evaluation on 2 cores without bf16 units.
 #   benchmarks/emp_ssl_cpu.sh            # train (resumable with --resume by hand), then evaluate
 #   STEPS=evaluate benchmarks/emp_ssl_cpu.sh
-# A second CPU session (issue 12) continued that run for a second epoch over the same images: the schedule
-# is stretched to two epochs (--epochs 2 on --resume), so its learning rate restarts at the two-epoch
-# cosine's midpoint (0.15) and decays to 0 over the second epoch's 100 steps (78 min). Then the shipped
-# model (backbone only: EMP-SSL's heads alone are 46 MB in float16) and its cards:
-#   STEPS="second ship_second evaluate_second" benchmarks/emp_ssl_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
@@ -34,32 +29,54 @@ evaluate() {
   done
 }
 
-SECOND=${SECOND:-runs/emp-ssl-cpu-10k-2ep}
-second() {
-  [ -d "$SECOND" ] || { cp -a "$RUN" "$SECOND" && rm -f "$SECOND"/emp-ssl-cpu-10k.pt; }
-  $py -m ssl_patch_analysis.train --method emp-ssl --epochs 2 --train-size 10000 --device cpu --run-dir "$SECOND" \
-      --resume
+# Each later session continues the previous run folder for one more epoch over the same images: a copy of the
+# folder resumed with --epochs N stretches the cosine to N epochs, so the learning rate restarts at the N-epoch
+# cosine's value after N-1 epochs (N=2: 0.15, N=3: 0.075) and decays to 0 over the new epoch's 100 steps.
+# Then the shipped model (backbone only: EMP-SSL's heads alone are 46 MB in float16) and its cards:
+#   EPOCHS=2 STEPS="more ship card" benchmarks/emp_ssl_cpu.sh     # session 2 (issue 12)
+#   EPOCHS=3 STEPS="more ship card" benchmarks/emp_ssl_cpu.sh     # session 3 (issue 12)
+#   STEPS=baseline_cards benchmarks/emp_ssl_cpu.sh                # the GPU-trained vicreg/bagssl, same cards
+EPOCHS=${EPOCHS:-2}
+CONT=runs/emp-ssl-cpu-10k-${EPOCHS}ep
+more() {
+  local from=runs/emp-ssl-cpu-10k-$((EPOCHS - 1))ep
+  [ "$EPOCHS" -gt 2 ] || from=$RUN
+  if [ ! -d "$CONT" ]; then   # resume.pt carries the state; the big .pt copies and resume.prev.pt stay behind
+    mkdir -p "$CONT" && cp "$from"/resume.pt "$from"/log.jsonl "$from"/checkpoint.pt "$CONT"/
+  fi
+  $py -m ssl_patch_analysis.train --method emp-ssl --epochs "${EPOCHS:-2}" --train-size 10000 --device cpu \
+      --run-dir "$CONT" --resume --time-limit 6000
 }
 
-ship_second() {
-  $py pretrained/ship.py "$SECOND/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
-  cp "$SECOND/log.jsonl" pretrained/emp-ssl-resnet18-cifar10.log.jsonl
+ship() {
+  $py pretrained/ship.py "$CONT/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
+  cp "$CONT/log.jsonl" pretrained/emp-ssl-resnet18-cifar10.log.jsonl
 }
 
-evaluate_second() {
-  # the card's protocols on a 2,000-image bank and test set (the bagssl card beside it was made the same way)
-  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --max-images 2000 \
-      --json "$RESULTS/card-2k_emp-ssl-resnet18-cifar10.json"
-  $py pretrained/model_card.py pretrained/bagssl-resnet18-cifar10.pt --device cpu --max-images 2000 \
-      --json "$RESULTS/card-2k_bagssl-resnet18-cifar10.json"
-  # EMP-SSL's protocol as above (its random-init control is the first session's: same architecture and seed)
-  cp "$SECOND/checkpoint.pt" "$SECOND/emp-ssl-cpu-10k-2ep.pt"
-  $py -m ssl_patch_analysis.evaluate --model "$SECOND/emp-ssl-cpu-10k-2ep.pt" --layers pre_feature --protocols 4 \
-      --probe emp-ssl --augment-patches emp-ssl --train-size 10000 --k 20 --device cpu --no-progress \
-      --out "$RESULTS"
+card() {
   # the central view on the full protocol: all 50,000 training images as the bank, 10,000 test images
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --protocols central \
       --json pretrained/emp-ssl-resnet18-cifar10.card.json
+  # all the card's protocols (16 patches too) on a 2,000-image bank and test set, as the bagssl card beside it
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --max-images 2000 \
+      --json "$RESULTS/card-2k_emp-ssl-resnet18-cifar10.json"
+  # EMP-SSL's protocol as above, on the run checkpoint (it has the heads); its random-init control is the first
+  # session's (same architecture and seed)
+  cp "$CONT/checkpoint.pt" "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"
+  $py -m ssl_patch_analysis.evaluate --model "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt" --layers pre_feature \
+      --protocols 4 --probe emp-ssl --augment-patches emp-ssl --train-size 10000 --k 20 --device cpu \
+      --no-progress --out "$RESULTS"
+}
+
+baseline_cards() {
+  # the GPU-trained vicreg and bagssl: the central view on the full protocol (session 3), and bagssl's card on the
+  # 2,000 + 2,000 images of the comparison with emp-ssl (session 2)
+  for m in vicreg bagssl; do
+    $py pretrained/model_card.py pretrained/$m-resnet18-cifar10.pt --device cpu --protocols central \
+        --json pretrained/$m-resnet18-cifar10.card.json
+  done
+  $py pretrained/model_card.py pretrained/bagssl-resnet18-cifar10.pt --device cpu --max-images 2000 \
+      --json "$RESULTS/card-2k_bagssl-resnet18-cifar10.json"
 }
 
 for step in $STEPS; do "$step"; done
