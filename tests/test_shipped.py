@@ -1,4 +1,6 @@
-"""The models in pretrained/: each one loads as what its name says, stays under 25 MB, and has its log and card."""
+"""The models in pretrained/: each one loads as what its name says, stays under 25 MB, and has its log and card
+(its README section and its measured card JSON)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,16 @@ def test_every_shipped_file_has_a_short_name_and_every_short_name_says_whether_i
         else:  # a model the project names but does not ship yet (simclr): one line saying so
             with pytest.raises(FileNotFoundError, match="not in this checkout yet"):
                 load_model(alias, verbose=False)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_model_card_gives_knn_and_linear_for_the_model_and_its_random_init(path):
+    """Issue 12: each card has the linear probe and the random-init row beside the k-NN, and the model beats its
+    control (a card of an untrained or wrongly loaded file would not)."""
+    cards = json.loads((PRETRAINED / f"{path.stem}.card.json").read_text(encoding="utf-8"))
+    (card,) = [c for c in cards if Path(c["checkpoint"]).name == path.name]
+    assert card["trained"].keys() == card["random_init"].keys() and "central" in card["trained"]
+    for protocol, trained in card["trained"].items():
+        control = card["random_init"][protocol]
+        for metric in ("knn", "linear"):
+            assert 10.0 < control[metric] < trained[metric] <= 100.0, (protocol, metric)
