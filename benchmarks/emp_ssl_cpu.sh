@@ -22,11 +22,14 @@ evaluate() {
   cp "$RUN/checkpoint.pt" "$RUN/emp-ssl-cpu-10k.pt"   # outputs are named after the checkpoint file
   mkdir -p "$RESULTS"
   cp "$RUN/log.jsonl" "$RESULTS/emp-ssl-cpu-10k.log.jsonl"
-  for control in "" "--random-init"; do
-    $py -m ssl_patch_analysis.evaluate --model "$RUN/emp-ssl-cpu-10k.pt" --layers pre_feature --protocols 4 \
-        --probe emp-ssl --augment-patches emp-ssl --train-size 10000 --k 20 --device cpu --no-progress \
-        --out "$RESULTS" $control
-  done
+  emp_ssl_protocol "$RUN/emp-ssl-cpu-10k.pt"
+  emp_ssl_protocol "$RUN/emp-ssl-cpu-10k.pt" --random-init
+}
+
+# EMP-SSL's evaluation (see above) of one run checkpoint (it has the heads), written to $RESULTS
+emp_ssl_protocol() {
+  $py -m ssl_patch_analysis.evaluate --model "$1" --layers pre_feature --protocols 4 --probe emp-ssl \
+      --augment-patches emp-ssl --train-size 10000 --k 20 --device cpu --no-progress --out "$RESULTS" "${@:2}"
 }
 
 # Each later session continues the previous run folder for one more epoch over the same images: a copy of the
@@ -44,7 +47,7 @@ more() {
   if [ ! -d "$CONT" ]; then   # resume.pt carries the state; the big .pt copies and resume.prev.pt stay behind
     mkdir -p "$CONT" && cp "$from"/resume.pt "$from"/log.jsonl "$from"/checkpoint.pt "$CONT"/
   fi
-  $py -m ssl_patch_analysis.train --method emp-ssl --epochs "${EPOCHS:-2}" --train-size 10000 --device cpu \
+  $py -m ssl_patch_analysis.train --method emp-ssl --epochs "$EPOCHS" --train-size 10000 --device cpu \
       --run-dir "$CONT" --resume --time-limit 6000
 }
 
@@ -60,12 +63,9 @@ card() {
   # all the card's protocols (16 patches too) on a 2,000-image bank and test set, as the bagssl card beside it
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --max-images 2000 \
       --json "$RESULTS/card-2k_emp-ssl-resnet18-cifar10.json"
-  # EMP-SSL's protocol as above, on the run checkpoint (it has the heads); its random-init control is the first
-  # session's (same architecture and seed)
-  cp "$CONT/checkpoint.pt" "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"
-  $py -m ssl_patch_analysis.evaluate --model "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt" --layers pre_feature \
-      --protocols 4 --probe emp-ssl --augment-patches emp-ssl --train-size 10000 --k 20 --device cpu \
-      --no-progress --out "$RESULTS"
+  # EMP-SSL's protocol (its random-init control is the first session's: same architecture and seed)
+  cp "$CONT/checkpoint.pt" "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"   # outputs are named after the checkpoint file
+  emp_ssl_protocol "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"
 }
 
 baseline_cards() {

@@ -4,6 +4,8 @@ conftest.py offers the defaults as the ``tiny_model`` and ``random_images`` fixt
 another variant (another seed, stem, size, no projector, a recorded training) calls these functions
 (``import helpers``; ``helpers.tiny_model(seed=1)``).
 """
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,9 +58,6 @@ def random_images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 def load_script(relative_path: str) -> Any:
     """A script of the repository (``pretrained/ship.py``, ...) imported as a module from its path."""
-    import importlib.util
-    from pathlib import Path
-
     path = Path(__file__).resolve().parents[1] / relative_path
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)

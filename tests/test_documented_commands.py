@@ -11,6 +11,7 @@ import importlib
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,11 @@ DOCUMENTS = ["README.md", "pretrained/README.md", "sample_data/README.md", "docs
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.sh")),
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pretrained").glob("*.sh"))]
 COMMAND = re.compile(r"-m\s+ssl_patch_analysis\.(\w+)")
-# A shell or make variable stands for one word; "$@" / ... for the caller's further flags.
+# A shell or make variable stands for one word; "$@" / "${@:2}" / ... for the caller's further flags.
+CALLER_FLAGS = re.compile(r'"\$(?:@|\{@[^}]*\})"')
 DEFAULTED = re.compile(r"\$\{\w+:-([^}]*)\}")  # ${NAME:-default}: its default
+# NAME=${OTHER:-default} at the start of a line of a script: $NAME / ${NAME} later stand for that default
+SCRIPT_DEFAULT = re.compile(r"^(\w+)=\$\{\w+:-([^}]*)\}\s*$", re.MULTILINE)
 VARIABLE = re.compile(r"\$\([^)]*\)|\$\{\w+[^}]*\}|\$\w+")
 
 
@@ -47,12 +51,16 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
 def documented_commands(path: str) -> list[tuple[str, str, list[str]]]:
     """``(where, module, argv)`` for each ``python -m ssl_patch_analysis.X ...`` in one document."""
     found = []
-    lines = logical_lines((ROOT / path).read_text(encoding="utf-8"))
+    text = (ROOT / path).read_text(encoding="utf-8")
+    defaults = dict(SCRIPT_DEFAULT.findall(text)) if path.endswith(".sh") else {}
+    lines = logical_lines(text)
     for (number, line), (_, after) in zip(lines, [*lines[1:], (0, "")], strict=True):
         if after.lstrip().startswith("error:"):  # an example of a refused command, shown with its error
             continue
         for match in COMMAND.finditer(line):
-            rest = DEFAULTED.sub(r"\1", line[match.end():].replace('"$@"', "").replace("...", ""))
+            rest = DEFAULTED.sub(r"\1", CALLER_FLAGS.sub("", line[match.end():]).replace("...", ""))
+            for name, value in defaults.items():
+                rest = re.sub(rf"\$\{{{name}\}}|\${name}\b", lambda _, v=value: v, rest)
             rest = VARIABLE.sub("VAR", rest)
             rest = re.split(r"`|\s(?:&&|\|\||\||;|>|2>|#)\s?|\)\s*$", rest)[0]  # end of the command in prose/shell
             try:
@@ -103,3 +111,14 @@ def test_gpu_session_model_recipes_parse(model):
                             check=True).stdout.split()
     args = importlib.import_module("ssl_patch_analysis.train").build_parser().parse_args(recipe)
     assert args.method == model and args.epochs >= 10
+
+
+def test_a_script_variable_stands_for_its_default(tmp_path, monkeypatch):
+    """``N=${N:-2}`` then ``--epochs "$N"``: the command is checked with 2, so a wrong type still fails."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "run.sh").write_text('EPOCHS=${EPOCHS:-2}\nWHERE=${WHERE:-runs/x}\n'
+                                     'python -m ssl_patch_analysis.train --epochs "$EPOCHS" --run-dir ${WHERE}/y\n'
+                                     'BAD=${BAD:-two}\npython -m ssl_patch_analysis.train --epochs $BAD\n')
+    (_, _, argv), (_, _, bad) = documented_commands("run.sh")
+    assert argv == ["--epochs", "2", "--run-dir", "runs/x/y"]
+    assert bad == ["--epochs", "two"]
