@@ -51,6 +51,15 @@ more() {
       --run-dir "$CONT" --resume --time-limit 6000
 }
 
+# Session 4 (issue 12): the third epoch's model, --init-from, one epoch over another 10,000 images (--seed 1 picks
+# them: 1,938 shared with the first 10,000), a fresh cosine from lr 0.1 (no warm-up) to 0 over 100 steps:
+#   EPOCHS=4 STEPS="fresh ship card" benchmarks/emp_ssl_cpu.sh
+fresh() {
+  [ -f "$CONT/resume.pt" ] && resume=--resume || resume=
+  $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size 10000 --seed 1 --lr 0.1 --device cpu \
+      --init-from runs/emp-ssl-cpu-10k-$((EPOCHS - 1))ep/checkpoint.pt --run-dir "$CONT" --time-limit 6000 $resume
+}
+
 ship() {
   $py pretrained/ship.py "$CONT/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
   cp "$CONT/log.jsonl" pretrained/emp-ssl-resnet18-cifar10.log.jsonl

@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -74,6 +75,7 @@ from .checkpoints import (
     SOLO_LEARN_MEAN_STD,
     DamagedCheckpointError,
     atomic_torch_save,
+    load_model,
     read_checkpoint,
     save_checkpoint,
     verify_checksum,
@@ -194,6 +196,7 @@ class TrainConfig:
     compile: bool = False
     device: str | None = None
     seed: int = 0
+    init_from: str | None = None
     out: str | None = None
     resume: bool = False
     time_limit: float | None = None
@@ -333,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_device_args(parser)
     add("--seed", type=int, default=defaults.seed,
         help="seed of the initial weights, data order, crops and augmentation")
+    add("--init-from", default=None, metavar="CHECKPOINT",
+        help="start from this model's weights (a run's checkpoint.pt, a file of pretrained/, or any checkpoint "
+             "load_model reads, of the run's --arch/--width/--projector shapes; a backbone-only file leaves the "
+             "heads at their random init), with a fresh optimiser and learning-rate schedule; the log and the "
+             "checkpoint record its sha256")
     add("--run-dir", dest="out", default=None,
         help="the run folder: checkpoint, resume state and log (default: runs/<method>-<arch>-<data>)")
     add("--resume", action="store_true", help="continue the run in --run-dir from its last epoch")
@@ -844,6 +852,7 @@ class TrainingRun:
     start_time: float
     log_lines: list[str] = field(default_factory=list)
     rotate_resume: bool = True
+    init_from: dict[str, Any] | None = None  # what --init-from loaded (path, sha256, heads), kept in checkpoints
 
     @property
     def local_batch(self) -> int:
@@ -1068,6 +1077,9 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     if steps_per_epoch == 0:
         raise ValueError(f"--batch-size {config.batch_size} is larger than the training set "
                          f"({len(data.images)} images)")
+    init_from = None
+    if config.init_from is not None and not config.resume:  # a resumed run's state already holds its weights
+        init_from = _init_from(ssl_model, config.init_from, say=main)
     optimizer = build_optimizer(config, ssl_model, config.peak_lr)
 
     start_epoch, step, previous_wall = 0, 0, 0.0
@@ -1082,6 +1094,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
                 f"{k} (was {state['args'].get(k)!r}, now {getattr(config, k)!r})" for k in changed))
         ssl_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        init_from = (state.get("checkpoint_train") or {}).get("init_from")
         start_epoch, step, previous_wall = int(state["epoch"]), int(state["step"]), float(state["wall_time_s"])
         _restore_rng_states(state["rng"])
         if main:
@@ -1107,7 +1120,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
             log_lines = log_path.read_text(errors="replace").splitlines(keepends=True)
         header = log_line({
             "command": config.command, "args": _plain(config),
-            "resumed_from_epoch": start_epoch if config.resume else None,
+            "resumed_from_epoch": start_epoch if config.resume else None, "init_from": init_from,
             "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
             "world_size": processes.world_size, "device": _device_name(device)})
         log_lines.append(header)
@@ -1131,7 +1144,42 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         total_steps=steps_per_epoch * schedule_epochs,
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         start_epoch=start_epoch, step=step, previous_wall=previous_wall, start_time=start_time, log_lines=log_lines,
-        rotate_resume=resume_source == resume_path)
+        rotate_resume=resume_source == resume_path, init_from=init_from)
+
+
+def _init_from(model: SSLModel, path: str, say: bool = True) -> dict[str, Any]:
+    """Load ``--init-from``'s weights into ``model`` (backbone, and the heads when the file has them); what was
+    loaded, for the log and the checkpoint: path, file sha256, whether the heads came too."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise FileNotFoundError(f"--init-from: {source} does not exist; pass a checkpoint.pt of a run (or a file of "
+                                "pretrained/)")
+    digest = hashlib.sha256()
+    with open(source, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    loaded = load_model(source, verbose=False)  # any format it reads; a damaged or foreign file: its one line
+    hints = {"backbone": "--arch/--width/--cifar-padding", "projector": "--projector",
+             "pre_feature": "--pre-feature"}
+    heads = True
+    for part, hint in hints.items():
+        target, weights = getattr(model, part), getattr(loaded, part)
+        if target is None:
+            continue
+        if weights is None:
+            if part == "backbone":
+                raise ValueError(f"--init-from: {source} has no backbone")
+            if say:
+                notice(f"--init-from: {source} has no {part}; the run's {part} starts from its random init")
+            heads = False
+            continue
+        theirs, ours = weights.state_dict(), target.state_dict()
+        if set(theirs) != set(ours) or any(theirs[k].shape != ours[k].shape for k in ours):
+            raise ValueError(f"--init-from: the {part} of {source} has other shapes than this run's ({loaded.info.arch}"
+                             f", width {loaded.info.width:g}, projector {loaded.info.projector_dims}): pass the {hint} "
+                             "of the run that made it")
+        target.load_state_dict(theirs)
+    return {"path": str(path), "sha256": digest.hexdigest(), "heads": heads}
 
 
 def _plain(config: TrainConfig) -> dict[str, Any]:
@@ -1281,7 +1329,7 @@ def end_of_epoch(run: TrainingRun, epoch: int, result: EpochResult) -> str | Non
                   "epoch_time_s": result.train_time, "knn_top1": knn, "wall_time_s": wall}
         if processes.world_size > 1:
             record["rank_param_max_diff"] = _rank_param_max_diff(run.ssl_model)
-        train_info = _train_info(config, run.data, epoch + 1, wall, device, knn, stopped_early)
+        train_info = _train_info(config, run.data, epoch + 1, wall, device, knn, stopped_early, run.init_from)
         run.export_model.load_state_dict(run.ssl_model.state_dict())
         save_checkpoint(run.export_model, run.checkpoint_path, train=train_info)
         line = log_line(record)
@@ -1331,7 +1379,8 @@ def _rank_param_max_diff(model: nn.Module) -> float:
 
 
 def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall: float, device: torch.device,
-                knn: float | None, stopped_early: str | None) -> dict[str, Any]:
+                knn: float | None, stopped_early: str | None, init_from: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """What made the model, stored in its checkpoint's ``train`` dict (plain values only)."""
     patch = config.method in PATCH_METHODS
     return {
@@ -1346,7 +1395,7 @@ def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall:
         "seed": config.seed,
         "wall_time_s": wall, "device": _device_name(device), "knn_top1": knn,
         "knn": f"weighted k-NN k={KNN_K} T={KNN_TEMPERATURE}, central view, {data.knn_split}",
-        "stopped_early": stopped_early, "command": config.command,
+        "stopped_early": stopped_early, "command": config.command, "init_from": init_from,
     }
 
 

@@ -1,5 +1,6 @@
 """The trainer on real CIFAR-10 images: learning, exact resume, checkpoints, logs, NaN stop, 2-process DDP."""
 import dataclasses
+import hashlib
 import math
 import os
 import subprocess
@@ -10,9 +11,9 @@ import pytest
 import torch
 
 from ssl_patch_analysis import train as train_module
-from ssl_patch_analysis.checkpoints import load_model, read_checkpoint
+from ssl_patch_analysis.checkpoints import load_model, read_checkpoint, save_checkpoint
 from ssl_patch_analysis.losses import LossOutput
-from ssl_patch_analysis.models import CIFAR10_MEAN, CIFAR10_STD
+from ssl_patch_analysis.models import CIFAR10_MEAN, CIFAR10_STD, SSLModel
 from ssl_patch_analysis.train import (
     LARS,
     TrainConfig,
@@ -426,3 +427,54 @@ def test_a_typed_config_trains_from_python_with_a_longer_schedule_and_amp(cifar1
     with pytest.raises(ValueError, match=r"schedule_epochs \(was 2, now None\)"):
         train(train_module.TrainConfig(**{**dataclasses.asdict(config), "schedule_epochs": None, "resume": True,
                                           "epochs": 2}))
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(cifar10_npz, tmp_path, two_epoch_run, capsys):
+    """--init-from: backbone and heads come from the file, the optimiser and schedule start afresh, the log and the
+    new checkpoint name the file and its sha256; a backbone-only file leaves the heads random (said on stderr)."""
+    _, source = two_epoch_run
+    start = load_model(source, verbose=False)
+    # lr 0: the weights (not the BatchNorm statistics) stay exactly those the run started from
+    out = tmp_path / "continued"
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "1", "--lr", "0", "--seed", "1", "--init-from", str(source)))
+    continued = load_model(out / "checkpoint.pt", verbose=False)
+    for part in ("backbone", "projector"):
+        for name, tensor in getattr(start, part).named_parameters():
+            assert torch.equal(dict(getattr(continued, part).named_parameters())[name], tensor), (part, name)
+    fresh_out = tmp_path / "fresh"
+    train(tiny_args(cifar10_npz.parent, fresh_out, "--epochs", "1", "--lr", "0", "--seed", "1"))
+    fresh = load_model(fresh_out / "checkpoint.pt", verbose=False)
+    assert not torch.equal(fresh.backbone.conv1.weight, continued.backbone.conv1.weight)
+
+    header, record = read_log(out)
+    digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+    assert header["init_from"] == {"path": str(source), "sha256": digest, "heads": True}
+    assert "--init-from" in header["command"] and record["step"] == 2
+    assert continued.info.extra["train"]["init_from"] == header["init_from"]
+
+    # a backbone-only file: the heads keep the run's own random init, and stderr says so
+    backbone_only = tmp_path / "backbone.pt"
+    save_checkpoint(SSLModel(start.backbone, None, None, start.preprocess, start.info), backbone_only)
+    capsys.readouterr()
+    out2 = tmp_path / "from-backbone"
+    train(tiny_args(cifar10_npz.parent, out2, "--epochs", "1", "--lr", "0", "--seed", "1",
+                    "--init-from", str(backbone_only)))
+    assert "has no projector" in capsys.readouterr().err
+    from_backbone = load_model(out2 / "checkpoint.pt", verbose=False)
+    assert torch.equal(from_backbone.backbone.conv1.weight, start.backbone.conv1.weight)
+    assert torch.equal(from_backbone.projector[0].weight, fresh.projector[0].weight)
+    assert read_log(out2)[0]["init_from"]["heads"] is False
+
+
+def test_init_from_refuses_weights_of_another_shape_in_one_line(cifar10_npz, tmp_path, two_epoch_run):
+    _, source = two_epoch_run
+    with pytest.raises(ValueError, match=r"--init-from: .* backbone .*--width") as caught:
+        train(tiny_args(cifar10_npz.parent, tmp_path / "a", "--epochs", "1", "--width", "0.25",
+                        "--init-from", str(source)))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"--init-from: .* projector .*--projector"):
+        train(tiny_args(cifar10_npz.parent, tmp_path / "b", "--epochs", "1", "--projector", "64-32",
+                        "--init-from", str(source)))
+    with pytest.raises(FileNotFoundError, match="--init-from"):
+        train(tiny_args(cifar10_npz.parent, tmp_path / "c", "--epochs", "1", "--init-from", str(tmp_path / "no.pt")))
+    assert not (tmp_path / "a" / "checkpoint.pt").exists()
