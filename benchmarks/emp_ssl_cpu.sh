@@ -62,7 +62,20 @@ fresh() {
 
 ship() {
   $py pretrained/ship.py "$CONT/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
-  cp "$CONT/log.jsonl" pretrained/emp-ssl-resnet18-cifar10.log.jsonl
+  # the shipped log is the model's whole history: from session 4 on, the --init-from run's log follows the one
+  # of the run it started from
+  if [ "$EPOCHS" -ge 4 ]; then
+    cat runs/emp-ssl-cpu-10k-3ep/log.jsonl "$CONT/log.jsonl" > pretrained/emp-ssl-resnet18-cifar10.log.jsonl
+  else
+    cp "$CONT/log.jsonl" pretrained/emp-ssl-resnet18-cifar10.log.jsonl
+  fi
+}
+
+# the committed figure of the shipped emp-ssl (as `make figures` makes it) and the claims table
+remake() {
+  $py -m ssl_patch_analysis.evaluate --model emp-ssl --protocols central,1,16 --train-size 2000 --test-size 1000 \
+      --boost --cache-dir "${FIGURES_STORE:-$HOME/.cache/ssl_patch_analysis/evaluate-store}" --no-progress --device cpu
+  $py -m ssl_patch_analysis.claims --figures figures --out figures
 }
 
 card() {

@@ -478,3 +478,20 @@ def test_init_from_refuses_weights_of_another_shape_in_one_line(cifar10_npz, tmp
     with pytest.raises(FileNotFoundError, match="--init-from"):
         train(tiny_args(cifar10_npz.parent, tmp_path / "c", "--epochs", "1", "--init-from", str(tmp_path / "no.pt")))
     assert not (tmp_path / "a" / "checkpoint.pt").exists()
+
+
+def test_a_run_started_with_init_from_resumes_from_its_own_state(cifar10_npz, tmp_path, two_epoch_run):
+    _, source = two_epoch_run
+    out = tmp_path / "run"
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(source), "--time-limit", "1e-6"))
+    first = read_checkpoint(out / "checkpoint.pt")["train"]["init_from"]
+    assert first["path"] == str(source) and first["heads"] is True
+    # the same command with --resume: the weights come from resume.pt, not again from the file
+    Path(source).rename(tmp_path / "moved.pt")
+    try:
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(source), "--resume"))
+    finally:
+        (tmp_path / "moved.pt").rename(source)
+    assert read_checkpoint(out / "checkpoint.pt")["train"]["init_from"] == first
+    headers = [line for line in read_log(out) if "command" in line]
+    assert [h["init_from"] for h in headers] == [first, first] and read_log(out)[-1]["step"] == 4
