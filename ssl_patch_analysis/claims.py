@@ -34,8 +34,9 @@ e. "learning a representation for fixed-scale patches and aggregating ... achiev
    points; "similar" is read as above ``-MATCH_MARGIN`` = -2 points (solo-learn's ResNet-18 VICReg
    and SimCLR, which the field counts as comparable, differ by 1.4 points on CIFAR-10).
 
-95% confidence intervals (half-widths). The JSON files keep aggregates, not per-item values, so a
-paired interval cannot be formed; where it is needed a stated conservative bound is used.
+95% confidence intervals (half-widths). Differences of two numbers measured on the same items are
+paired where the JSON files keep per-item values (heatmap: per image; evaluate: each test image's
+right/wrong); elsewhere a stated conservative bound is used.
 
 - mean over images (convergence, heatmap): Student-t, t(0.975, n-1) * std / sqrt(n), with the
   sample std (ddof 1) over the n images (the ``ci95`` the convergence JSON records).
@@ -44,11 +45,15 @@ paired interval cannot be formed; where it is needed a stated conservative bound
   (Bhatia-Davis), so this is at least the normal-approximation interval of the mean.
 - accuracy p on N test images: binomial, normal approximation, 1.96 * sqrt(p(1-p)/N) (the k-NN bank
   and the probe's training set held fixed).
-- difference of two such numbers: sqrt(w1^2 + w2^2) of their half-widths, the unpaired interval.
-  Both numbers are measured on the same images, queries or test images; unless they are negatively
-  correlated over those items (two measurements of the same item are expected to correlate
-  positively), the unpaired interval is at least as wide as the paired one, i.e. conservative. The
-  JSON files hold no per-item values to check this or to form the (narrower) paired interval.
+- difference of two accuracies on the same N test images (b; e when both evaluations name the same
+  test images by ``test_ids_sha256``), both files keeping each image's right/wrong (``correct``):
+  paired, Student-t over the per-image differences d in {-1, 0, 1}, t(0.975, N-1) * std(d) / sqrt(N).
+- any other difference of two such numbers: sqrt(w1^2 + w2^2) of their half-widths, the unpaired
+  interval. Both numbers are measured on the same images, queries or test images; unless they are
+  negatively correlated over those items (two measurements of the same item are expected to
+  correlate positively), the unpaired interval is at least as wide as the paired one, i.e.
+  conservative (retrieval's JSON and evaluate JSONs written before per-image values were kept hold
+  no per-item values for a paired interval).
 
 Verdict rule (the outputs repeat it)
 
@@ -82,10 +87,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from scipy import stats
 
 from . import cli
 from .cli import RENAMED_FLAGS
+from .evaluate import read_correct
 from .report import save_json
 
 Z95 = 1.959963984540054  # scipy.stats.norm.ppf(0.975), "1.96"
@@ -102,7 +109,7 @@ REPRODUCED, NOT_REPRODUCED, MIXED, NOT_MEASURED = "reproduced", "not reproduced"
 
 UNPAIRED = ("Unpaired differences are conservative unless the two numbers are negatively correlated over the "
             "items both are measured on (same images, queries or test images: expected to correlate positively); "
-            "the JSON files keep no per-item values for a paired interval.")
+            "they are used where the JSON files keep no per-item values for a paired interval (retrieval).")
 RULE = (f"A measurement is shown when its 95% CI lies entirely above the claimed bound (0; -{MATCH_MARGIN:g} points "
         "for e), "
         "opposite when entirely below, inconclusive otherwise; it beats its control when it exceeds the "
@@ -119,6 +126,9 @@ CI_METHODS = {
                                "per-query fractions in [0, 1]; the difference: sqrt(w1^2 + w2^2), unpaired",
     "difference of accuracies": "each top-1 accuracy p on the same N test images: binomial, 1.96 * sqrt(p(1-p)/N); "
                                 "the difference: sqrt(w1^2 + w2^2), unpaired",
+    "paired difference of accuracies": "two top-1 accuracies on the same N test images, each image's right/wrong "
+                                       "kept: Student-t over the per-image differences d in {-1, 0, 1}, "
+                                       "t(0.975, N-1) * std(d) / sqrt(N)",
 }
 
 
@@ -159,6 +169,13 @@ def proportion_half_width(p: float, n: int) -> float:
 def accuracy(percent: float, n: int) -> Interval:
     """A top-1 accuracy in percent on ``n`` test images, with its binomial half-width in points."""
     return Interval(percent, 100 * proportion_half_width(percent / 100, n))
+
+
+def paired_difference(right: np.ndarray, other: np.ndarray) -> Interval:
+    """Accuracy of ``right`` minus that of ``other`` (per-image bools on the same test images), in points, with the
+    Student-t half-width of the mean per-image difference."""
+    d = right.astype(np.float64) - other.astype(np.float64)
+    return Interval(100 * float(d.mean()), 100 * student_t_half_width(float(d.std(ddof=1)), len(d)))
 
 
 # ---------------------------------------------------------------------------------------- measurements
@@ -473,6 +490,49 @@ def evaluation_accuracies(doc: dict[str, Any]) -> tuple[dict[str, dict[str, floa
     return table, (max(many, key=int) if many else None), knn
 
 
+def _correct(doc: dict[str, Any], protocol: str, classifier: str, source: str) -> np.ndarray | None:
+    """Each test image's right/wrong under ``protocol`` and ``classifier`` (``kNN k=<k>`` or ``linear``) from an
+    evaluate JSON, or None when the file does not keep them; a file whose values do not give its accuracy is
+    refused in one line."""
+    row = next((r for r in doc.get("protocols", []) if str(r["protocol"]) == protocol), None)
+    correct = (row or {}).get("correct")
+    if not correct:
+        return None
+    if classifier == "linear":
+        text, recorded = correct.get("linear"), row.get("linear")
+    else:
+        k = classifier.rpartition("=")[2]
+        text, recorded = (correct.get("knn") or {}).get(k), (row.get("knn") or {}).get(k)
+    if text is None or recorded is None:
+        return None
+    try:
+        values = read_correct(text)
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}; remake it with `make figures`") from None
+    if len(values) != doc.get("test_size") or abs(100 * values.mean() - recorded) > 1e-6:
+        raise ValueError(f"{source}: the per-image values of {protocol} / {classifier} do not give its accuracy "
+                         f"({recorded}); the file is damaged: remake it with `make figures`")
+    return values
+
+
+def accuracy_difference(a: Output, protocol_a: str, b: Output, protocol_b: str, classifier: str
+                        ) -> tuple[Interval, str]:
+    """Top-1 of ``a`` under ``protocol_a`` minus ``b`` under ``protocol_b`` and the name of its CI method: paired
+    when both files keep each test image's right/wrong on the same test images, else unpaired (conservative)."""
+    table_a, _, _ = evaluation_accuracies(a.doc)
+    table_b, _, _ = evaluation_accuracies(b.doc)
+    same_images = a.path == b.path or (a.doc.get("test_ids_sha256") is not None
+                                       and a.doc.get("test_ids_sha256") == b.doc.get("test_ids_sha256"))
+    if same_images:
+        right_a = _correct(a.doc, protocol_a, classifier, a.path.name)
+        right_b = _correct(b.doc, protocol_b, classifier, b.path.name)
+        if right_a is not None and right_b is not None:
+            return paired_difference(right_a, right_b), "paired difference of accuracies"
+    estimate = accuracy(table_a[protocol_a][classifier], a.doc["test_size"]).minus(
+        accuracy(table_b[protocol_b][classifier], b.doc["test_size"]))
+    return estimate, "difference of accuracies"
+
+
 def _is_fixed_scale(doc: dict[str, Any]) -> bool:
     return bool((doc.get("patch_scale") or {}).get("patch_size"))
 
@@ -497,16 +557,15 @@ def aggregation_claim(outputs: Sequence[Output]) -> Claim:
             claim.notes.append(note)
         n = out.doc["test_size"]
         for classifier in (knn, "linear"):
-            estimate = accuracy(table[many][classifier], n).minus(accuracy(table["central"][classifier], n))
-            m = Measurement(out.model, f"{classifier}: {many} patches − central", estimate, "difference of accuracies",
+            estimate, method = accuracy_difference(out, many, out, "central", classifier)
+            m = Measurement(out.model, f"{classifier}: {many} patches − central", estimate, method,
                             out.path.name, unit="points",
                             details={"central": table["central"][classifier], "patches": table[many][classifier],
                                      "protocol": many, "test_size": n,
                                      "multi_scale": _is_multi_scale(out.doc)})
             if control is not None:
-                ctable, cmany, _ = evaluation_accuracies(control.doc)
-                cn = control.doc["test_size"]
-                random = accuracy(ctable[cmany][classifier], cn).minus(accuracy(ctable["central"][classifier], cn))
+                _, cmany, _ = evaluation_accuracies(control.doc)
+                random, _ = accuracy_difference(control, cmany, control, "central", classifier)
                 m.set_control(random, control.path.name)
             else:
                 m.control_missing = note
@@ -543,9 +602,10 @@ def matching_claim(outputs: Sequence[Output]) -> Claim:
             n = patchy.doc["test_size"]
             for classifier in (knn, "linear"):
                 ours, theirs = accuracy(table[many][classifier], n), accuracy(base_table["central"][classifier], n)
+                estimate, method = accuracy_difference(patchy, many, baseline, "central", classifier)
                 m = Measurement(f"{patchy.model} vs {baseline.model}",
                                 f"{classifier}: {patchy.model} {many} patches − {baseline.model} central",
-                                ours.minus(theirs), "difference of accuracies",
+                                estimate, method,
                                 f"{patchy.path.name}, {baseline.path.name}", unit="points", bound=-MATCH_MARGIN,
                                 details={"fixed_scale": ours.value, "multi_scale_central": theirs.value,
                                          "test_size": n})
@@ -557,7 +617,9 @@ def matching_claim(outputs: Sequence[Output]) -> Claim:
                     btable, _, _ = evaluation_accuracies(baseline_control.doc)
                     random_ours = accuracy(ctable[cmany][classifier], patchy_control.doc["test_size"])
                     random_theirs = accuracy(btable["central"][classifier], baseline_control.doc["test_size"])
-                    m.set_control(random_ours.minus(random_theirs),
+                    random_difference, _ = accuracy_difference(patchy_control, cmany, baseline_control, "central",
+                                                               classifier)
+                    m.set_control(random_difference,
                                   f"{patchy_control.path.name}, {baseline_control.path.name}",
                                   f"random init {random_ours.value:.1f} vs {random_theirs.value:.1f}, trained "
                                   f"{ours.value:.1f} vs {theirs.value:.1f}")

@@ -54,7 +54,7 @@ from .augment import Augmentation
 from .cli import resolve_device
 from .data import ImageDataset
 from .extract import describe_tokens, extract_patch_embeddings, model_sha256, token_sampler
-from .knn import knn_accuracy
+from .knn import weighted_knn_predict
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
 from .report import data_label, format_table, model_label, output_stem, save_figure, save_json, slug
@@ -361,13 +361,35 @@ def knn_eval(
     Keyed by the k actually used: a k larger than the bank is clamped to the bank's size
     (:func:`effective_ks`), so ``ks=(20, 200)`` on a bank of 20 images gives ``{20: ...}`` alone.
     """
+    return {k: 100.0 * float(torch.from_numpy(correct).float().mean())
+            for k, correct in knn_correct(train_x, train_y, test_x, test_y, num_classes, ks, temperature,
+                                          device).items()}
+
+
+def knn_correct(
+    train_x: np.ndarray | torch.Tensor,
+    train_y: np.ndarray | torch.Tensor,
+    test_x: np.ndarray | torch.Tensor,
+    test_y: np.ndarray | torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    device: str | torch.device | None = None,
+) -> dict[int, np.ndarray]:
+    """Whether the weighted cosine k-NN classifies each test feature right (bool, test order), for each ``k``
+    (clamped to the bank as in :func:`knn_eval`): the per-image values behind its accuracies."""
     device = resolve_device(device)
     bank = torch.as_tensor(train_x, dtype=torch.float32, device=device)
     bank_labels = torch.as_tensor(train_y, dtype=torch.int64, device=device)
     queries = torch.as_tensor(test_x, dtype=torch.float32, device=device)
     query_labels = torch.as_tensor(test_y, dtype=torch.int64)
-    return {k: knn_accuracy(bank, bank_labels, queries, query_labels, num_classes, k=k,
-                            temperature=temperature) for k in effective_ks(ks, len(bank))}
+    if query_labels.shape != (queries.shape[0],):
+        raise ValueError(f"test_labels must hold one label per test feature ({queries.shape[0]}), got "
+                         f"shape {tuple(query_labels.shape)}")
+    if queries.shape[0] == 0:
+        raise ValueError("no test features: k-NN accuracy needs at least one")
+    return {k: (weighted_knn_predict(bank, bank_labels, queries, num_classes, k=k, temperature=temperature).cpu()
+                == query_labels.cpu()).numpy() for k in effective_ks(ks, len(bank))}
 
 
 def effective_ks(ks: Sequence[int], bank_size: int) -> list[int]:
@@ -469,6 +491,7 @@ class ProbeResult:
     mean: np.ndarray
     std: np.ndarray
     epoch_accuracies: list[float] = dataclasses.field(default_factory=list)
+    correct: np.ndarray | None = None  # per test feature, after the last epoch: classified right (bool)
 
     @property
     def best_epoch_accuracy_on_test(self) -> float:
@@ -560,11 +583,13 @@ def linear_probe(
         train_logits = classifier(x)
         final_loss = float(F.cross_entropy(train_logits, y))
         train_accuracy = 100.0 * float((train_logits.argmax(1) == y).float().mean())
-        accuracy = 100.0 * float((classifier(x_test).argmax(1) == y_test).float().mean())
+        correct = classifier(x_test).argmax(1) == y_test
+        accuracy = 100.0 * float(correct.float().mean())
     return ProbeResult(
         accuracy=accuracy, train_accuracy=train_accuracy, final_loss=final_loss, schedule=schedule, seed=seed,
         weight=classifier.weight.detach().cpu().numpy(), bias=classifier.bias.detach().cpu().numpy(),
         mean=mean.cpu().numpy(), std=std.cpu().numpy(), epoch_accuracies=epoch_accuracies.cpu().tolist(),
+        correct=correct.cpu().numpy(),
     )
 
 
@@ -596,16 +621,38 @@ def evaluate_features(
 
     ``"linear"`` is the probe's test accuracy after its last epoch; ``"linear_each_epoch"`` lists it
     after every epoch, and ``"linear_best_epoch_selected_on_test"`` is their maximum (EMP-SSL's
-    "best", which picks the epoch on the test set).
+    "best", which picks the epoch on the test set). ``"correct"`` keeps, per test feature in order, whether each
+    classifier got it right (``{"knn": {k: "0110..."}, "linear": "..."}``, :func:`correct_string`).
     """
     started = time.perf_counter()
-    knn = knn_eval(train_x, train_y, test_x, test_y, num_classes, ks, temperature, device)
+    knn_right = knn_correct(train_x, train_y, test_x, test_y, num_classes, ks, temperature, device)
+    knn = {k: 100.0 * float(torch.from_numpy(right).float().mean()) for k, right in knn_right.items()}
     knn_seconds = time.perf_counter() - started
     probe = linear_probe(train_x, train_y, test_x, test_y, num_classes, schedule, seed=seed, device=device)
     return {"knn": knn, "linear": probe.accuracy, "linear_train": probe.train_accuracy,
             "linear_final_loss": probe.final_loss, "linear_each_epoch": probe.epoch_accuracies,
             "linear_best_epoch_selected_on_test": probe.best_epoch_accuracy_on_test,
+            "correct": {"knn": {k: correct_string(right) for k, right in knn_right.items()},
+                        "linear": correct_string(probe.correct)},
             "seconds": {"knn": knn_seconds, "probe": time.perf_counter() - started - knn_seconds}}
+
+
+def correct_string(correct: np.ndarray) -> str:
+    """Per-item right/wrong as a string of "1"/"0" in test order (how evaluate JSONs keep them: paired intervals
+    of differences between protocols or models on the same test images, ``claims``)."""
+    return "".join("1" if c else "0" for c in np.asarray(correct, dtype=bool).reshape(-1))
+
+
+def read_correct(text: str) -> np.ndarray:
+    """The bool array of :func:`correct_string`."""
+    if set(text) - {"0", "1"}:
+        raise ValueError("per-item correctness must be a string of 0 and 1")
+    return np.frombuffer(text.encode("ascii"), dtype=np.uint8) == ord("1")
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """sha256 of image ids (int64): two evaluations with the same digest classified the same test images."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()
 
 
 def evaluate_protocols(
@@ -638,7 +685,8 @@ def evaluate_protocols(
     Returns the numbers behind the Fig. 2 table as plain values: ``results["protocols"]`` holds, per
     protocol, ``{"protocol", "title", "sampler", "patches_per_image", "feature_dim", "knn": {k: acc},
     "linear", "linear_train", "linear_final_loss", "linear_each_epoch",
-    "linear_best_epoch_selected_on_test", "seconds"}``; accuracies are top-1 percent.
+    "linear_best_epoch_selected_on_test", "correct", "seconds"}``; accuracies are top-1 percent; ``correct``
+    holds each test image's right/wrong (in ``test_ids`` order, whose sha256 is ``results["test_ids_sha256"]``).
     """
     if not protocols:
         raise ValueError("pass at least one protocol (central, N, grid:P)")
@@ -686,6 +734,7 @@ def evaluate_protocols(
         "model": model_label(model), "model_source": model.info.source, "method": model.info.method,
         "train_data": data_label(train_data), "test_data": data_label(test_data),
         "train_size": len(train_ids), "test_size": len(test_ids), "num_classes": num_classes,
+        "test_ids_sha256": ids_digest(test_ids),
         "layer": layer, "seed": seed, "resize_to": int(resize_to or model.preprocess.input_size),
         "patch_scale": asdict(patch_scale) if patch_scale is not None else None,
         "patch_scale_text": patch_scale.describe() if patch_scale is not None else None,

@@ -251,6 +251,58 @@ def test_accuracy_difference_ci_is_the_unpaired_binomial_interval(tmp_path):
     assert knn.unit == "points" and knn.estimate.value == pytest.approx(2.1)
 
 
+def with_per_image(doc: dict, protocol: str, right: np.ndarray, digest: str = "ids-a") -> dict:
+    """``doc`` whose ``protocol`` row keeps each test image's right/wrong (k-NN and linear the same) and accuracy."""
+    text, accuracy = "".join("1" if r else "0" for r in right), 100 * float(np.mean(right))
+    rows = [dict(r) for r in doc["protocols"]]
+    for row in rows:
+        if row["protocol"] == protocol:
+            row.update(knn={"20": accuracy, "200": accuracy}, linear=accuracy,
+                       correct={"knn": {"20": text, "200": text}, "linear": text})
+    return {**doc, "protocols": rows, "test_ids_sha256": digest, "test_size": len(right)}
+
+
+def test_accuracy_differences_are_paired_when_the_files_keep_each_test_images_result(tmp_path):
+    rng = np.random.default_rng(0)
+    central = rng.random(1000) < 0.5
+    patches = central.copy()  # mostly the same images right: strongly correlated, as two protocols of one model
+    flip = rng.choice(1000, size=80, replace=False)
+    patches[flip[:60]] = True
+    patches[flip[60:]] = False
+    doc = with_per_image(with_per_image(evaluate_doc(0, 0, fixed=False), "central", central), "16", patches)
+    write(tmp_path, "evaluate_vicreg_cifar10", doc)
+    knn, linear = claims_from_figures(tmp_path)[0][1].measurements
+    d = patches.astype(float) - central.astype(float)
+    low, high = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    assert (knn.estimate.low / 100, knn.estimate.high / 100) == pytest.approx((low, high), abs=1e-12)
+    assert knn.estimate.value == pytest.approx(100 * (patches.mean() - central.mean()))
+    assert knn.ci_method == "paired difference of accuracies" and "per-image differences" in knn.to_dict()["ci_method"]
+    unpaired = claims.accuracy(100 * patches.mean(), 1000).minus(claims.accuracy(100 * central.mean(), 1000))
+    assert knn.estimate.half_width < unpaired.half_width / 2  # what pairing buys here
+
+    # e across two files: paired only when both name the same test images
+    fixed = with_per_image(evaluate_doc(0, 0, fixed=True, model="bagssl"), "16", patches)
+    write(tmp_path, "evaluate_bagssl_cifar10", fixed)
+    (match_knn, _), = [c.measurements[:2] for c in claims_from_figures(tmp_path)[0] if c.key == "e"]
+    assert match_knn.estimate.half_width == pytest.approx(knn.estimate.half_width)
+    write(tmp_path, "evaluate_bagssl_cifar10", {**fixed, "test_ids_sha256": "ids-b"})
+    (match_knn, _), = [c.measurements[:2] for c in claims_from_figures(tmp_path)[0] if c.key == "e"]
+    assert match_knn.estimate.half_width == pytest.approx(unpaired.half_width)
+    assert match_knn.ci_method == "difference of accuracies" and match_knn.to_dict()["ci_method"].endswith("unpaired")
+
+
+def test_per_image_values_that_do_not_give_the_accuracy_are_refused_in_one_note(tmp_path):
+    right = np.arange(100) % 2 == 0
+    doc = with_per_image(with_per_image(evaluate_doc(0, 0, fixed=False), "central", right), "16", right)
+    doc["protocols"][2]["linear"] = 51.0  # the recorded accuracy no longer matches its per-image values
+    write(tmp_path, "evaluate_vicreg_cifar10", doc)
+    aggregation = claims_from_figures(tmp_path)[0][1]
+    assert aggregation.verdict == NOT_MEASURED and not aggregation.measurements
+    (note,) = aggregation.notes
+    assert "evaluate_vicreg_cifar10.json: the per-image values of 16 / linear do not give its accuracy" in note
+    assert "damaged" in note and "make figures" in note and "\n" not in note
+
+
 def test_convergence_ci_combines_the_recorded_student_t_half_widths(tmp_path):
     write(tmp_path, "convergence_vicreg_cifar10", convergence_doc(0.05, 0.3, ci=0.004))
     gain, above = claims_from_figures(tmp_path)[0][0].measurements

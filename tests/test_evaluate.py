@@ -170,6 +170,27 @@ def test_evaluate_features_end_to_end_on_hand_made_features():
     assert scores["linear"] == 50.0
 
 
+def test_per_item_correctness_is_what_the_classifiers_predict_and_averages_to_the_accuracies():
+    rng = np.random.default_rng(3)
+    train, test = rng.standard_normal((60, 5)).astype(np.float32), rng.standard_normal((30, 5)).astype(np.float32)
+    train_labels, test_labels = rng.integers(0, 3, 60), rng.integers(0, 3, 30)
+    schedule = ProbeSchedule(epochs=5, batch_size=16)
+    scores = evaluate_features(train, train_labels, test, test_labels, 3, ks=(5,), temperature=0.1,
+                               schedule=schedule, device="cpu")
+    knn_right = evaluate.read_correct(scores["correct"]["knn"][5])
+    assert np.array_equal(knn_right, numpy_weighted_knn(train, train_labels, test, 3, 5, 0.1) == test_labels)
+    probe = linear_probe(train, train_labels, test, test_labels, 3, schedule, device="cpu")
+    standardised = (test - probe.mean) / probe.std
+    by_hand = (standardised @ probe.weight.T + probe.bias).argmax(1) == test_labels
+    linear_right = evaluate.read_correct(scores["correct"]["linear"])
+    assert np.array_equal(linear_right, by_hand) and np.array_equal(probe.correct, by_hand)
+    assert 100 * knn_right.mean() == pytest.approx(scores["knn"][5])
+    assert 100 * linear_right.mean() == pytest.approx(scores["linear"])
+    assert evaluate.correct_string(np.array([True, False, True])) == "101"
+    with pytest.raises(ValueError, match="0 and 1"):
+        evaluate.read_correct("10x")
+
+
 # ----------------------------------------------------------------------------- linear probe
 
 
@@ -476,6 +497,11 @@ def test_evaluate_protocols_and_boost_on_tiny_model():
         for accuracy in [*row["knn"].values(), row["linear"]]:
             assert accuracy * 6 / 100 == pytest.approx(round(accuracy * 6 / 100))  # k of the 6 test images
     assert results["knn_settings"]["ks"] == [2, 12] and results["knn_settings"]["ks_requested"] == [2, 20]
+    for row in results["protocols"]:  # each test image's right/wrong, in test order, per classifier
+        assert set(row["correct"]["knn"]) == {2, 12} and len(row["correct"]["linear"]) == 6
+        assert 100 * evaluate.read_correct(row["correct"]["knn"][2]).mean() == pytest.approx(row["knn"][2])
+    assert results["test_ids_sha256"] == evaluate.ids_digest(np.arange(6))
+    assert evaluate.ids_digest(np.arange(6)) != evaluate.ids_digest(np.arange(1, 7))
     table = results_table(results)
     assert "kNN k=12" in table and "k=20" not in table
     boost = patch_boost(results)
