@@ -276,6 +276,7 @@ def test_accuracy_differences_are_paired_when_the_files_keep_each_test_images_re
     low, high = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
     assert (knn.estimate.low / 100, knn.estimate.high / 100) == pytest.approx((low, high), abs=1e-12)
     assert knn.estimate.value == pytest.approx(100 * (patches.mean() - central.mean()))
+    assert linear.estimate == knn.estimate and linear.ci_method == knn.ci_method  # the same per-image values
     assert knn.ci_method == "paired difference of accuracies" and "per-image differences" in knn.to_dict()["ci_method"]
     unpaired = claims.accuracy(100 * patches.mean(), 1000).minus(claims.accuracy(100 * central.mean(), 1000))
     assert knn.estimate.half_width < unpaired.half_width / 2  # what pairing buys here
