@@ -72,9 +72,20 @@ ship() {
 }
 
 # the committed figure of the shipped emp-ssl (as `make figures` makes it) and the claims table
+figure() {  # <model> [--random-init]
+  $py -m ssl_patch_analysis.evaluate --model "$1" --protocols central,1,16 --train-size 2000 --test-size 1000 \
+      --boost --cache-dir "${FIGURES_STORE:-$HOME/.cache/ssl_patch_analysis/evaluate-store}" --no-progress \
+      --device cpu "${@:2}"
+}
 remake() {
-  $py -m ssl_patch_analysis.evaluate --model emp-ssl --protocols central,1,16 --train-size 2000 --test-size 1000 \
-      --boost --cache-dir "${FIGURES_STORE:-$HOME/.cache/ssl_patch_analysis/evaluate-store}" --no-progress --device cpu
+  figure emp-ssl
+  $py -m ssl_patch_analysis.claims --figures figures --out figures
+}
+# session 4: the other evaluate figures again, now keeping each test image's result (paired CIs in the claims)
+paired() {
+  figure vicreg
+  figure bagssl
+  for m in vicreg bagssl emp-ssl; do figure $m --random-init; done
   $py -m ssl_patch_analysis.claims --figures figures --out figures
 }
 
