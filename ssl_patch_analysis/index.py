@@ -54,7 +54,6 @@ from __future__ import annotations
 # faiss before torch: both bring an OpenMP runtime (DESIGN.md).
 import faiss  # isort: skip
 
-import hashlib
 import json
 import os
 import sys
@@ -65,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import LayerFile, layer_file, read_layer_batches
+from .store import LayerFile, file_sha256, layer_file, read_layer_batches
 
 INDEX_KINDS = ("flat", "ivf", "ivfpq", "opq-ivfpq")
 IVF_KINDS = ("ivf", "ivfpq", "opq-ivfpq")
@@ -376,15 +375,6 @@ def set_nprobe(index: faiss.Index, nprobe: int) -> None:
 
 
 # ---------------------------------------------------------------------- building, resumable
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks (saved indexes and build checkpoints record it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fsync_path(path: Path) -> None:
     """Flush a file, or a folder's entries (renames into it), to the disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -1118,3 +1118,12 @@ def read_layer_batches(layer: LayerFile, first_batch: int = 0, verify: bool = Tr
             yield batch, np.frombuffer(data, layer.dtype).reshape(stop - start, *layer.shape[1:])
     finally:
         os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (saved indexes, build checkpoints and --init-from record it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -87,6 +86,7 @@ from .knn import knn_accuracy
 from .losses import BagSSLLoss, EMPSSLLoss, LossOutput, NTXentLoss, VICRegLoss
 from .models import IMAGENET_MEAN, IMAGENET_STD, L2Normalize, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp
 from .patches import central, random_fixed, random_resized
+from .store import file_sha256
 
 # ResNets, and timm's standard ViTs at the patch sizes used on small and large images.
 TRAIN_ARCHS = ("resnet18", "resnet50", *(f"vit_{size}_patch{patch}" for size in ("tiny", "small", "base")
@@ -1154,10 +1154,6 @@ def _init_from(model: SSLModel, path: str, say: bool = True) -> dict[str, Any]:
     if not source.is_file():
         raise FileNotFoundError(f"--init-from: {source} does not exist; pass a checkpoint.pt of a run (or a file of "
                                 "pretrained/)")
-    digest = hashlib.sha256()
-    with open(source, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
     loaded = load_model(source, verbose=False)  # any format it reads; a damaged or foreign file: its one line
     hints = {"backbone": "--arch/--width/--cifar-padding", "projector": "--projector",
              "pre_feature": "--pre-feature"}
@@ -1179,7 +1175,7 @@ def _init_from(model: SSLModel, path: str, say: bool = True) -> dict[str, Any]:
                              f", width {loaded.info.width:g}, projector {loaded.info.projector_dims}): pass the {hint} "
                              "of the run that made it")
         target.load_state_dict(theirs)
-    return {"path": str(path), "sha256": digest.hexdigest(), "heads": heads}
+    return {"path": str(path), "sha256": file_sha256(source), "heads": heads}
 
 
 def _plain(config: TrainConfig) -> dict[str, Any]:
