@@ -747,15 +747,16 @@ def _log_line_problem(raw: bytes, crc_required: bool) -> tuple[dict[str, Any] | 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of a run's ``log.jsonl`` (header lines included), each line's crc32 checked and left out.
 
-    Logs written before lines had a crc32 are read as they are. A damaged line raises ``ValueError``
-    naming the file and the line.
+    Lines written before lines had a crc32 are read as they are: a whole old log, or the lines before the first
+    one with a crc32 (a run started by an older trainer and resumed by this one); every line after that must
+    carry one. A damaged line raises ``ValueError`` naming the file and the line.
     """
     path = Path(path)
     lines = [line for line in path.read_bytes().splitlines() if line.strip()]
-    crc_required = any(b'"crc32": ' in line for line in lines)
+    first_crc = next((n for n, line in enumerate(lines, 1) if b'"crc32": ' in line), len(lines) + 1)
     records = []
     for number, raw in enumerate(lines, 1):
-        record, problem = _log_line_problem(raw, crc_required)
+        record, problem = _log_line_problem(raw, number >= first_crc)
         if problem is not None:
             raise ValueError(f"{path} line {number} is damaged ({problem}): if its run folder still holds "
                              "resume.pt, run the train command again with --resume to restore it")

@@ -1,6 +1,7 @@
 """Training run folders are the user's results (issue 14): every damage to checkpoint.pt, resume.pt,
 resume.prev.pt or log.jsonl is detected and named, and --resume repairs it with nothing lost: the finished run
 equals an uninterrupted one bit for bit."""
+import json
 import shutil
 import struct
 import zipfile
@@ -220,6 +221,22 @@ def test_read_log_checks_each_lines_crc(tmp_path, interrupted):
     # Logs written before lines had a crc32 (the shipped ones) are read as they are.
     shipped = Path(__file__).resolve().parents[1] / "pretrained" / "bagssl-resnet18-cifar10.log.jsonl"
     assert [r["epoch"] for r in read_log(shipped)[1:]][:2] == [1, 2]
+
+
+def test_a_log_begun_before_crc32_and_continued_after_it_reads(tmp_path, interrupted):
+    """A run started by a trainer that wrote no crc32 and resumed by one that does (the shipped emp-ssl log): the
+    older lines are read as they are; once a line carries a crc32, every later line must."""
+    old = json.dumps({"command": "python -m ssl_patch_analysis.train", "args": {}}) + "\n" + \
+        json.dumps({"epoch": 1, "loss": -1.0}) + "\n"
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(old.encode() + (interrupted / "log.jsonl").read_bytes())
+    records = read_log(log)
+    assert [r.get("epoch") for r in records] == [None, 1, None, 1, 2] and all("crc32" not in r for r in records)
+    log.write_bytes((interrupted / "log.jsonl").read_bytes() + old.encode())
+    with pytest.raises(ValueError, match=r"log\.jsonl line 4 is damaged \(no crc32\)"):
+        read_log(log)
+    shipped = Path(__file__).resolve().parents[1] / "pretrained" / "emp-ssl-resnet18-cifar10.log.jsonl"
+    assert [r["epoch"] for r in read_log(shipped) if "epoch" in r][:2] == [1, 2]
 
 
 def test_records_of_epochs_after_the_fallback_state_are_trained_again_not_repeated(cifar10_npz, tmp_path,
