@@ -36,13 +36,16 @@ e. "learning a representation for fixed-scale patches and aggregating ... achiev
 
 95% confidence intervals (half-widths). Differences of two numbers measured on the same items are
 paired where the JSON files keep per-item values (heatmap: per image; evaluate: each test image's
-right/wrong); elsewhere a stated conservative bound is used.
+right/wrong; retrieval: each query's neighbour counts); elsewhere a stated conservative bound is used.
 
 - mean over images (convergence, heatmap): Student-t, t(0.975, n-1) * std / sqrt(n), with the
   sample std (ddof 1) over the n images (the ``ci95`` the convergence JSON records).
 - fraction p averaged over Q queries (retrieval), each query's fraction in [0, 1]:
   1.96 * sqrt(p(1-p)/Q). p(1-p) bounds the variance of any variable in [0, 1] with mean p
   (Bhatia-Davis), so this is at least the normal-approximation interval of the mean.
+- difference of two such fractions of the same queries in z and h (d), both layers keeping each
+  query's counts (``per_query``) on the same ``query_rows``: paired, Student-t over the per-query
+  differences of fractions, t(0.975, Q-1) * std / sqrt(Q).
 - accuracy p on N test images: binomial, normal approximation, 1.96 * sqrt(p(1-p)/N) (the k-NN bank
   and the probe's training set held fixed).
 - difference of two accuracies on the same N test images (b; e when both evaluations name the same
@@ -52,8 +55,8 @@ right/wrong); elsewhere a stated conservative bound is used.
   interval. Both numbers are measured on the same images, queries or test images; unless they are
   negatively correlated over those items (two measurements of the same item are expected to
   correlate positively), the unpaired interval is at least as wide as the paired one, i.e.
-  conservative (retrieval's JSON and evaluate JSONs written before per-image values were kept hold
-  no per-item values for a paired interval).
+  conservative (convergence JSONs, and retrieval and evaluate JSONs written before per-item values
+  were kept, hold none for a paired interval).
 
 Verdict rule (the outputs repeat it)
 
@@ -109,7 +112,8 @@ REPRODUCED, NOT_REPRODUCED, MIXED, NOT_MEASURED = "reproduced", "not reproduced"
 
 UNPAIRED = ("Unpaired differences are conservative unless the two numbers are negatively correlated over the "
             "items both are measured on (same images, queries or test images: expected to correlate positively); "
-            "they are used where the JSON files keep no per-item values for a paired interval (retrieval).")
+            "they are used where the JSON files keep no per-item values for a paired interval (convergence; retrieval "
+            "and evaluate files written before they kept them).")
 RULE = (f"A measurement is shown when its 95% CI lies entirely above the claimed bound (0; -{MATCH_MARGIN:g} points "
         "for e), "
         "opposite when entirely below, inconclusive otherwise; it beats its control when it exceeds the "
@@ -126,6 +130,8 @@ CI_METHODS = {
                                "per-query fractions in [0, 1]; the difference: sqrt(w1^2 + w2^2), unpaired",
     "difference of accuracies": "each top-1 accuracy p on the same N test images: binomial, 1.96 * sqrt(p(1-p)/N); "
                                 "the difference: sqrt(w1^2 + w2^2), unpaired",
+    "paired difference of fractions": "two fractions over the same Q queries, each query's counts kept: Student-t "
+                                      "over the per-query differences of fractions, t(0.975, Q-1) * std / sqrt(Q)",
     "paired difference of accuracies": "two top-1 accuracies on the same N test images, each image's right/wrong "
                                        "kept: Student-t over the per-image differences d in {-1, 0, 1}, "
                                        "t(0.975, N-1) * std(d) / sqrt(N)",
@@ -677,19 +683,47 @@ def _retrieval_settings(doc: dict[str, Any]) -> dict[str, Any]:
     return _recorded(doc, ("data", "patch_size", "stride", "num_images", "k", "num_queries"))
 
 
-def _retrieval_numbers(doc: dict[str, Any]) -> tuple[Interval, Interval] | None:
+def _query_fractions(stats_: dict[str, Any], key: str, layer: str, source: str) -> np.ndarray | None:
+    """Each query's fraction ``key`` from a layer's ``per_query`` counts, or None when the file does not keep them;
+    counts that do not give the recorded fraction are refused in one line."""
+    per_query = stats_.get("per_query") or {}
+    if key not in per_query or "found" not in per_query:
+        return None
+    counts, found = np.asarray(per_query[key], dtype=np.float64), np.asarray(per_query["found"], dtype=np.float64)
+    if (len(counts) != stats_["num_queries"] or len(found) != len(counts)
+            or not np.isclose(np.mean(counts / np.maximum(found, 1)), stats_[key], rtol=0, atol=1e-9)):
+        raise ValueError(f"{source}: the per-query counts of {layer} / {key} do not give its fraction "
+                         f"({stats_[key]}); the file is damaged: remake it with `make figures`")
+    return counts / np.maximum(found, 1)
+
+
+def _retrieval_numbers(doc: dict[str, Any], source: str = "") -> tuple[tuple[Interval, Interval], str] | None:
+    """Semantic (z − h) and local (h − z) with the name of their CI method: paired over queries when both layers
+    keep each query's counts on the same query rows, else the unpaired bound."""
     layers = doc.get("layers", {})
     if "z" not in layers or "h" not in layers:
         return None
     z, h = layers["z"]["statistics"], layers["h"]["statistics"]
+    keys = ("same_class_other_image", "same_image")
+    fractions = None
+    if z.get("query_rows") is not None and z.get("query_rows") == h.get("query_rows"):
+        fractions = {(layer, key): _query_fractions(stats_, key, layer, source)
+                     for layer, stats_ in (("z", z), ("h", h)) for key in keys}
+    if fractions is not None and all(f is not None for f in fractions.values()):
+        def paired(d: np.ndarray) -> Interval:
+            return Interval(float(d.mean()), student_t_half_width(float(d.std(ddof=1)), len(d)))
+
+        semantic = paired(fractions["z", keys[0]] - fractions["h", keys[0]])
+        local = paired(fractions["h", keys[1]] - fractions["z", keys[1]])
+        return (semantic, local), "paired difference of fractions"
     q = z["num_queries"]
 
     def fraction(stats_: dict[str, Any], key: str) -> Interval:
         return Interval(stats_[key], proportion_half_width(stats_[key], q))
 
-    semantic = fraction(z, "same_class_other_image").minus(fraction(h, "same_class_other_image"))
-    local = fraction(h, "same_image").minus(fraction(z, "same_image"))
-    return semantic, local
+    semantic = fraction(z, keys[0]).minus(fraction(h, keys[0]))
+    local = fraction(h, keys[1]).minus(fraction(z, keys[1]))
+    return (semantic, local), "difference of fractions"
 
 
 def retrieval_claim(outputs: Sequence[Output]) -> Claim:
@@ -698,14 +732,16 @@ def retrieval_claim(outputs: Sequence[Output]) -> Claim:
                   "(semantic); same image in h minus z (local) (retrieval_*.json)")
     shipped = _shipped_outputs(claim, outputs, "retrieval")
     for out in shipped:
-        numbers = _retrieval_numbers(out.doc)
-        if numbers is None:
+        found = _retrieval_numbers(out.doc, out.path.name)
+        if found is None:
             claim.notes.append(f"{out.path.name}: needs both layers z and h")
             continue
+        numbers, method = found
         control, note = find_control(outputs, out, _retrieval_settings)
         if note:
             claim.notes.append(note)
-        control_numbers = _retrieval_numbers(control.doc) if control else None
+        control_found = _retrieval_numbers(control.doc, control.path.name) if control else None
+        control_numbers = control_found[0] if control_found else None
         k, q = out.doc.get("k"), out.doc.get("num_queries")
         z, h = out.doc["layers"]["z"]["statistics"], out.doc["layers"]["h"]["statistics"]
         names = ("semantic: same class, other image, z − h", "local: same image, h − z")
@@ -714,7 +750,7 @@ def retrieval_claim(outputs: Sequence[Output]) -> Claim:
                    {"z": z["same_image"], "h": h["same_image"], "chance": z["chance_same_image"], "k": k,
                     "num_queries": q})
         for i, (name, estimate) in enumerate(zip(names, numbers, strict=True)):
-            m = Measurement(out.model, name, estimate, "difference of fractions", out.path.name, details=details[i])
+            m = Measurement(out.model, name, estimate, method, out.path.name, details=details[i])
             if control_numbers is not None:
                 m.set_control(control_numbers[i], control.path.name, _control_note(control, out))
             else:

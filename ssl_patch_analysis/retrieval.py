@@ -68,7 +68,7 @@ import shlex
 import sys
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -881,7 +881,9 @@ def neighbour_statistics(index: PatchIndex, k: int = 8, num_queries: int = 200, 
     Returns the mean fractions of neighbours from the query's own image (``same_image``), from other
     images of its class (``same_class_other_image``) and from other classes (``other_class``), each
     beside its chance level (the fraction of the index's other vectors in that group). Class
-    fractions are NaN when labels are unknown (-1).
+    fractions are NaN when labels are unknown (-1). ``per_query`` keeps each query's counts (neighbours
+    ``found``, and of them ``same_image`` and ``same_class_other_image``, the latter only with labels),
+    so that two layers measured on the same ``query_rows`` can be compared query by query (paired).
     """
     if num_queries < 1:
         raise ValueError(f"num_queries must be at least 1, got {num_queries}")
@@ -901,6 +903,9 @@ def neighbour_statistics(index: PatchIndex, k: int = 8, num_queries: int = 200, 
         return float(np.mean(mask.sum(axis=1) / np.maximum(per_query, 1)))
 
     nan = float("nan")
+    counts = {"found": per_query, "same_image": same_image.sum(axis=1)}
+    if labels_known:
+        counts["same_class_other_image"] = (same_class & ~same_image).sum(axis=1)
     return {
         "k": k, "num_queries": len(picks), "query_rows": picks,
         "same_image": fraction(same_image),
@@ -909,6 +914,7 @@ def neighbour_statistics(index: PatchIndex, k: int = 8, num_queries: int = 200, 
         "chance_same_image": float(np.mean((image_sizes - 1) / others)),
         "chance_same_class_other_image": float(np.mean((class_sizes - image_sizes) / others)) if labels_known else nan,
         "mean_similarity": float(np.nanmean(similarities)),
+        "per_query": {key: [int(c) for c in values] for key, values in counts.items()},
     }
 
 
@@ -986,7 +992,8 @@ class LayerRetrievalStats:
     each left out of its own neighbours): the mean fraction of neighbours from the query's own image,
     from other images of its class and from other classes, the first two beside their chance level
     (the fraction of the other vectors in that group), and ``mean_similarity`` over all neighbours.
-    Class fractions are NaN when labels are unknown. ``recall_at_k``: the mean fraction of the exact
+    Class fractions are NaN when labels are unknown. ``per_query``: each query's counts behind the
+    fractions (:func:`neighbour_statistics`). ``recall_at_k``: the mean fraction of the exact
     top ``k`` that an IVF index finds (:meth:`PatchIndex.recall_at_k`); ``None`` for the exact flat index.
     """
 
@@ -999,6 +1006,7 @@ class LayerRetrievalStats:
     chance_same_image: float
     chance_same_class_other_image: float
     mean_similarity: float
+    per_query: dict[str, tuple[int, ...]] = field(default_factory=dict)
     recall_at_k: float | None = None
 
     @classmethod
@@ -1006,6 +1014,7 @@ class LayerRetrievalStats:
         """The statistics of ``index`` with ``settings``' ``k``, ``num_queries`` and ``seed`` (recall but for flat)."""
         stats = neighbour_statistics(index, k=settings.k, num_queries=settings.num_queries, seed=settings.seed)
         stats["query_rows"] = tuple(int(row) for row in stats["query_rows"])
+        stats["per_query"] = {key: tuple(values) for key, values in stats["per_query"].items()}
         recall = (index.recall_at_k(settings.k, num_queries=settings.num_queries, seed=settings.seed)
                   if settings.index != "flat" else None)
         return cls(**stats, recall_at_k=recall)

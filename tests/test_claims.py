@@ -233,6 +233,59 @@ def test_retrieval_ci_is_the_unpaired_normal_interval_of_the_two_fraction_bounds
         stats.norm.interval(0.95, loc=0.05, scale=scale), abs=1e-12)
 
 
+def with_per_query(doc: dict, counts: dict[str, dict[str, np.ndarray]], rows=None) -> dict:
+    """``doc`` whose layers keep each query's counts (``counts[layer][key]``, found = 8) and the fractions they give."""
+    layers = {}
+    for layer, stats_ in doc["layers"].items():
+        c = counts[layer]
+        q = len(c["same_image"])
+        per_query = {"found": [8] * q, **{key: [int(v) for v in values] for key, values in c.items()}}
+        layers[layer] = {**stats_, "statistics": {
+            **stats_["statistics"], "num_queries": q, "query_rows": list(range(q) if rows is None else rows[layer]),
+            "per_query": per_query, **{key: float(np.mean(np.asarray(values) / 8)) for key, values in c.items()}}}
+    return {**doc, "layers": layers, "num_queries": len(counts["z"]["same_image"])}
+
+
+def test_retrieval_ci_is_paired_over_queries_when_both_layers_keep_each_querys_counts(tmp_path):
+    rng = np.random.default_rng(0)
+    h_image = rng.integers(0, 9, size=200)
+    z_image = np.clip(h_image - rng.integers(0, 2, size=200), 0, 8)  # strongly correlated, as two layers of a model
+    h_class = rng.integers(0, 9, size=200)
+    z_class = np.clip(h_class + rng.integers(-1, 3, size=200), 0, 8)
+    counts = {"z": {"same_image": z_image, "same_class_other_image": z_class},
+              "h": {"same_image": h_image, "same_class_other_image": h_class}}
+    write(tmp_path, "retrieval_vicreg_cifar10", with_per_query(retrieval_doc(0, 0, 0, 0), counts))
+    semantic, local = claims_from_figures(tmp_path)[0][3].measurements
+    for m, d in ((semantic, (z_class - h_class) / 8), (local, (h_image - z_image) / 8)):
+        low, high = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+        assert (m.estimate.low, m.estimate.high) == pytest.approx((low, high), abs=1e-12)
+        assert m.estimate.value == pytest.approx(d.mean(), abs=1e-12)
+        assert m.ci_method == "paired difference of fractions" and "per-query differences" in m.to_dict()["ci_method"]
+    unpaired = claims.Interval(h_image.mean() / 8, claims.proportion_half_width(h_image.mean() / 8, 200)).minus(
+        claims.Interval(z_image.mean() / 8, claims.proportion_half_width(z_image.mean() / 8, 200)))
+    assert local.estimate.half_width < unpaired.half_width / 2  # what pairing buys here
+
+    # other query rows in the two layers: unpaired (conservative)
+    rows = {"z": list(range(200)), "h": list(range(1, 201))}
+    write(tmp_path, "retrieval_vicreg_cifar10", with_per_query(retrieval_doc(0, 0, 0, 0), counts, rows))
+    _, local = claims_from_figures(tmp_path)[0][3].measurements
+    assert local.ci_method == "difference of fractions"
+    assert local.estimate.half_width == pytest.approx(unpaired.half_width, abs=1e-12)
+
+
+def test_per_query_counts_that_do_not_give_the_fraction_are_refused_in_one_note(tmp_path):
+    counts = {layer: {"same_image": np.arange(200) % 9, "same_class_other_image": np.arange(200) % 5}
+              for layer in ("z", "h")}
+    doc = with_per_query(retrieval_doc(0, 0, 0, 0), counts)
+    doc["layers"]["h"]["statistics"]["same_image"] += 0.01
+    write(tmp_path, "retrieval_vicreg_cifar10", doc)
+    retrieval = claims_from_figures(tmp_path)[0][3]
+    assert retrieval.verdict == NOT_MEASURED and not retrieval.measurements
+    (note,) = retrieval.notes
+    assert "retrieval_vicreg_cifar10.json: the per-query counts of h / same_image do not give its fraction" in note
+    assert "damaged" in note and "make figures" in note and "\n" not in note
+
+
 def test_fraction_bound_covers_any_per_query_fractions():
     """p(1-p)/Q bounds the variance of a mean of per-query fractions in [0, 1] (what the retrieval CI relies on)."""
     rng = np.random.default_rng(1)

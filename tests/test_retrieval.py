@@ -178,6 +178,29 @@ def test_neighbour_statistics_on_data_with_known_neighbourhoods():
     assert nearer["same_image"] == pytest.approx(1.0) and nearer["same_class_other_image"] == 0.0
 
 
+def test_neighbour_statistics_keep_each_querys_counts_that_give_the_fractions():
+    # two images of 3 patches, one class each (labels 0, 1): a patch's nearest are the other patches of its image
+    # (similarity ~1), then the other image's (orthogonal); k = 4 finds 2 of its image and 2 of the other one
+    vectors = np.repeat(np.eye(8)[:2], 3, axis=0) + 0.01 * np.random.default_rng(0).standard_normal((6, 8))
+    meta = dict(image_ids=np.repeat([0, 1], 3), patch_index=np.tile(np.arange(3), 2), boxes=np.zeros((6, 4)),
+                labels=np.repeat([0, 1], 3))
+    stats = neighbour_statistics(PatchIndex.from_vectors(vectors, **meta), k=4, num_queries=6)
+    counts = stats["per_query"]
+    assert counts == {"found": [4] * 6, "same_image": [2] * 6, "same_class_other_image": [0] * 6}
+    # on real data: the counts over "found" average to the recorded fractions, per query in [0, k]
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=30)
+    meta = dict(image_ids=np.repeat(np.arange(30), 4), patch_index=np.tile(np.arange(4), 30),
+                boxes=np.zeros((120, 4)), labels=np.repeat(labels, 4))
+    stats = neighbour_statistics(PatchIndex.from_vectors(rng.standard_normal((120, 16)), **meta), k=5, num_queries=50)
+    found = np.array(stats["per_query"]["found"])
+    for key in ("same_image", "same_class_other_image"):
+        counts = np.array(stats["per_query"][key])
+        assert ((0 <= counts) & (counts <= found)).all() and counts.dtype.kind == "i"
+        assert np.mean(counts / found) == pytest.approx(stats[key], abs=1e-12)
+    assert len(found) == stats["num_queries"] == 50
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_gets_clear_errors(tmp_path):
     vectors, meta = random_patches(num_images=4, patches=3, dim=8)
