@@ -60,11 +60,29 @@ fresh() {
       --init-from runs/emp-ssl-cpu-10k-$((EPOCHS - 1))ep/checkpoint.pt --run-dir "$CONT" --time-limit 6000 $resume
 }
 
+# Session 5 on: the run folders of earlier sessions are gone (a session's ignored files do not outlive it), so the
+# next epoch starts from the shipped model itself. It is the backbone only, so the heads start fresh: a 10-step
+# warm-up to lr 0.1 lets them settle before the backbone moves much; another 10,000 images (SEED draws them):
+#   EPOCHS=5 SEED=2 STEPS="next ship card" benchmarks/emp_ssl_cpu.sh
+SEED=${SEED:-2}
+next() {
+  mkdir -p "$CONT"
+  if [ ! -f "$CONT/init.pt" ]; then   # the model and the history it starts from, kept before ship replaces them
+    cp pretrained/emp-ssl-resnet18-cifar10.log.jsonl "$CONT/previous.log.jsonl"
+    cp pretrained/emp-ssl-resnet18-cifar10.pt "$CONT/init.pt"
+  fi
+  [ -f "$CONT/resume.pt" ] && resume=--resume || resume=
+  $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size 10000 --seed "$SEED" --lr 0.1 \
+      --warmup-epochs 0.1 --device cpu --init-from "$CONT/init.pt" --run-dir "$CONT" --time-limit 6000 $resume
+}
+
 ship() {
   $py pretrained/ship.py "$CONT/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
   # the shipped log is the model's whole history: from session 4 on, the --init-from run's log follows the one
   # of the run it started from
-  if [ "$EPOCHS" -ge 4 ]; then
+  if [ -f "$CONT/previous.log.jsonl" ]; then
+    cat "$CONT/previous.log.jsonl" "$CONT/log.jsonl" > pretrained/emp-ssl-resnet18-cifar10.log.jsonl
+  elif [ "$EPOCHS" -ge 4 ]; then
     cat runs/emp-ssl-cpu-10k-3ep/log.jsonl "$CONT/log.jsonl" > pretrained/emp-ssl-resnet18-cifar10.log.jsonl
   else
     cp "$CONT/log.jsonl" pretrained/emp-ssl-resnet18-cifar10.log.jsonl
