@@ -35,11 +35,15 @@ e. "learning a representation for fixed-scale patches and aggregating ... achiev
    and SimCLR, which the field counts as comparable, differ by 1.4 points on CIFAR-10).
 
 95% confidence intervals (half-widths). Differences of two numbers measured on the same items are
-paired where the JSON files keep per-item values (heatmap: per image; evaluate: each test image's
-right/wrong; retrieval: each query's neighbour counts); elsewhere a stated conservative bound is used.
+paired where the JSON files keep per-item values (convergence and heatmap: per image; evaluate: each
+test image's right/wrong; retrieval: each query's neighbour counts); elsewhere (files written before
+they kept them) a stated conservative bound is used.
 
 - mean over images (convergence, heatmap): Student-t, t(0.975, n-1) * std / sqrt(n), with the
   sample std (ddof 1) over the n images (the ``ci95`` the convergence JSON records).
+- difference of two such means of the same images (a: two points of a curve, or a point and its
+  chance level), both keeping each image's value (``per_image``): paired, the same Student-t over
+  the per-image differences.
 - fraction p averaged over Q queries (retrieval), each query's fraction in [0, 1]:
   1.96 * sqrt(p(1-p)/Q). p(1-p) bounds the variance of any variable in [0, 1] with mean p
   (Bhatia-Davis), so this is at least the normal-approximation interval of the mean.
@@ -55,8 +59,8 @@ right/wrong; retrieval: each query's neighbour counts); elsewhere a stated conse
   interval. Both numbers are measured on the same images, queries or test images; unless they are
   negatively correlated over those items (two measurements of the same item are expected to
   correlate positively), the unpaired interval is at least as wide as the paired one, i.e.
-  conservative (convergence JSONs, and retrieval and evaluate JSONs written before per-item values
-  were kept, hold none for a paired interval).
+  conservative (convergence, retrieval and evaluate JSONs written before per-item values were kept
+  hold none for a paired interval).
 
 Verdict rule (the outputs repeat it)
 
@@ -112,8 +116,8 @@ REPRODUCED, NOT_REPRODUCED, MIXED, NOT_MEASURED = "reproduced", "not reproduced"
 
 UNPAIRED = ("Unpaired differences are conservative unless the two numbers are negatively correlated over the "
             "items both are measured on (same images, queries or test images: expected to correlate positively); "
-            "they are used where the JSON files keep no per-item values for a paired interval (convergence; retrieval "
-            "and evaluate files written before they kept them).")
+            "they are used where the JSON files keep no per-item values for a paired interval (files written "
+            "before they kept them).")
 RULE = (f"A measurement is shown when its 95% CI lies entirely above the claimed bound (0; -{MATCH_MARGIN:g} points "
         "for e), "
         "opposite when entirely below, inconclusive otherwise; it beats its control when it exceeds the "
@@ -130,6 +134,8 @@ CI_METHODS = {
                                "per-query fractions in [0, 1]; the difference: sqrt(w1^2 + w2^2), unpaired",
     "difference of accuracies": "each top-1 accuracy p on the same N test images: binomial, 1.96 * sqrt(p(1-p)/N); "
                                 "the difference: sqrt(w1^2 + w2^2), unpaired",
+    "paired difference of means": "two means over the same n images, each image's value kept: Student-t over the "
+                                  "per-image differences, t(0.975, n-1) * std / sqrt(n)",
     "paired difference of fractions": "two fractions over the same Q queries, each query's counts kept: Student-t "
                                       "over the per-query differences of fractions, t(0.975, Q-1) * std / sqrt(Q)",
     "paired difference of accuracies": "two top-1 accuracies on the same N test images, each image's right/wrong "
@@ -407,20 +413,44 @@ def _curve_key(curve: dict[str, Any]) -> tuple:
     return curve.get("patch_size"), curve.get("stride"), curve.get("fed_size")
 
 
-def _convergence_numbers(curve: dict[str, Any]) -> tuple[Interval, Interval, dict[str, Any]]:
-    """(gain from 1 to all patches, margin above chance with all patches, the points used)."""
+def _per_image(curve: dict[str, Any], p: dict[str, Any], kind: str, source: str) -> np.ndarray | None:
+    """A point's per-image values of ``kind`` (similarity or chance), or None when the file does not keep them;
+    values that do not give the recorded mean are refused in one line."""
+    values = p[kind].get("per_image")
+    if not values:
+        return None
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isclose(values.mean(), p[kind]["mean"], rtol=0, atol=1e-9):
+        what = f"{curve.get('patch_size')} px, N={p['n']}" + ("" if kind == "similarity" else f" ({kind})")
+        raise ValueError(f"{source}: the per-image values of {what} do not give its mean ({p[kind]['mean']}); "
+                         "the file is damaged: remake it with `make figures`")
+    return values
+
+
+def _convergence_numbers(curve: dict[str, Any], source: str = "") -> tuple[Interval, Interval, dict[str, Any], str]:
+    """(gain from 1 to all patches, margin above chance with all patches, the points used, the CI method): paired
+    over images when the points keep each image's value, else the unpaired combination of their half-widths."""
     points = sorted(curve["points"], key=lambda p: p["num_averaged"])
     first, last = points[0], points[-1]
+    details = {"n_first": first["n"], "n_last": last["n"], "num_averaged_last": last["num_averaged"],
+               "similarity_first": first["similarity"]["mean"], "similarity_last": last["similarity"]["mean"],
+               "chance_first": first["chance"]["mean"], "chance_last": last["chance"]["mean"]}
+    values = [_per_image(curve, p, kind, source)
+              for p, kind in ((first, "similarity"), (last, "similarity"), (last, "chance"))]
+    if all(v is not None for v in values) and len({len(v) for v in values}) == 1:
+        v_first, v_last, v_chance = values
+
+        def paired(d: np.ndarray) -> Interval:
+            return Interval(float(d.mean()), student_t_half_width(float(d.std(ddof=1)), len(d)))
+
+        return paired(v_last - v_first), paired(v_last - v_chance), details, "paired difference of means"
 
     def point(p: dict[str, Any], kind: str) -> Interval:
         return Interval(p[kind]["mean"], p[kind]["ci95"])
 
     gain = point(last, "similarity").minus(point(first, "similarity"))
     above_chance = point(last, "similarity").minus(point(last, "chance"))
-    details = {"n_first": first["n"], "n_last": last["n"], "num_averaged_last": last["num_averaged"],
-               "similarity_first": first["similarity"]["mean"], "similarity_last": last["similarity"]["mean"],
-               "chance_first": first["chance"]["mean"], "chance_last": last["chance"]["mean"]}
-    return gain, above_chance, details
+    return gain, above_chance, details, "difference of student-t"
 
 
 def convergence_claim(outputs: Sequence[Output]) -> Claim:
@@ -439,15 +469,16 @@ def convergence_claim(outputs: Sequence[Output]) -> Claim:
             claim.notes.append(note)
         control_curves = {_curve_key(c): c for c in control.doc["curves"]} if control else {}
         for curve in curves:
-            gain, above, details = _convergence_numbers(curve)
+            gain, above, details, method = _convergence_numbers(curve, out.path.name)
             ps = curve["patch_size"]
             layer = out.doc.get("layer", "h")
             names = (f"{ps} px: gain N={details['n_first']}→{details['n_last']}",
                      f"{ps} px: above chance at N={details['n_last']}")
             control_curve = control_curves.get(_curve_key(curve))
-            control_numbers = _convergence_numbers(control_curve)[:2] if control_curve else (None, None)
+            control_numbers = (_convergence_numbers(control_curve, control.path.name)[:2] if control_curve
+                               else (None, None))
             for name, estimate, control_estimate in zip(names, (gain, above), control_numbers, strict=True):
-                m = Measurement(out.model, name, estimate, "difference of student-t", out.path.name,
+                m = Measurement(out.model, name, estimate, method, out.path.name,
                                 judged=pretraining is None, details={**details, "layer": layer})
                 if pretraining is not None:
                     m.not_judged_because = (f"fixed-scale model ({pretraining} px patches): the claim is about "

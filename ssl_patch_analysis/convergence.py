@@ -175,11 +175,14 @@ def cosine_to_whole_image(patch_embeddings: np.ndarray, whole: np.ndarray, n_val
 
 @dataclass
 class Summary:
-    """Mean over images of the per-image similarity (averaged over draws), its spread over images."""
+    """Mean over images of the per-image similarity (averaged over draws), its spread over images, and the
+    per-image values themselves (in ``image_ids`` order), so that two points of the same images can be compared
+    image by image (the claims table's paired intervals)."""
 
     mean: float
     std: float
     ci95: float
+    per_image: list[float] = field(default_factory=list)
 
     @classmethod
     def of(cls, values: np.ndarray) -> Summary:
@@ -188,7 +191,7 @@ class Summary:
         count = per_image.size
         std = float(per_image.std(ddof=1)) if count > 1 else 0.0
         ci95 = float(stats.t.ppf(0.975, count - 1) * std / math.sqrt(count)) if count > 1 else float("nan")
-        return cls(float(per_image.mean()), std, ci95)
+        return cls(float(per_image.mean()), std, ci95, [float(v) for v in per_image])
 
 
 @dataclass
@@ -246,7 +249,8 @@ class ConvergenceResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["spread"] = ("std: standard deviation over images of each image's similarity averaged over the draws; "
-                       "ci95: half-width of the Student-t 95% confidence interval of the mean over images")
+                       "ci95: half-width of the Student-t 95% confidence interval of the mean over images; "
+                       "per_image: each image's similarity averaged over the draws, in image_ids order")
         d["chance_level"] = ("cosine similarity of the same patch means to the whole-image embedding of another "
                              "image (a random derangement of the images)")
         return d

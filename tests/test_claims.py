@@ -365,6 +365,43 @@ def test_convergence_ci_combines_the_recorded_student_t_half_widths(tmp_path):
     assert gain.estimate.half_width == pytest.approx(math.hypot(0.004, 0.004))
 
 
+def with_per_image_cosines(doc: dict, first: np.ndarray, last: np.ndarray, chance: np.ndarray) -> dict:
+    """``doc`` whose first and last points keep each image's similarity (and the last its chance level)."""
+    def summary(values):
+        return {"mean": float(values.mean()), "std": float(values.std(ddof=1)),
+                "ci95": claims.student_t_half_width(float(values.std(ddof=1)), len(values)),
+                "per_image": [float(v) for v in values]}
+
+    points = [dict(p) for p in doc["curves"][0]["points"]]
+    points[0]["similarity"], points[-1]["similarity"], points[-1]["chance"] = summary(first), summary(last), summary(
+        chance)
+    return {**doc, "curves": [{**doc["curves"][0], "points": points}]}
+
+
+def test_convergence_differences_are_paired_over_images_when_the_points_keep_them(tmp_path):
+    rng = np.random.default_rng(0)
+    first = rng.normal(0.75, 0.05, size=128)
+    last = first + rng.normal(0.02, 0.005, size=128)  # strongly correlated, as the same images' cosines
+    chance = rng.normal(0.55, 0.08, size=128)
+    write(tmp_path, "convergence_vicreg_cifar10", with_per_image_cosines(convergence_doc(0, 0), first, last, chance))
+    gain, above = claims_from_figures(tmp_path)[0][0].measurements
+    for m, d in ((gain, last - first), (above, last - chance)):
+        low, high = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+        assert (m.estimate.low, m.estimate.high) == pytest.approx((low, high), abs=1e-12)
+        assert m.ci_method == "paired difference of means" and "per-image differences" in m.to_dict()["ci_method"]
+    assert gain.estimate.half_width < math.hypot(*(claims.student_t_half_width(v.std(ddof=1), 128)
+                                                   for v in (first, last))) / 4  # what pairing buys here
+
+    doc = with_per_image_cosines(convergence_doc(0, 0), first, last, chance)
+    doc["curves"][0]["points"][-1]["similarity"]["mean"] += 0.01  # no longer the mean of its per-image values
+    write(tmp_path, "convergence_vicreg_cifar10", doc)
+    convergence = claims_from_figures(tmp_path)[0][0]
+    assert not convergence.measurements
+    (note,) = convergence.notes
+    assert "convergence_vicreg_cifar10.json: the per-image values of 16 px, N=all do not give its mean" in note
+    assert "damaged" in note and "make figures" in note
+
+
 # ------------------------------------------------------------------------------- the committed figures
 def committed(name: str) -> dict:
     return json.loads((FIGURES / f"{name}.json").read_text())

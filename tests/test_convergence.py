@@ -96,6 +96,7 @@ def test_summary_spread_is_over_images_with_a_student_t_interval():
     assert summary.mean == pytest.approx(per_image.mean())
     assert summary.std == pytest.approx(per_image.std(ddof=1))
     assert summary.ci95 == pytest.approx((high - low) / 2)
+    assert summary.per_image == pytest.approx(per_image.tolist(), abs=1e-15)  # kept for paired differences
 
 
 @pytest.mark.parametrize("resize_to", ["native", None])
@@ -188,8 +189,11 @@ def test_cli_writes_the_figure_and_the_numbers(tmp_path):
     assert (curve["patch_size"], curve["stride"], curve["grid_shape"], curve["num_patches"]) == (16, 4, [5, 5], 25)
     assert [point["n"] for point in curve["points"]] == ["1", "2", "all"]
     for point in curve["points"]:
-        assert set(point["similarity"]) == set(point["chance"]) == {"mean", "std", "ci95"}
+        assert set(point["similarity"]) == set(point["chance"]) == {"mean", "std", "ci95", "per_image"}
         assert point["num_images"] == 4 and math.isfinite(point["similarity"]["mean"])
+        for kind in ("similarity", "chance"):  # one value per image, in image_ids order, giving the mean
+            assert len(point[kind]["per_image"]) == len(numbers["image_ids"]) == 4
+            assert sum(point[kind]["per_image"]) / 4 == pytest.approx(point[kind]["mean"], abs=1e-12)
     assert numbers["model_info"]["method"] == "vicreg"
 
 
