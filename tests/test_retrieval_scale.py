@@ -104,6 +104,7 @@ def test_statistics_of_a_re_ranked_index_equal_the_flat_index_s(tmp_path):
     compressed = PatchIndex.from_store(store, "h", kind="ivfpq", nlist=2, nprobe=2, pq_m=4, nbits=4, rerank=400)
     got, want = (neighbour_statistics(index, k=6, num_queries=50) for index in (compressed, flat))
     assert np.array_equal(got.pop("query_rows"), want.pop("query_rows"))
+    assert got.pop("per_query") == want.pop("per_query")  # each query's neighbour counts, exactly
     assert got == pytest.approx(want, abs=1e-6)
     for image_id, patch in ((1, 0), (41, 7)):
         got = compressed.query(image_id, patch, k=5, exclude_same_image=True)
