@@ -183,11 +183,17 @@ def accuracy(percent: float, n: int) -> Interval:
     return Interval(percent, 100 * proportion_half_width(percent / 100, n))
 
 
+def paired_mean(differences: np.ndarray, scale: float = 1.0) -> Interval:
+    """The mean of per-item differences (two numbers measured on the same items) times ``scale``, with the
+    Student-t half-width of that mean: the paired interval of every claim."""
+    d = np.asarray(differences, dtype=np.float64)
+    return Interval(scale * float(d.mean()), scale * student_t_half_width(float(d.std(ddof=1)), len(d)))
+
+
 def paired_difference(right: np.ndarray, other: np.ndarray) -> Interval:
     """Accuracy of ``right`` minus that of ``other`` (per-image bools on the same test images), in points, with the
     Student-t half-width of the mean per-image difference."""
-    d = right.astype(np.float64) - other.astype(np.float64)
-    return Interval(100 * float(d.mean()), 100 * student_t_half_width(float(d.std(ddof=1)), len(d)))
+    return paired_mean(right.astype(np.float64) - other.astype(np.float64), scale=100)
 
 
 # ---------------------------------------------------------------------------------------- measurements
@@ -439,11 +445,7 @@ def _convergence_numbers(curve: dict[str, Any], source: str = "") -> tuple[Inter
               for p, kind in ((first, "similarity"), (last, "similarity"), (last, "chance"))]
     if all(v is not None for v in values) and len({len(v) for v in values}) == 1:
         v_first, v_last, v_chance = values
-
-        def paired(d: np.ndarray) -> Interval:
-            return Interval(float(d.mean()), student_t_half_width(float(d.std(ddof=1)), len(d)))
-
-        return paired(v_last - v_first), paired(v_last - v_chance), details, "paired difference of means"
+        return paired_mean(v_last - v_first), paired_mean(v_last - v_chance), details, "paired difference of means"
 
     def point(p: dict[str, Any], kind: str) -> Interval:
         return Interval(p[kind]["mean"], p[kind]["ci95"])
@@ -741,11 +743,8 @@ def _retrieval_numbers(doc: dict[str, Any], source: str = "") -> tuple[tuple[Int
         fractions = {(layer, key): _query_fractions(stats_, key, layer, source)
                      for layer, stats_ in (("z", z), ("h", h)) for key in keys}
     if fractions is not None and all(f is not None for f in fractions.values()):
-        def paired(d: np.ndarray) -> Interval:
-            return Interval(float(d.mean()), student_t_half_width(float(d.std(ddof=1)), len(d)))
-
-        semantic = paired(fractions["z", keys[0]] - fractions["h", keys[0]])
-        local = paired(fractions["h", keys[1]] - fractions["z", keys[1]])
+        semantic = paired_mean(fractions["z", keys[0]] - fractions["h", keys[0]])
+        local = paired_mean(fractions["h", keys[1]] - fractions["z", keys[1]])
         return (semantic, local), "paired difference of fractions"
     q = z["num_queries"]
 

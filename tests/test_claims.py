@@ -273,19 +273,6 @@ def test_retrieval_ci_is_paired_over_queries_when_both_layers_keep_each_querys_c
     assert local.estimate.half_width == pytest.approx(unpaired.half_width, abs=1e-12)
 
 
-def test_per_query_counts_that_do_not_give_the_fraction_are_refused_in_one_note(tmp_path):
-    counts = {layer: {"same_image": np.arange(200) % 9, "same_class_other_image": np.arange(200) % 5}
-              for layer in ("z", "h")}
-    doc = with_per_query(retrieval_doc(0, 0, 0, 0), counts)
-    doc["layers"]["h"]["statistics"]["same_image"] += 0.01
-    write(tmp_path, "retrieval_vicreg_cifar10", doc)
-    retrieval = claims_from_figures(tmp_path)[0][3]
-    assert retrieval.verdict == NOT_MEASURED and not retrieval.measurements
-    (note,) = retrieval.notes
-    assert "retrieval_vicreg_cifar10.json: the per-query counts of h / same_image do not give its fraction" in note
-    assert "damaged" in note and "make figures" in note and "\n" not in note
-
-
 def test_fraction_bound_covers_any_per_query_fractions():
     """p(1-p)/Q bounds the variance of a mean of per-query fractions in [0, 1] (what the retrieval CI relies on)."""
     rng = np.random.default_rng(1)
@@ -346,18 +333,6 @@ def test_accuracy_differences_are_paired_when_the_files_keep_each_test_images_re
     assert match_knn.ci_method == "difference of accuracies" and match_knn.to_dict()["ci_method"].endswith("unpaired")
 
 
-def test_per_image_values_that_do_not_give_the_accuracy_are_refused_in_one_note(tmp_path):
-    right = np.arange(100) % 2 == 0
-    doc = with_per_image(with_per_image(evaluate_doc(0, 0, fixed=False), "central", right), "16", right)
-    doc["protocols"][2]["linear"] = 51.0  # the recorded accuracy no longer matches its per-image values
-    write(tmp_path, "evaluate_vicreg_cifar10", doc)
-    aggregation = claims_from_figures(tmp_path)[0][1]
-    assert aggregation.verdict == NOT_MEASURED and not aggregation.measurements
-    (note,) = aggregation.notes
-    assert "evaluate_vicreg_cifar10.json: the per-image values of 16 / linear do not give its accuracy" in note
-    assert "damaged" in note and "make figures" in note and "\n" not in note
-
-
 def test_convergence_ci_combines_the_recorded_student_t_half_widths(tmp_path):
     write(tmp_path, "convergence_vicreg_cifar10", convergence_doc(0.05, 0.3, ci=0.004))
     gain, above = claims_from_figures(tmp_path)[0][0].measurements
@@ -392,14 +367,44 @@ def test_convergence_differences_are_paired_over_images_when_the_points_keep_the
     assert gain.estimate.half_width < math.hypot(*(claims.student_t_half_width(v.std(ddof=1), 128)
                                                    for v in (first, last))) / 4  # what pairing buys here
 
-    doc = with_per_image_cosines(convergence_doc(0, 0), first, last, chance)
+
+def damaged_evaluate() -> dict:
+    right = np.arange(100) % 2 == 0
+    doc = with_per_image(with_per_image(evaluate_doc(0, 0, fixed=False), "central", right), "16", right)
+    doc["protocols"][2]["linear"] = 51.0  # the recorded accuracy no longer matches its per-image values
+    return doc
+
+
+def damaged_retrieval() -> dict:
+    counts = {layer: {"same_image": np.arange(200) % 9, "same_class_other_image": np.arange(200) % 5}
+              for layer in ("z", "h")}
+    doc = with_per_query(retrieval_doc(0, 0, 0, 0), counts)
+    doc["layers"]["h"]["statistics"]["same_image"] += 0.01
+    return doc
+
+
+def damaged_convergence() -> dict:
+    values = np.linspace(0.5, 0.9, 128)
+    doc = with_per_image_cosines(convergence_doc(0, 0), values, values + 0.01, values - 0.2)
     doc["curves"][0]["points"][-1]["similarity"]["mean"] += 0.01  # no longer the mean of its per-image values
-    write(tmp_path, "convergence_vicreg_cifar10", doc)
-    convergence = claims_from_figures(tmp_path)[0][0]
-    assert not convergence.measurements
-    (note,) = convergence.notes
-    assert "convergence_vicreg_cifar10.json: the per-image values of 16 px, N=all do not give its mean" in note
-    assert "damaged" in note and "make figures" in note
+    return doc
+
+
+@pytest.mark.parametrize("name, make, claim, message", [
+    ("evaluate_vicreg_cifar10", damaged_evaluate, 1, "the per-image values of 16 / linear do not give its accuracy"),
+    ("retrieval_vicreg_cifar10", damaged_retrieval, 3,
+     "the per-query counts of h / same_image do not give its fraction"),
+    ("convergence_vicreg_cifar10", damaged_convergence, 0,
+     "the per-image values of 16 px, N=all do not give its mean"),
+])
+def test_per_item_values_that_do_not_give_the_recorded_number_are_refused_in_one_note(tmp_path, name, make, claim,
+                                                                                       message):
+    write(tmp_path, name, make())
+    judged = claims_from_figures(tmp_path)[0][claim]
+    assert judged.verdict == NOT_MEASURED and not judged.measurements
+    (note,) = judged.notes
+    assert f"{name}.json: {message}" in note
+    assert "damaged" in note and "make figures" in note and "\n" not in note
 
 
 # ------------------------------------------------------------------------------- the committed figures
