@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import torch
@@ -57,6 +58,14 @@ def card_numbers(results: dict) -> dict[str, dict[str, float]]:
     return {row["title"]: {"knn": row["knn"][k], "linear": row["linear"]} for row in results["protocols"]}
 
 
+def card_correct(results: dict) -> dict[str, dict[str, str]]:
+    """``{protocol title: {"knn": "0110...", "linear": "..."}}``: each test image's right/wrong (k = 20 and the
+    probe), in the order whose sha256 is ``results["test_ids_sha256"]``, so that two cards can be compared paired."""
+    k = results["knn_settings"]["ks"][0]
+    return {row["title"]: {"knn": row["correct"]["knn"][k], "linear": row["correct"]["linear"]}
+            for row in results["protocols"]}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+")
@@ -68,7 +77,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "patches for patch-trained models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (default float32)")
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--json", default=None,
+                        help="write the results here (also after each model's trained part, so that an interrupted "
+                             "run keeps what it measured)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--max-images", type=int, default=None,
                         help="a seeded class-stratified subset of this many images of each split (quick checks)")
     parser.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: evaluate's)")
@@ -91,24 +103,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
         method = model.info.method
         protocols = args.protocols.split(",") if args.protocols else card_protocols(model, args.num_patches)
         start = time.perf_counter()
-        numbers = {}
+        row = {"checkpoint": path, "method": method, "train_images": len(train_ids), "test_images": len(test_ids),
+               "knn": "weighted, cosine, k=20, T=0.07", "probe": schedule.describe(),
+               "extraction": "bf16 autocast" if args.amp else "float32", "device": str(device)}
+        rows.append(row)
         for kind in ("trained", "random_init"):
             if kind == "random_init":
                 model = randomly_initialised(model, args.seed, calibration_images=calibration)
             with extraction_options(amp=args.amp):
                 results = evaluate_protocols(model, train, test, protocols, train_ids=train_ids, test_ids=test_ids,
                                              ks=(20,), schedule=schedule, seed=args.seed, device=device,
-                                             progress=False)
-            numbers[kind] = card_numbers(results)
+                                             progress=not args.no_progress)
+            row[kind] = card_numbers(results)
+            row["test_ids_sha256"] = results["test_ids_sha256"]
+            row.setdefault("correct", {})[kind] = card_correct(results)
             if kind == "trained" and args.amp_check:
                 samplers = {"central": central()}
                 if str(args.num_patches) in protocols:
                     samplers[f"{args.num_patches} patches"] = random_fixed(
                         args.num_patches, int(model.info.extra["train"]["patch_size"]), seed=args.seed)
-                numbers["bf16_vs_fp32_cosine"] = amp_agreement(model, test, samplers, device)
-        rows.append({"checkpoint": path, "method": method, "train_images": len(train_ids),
-                     "test_images": len(test_ids), "knn": "weighted, cosine, k=20, T=0.07",
-                     "probe": schedule.describe(), **numbers, "seconds": round(time.perf_counter() - start, 1)})
+                row["bf16_vs_fp32_cosine"] = amp_agreement(model, test, samplers, device)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            if args.json:
+                _write_json(args.json, rows)
 
     print("| checkpoint | protocol | k-NN top-1 trained | linear trained | k-NN top-1 random init "
           "| linear random init |")
@@ -118,10 +135,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             control = row["random_init"][name]
             print(f"| {row['checkpoint']} | {name} | {trained['knn']:.2f} | {trained['linear']:.2f} "
                   f"| {control['knn']:.2f} | {control['linear']:.2f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
     return rows
+
+
+def _write_json(path: str, rows: list[dict]) -> None:
+    """Write ``rows`` whole or not at all (a temporary file renamed over the old one)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,16 @@ def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar1
     for protocol in results["protocols"]:
         assert row["trained"][protocol["title"]]["knn"] == pytest.approx(protocol["knn"][20])
         assert row["trained"][protocol["title"]]["linear"] == pytest.approx(protocol["linear"])
+        # each test image's right/wrong is kept (for paired comparisons of two cards), in evaluate's order
+        assert row["correct"]["trained"][protocol["title"]] == {"knn": protocol["correct"]["knn"][20],
+                                                                "linear": protocol["correct"]["linear"]}
+    assert row["test_ids_sha256"] == results["test_ids_sha256"]
+    for kind in ("trained", "random_init"):
+        for title, numbers in row[kind].items():
+            for classifier, accuracy in numbers.items():
+                right = row["correct"][kind][title][classifier]
+                assert len(right) == 60 and set(right) <= {"0", "1"}
+                assert 100.0 * right.count("1") / 60 == pytest.approx(accuracy)
     # The control is another network: its accuracies differ from the trained ones somewhere, and the
     # checkpoint file is untouched.
     assert any(row["trained"][p] != row["random_init"][p] for p in row["trained"])
@@ -58,3 +68,29 @@ def test_model_card_protocols_flag_picks_the_rows(tmp_path, cifar10_npz, tiny_mo
     assert set(central_only["trained"]) == set(central_only["random_init"]) == {"central"}
     assert central_only["trained"]["central"] == both["trained"]["central"]
     assert central_only["random_init"]["central"] == both["random_init"]["central"]
+
+
+def test_model_card_records_extraction_and_keeps_the_trained_part_when_the_control_fails(
+        tmp_path, cifar10_npz, tiny_model, monkeypatch):
+    model = tiny_model
+    model.info.method = "vicreg"
+    checkpoint = tmp_path / "tiny-vicreg.pt"
+    save_checkpoint(model, checkpoint, train={"method": "vicreg"})
+    card = _card_module()
+    common = [str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
+              "--probe-epochs", "2", "--protocols", "central", "--no-progress", "--json", str(tmp_path / "card.json")]
+    (row,) = card.main([*common, "--amp"])
+    assert row["extraction"] == "bf16 autocast" and row["device"] == "cpu"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(card, "randomly_initialised", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        card.main(common)
+    (kept,) = json.loads((tmp_path / "card.json").read_text())
+    assert kept["extraction"] == "float32"
+    assert set(kept["trained"]) == {"central"} and set(kept["trained"]["central"]) == {"knn", "linear"}
+    assert kept["trained"]["central"]["knn"] * 40 / 100 == pytest.approx(round(kept["trained"]["central"]["knn"] * 0.4))
+    assert "random_init" not in kept
+    assert not (tmp_path / "card.json.tmp").exists()
