@@ -119,6 +119,18 @@ card() {
   emp_ssl_protocol "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"
 }
 
+# session 6 (issue 12): the issue's own measure for a fixed-scale model, the mean of 16 patches over all 50,000
+# training images (bank and probe set) and all 10,000 test images, under bf16 autocast (2x the float32 forwards on
+# bf16 units: ~45 min for the model and as long for its control), and the same bf16 card on the 2,000 + 2,000
+# images, to set beside the float32 card-2k: what bf16 changes in the card's numbers
+#   STEPS=full16 benchmarks/emp_ssl_cpu.sh
+full16() {
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols 16 \
+      --json "$RESULTS/card-full-16patches_emp-ssl-resnet18-cifar10.json"
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --max-images 2000 \
+      --json "$RESULTS/card-2k-bf16_emp-ssl-resnet18-cifar10.json"
+}
+
 baseline_cards() {
   # the GPU-trained vicreg and bagssl: the central view on the full protocol (session 3), and bagssl's card on the
   # 2,000 + 2,000 images of the comparison with emp-ssl (session 2)

@@ -11,6 +11,10 @@ features, last epoch), exactly as ``python -m ssl_patch_analysis.evaluate`` comp
     python pretrained/model_card.py pretrained/vicreg-resnet18-cifar10.pt pretrained/bagssl-resnet18-cifar10.pt
     python pretrained/model_card.py runs/x/checkpoint.pt --max-images 2000 --probe-epochs 20   # a quick look
     python pretrained/model_card.py runs/x/checkpoint.pt --protocols central   # the central view only
+
+Two cards measured on the same test images (each keeps every test image's right/wrong) compare paired:
+
+    python pretrained/model_card.py --compare new.card.json old.card.json   # A - B, per protocol pair, 95% CI
 """
 from __future__ import annotations
 
@@ -19,13 +23,15 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ssl_patch_analysis.checkpoints import load_model
+from ssl_patch_analysis.claims import paired_difference
 from ssl_patch_analysis.data import load_dataset
-from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, subset_ids
+from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, read_correct, subset_ids
 from ssl_patch_analysis.extract import extract_patch_embeddings, extraction_options
 from ssl_patch_analysis.models import randomly_initialised
 from ssl_patch_analysis.patches import central, random_fixed
@@ -66,9 +72,59 @@ def card_correct(results: dict) -> dict[str, dict[str, str]]:
             for row in results["protocols"]}
 
 
+def _read_card(path: str) -> dict:
+    """The one row of a card JSON that keeps each test image's right/wrong, or SystemExit with what is wrong."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot read the card {path}: {error}") from None
+    if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
+        raise SystemExit(f"error: {path} is not a card of one model (model_card.py --json of one checkpoint)")
+    if "correct" not in rows[0] or "test_ids_sha256" not in rows[0]:
+        raise SystemExit(f"error: {path} does not keep each test image's right/wrong (a card made before they were "
+                         "kept): measure it again with pretrained/model_card.py --json")
+    return rows[0]
+
+
+def compare_cards(path_a: str, path_b: str, kind: str = "trained") -> list[dict]:
+    """Card A minus card B, paired over the same test images: one row per protocol of A, protocol of B and
+    classifier (k-NN, linear), with the Student-t 95% interval of the mean per-image difference."""
+    a, b = _read_card(path_a), _read_card(path_b)
+    if a["test_ids_sha256"] != b["test_ids_sha256"]:
+        raise SystemExit(f"error: {path_a} and {path_b} were measured on different test images (test ids sha256 "
+                         f"{a['test_ids_sha256'][:12]} vs {b['test_ids_sha256'][:12]}): measure both with the same "
+                         "--max-images and --seed")
+    rows = []
+    for protocol_a, right_a in a["correct"][kind].items():
+        for protocol_b, right_b in b["correct"][kind].items():
+            for classifier in ("knn", "linear"):
+                x, y = (read_correct(r[classifier]) for r in (right_a, right_b))
+                if len(x) != len(y):
+                    raise SystemExit(f"error: {path_a} and {path_b} keep {len(x)} and {len(y)} test images' results "
+                                     "under the same test ids: a damaged card; measure it again")
+                difference = paired_difference(x, y)
+                rows.append({"a": protocol_a, "b": protocol_b, "classifier": classifier,
+                             "accuracy_a": 100.0 * x.mean(), "accuracy_b": 100.0 * y.mean(),
+                             "difference": difference.to_dict(), "test_images": len(x)})
+    return rows
+
+
+def print_comparison(path_a: str, path_b: str, rows: list[dict]) -> None:
+    print(f"A = {path_a}\nB = {path_b}\n")
+    print("| protocol A | protocol B | classifier | A | B | A - B [95% CI], paired |")
+    print("|---|---|---|---:|---:|---|")
+    for r in rows:
+        d = r["difference"]
+        print(f"| {r['a']} | {r['b']} | {r['classifier']} | {r['accuracy_a']:.2f} | {r['accuracy_b']:.2f} "
+              f"| {d['value']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}] |")
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("checkpoints", nargs="+", help="checkpoints, or with --compare two card JSONs")
+    parser.add_argument("--compare", action="store_true",
+                        help="the two arguments are card JSONs (--json) measured on the same test images: print A - B "
+                             "per protocol pair and classifier, paired over the test images, with 95%% intervals")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-patches", type=int, default=16)
@@ -87,6 +143,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--amp-check", action="store_true",
                         help="also compare bf16-autocast embeddings with float32 ones (test split)")
     args = parser.parse_args(argv)
+    if args.compare:
+        if len(args.checkpoints) != 2:
+            parser.error("--compare takes two card JSONs")
+        rows = compare_cards(*args.checkpoints)
+        print_comparison(*args.checkpoints, rows)
+        return rows
     device = torch.device(args.device)
     train = load_dataset("cifar10", "train", root=args.data_root)
     test = load_dataset("cifar10", "test", root=args.data_root)

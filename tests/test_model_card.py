@@ -94,3 +94,51 @@ def test_model_card_records_extraction_and_keeps_the_trained_part_when_the_contr
     assert kept["trained"]["central"]["knn"] * 40 / 100 == pytest.approx(round(kept["trained"]["central"]["knn"] * 0.4))
     assert "random_init" not in kept
     assert not (tmp_path / "card.json.tmp").exists()
+
+
+def test_model_card_compare_is_paired_over_the_same_test_images(tmp_path, cifar10_npz, tiny_model, capsys):
+    import numpy as np
+    import torch
+    from scipy import stats
+
+    card = _card_module()
+    paths = {}
+    for name, shift in (("a", 0.0), ("b", 0.05)):
+        model = tiny_model
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(shift * torch.randn_like(p))
+        checkpoint = tmp_path / f"{name}.pt"
+        save_checkpoint(model, checkpoint, train={"method": "vicreg"})
+        paths[name] = tmp_path / f"{name}.json"
+        card.main([str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "60",
+                   "--probe-epochs", "2", "--no-progress", "--json", str(paths[name])])
+    rows = card.main(["--compare", str(paths["a"]), str(paths["b"])])
+    a, b = (json.loads(paths[n].read_text())[0] for n in "ab")
+    assert {(r["a"], r["b"], r["classifier"]) for r in rows} == {("central", "central", "knn"),
+                                                                 ("central", "central", "linear")}
+    for r in rows:
+        assert r["accuracy_a"] == pytest.approx(a["trained"]["central"][r["classifier"]])
+        assert r["accuracy_b"] == pytest.approx(b["trained"]["central"][r["classifier"]])
+        # the mean of per-image differences, and its Student-t half-width, computed here independently
+        d = np.array([int(x) - int(y) for x, y in zip(a["correct"]["trained"]["central"][r["classifier"]],
+                                                      b["correct"]["trained"]["central"][r["classifier"]],
+                                                      strict=True)], dtype=float)
+        assert r["difference"]["value"] == pytest.approx(r["accuracy_a"] - r["accuracy_b"])
+        half = 100 * stats.t.ppf(0.975, 59) * d.std(ddof=1) / np.sqrt(60)
+        assert r["difference"]["half_width"] == pytest.approx(half)
+    assert "| central | central | knn |" in capsys.readouterr().out
+
+    other = tmp_path / "other.json"
+    card.main([str(tmp_path / "a.pt"), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
+               "--probe-epochs", "2", "--no-progress", "--json", str(other)])
+    with pytest.raises(SystemExit, match="different test images"):
+        card.main(["--compare", str(paths["a"]), str(other)])
+    old = json.loads(paths["b"].read_text())
+    del old[0]["correct"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="made before"):
+        card.main(["--compare", str(paths["a"]), str(tmp_path / "old.json")])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="cannot read the card"):
+        card.main(["--compare", str(paths["a"]), str(tmp_path / "bad.json")])
