@@ -119,7 +119,7 @@ def print_comparison(path_a: str, path_b: str, rows: list[dict]) -> None:
               f"| {d['value']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}] |")
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoints, or with --compare two card JSONs")
     parser.add_argument("--compare", action="store_true",
@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: evaluate's)")
     parser.add_argument("--amp-check", action="store_true",
                         help="also compare bf16-autocast embeddings with float32 ones (test split)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.compare:
         if len(args.checkpoints) != 2:

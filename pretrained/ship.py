@@ -41,13 +41,17 @@ def ship(source: str | Path, target: str | Path, backbone_only: bool = False, ma
     return target
 
 
-def main(argv: list[str] | None = None) -> Path:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a run's checkpoint.pt (or any checkpoint load_model reads)")
     parser.add_argument("target", help="the shipped file, e.g. pretrained/<method>-<arch>-<data>.pt")
     parser.add_argument("--backbone-only", action="store_true", help="drop the projector and pre_feature layer")
     parser.add_argument("--max-mb", type=float, default=MAX_MB, help="refuse a file larger than this")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     try:
         target = ship(args.source, args.target, args.backbone_only, args.max_mb)
     except (ValueError, OSError) as error:

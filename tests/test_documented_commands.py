@@ -1,7 +1,7 @@
 """Every command the project tells a user to run parses with today's flags.
 
 The README, the model cards, the Makefile and the shell scripts spell out ``python -m ssl_patch_analysis.<command>``
-lines. A renamed flag (``train --out`` became ``--run-dir``) leaves such a line failing for whoever copies it, so
+lines (and ``python pretrained/model_card.py`` / ``pretrained/ship.py`` ones). A renamed flag (``train --out`` became ``--run-dir``) leaves such a line failing for whoever copies it, so
 each one is handed to its command's own parser here (nothing runs: parsing only). Records of past runs
 (``benchmarks/RESULTS.md``, ``*.log.jsonl``) keep the flags they ran with and are not checked.
 """
@@ -16,12 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 # Where the project tells a user what to type.
 DOCUMENTS = ["README.md", "pretrained/README.md", "sample_data/README.md", "docs/design.md", "Makefile",
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.sh")),
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pretrained").glob("*.sh"))]
-COMMAND = re.compile(r"-m\s+ssl_patch_analysis\.(\w+)")
+# python -m ssl_patch_analysis.X, or one of the scripts of pretrained/ run by a python ($py in the scripts)
+COMMAND = re.compile(r"-m\s+ssl_patch_analysis\.(\w+)|(?:python\S*|\$py|\$PYTHON)\s+(pretrained/(?:model_card|ship)\.py)")
 # A shell or make variable stands for one word; "$@" / "${@:2}" / ... for the caller's further flags.
 CALLER_FLAGS = re.compile(r'"\$(?:@|\{@[^}]*\})"')
 DEFAULTED = re.compile(r"\$\{\w+:-([^}]*)\}")  # ${NAME:-default}: its default
@@ -70,7 +73,7 @@ def documented_commands(path: str) -> list[tuple[str, str, list[str]]]:
             # a variable after --device stands for a device; one on its own (`$control`) for optional flags
             argv = ["cpu" if word == "VAR" and i and argv[i - 1] == "--device" else word for i, word in enumerate(argv)
                     if not (word == "VAR" and (i == 0 or not argv[i - 1].startswith("-")))]
-            found.append((f"{path}:{number}", match.group(1), argv))
+            found.append((f"{path}:{number}", match.group(1) or match.group(2), argv))
     return found
 
 
@@ -80,19 +83,23 @@ CASES = [case for document in DOCUMENTS if (ROOT / document).is_file() for case 
 def test_the_documents_name_commands():
     """The scan finds the commands (a broken pattern would make every case below vanish)."""
     modules = {module for _, module, _ in CASES}
-    assert {"train", "evaluate", "extract", "convergence", "heatmap", "retrieval"} <= modules
+    assert {"train", "evaluate", "extract", "convergence", "heatmap", "retrieval", "pretrained/model_card.py",
+            "pretrained/ship.py"} <= modules
     assert len(CASES) > 50
 
 
 @pytest.mark.parametrize(("where", "module", "argv"), CASES, ids=[f"{w} {m}" for w, m, _ in CASES])
 def test_documented_command_parses(where, module, argv, capsys):
-    parser = importlib.import_module(f"ssl_patch_analysis.{module}").build_parser()
+    if module.endswith(".py"):
+        parser, command = load_script(module).build_parser(), f"python {module}"
+    else:
+        parser = importlib.import_module(f"ssl_patch_analysis.{module}").build_parser()
+        command = f"python -m ssl_patch_analysis.{module}"
     try:
         parser.parse_args(argv)
     except SystemExit as stop:
         if stop.code:
-            pytest.fail(f"{where}: `python -m ssl_patch_analysis.{module} {shlex.join(argv)}` does not parse: "
-                        f"{capsys.readouterr().err.strip()}")
+            pytest.fail(f"{where}: `{command} {shlex.join(argv)}` does not parse: {capsys.readouterr().err.strip()}")
 
 
 def test_a_stale_flag_is_caught():
@@ -100,6 +107,18 @@ def test_a_stale_flag_is_caught():
     parser = importlib.import_module("ssl_patch_analysis.train").build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["--out", "runs/x"])
+    with pytest.raises(SystemExit):
+        load_script("pretrained/model_card.py").build_parser().parse_args(["x.pt", "--fp16"])
+
+
+def test_the_scripts_of_pretrained_are_found_as_commands(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "doc.md").write_text("`pretrained/model_card.py` measures a card:\n\n"
+                                     "    python pretrained/model_card.py runs/x.pt --amp --json a.json\n"
+                                     '  $py pretrained/ship.py "$RUN"/checkpoint.pt out.pt --backbone-only\n')
+    assert [(m, argv) for _, m, argv in documented_commands("doc.md")] == [
+        ("pretrained/model_card.py", ["runs/x.pt", "--amp", "--json", "a.json"]),
+        ("pretrained/ship.py", ["VAR/checkpoint.pt", "out.pt", "--backbone-only"])]
 
 
 @pytest.mark.parametrize("model", ["emp-ssl", "vicreg", "simclr", "bagssl"])
