@@ -1,9 +1,10 @@
 """Every command the project tells a user to run parses with today's flags.
 
 The README, the model cards, the Makefile and the shell scripts spell out ``python -m ssl_patch_analysis.<command>``
-lines (and ``python pretrained/model_card.py`` / ``pretrained/ship.py`` ones). A renamed flag (``train --out`` became ``--run-dir``) leaves such a line failing for whoever copies it, so
-each one is handed to its command's own parser here (nothing runs: parsing only). Records of past runs
-(``benchmarks/RESULTS.md``, ``*.log.jsonl``) keep the flags they ran with and are not checked.
+lines (and ``python pretrained/model_card.py`` / ``pretrained/ship.py`` ones). A renamed flag (``train --out``
+became ``--run-dir``) leaves such a line failing for whoever copies it, so each one is handed to its command's own
+parser here (nothing runs: parsing only). Records of past runs (``benchmarks/RESULTS.md``, ``*.log.jsonl``) keep
+the flags they ran with and are not checked.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ DOCUMENTS = ["README.md", "pretrained/README.md", "sample_data/README.md", "docs
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.sh")),
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pretrained").glob("*.sh"))]
 # python -m ssl_patch_analysis.X, or one of the scripts of pretrained/ run by a python ($py in the scripts)
-COMMAND = re.compile(r"-m\s+ssl_patch_analysis\.(\w+)|(?:python\S*|\$py|\$PYTHON)\s+(pretrained/(?:model_card|ship)\.py)")
+COMMAND = re.compile(r"-m\s+ssl_patch_analysis\.(\w+)"
+                     r"|(?:python\S*|\$py|\$PYTHON)\s+(pretrained/(?:model_card|ship)\.py)")
 # A shell or make variable stands for one word; "$@" / "${@:2}" / ... for the caller's further flags.
 CALLER_FLAGS = re.compile(r'"\$(?:@|\{@[^}]*\})"')
 DEFAULTED = re.compile(r"\$\{\w+:-([^}]*)\}")  # ${NAME:-default}: its default
