@@ -206,11 +206,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _write_json(path: str, rows: list[dict]) -> None:
-    """Write ``rows`` whole or not at all (a temporary file renamed over the old one)."""
+    """Write ``rows`` whole or not at all (a temporary file renamed over the old one); a file that cannot be
+    written (a full disk) stops the run in one line that still gives the accuracies measured so far."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as error:
+        Path(tmp).unlink(missing_ok=True)
+        measured = {row["checkpoint"]: {kind: row[kind] for kind in ("trained", "random_init") if kind in row}
+                    for row in rows}
+        raise SystemExit(f"error: cannot write the card {path} ({error}); measured so far: "
+                         f"{json.dumps(measured)}") from None
 
 
 if __name__ == "__main__":

@@ -142,3 +142,20 @@ def test_model_card_compare_is_paired_over_the_same_test_images(tmp_path, cifar1
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SystemExit, match="cannot read the card"):
         card.main(["--compare", str(paths["a"]), str(tmp_path / "bad.json")])
+
+
+def test_model_card_that_cannot_write_its_json_says_so_with_the_numbers(tmp_path, cifar10_npz, tiny_model,
+                                                                        monkeypatch):
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model, checkpoint, train={"method": "vicreg"})
+    card = _card_module()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(card.os, "replace", full_disk)
+    with pytest.raises(SystemExit, match=r"cannot write the card .*No space left.*measured so far: .*\"knn\": "):
+        card.main([str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
+                   "--probe-epochs", "2", "--protocols", "central", "--no-progress",
+                   "--json", str(tmp_path / "card.json")])
+    assert not (tmp_path / "card.json.tmp").exists() and not (tmp_path / "card.json").exists()
