@@ -122,13 +122,24 @@ card() {
 # session 6 (issue 12): the issue's own measure for a fixed-scale model, the mean of 16 patches over all 50,000
 # training images (bank and probe set) and all 10,000 test images, under bf16 autocast (2x the float32 forwards on
 # bf16 units: ~45 min for the model and as long for its control), and the same bf16 card on the 2,000 + 2,000
-# images, to set beside the float32 card-2k: what bf16 changes in the card's numbers
+# images, to set beside the float32 card-2k: what bf16 changes in the card's numbers; then the full protocol's
+# central views in bf16 and the paired comparisons
 #   STEPS=full16 benchmarks/emp_ssl_cpu.sh
 full16() {
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols 16 \
       --json "$RESULTS/card-full-16patches_emp-ssl-resnet18-cifar10.json"
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --max-images 2000 \
       --json "$RESULTS/card-2k-bf16_emp-ssl-resnet18-cifar10.json"
+  # the central views of emp-ssl and vicreg the same way (each test image's right/wrong kept), then paired on the
+  # 10,000 test images: emp-ssl's 16 patches against its own central view and against vicreg's
+  for m in emp-ssl vicreg; do
+    $py pretrained/model_card.py pretrained/$m-resnet18-cifar10.pt --device cpu --amp --protocols central \
+        --json "$RESULTS/card-full-central-bf16_$m-resnet18-cifar10.json"
+  done
+  for m in emp-ssl vicreg; do
+    $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_emp-ssl-resnet18-cifar10.json" \
+        "$RESULTS/card-full-central-bf16_$m-resnet18-cifar10.json"
+  done
 }
 
 baseline_cards() {
