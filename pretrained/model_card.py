@@ -15,6 +15,7 @@ features, last epoch), exactly as ``python -m ssl_patch_analysis.evaluate`` comp
 Two cards measured on the same test images (each keeps every test image's right/wrong) compare paired:
 
     python pretrained/model_card.py --compare new.card.json old.card.json   # A - B, per protocol pair, 95% CI
+    python pretrained/model_card.py --compare new.card.json old.card.json --control   # their random-init controls
 """
 from __future__ import annotations
 
@@ -109,8 +110,8 @@ def compare_cards(path_a: str, path_b: str, kind: str = "trained") -> list[dict]
     return rows
 
 
-def print_comparison(path_a: str, path_b: str, rows: list[dict]) -> None:
-    print(f"A = {path_a}\nB = {path_b}\n")
+def print_comparison(path_a: str, path_b: str, rows: list[dict], what: str = "trained models") -> None:
+    print(f"A = {path_a}\nB = {path_b}\n({what})\n")
     print("| protocol A | protocol B | classifier | A | B | A - B [95% CI], paired |")
     print("|---|---|---|---:|---:|---|")
     for r in rows:
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="store_true",
                         help="the two arguments are card JSONs (--json) measured on the same test images: print A - B "
                              "per protocol pair and classifier, paired over the test images, with 95%% intervals")
+    parser.add_argument("--control", action="store_true",
+                        help="with --compare: compare the cards' random-init controls instead of the trained models")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-patches", type=int, default=16)
@@ -151,8 +154,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.compare:
         if len(args.checkpoints) != 2:
             parser.error("--compare takes two card JSONs")
-        rows = compare_cards(*args.checkpoints)
-        print_comparison(*args.checkpoints, rows)
+        rows = compare_cards(*args.checkpoints, kind="random_init" if args.control else "trained")
+        print_comparison(*args.checkpoints, rows, "random-init controls" if args.control else "trained models")
         return rows
     device = torch.device(args.device)
     train = load_dataset("cifar10", "train", root=args.data_root)

@@ -128,6 +128,9 @@ def test_model_card_compare_is_paired_over_the_same_test_images(tmp_path, cifar1
         half = 100 * stats.t.ppf(0.975, 59) * d.std(ddof=1) / np.sqrt(60)
         assert r["difference"]["half_width"] == pytest.approx(half)
     assert "| central | central | knn |" in capsys.readouterr().out
+    for r in card.main(["--compare", str(paths["a"]), str(paths["b"]), "--control"]):
+        assert r["accuracy_a"] == pytest.approx(a["random_init"]["central"][r["classifier"]])
+        assert r["accuracy_b"] == pytest.approx(b["random_init"]["central"][r["classifier"]])
 
     other = tmp_path / "other.json"
     card.main([str(tmp_path / "a.pt"), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
