@@ -57,3 +57,24 @@ def test_shipped_model_card_gives_knn_and_linear_for_the_model_and_its_random_in
         control = card["random_init"][protocol]
         for metric in ("knn", "linear"):
             assert 10.0 < control[metric] < trained[metric] <= 100.0, (protocol, metric)
+
+
+FULL_CARDS = sorted((PRETRAINED.parent / "benchmarks" / "results").glob("card-full-*.json"))
+
+
+@pytest.mark.parametrize("path", FULL_CARDS, ids=[p.stem for p in FULL_CARDS])
+def test_full_protocol_cards_are_of_a_shipped_model_and_quoted_as_measured(path):
+    """The bf16 full-protocol cards (all 50,000 train, all 10,000 test) are of a shipped file, beat their control,
+    keep each test image's right/wrong, and pretrained/README.md quotes their numbers as measured."""
+    (card,) = json.loads(path.read_text(encoding="utf-8"))
+    assert (PRETRAINED.parent / card["checkpoint"]).resolve() in {p.resolve() for p in SHIPPED}
+    assert (card["train_images"], card["test_images"]) == (50000, 10000)
+    readme = (PRETRAINED / "README.md").read_text(encoding="utf-8")
+    for protocol, trained in card["trained"].items():
+        for metric in ("knn", "linear"):
+            control = card["random_init"][protocol][metric]
+            assert control < trained[metric], (protocol, metric)
+            for kind, value in (("trained", trained[metric]), ("random_init", control)):
+                right = card["correct"][kind][protocol][metric]
+                assert len(right) == 10000 and 100 * right.count("1") / 10000 == pytest.approx(value)
+                assert f"{value:.2f}" in readme, (protocol, metric, kind)
