@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, read_
 from ssl_patch_analysis.extract import extract_patch_embeddings, extraction_options
 from ssl_patch_analysis.models import randomly_initialised
 from ssl_patch_analysis.patches import central, random_fixed
+from ssl_patch_analysis.report import save_json
 
 CALIBRATION_IMAGES = 512
 
@@ -209,15 +209,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _write_json(path: str, rows: list[dict]) -> None:
-    """Write ``rows`` whole or not at all (a temporary file renamed over the old one); a file that cannot be
-    written (a full disk) stops the run in one line that still gives the accuracies measured so far."""
-    tmp = f"{path}.tmp"
+    """``report.save_json`` (whole or not at all); a file that cannot be written (a full disk) stops the run in one
+    line that still gives the accuracies measured so far."""
     try:
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(tmp, path)
+        save_json(rows, path)
     except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
         measured = {row["checkpoint"]: {kind: row[kind] for kind in ("trained", "random_init") if kind in row}
                     for row in rows}
         raise SystemExit(f"error: cannot write the card {path} ({error}); measured so far: "
