@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -152,7 +153,8 @@ METHODS: dict[str, MethodSpec] = {
         loss=VICRegLoss, patches=False, projector="2048-2048-2048", projector_large="8192-8192-8192",
         base_lr=0.3, weight_decay=1e-4, lars=VICREG_LARS, reference="solo-learn's CIFAR VICReg settings"),
     "simclr": MethodSpec(
-        loss=NTXentLoss, patches=False, projector="2048-128", projector_large="2048-128",
+        loss=functools.partial(NTXentLoss, temperature=0.2), patches=False, projector="2048-128",
+        projector_large="2048-128",
         base_lr=0.4, weight_decay=1e-5, lars=VICREG_LARS, reference="solo-learn's CIFAR SimCLR settings"),
 }
 PATCH_METHODS = tuple(name for name, spec in METHODS.items() if spec.patches)
@@ -272,8 +274,9 @@ def _method_table() -> str:
     rows = []
     for name, spec in METHODS.items():
         lr = f"base lr {spec.base_lr} per 256" if spec.base_lr is not None else f"lr {spec.lr}"
+        loss_args = "".join(f", {key} {value:g}" for key, value in getattr(spec.loss, "keywords", {}).items())
         rows.append(f"{name}: {'patches' if spec.patches else 'two views'}, projector {spec.projector}, {lr}, "
-                    f"wd {spec.weight_decay:g}, warm-up {spec.warmup_epochs:g}, batch {spec.batch_size}")
+                    f"wd {spec.weight_decay:g}, warm-up {spec.warmup_epochs:g}, batch {spec.batch_size}{loss_args}")
     return "; ".join(rows)
 
 

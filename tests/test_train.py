@@ -495,3 +495,17 @@ def test_a_run_started_with_init_from_resumes_from_its_own_state(cifar10_npz, tm
     assert read_checkpoint(out / "checkpoint.pt")["train"]["init_from"] == first
     headers = [line for line in read_log(out) if "command" in line]
     assert [h["init_from"] for h in headers] == [first, first] and read_log(out)[-1]["step"] == 4
+
+
+def test_simclr_loss_is_nt_xent_at_solo_learn_temperature():
+    """The `simclr` row says it follows solo-learn's CIFAR SimCLR, whose temperature is 0.2 (lightly's default, 0.5,
+    was used before): the trainer's loss equals NT-Xent computed by hand at T = 0.2."""
+    torch.manual_seed(0)
+    z_a, z_b = torch.randn(6, 16), torch.randn(6, 16)
+    u = torch.nn.functional.normalize(torch.cat([z_a, z_b]), dim=1)
+    logits = u @ u.T / 0.2
+    logits.fill_diagonal_(float("-inf"))  # a view is not its own negative
+    positives = torch.cat([torch.arange(6, 12), torch.arange(0, 6)])
+    expected = torch.nn.functional.cross_entropy(logits, positives)
+    got = train_module.build_loss("simclr")(z_a, z_b).total
+    torch.testing.assert_close(got, expected)
