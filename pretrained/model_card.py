@@ -111,7 +111,13 @@ def compare_cards(path_a: str, path_b: str, kind: str = "trained") -> list[dict]
 
 
 def print_comparison(path_a: str, path_b: str, rows: list[dict], what: str = "trained models") -> None:
-    print(f"A = {path_a}\nB = {path_b}\n({what})\n")
+    extraction = {path: _read_card(path).get("extraction") for path in (path_a, path_b)}
+    for name, path in (("A", path_a), ("B", path_b)):
+        print(f"{name} = {path}" + (f" ({extraction[path]})" if extraction[path] else ""))
+    if None not in extraction.values() and extraction[path_a] != extraction[path_b]:
+        print(f"(extracted differently: {extraction[path_a]} vs {extraction[path_b]}; that difference is part of "
+              "A - B below)")
+    print(f"({what})\n")
     print("| protocol A | protocol B | classifier | A | B | A - B [95% CI], paired |")
     print("|---|---|---|---:|---:|---|")
     for r in rows:

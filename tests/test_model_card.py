@@ -127,7 +127,14 @@ def test_model_card_compare_is_paired_over_the_same_test_images(tmp_path, cifar1
         assert r["difference"]["value"] == pytest.approx(r["accuracy_a"] - r["accuracy_b"])
         half = 100 * stats.t.ppf(0.975, 59) * d.std(ddof=1) / np.sqrt(60)
         assert r["difference"]["half_width"] == pytest.approx(half)
-    assert "| central | central | knn |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| central | central | knn |" in out and "extracted differently" not in out
+    assert f"A = {paths['a']} (float32)" in out  # each card's extraction, named
+    bf16 = json.loads(paths["b"].read_text())
+    bf16[0]["extraction"] = "bf16 autocast"
+    (tmp_path / "bf16.json").write_text(json.dumps(bf16))
+    card.main(["--compare", str(paths["a"]), str(tmp_path / "bf16.json")])
+    assert "extracted differently: float32 vs bf16 autocast" in capsys.readouterr().out
     for r in card.main(["--compare", str(paths["a"]), str(paths["b"]), "--control"]):
         assert r["accuracy_a"] == pytest.approx(a["random_init"]["central"][r["classifier"]])
         assert r["accuracy_b"] == pytest.approx(b["random_init"]["central"][r["classifier"]])
