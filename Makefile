@@ -35,7 +35,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info
 
 # FIGURES: regenerate the committed figures/ of the shipped models with the exact settings recorded in
-# their JSON files (CPU, as they were made: about 45 min on 2 cores, and as long again for the random-init
+# their JSON files (CPU, as they were made: about 55 min on 2 cores, and as long again for the random-init
 # controls; FIGURES_DEVICE=cuda is much faster, autocast then changes the last digits), then the claims table
 # (figures/claims.md). Evaluation embeddings are cached in FIGURES_STORE.
 FIGURES_DEVICE ?= cpu
@@ -59,6 +59,14 @@ figures: venv
 	$(PY) -m ssl_patch_analysis.evaluate --model vicreg --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.evaluate --model bagssl --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
 	$(PY) -m ssl_patch_analysis.evaluate --model emp-ssl --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.convergence --model simclr --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.heatmap --model simclr --data cifar10 --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.retrieval --model simclr --data cifar10 --patch-size 16 --stride 8 --num-images 1000 --neighbours 8 --num-queries 200 --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.evaluate --model simclr --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.convergence --model simclr --random-init --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.heatmap --model simclr --data cifar10 --random-init --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.retrieval --model simclr --data cifar10 --patch-size 16 --stride 8 --num-images 1000 --neighbours 8 --num-queries 200 --random-init --device $(FIGURES_DEVICE)
+	$(PY) -m ssl_patch_analysis.evaluate --model simclr --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
 	cd notebooks && NUM_IMAGES=128 SAVE_FIGURE=$(abspath figures)/convergence_resnet_vs_vit_cifar10.png $(abspath $(PY)) -m jupyter nbconvert --to notebook --execute --stdout 07_resnet_vs_vit.ipynb > /dev/null
 	$(PY) -m ssl_patch_analysis.claims --figures figures --out figures
 
