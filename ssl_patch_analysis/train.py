@@ -548,6 +548,15 @@ def build_loss(method: str) -> nn.Module:
     return METHODS[method].loss()
 
 
+def loss_settings(loss: nn.Module) -> dict[str, Any]:
+    """The loss's class and the numbers it was built with (NT-Xent's temperature, VICReg's coefficients...), for the
+    log header and the checkpoint: a command line alone does not say them once a method's row changes."""
+    numbers = {key: value for key, value in vars(loss).items()
+               if not key.startswith("_") and key not in ("training", "gather_distributed")
+               and isinstance(value, (bool, int, float, str))}
+    return {"name": type(loss).__name__, **numbers}
+
+
 def method_loss(method: str, loss: nn.Module, z: torch.Tensor) -> LossOutput:
     """The loss of projections ``z`` (``B x crops x D``): a bag of patches, or a pair of views."""
     if METHODS[method].patches:
@@ -1125,6 +1134,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         header = log_line({
             "command": config.command, "args": _plain(config),
             "resumed_from_epoch": start_epoch if config.resume else None, "init_from": init_from,
+            "loss": loss_settings(build_loss(config.method)),
             "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
             "world_size": processes.world_size, "device": _device_name(device)})
         log_lines.append(header)
@@ -1396,6 +1406,7 @@ def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall:
         "wall_time_s": wall, "device": _device_name(device), "knn_top1": knn,
         "knn": f"weighted k-NN k={KNN_K} T={KNN_TEMPERATURE}, central view, {data.knn_split}",
         "stopped_early": stopped_early, "command": config.command, "init_from": init_from,
+        "loss": loss_settings(build_loss(config.method)),
     }
 
 

@@ -174,6 +174,10 @@ def test_log_has_the_header_and_one_record_per_epoch(two_epoch_run):
     assert header["args"]["method"] == "bagssl" and header["args"]["patch_size"] == 16
     assert header["command"].startswith("python -m ssl_patch_analysis.train")
     assert header["data"] == "CIFAR-10 (JPEG copy)" and header["train_images"] == 32
+    # the loss's own numbers, which the command line does not say
+    assert header["loss"] == {"name": "BagSSLLoss", "sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0,
+                              "eps": 1e-4}
+    assert read_checkpoint(out / "checkpoint.pt")["train"]["loss"] == header["loss"]
     assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [2, 4]
     for record in records:
         assert {"loss", "invariance", "variance", "covariance", "lr", "images_per_s", "epoch_time_s"} <= set(record)
@@ -194,8 +198,10 @@ def test_other_methods_train_and_load(cifar10_npz, tmp_path, method, extra):
     if method == "emp-ssl":
         torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
         assert model.pre_feature is not None
-    terms = read_log(tmp_path)[1]
+    header, terms = read_log(tmp_path)[:2]
     assert ("tcr" in terms) if method == "emp-ssl" else ("ntxent" in terms)
+    assert header["loss"] == ({"name": "EMPSSLLoss", "invariance_coeff": 200.0, "tcr_eps": 0.2} if method == "emp-ssl"
+                              else {"name": "NTXentLoss", "temperature": 0.2})
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_npz, tmp_path, monkeypatch, capsys):
