@@ -135,8 +135,6 @@ full16() {
   for m in emp-ssl vicreg; do
     $py pretrained/model_card.py pretrained/$m-resnet18-cifar10.pt --device cpu --amp --protocols central \
         --json "$RESULTS/card-full-central-bf16_$m-resnet18-cifar10.json"
-  done
-  for m in emp-ssl vicreg; do
     $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_emp-ssl-resnet18-cifar10.json" \
         "$RESULTS/card-full-central-bf16_$m-resnet18-cifar10.json"
   done

@@ -33,19 +33,9 @@ card() {
       --json pretrained/simclr-resnet18-cifar10.card.json
 }
 
-# the simclr lines of `make figures`, the model and its own random-init control (its projector differs from
-# vicreg's, so vicreg's controls are not the same architecture)
+# the simclr figures of `make figures` (the model and its own random-init controls), then the claims table
 figures() {
-  local control
-  for control in "" --random-init; do
-    $py -m ssl_patch_analysis.convergence --model simclr --device "$DEVICE" $control
-    $py -m ssl_patch_analysis.heatmap --model simclr --data cifar10 --device "$DEVICE" $control
-    $py -m ssl_patch_analysis.retrieval --model simclr --data cifar10 --patch-size 16 --stride 8 --num-images 1000 \
-        --neighbours 8 --num-queries 200 --device "$DEVICE" $control
-    $py -m ssl_patch_analysis.evaluate --model simclr --protocols central,1,16 --train-size 2000 --test-size 1000 \
-        --boost --cache-dir "$STORE" --no-progress --device "$DEVICE" $control
-  done
-  $py -m ssl_patch_analysis.claims --figures figures --out figures
+  make figures-simclr claims PY="$py" FIGURES_DEVICE="$DEVICE" FIGURES_STORE="$STORE"
 }
 
 for step in $STEPS; do

@@ -87,10 +87,10 @@ def _read_card(path: str) -> dict:
     return rows[0]
 
 
-def compare_cards(path_a: str, path_b: str, kind: str = "trained") -> list[dict]:
-    """Card A minus card B, paired over the same test images: one row per protocol of A, protocol of B and
-    classifier (k-NN, linear), with the Student-t 95% interval of the mean per-image difference."""
-    a, b = _read_card(path_a), _read_card(path_b)
+def compare_cards(path_a: str, path_b: str, a: dict, b: dict, kind: str = "trained") -> list[dict]:
+    """Card ``a`` (read from ``path_a`` by ``_read_card``) minus card ``b``, paired over the same test images: one row
+    per protocol of A, protocol of B and classifier (k-NN, linear), with the Student-t 95% interval of the mean
+    per-image difference."""
     if a["test_ids_sha256"] != b["test_ids_sha256"]:
         raise SystemExit(f"error: {path_a} and {path_b} were measured on different test images (test ids sha256 "
                          f"{a['test_ids_sha256'][:12]} vs {b['test_ids_sha256'][:12]}): measure both with the same "
@@ -110,12 +110,12 @@ def compare_cards(path_a: str, path_b: str, kind: str = "trained") -> list[dict]
     return rows
 
 
-def print_comparison(path_a: str, path_b: str, rows: list[dict], what: str = "trained models") -> None:
-    extraction = {path: _read_card(path).get("extraction") for path in (path_a, path_b)}
-    for name, path in (("A", path_a), ("B", path_b)):
-        print(f"{name} = {path}" + (f" ({extraction[path]})" if extraction[path] else ""))
-    if None not in extraction.values() and extraction[path_a] != extraction[path_b]:
-        print(f"(extracted differently: {extraction[path_a]} vs {extraction[path_b]}; that difference is part of "
+def print_comparison(path_a: str, path_b: str, a: dict, b: dict, rows: list[dict], what: str = "trained models"
+                     ) -> None:
+    for name, path, card in (("A", path_a, a), ("B", path_b, b)):
+        print(f"{name} = {path}" + (f" ({card['extraction']})" if card.get("extraction") else ""))
+    if a.get("extraction") and b.get("extraction") and a["extraction"] != b["extraction"]:
+        print(f"(extracted differently: {a['extraction']} vs {b['extraction']}; that difference is part of "
               "A - B below)")
     print(f"({what})\n")
     print("| protocol A | protocol B | classifier | A | B | A - B [95% CI], paired |")
@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.compare:
         if len(args.checkpoints) != 2:
             parser.error("--compare takes two card JSONs")
-        rows = compare_cards(*args.checkpoints, kind="random_init" if args.control else "trained")
-        print_comparison(*args.checkpoints, rows, "random-init controls" if args.control else "trained models")
+        cards = [_read_card(path) for path in args.checkpoints]
+        rows = compare_cards(*args.checkpoints, *cards, kind="random_init" if args.control else "trained")
+        print_comparison(*args.checkpoints, *cards, rows,
+                         "random-init controls" if args.control else "trained models")
         return rows
     device = torch.device(args.device)
     train = load_dataset("cifar10", "train", root=args.data_root)

@@ -1099,6 +1099,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     resume_path, log_path = out / "resume.pt", out / "log.jsonl"
     log_lines: list[str] = []
     resume_source = resume_path
+    loss_fn = build_loss(config.method)
     if config.resume:
         state, resume_source = _read_resume_state(resume_path, device)
         changed = [k for k in RESUME_FIXED_ARGS if state["args"].get(k) != getattr(config, k)]
@@ -1115,7 +1116,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
             if problem is not None:
                 export_model.load_state_dict(state["model"])
                 train_info = state.get("checkpoint_train") or _train_info(
-                    config, data, start_epoch, previous_wall, device, None, None)
+                    config, data, start_epoch, previous_wall, device, None, None, loss=loss_settings(loss_fn))
                 save_checkpoint(export_model, out / "checkpoint.pt", train=train_info)
                 notice(f"{out / 'checkpoint.pt'} was {problem}; rewritten from {resume_source} (epoch {start_epoch})")
             if "log" in state:
@@ -1134,7 +1135,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         header = log_line({
             "command": config.command, "args": _plain(config),
             "resumed_from_epoch": start_epoch if config.resume else None, "init_from": init_from,
-            "loss": loss_settings(build_loss(config.method)),
+            "loss": loss_settings(loss_fn),
             "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
             "world_size": processes.world_size, "device": _device_name(device)})
         log_lines.append(header)
@@ -1151,7 +1152,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     return TrainingRun(
         config=config, processes=processes, data=data, image_size=image_size, out=out, ssl_model=ssl_model,
         model=model, forward=forward, export_model=export_model, optimizer=optimizer,
-        loss_fn=build_loss(config.method),
+        loss_fn=loss_fn,
         crop_plan=CropPlan(config.method, config.seed, config.num_patches if config.method in PATCH_METHODS else 2,
                            config.patch_size, config.min_scale, config.max_scale),
         augmentation=config.augmentation(), steps_per_epoch=steps_per_epoch,
@@ -1339,7 +1340,8 @@ def end_of_epoch(run: TrainingRun, epoch: int, result: EpochResult) -> str | Non
                   "epoch_time_s": result.train_time, "knn_top1": knn, "wall_time_s": wall}
         if processes.world_size > 1:
             record["rank_param_max_diff"] = _rank_param_max_diff(run.ssl_model)
-        train_info = _train_info(config, run.data, epoch + 1, wall, device, knn, stopped_early, run.init_from)
+        train_info = _train_info(config, run.data, epoch + 1, wall, device, knn, stopped_early, run.init_from,
+                                 loss=loss_settings(run.loss_fn))
         run.export_model.load_state_dict(run.ssl_model.state_dict())
         save_checkpoint(run.export_model, run.checkpoint_path, train=train_info)
         line = log_line(record)
@@ -1389,8 +1391,8 @@ def _rank_param_max_diff(model: nn.Module) -> float:
 
 
 def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall: float, device: torch.device,
-                knn: float | None, stopped_early: str | None, init_from: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
+                knn: float | None, stopped_early: str | None, init_from: dict[str, Any] | None = None,
+                loss: dict[str, Any] | None = None) -> dict[str, Any]:
     """What made the model, stored in its checkpoint's ``train`` dict (plain values only)."""
     patch = config.method in PATCH_METHODS
     return {
@@ -1406,7 +1408,7 @@ def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall:
         "wall_time_s": wall, "device": _device_name(device), "knn_top1": knn,
         "knn": f"weighted k-NN k={KNN_K} T={KNN_TEMPERATURE}, central view, {data.knn_split}",
         "stopped_early": stopped_early, "command": config.command, "init_from": init_from,
-        "loss": loss_settings(build_loss(config.method)),
+        "loss": loss,
     }
 
 
