@@ -12,6 +12,13 @@ features, last epoch), exactly as ``python -m ssl_patch_analysis.evaluate`` comp
     python pretrained/model_card.py runs/x/checkpoint.pt --max-images 2000 --probe-epochs 20   # a quick look
     python pretrained/model_card.py runs/x/checkpoint.pt --protocols central   # the central view only
 
+A card written with --json resumes: run the same command again after an interruption and the parts already in
+that file (same checkpoint sha256, same settings) are reused. Every ResNet-18 of pretrained/ has the same control,
+so a card can take it from another's after checking it is the same random network on the same patches and images:
+
+    python pretrained/model_card.py pretrained/bagssl-resnet18-cifar10.pt --amp --protocols 16 \
+        --control-from benchmarks/results/card-full-16patches_emp-ssl-resnet18-cifar10.json --json bagssl16.json
+
 Two cards measured on the same test images (each keeps every test image's right/wrong) compare paired:
 
     python pretrained/model_card.py --compare new.card.json old.card.json   # A - B, per protocol pair, 95% CI
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -31,13 +39,23 @@ import torch.nn.functional as F
 from ssl_patch_analysis.checkpoints import load_model
 from ssl_patch_analysis.claims import paired_difference
 from ssl_patch_analysis.data import load_dataset
-from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, read_correct, subset_ids
+from ssl_patch_analysis.evaluate import (
+    ProbeSchedule,
+    evaluate_protocols,
+    pretraining_scale,
+    protocol_title,
+    read_correct,
+    subset_ids,
+)
 from ssl_patch_analysis.extract import extract_patch_embeddings, extraction_options
 from ssl_patch_analysis.models import randomly_initialised
 from ssl_patch_analysis.patches import central, random_fixed
 from ssl_patch_analysis.report import save_json
+from ssl_patch_analysis.store import file_sha256
 
 CALIBRATION_IMAGES = 512
+# What two cards must share for one's measurement to stand for the other's (a resumed part, a shared control).
+SAME_MEASUREMENT = ("train_images", "test_images", "knn", "probe", "extraction", "test_ids_sha256")
 
 
 def amp_agreement(model, data, protocols, device) -> dict[str, dict[str, float]]:
@@ -71,6 +89,87 @@ def card_correct(results: dict) -> dict[str, dict[str, str]]:
     k = results["knn_settings"]["ks"][0]
     return {row["title"]: {"knn": row["correct"]["knn"][k], "linear": row["correct"]["linear"]}
             for row in results["protocols"]}
+
+
+def control_sha256(model, calibration: torch.Tensor) -> str:
+    """sha256 of what a control's layer h is made of: its backbone's random weights and the images its BatchNorm
+    statistics were calibrated on (the statistics themselves vary in their last bits with the memory layout)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.backbone.named_parameters()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(calibration.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _patch_scale(model) -> dict | None:
+    """The scale of the patches of the card's "N patches" protocol, or None for a model that records none (it has
+    the central view only)."""
+    try:
+        return json.loads(json.dumps(dataclasses.asdict(pretraining_scale(model))))  # as a card JSON holds it
+    except ValueError:
+        return None
+
+
+def _differences(row: dict, other: dict, keys: tuple[str, ...]) -> list[str]:
+    return [f"{key} ({other.get(key)!r} there, {row.get(key)!r} here)" for key in keys
+            if other.get(key) != row.get(key)]
+
+
+def earlier_rows(path: str | None) -> list:
+    """The rows an earlier run wrote to ``path`` (--json), or none (no file, or not a card)."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8")) if path else []
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
+
+
+def measured_before(rows: list, row: dict, titles: set[str]) -> dict | None:
+    """This checkpoint's row from an earlier, interrupted run that wrote the same --json (``rows``), when it measured
+    the same file (its sha256: cards written before they recorded it are measured again) the same way (images,
+    classifiers, extraction, seed, protocols); else None. Its parts (trained, random_init) are reused."""
+    for old in rows:
+        if not isinstance(old, dict) or old.get("checkpoint") != row["checkpoint"] or "trained" not in old:
+            continue
+        same = not _differences(row, old, ("train_images", "test_images", "knn", "probe", "extraction"))
+        same &= old.get("seed", 0) == row["seed"] and set(old["trained"]) == titles
+        same &= old.get("checkpoint_sha256") == row["checkpoint_sha256"]
+        if same and "test_ids_sha256" in old and "trained" in old.get("correct", {}):
+            return old
+    return None
+
+
+def control_from(path: str, row: dict, calibration: torch.Tensor) -> dict:
+    """The random-init part of the card ``path`` for this row, after checking that it measured the same network
+    (the sha256 of the control's backbone: the same architecture and seed, BatchNorm calibrated on the same images)
+    on the same patches and images, with the same classifiers and extraction; SystemExit naming what differs."""
+    other = _read_card(path)
+    problems = _differences(row, other, SAME_MEASUREMENT)
+    if other.get("seed", 0) != row["seed"]:
+        problems.append(f"seed ({other.get('seed', 0)} there, {row['seed']} here)")
+    missing = [t for t in row["trained"] if t not in other.get("random_init", {})
+               or t not in other["correct"].get("random_init", {})]
+    if missing:
+        problems.append(f"no random-init {', '.join(missing)} there")
+    other_sha, other_scale = other.get("control_backbone_sha256"), other.get("patch_scale")
+    if other_sha is None or other_scale is None:  # a card written before they were recorded: rebuild its control
+        try:
+            other_model = load_model(other["checkpoint"], device="cpu", verbose=False)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"error: --control-from {path}: its checkpoint {other['checkpoint']} cannot be loaded "
+                             f"to check its control ({error}); measure the control (drop --control-from)") from None
+        other_scale = _patch_scale(other_model)
+        other_sha = control_sha256(randomly_initialised(other_model, row["seed"]), calibration)
+    if other_sha != row["control_backbone_sha256"]:
+        problems.append("another random network (the controls' backbone sha256 differ)")
+    if other_scale != row["patch_scale"]:
+        problems.append(f"other patches ({other_scale} there, {row['patch_scale']} here)")
+    if problems:
+        raise SystemExit(f"error: --control-from {path} cannot stand for {row['checkpoint']}'s control: "
+                         + "; ".join(problems) + ". Measure it (drop --control-from)")
+    return {"random_init": {t: other["random_init"][t] for t in row["trained"]},
+            "correct": {t: other["correct"]["random_init"][t] for t in row["trained"]}}
 
 
 def _read_card(path: str) -> dict:
@@ -151,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: evaluate's)")
     parser.add_argument("--amp-check", action="store_true",
                         help="also compare bf16-autocast embeddings with float32 ones (test split)")
+    parser.add_argument("--control-from", default=None, metavar="CARD",
+                        help="take the random-init control from this card JSON (of another checkpoint) instead of "
+                             "measuring it, after checking that it is the same random network (sha256 of the "
+                             "control's backbone) on the same patches, images, classifiers and extraction: every "
+                             "ResNet-18 of pretrained/ has the same control, ~45 min per full card on a CPU")
     return parser
 
 
@@ -175,26 +279,49 @@ def main(argv: list[str] | None = None) -> list[dict]:
         schedule = dataclasses.replace(schedule, epochs=args.probe_epochs)
     calibration = train.get_batch(list(range(min(len(train), CALIBRATION_IMAGES))))
 
-    rows = []
+    rows, previous = [], earlier_rows(args.json)
     for path in args.checkpoints:
         model = load_model(path, device=device)
         method = model.info.method
         protocols = args.protocols.split(",") if args.protocols else card_protocols(model, args.num_patches)
         start = time.perf_counter()
-        row = {"checkpoint": path, "method": method, "train_images": len(train_ids), "test_images": len(test_ids),
+        row = {"checkpoint": path, "checkpoint_sha256": file_sha256(Path(path)), "method": method,
+               "train_images": len(train_ids), "test_images": len(test_ids),
                "knn": "weighted, cosine, k=20, T=0.07", "probe": schedule.describe(),
-               "extraction": "bf16 autocast" if args.amp else "float32", "device": str(device)}
+               "extraction": "bf16 autocast" if args.amp else "float32", "device": str(device), "seed": args.seed,
+               "patch_scale": _patch_scale(model), "correct": {}}
         rows.append(row)
+        earlier = measured_before(previous, row, {protocol_title(p) for p in protocols})
         for kind in ("trained", "random_init"):
             if kind == "random_init":
                 model = randomly_initialised(model, args.seed, calibration_images=calibration)
+                row["control_backbone_sha256"] = control_sha256(model, calibration)
+            same_control = kind == "trained" or (earlier is not None and earlier.get(
+                "control_backbone_sha256", row["control_backbone_sha256"]) == row["control_backbone_sha256"])
+            if earlier is not None and kind in earlier and kind in earlier["correct"] and same_control:
+                print(f"{path}: its {kind.replace('_', '-')} part measured earlier into {args.json} (same file and "
+                      "settings), reused")
+                row[kind], row["correct"][kind] = earlier[kind], earlier["correct"][kind]
+                row["test_ids_sha256"] = earlier["test_ids_sha256"]
+                row[f"{kind}_seconds_earlier"] = earlier.get("seconds")
+                if kind == "random_init" and "random_init_from" in earlier:
+                    row["random_init_from"] = earlier["random_init_from"]
+                continue
+            if kind == "random_init" and args.control_from:
+                taken = control_from(args.control_from, row, calibration)
+                row["random_init"], row["correct"]["random_init"] = taken["random_init"], taken["correct"]
+                row["random_init_from"] = args.control_from
+                row["seconds"] = round(time.perf_counter() - start, 1)
+                if args.json:
+                    _write_json(args.json, rows)
+                continue
             with extraction_options(amp=args.amp):
                 results = evaluate_protocols(model, train, test, protocols, train_ids=train_ids, test_ids=test_ids,
                                              ks=(20,), schedule=schedule, seed=args.seed, device=device,
                                              progress=not args.no_progress)
             row[kind] = card_numbers(results)
             row["test_ids_sha256"] = results["test_ids_sha256"]
-            row.setdefault("correct", {})[kind] = card_correct(results)
+            row["correct"][kind] = card_correct(results)
             if kind == "trained" and args.amp_check:
                 samplers = {"central": central()}
                 if str(args.num_patches) in protocols:

@@ -3,7 +3,9 @@ import json
 
 import pytest
 
+import helpers
 from helpers import load_script
+from ssl_patch_analysis import models
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, subset_ids
@@ -169,3 +171,88 @@ def test_model_card_that_cannot_write_its_json_says_so_with_the_numbers(tmp_path
                    "--probe-epochs", "2", "--protocols", "central", "--no-progress",
                    "--json", str(tmp_path / "card.json")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]  # no card, no temporary file left
+
+
+def _count_evaluations(card, monkeypatch) -> list[str]:
+    """Each evaluate_protocols call of the card, by the model's source (``...-random-init`` for a control)."""
+    calls, real = [], card.evaluate_protocols
+
+    def counted(model, *args, **kwargs):
+        calls.append(str(model.info.source))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(card, "evaluate_protocols", counted)
+    return calls
+
+
+def test_an_interrupted_card_resumes_from_its_json_only_for_the_same_file_and_settings(
+        tmp_path, cifar10_npz, tiny_model, monkeypatch):
+    checkpoint = tmp_path / "tiny-bagssl.pt"
+    save_checkpoint(tiny_model, checkpoint, train={"method": "bagssl", "patch_size": 16})
+    card, out = _card_module(), tmp_path / "card.json"
+    common = [str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
+              "--num-patches", "2", "--probe-epochs", "2", "--no-progress", "--json", str(out)]
+    (whole,) = card.main(common)
+    out.write_text(json.dumps([{k: v for k, v in whole.items() if k != "random_init"}
+                               | {"correct": {"trained": whole["correct"]["trained"]}}]))  # stopped in the control
+    calls = _count_evaluations(card, monkeypatch)
+    (resumed,) = card.main(common)
+    assert len(calls) == 1 and calls[0].endswith("random-init")  # only the control was measured
+    assert json.loads(out.read_text()) == [json.loads(json.dumps(resumed))]
+    for kind in ("trained", "random_init"):
+        assert resumed[kind] == whole[kind] and resumed["correct"][kind] == whole["correct"][kind]
+    # a finished card is reused whole; other settings, another file at that path, or a card that did not record its
+    # checkpoint's sha256 are measured again
+    calls.clear()
+    card.main(common)
+    assert calls == []
+    card.main([*common, "--probe-epochs", "3"])
+    assert len(calls) == 2
+    calls.clear()
+    save_checkpoint(helpers.tiny_model(seed=1), checkpoint, train={"method": "bagssl", "patch_size": 16})
+    card.main(common)
+    assert len(calls) == 2
+    calls.clear()
+    out.write_text(json.dumps([{k: v for k, v in json.loads(out.read_text())[0].items() if k != "checkpoint_sha256"}]))
+    card.main(common)
+    assert len(calls) == 2
+
+
+def test_control_from_another_card_is_the_control_it_would_measure_and_refuses_another_network(
+        tmp_path, cifar10_npz, tiny_model, monkeypatch):
+    """Two models of one architecture have the same random-init control (the same seed, BatchNorm calibrated on the
+    same images): --control-from takes it from the other's card, equal to measuring it; a card of another
+    architecture, or measured on other images, is refused in one line."""
+    train = {"method": "vicreg", "min_scale": 0.2, "max_scale": 1.0}  # multi-scale: its patch scale is a pair
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    save_checkpoint(tiny_model, a, train=train)
+    save_checkpoint(helpers.tiny_model(seed=1), b, train=train)
+    card = _card_module()
+    common = ["--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40", "--protocols",
+              "central,2", "--probe-epochs", "2", "--no-progress"]
+    (card_a,) = card.main([str(a), *common, "--json", str(tmp_path / "a.json")])
+    (measured_b,) = card.main([str(b), *common])
+    assert measured_b["trained"] != card_a["trained"]
+    assert measured_b["control_backbone_sha256"] == card_a["control_backbone_sha256"]
+    calls = _count_evaluations(card, monkeypatch)
+    (taken_b,) = card.main([str(b), *common, "--control-from", str(tmp_path / "a.json")])
+    assert len(calls) == 1 and not calls[0].endswith("random-init")  # the trained part only
+    assert taken_b["random_init"] == measured_b["random_init"] == card_a["random_init"]
+    assert taken_b["correct"]["random_init"] == measured_b["correct"]["random_init"]
+    assert taken_b["random_init_from"] == str(tmp_path / "a.json")
+    # a card written before the control's sha256 was recorded: its checkpoint's control is rebuilt and checked
+    old = {k: v for k, v in card_a.items() if k not in ("control_backbone_sha256", "patch_scale")}
+    (tmp_path / "old.json").write_text(json.dumps([old]))
+    (from_old,) = card.main([str(b), *common, "--control-from", str(tmp_path / "old.json")])
+    assert from_old["random_init"] == card_a["random_init"]
+
+    wide = helpers.tiny_model()
+    wide.info.width = 0.25
+    backbone, dim = models.build_backbone("resnet18", stem="cifar", width=0.25)
+    wide.backbone = backbone
+    wide.projector = models.build_mlp([dim, 32, 16])
+    save_checkpoint(wide, tmp_path / "wide.pt", train=train)
+    with pytest.raises(SystemExit, match=r"cannot stand for .*another random network"):
+        card.main([str(tmp_path / "wide.pt"), *common, "--control-from", str(tmp_path / "a.json")])
+    with pytest.raises(SystemExit, match=r"cannot stand for .*train_images \(40 there, 30 here\)"):
+        card.main([str(b), *[c if c != "40" else "30" for c in common], "--control-from", str(tmp_path / "a.json")])
