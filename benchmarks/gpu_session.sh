@@ -71,7 +71,7 @@ model_recipe() {
   case $1 in
     emp-ssl) echo "--method emp-ssl --epochs 10" ;;
     vicreg)  echo "--method vicreg --projector 1024-512 --epochs 100" ;;
-    simclr)  echo "--method simclr --projector 1024-128 --epochs 100" ;;
+    simclr)  echo "--method simclr --projector 1024-256 --epochs 100" ;;
     bagssl)  echo "--method bagssl --projector 1024-512 --patch-size 16 --num-patches 16 --epochs 30" ;;
     *) echo "unknown model $1" >&2; return 1 ;;
   esac

@@ -6,6 +6,9 @@
 # autocast where the CPU has bf16 units (about 15 min per epoch with AVX512-BF16). Then the shipped file (with its
 # heads: z is there), its card (central view on the full protocol, float32, as the other central cards) and its
 # figures, each with its random-init control (as `make figures` makes them), and the claims table.
+# It ran before the simclr row became solo-learn's CIFAR SimCLR (2026-12-05: ColorJitter(0.8, 0.8, 0.8, 0.2), blur
+# p=0.5, wd 1e-4, LARS eta 0.02 clipped, projector 2048-256): the flags after --batch-size give back the row it had
+# (VICReg's jitter, no blur, wd 1e-5, facebookresearch/vicreg's LARS: eta 0.001, unclipped).
 #   benchmarks/simclr_cpu.sh                              # all steps (about 2 h)
 #   STEPS="card figures" benchmarks/simclr_cpu.sh
 set -euo pipefail
@@ -20,7 +23,8 @@ train() {
   local resume=""
   [ -f "$RUN/resume.pt" ] && resume=--resume
   $py -m ssl_patch_analysis.train --method simclr --projector 1024-128 --epochs 6 --warmup-epochs 0.5 \
-      --batch-size 128 --device cpu --time-limit 6600 --run-dir "$RUN" $resume
+      --batch-size 128 --jitter 0.4,0.4,0.2,0.1 --blur-p 0 --weight-decay 1e-5 --lars-eta 0.001 --no-lars-clip \
+      --device cpu --time-limit 6600 --run-dir "$RUN" $resume
 }
 
 ship() {

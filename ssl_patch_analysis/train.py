@@ -113,7 +113,8 @@ class MethodSpec:
     less, ``projector_large`` on larger ones (after the ``pre_feature`` layer where there is one).
     The learning rate is ``base_lr * batch / 256`` or, where ``base_lr`` is None, the absolute ``lr``.
     ``augmentation`` is the colour augmentation; its ``blur_p`` of None means 0 on inputs of 64 px
-    or less and 0.5 on larger ones.
+    or less and 0.5 on larger ones. ``min_scale`` is the smallest area fraction of the two views'
+    random resized crops (vicreg, simclr).
     """
 
     loss: Callable[[], nn.Module]
@@ -130,16 +131,20 @@ class MethodSpec:
     lars: LarsOptions = LarsOptions()
     augmentation: Augmentation = Augmentation()
     blur_p: float | None = None
+    min_scale: float = 0.08
     reference: str = ""
 
 
-VICREG_LARS = LarsOptions(eta=0.001, clip=False, nesterov=False)
+# solo-learn's LARS (clip_lr=True, eta 0.02, biases and norms excluded) of its CIFAR VICReg and SimCLR scripts.
+SOLO_LEARN_LARS = LarsOptions(eta=0.02, clip=True, nesterov=False)
+# solo-learn's CIFAR VICReg colours (scripts/pretrain/cifar/vicreg.yaml): VICReg's jitter, solarization p=0.1.
+VICREG_COLOURS = Augmentation(solarize_p=0.1)
 
 METHODS: dict[str, MethodSpec] = {
     "bagssl": MethodSpec(
         loss=BagSSLLoss, patches=True, projector="2048-2048-2048", projector_large="8192-8192-8192",
-        base_lr=0.3, weight_decay=1e-4, lars=VICREG_LARS,
-        reference="VICReg's optimiser and augmentation (solo-learn's CIFAR settings), fixed-scale patches"),
+        base_lr=0.3, weight_decay=1e-4, lars=SOLO_LEARN_LARS, augmentation=VICREG_COLOURS,
+        reference="the vicreg row's optimiser and colours (solo-learn's CIFAR VICReg), fixed-scale patches"),
     "emp-ssl": MethodSpec(
         loss=EMPSSLLoss, patches=True, projector="4096-1024", projector_large="4096-1024", pre_feature=True,
         lr=0.3, weight_decay=1e-4, warmup_epochs=0.0, batch_size=100, num_patches=20,
@@ -151,11 +156,15 @@ METHODS: dict[str, MethodSpec] = {
                   "blur and solarize p=0.1"),
     "vicreg": MethodSpec(
         loss=VICRegLoss, patches=False, projector="2048-2048-2048", projector_large="8192-8192-8192",
-        base_lr=0.3, weight_decay=1e-4, lars=VICREG_LARS, reference="solo-learn's CIFAR VICReg settings"),
+        base_lr=0.3, weight_decay=1e-4, lars=SOLO_LEARN_LARS, augmentation=VICREG_COLOURS, min_scale=0.2,
+        reference="solo-learn's scripts/pretrain/cifar/vicreg.yaml: crops (0.2, 1), VICReg's jitter, solarize "
+                  "p=0.1, LARS eta 0.02 clipped"),
     "simclr": MethodSpec(
-        loss=functools.partial(NTXentLoss, temperature=0.2), patches=False, projector="2048-128",
-        projector_large="2048-128",
-        base_lr=0.4, weight_decay=1e-5, lars=VICREG_LARS, reference="solo-learn's CIFAR SimCLR settings"),
+        loss=functools.partial(NTXentLoss, temperature=0.2), patches=False, projector="2048-256",
+        projector_large="2048-256", base_lr=0.4, weight_decay=1e-4, lars=SOLO_LEARN_LARS,
+        augmentation=Augmentation(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2), blur_p=0.5,
+        reference="solo-learn's scripts/pretrain/cifar/simclr.yaml and augmentations/symmetric.yaml: crops "
+                  "(0.08, 1), ColorJitter(0.8, 0.8, 0.8, 0.2), blur p=0.5, LARS eta 0.02 clipped"),
 }
 PATCH_METHODS = tuple(name for name, spec in METHODS.items() if spec.patches)
 
@@ -182,8 +191,9 @@ class TrainConfig:
     pre_feature: int = 4096
     patch_size: int | None = None
     num_patches: int | None = None
-    min_scale: float = 0.08
+    min_scale: float | None = None
     max_scale: float = 1.0
+    jitter: tuple[float, float, float, float] | None = None
     blur_p: float | None = None
     solarize_p: float | None = None
     epochs: int = 100
@@ -192,6 +202,8 @@ class TrainConfig:
     base_lr: float | None = None
     lr: float | None = None
     optimizer: str = "lars"
+    lars_eta: float | None = None
+    lars_clip: bool | None = None
     weight_decay: float | None = None
     warmup_epochs: float | None = None
     amp: bool | None = None
@@ -244,6 +256,15 @@ class TrainConfig:
             self.blur_p = spec.blur_p if spec.blur_p is not None else (0.0 if self.input_size <= 64 else 0.5)
         if self.solarize_p is None:
             self.solarize_p = spec.augmentation.solarize_p
+        if self.min_scale is None:
+            self.min_scale = spec.min_scale
+        if self.jitter is None:
+            colours = spec.augmentation
+            self.jitter = (colours.brightness, colours.contrast, colours.saturation, colours.hue)
+        if self.lars_eta is None:
+            self.lars_eta = spec.lars.eta
+        if self.lars_clip is None:
+            self.lars_clip = spec.lars.clip
         if self.amp is None:
             self.amp = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
 
@@ -252,14 +273,49 @@ class TrainConfig:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
 
     def augmentation(self) -> Augmentation:
-        return dataclasses.replace(self.spec.augmentation, blur_p=self.blur_p, solarize_p=self.solarize_p)
+        colours = self.spec.augmentation
+        default = (colours.brightness, colours.contrast, colours.saturation, colours.hue)
+        brightness, contrast, saturation, hue = self.jitter if self.jitter is not None else default
+        return dataclasses.replace(self.spec.augmentation, blur_p=self.blur_p, solarize_p=self.solarize_p,
+                                   brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
 
 
 # Settings a resumed run must share with the run it continues (the others may change).
 RESUME_FIXED_ARGS = ("method", "data", "arch", "width", "cifar_padding", "projector", "pre_feature", "patch_size",
                      "num_patches", "min_scale", "max_scale", "batch_size", "lr", "base_lr", "optimizer",
                      "weight_decay", "warmup_epochs", "seed", "train_size", "input_size", "image_size", "blur_p",
-                     "solarize_p", "schedule_epochs")
+                     "solarize_p", "schedule_epochs", "jitter", "lars_eta", "lars_clip")
+
+
+def _unrecorded_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """What a run started before ``jitter``, ``lars_eta`` and ``lars_clip`` were settings (2026-12-05) used for them:
+    every row but emp-ssl had facebookresearch/vicreg's LARS (eta 0.001, unclipped) and VICReg's jitter."""
+    emp_ssl = args.get("method") == "emp-ssl"
+    return {"jitter": (0.4, 0.4, 0.4, 0.2) if emp_ssl else (0.4, 0.4, 0.2, 0.1),
+            "lars_eta": 0.005 if emp_ssl else 0.001, "lars_clip": emp_ssl}
+
+
+def _flags_for(recorded: dict[str, Any], keys: list[str]) -> list[str]:
+    """The command-line flags that set ``keys`` to their ``recorded`` values."""
+    flags = []
+    for key in keys:
+        value = recorded.get(key)
+        if key in ("min_scale", "max_scale"):
+            flag = f"--scale {recorded.get('min_scale'):g},{recorded.get('max_scale'):g}"
+        elif key == "jitter":
+            flag = "--jitter " + ",".join(f"{v:g}" for v in value)
+        elif isinstance(value, bool):
+            flag = f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}"
+        elif value is None:
+            continue  # a default the run left to the method (rare: the config is recorded resolved)
+        else:
+            flag = f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float) else \
+                f"--{key.replace('_', '-')} {value}"
+        if flag not in flags:
+            flags.append(flag)
+    return flags
+
+
 # Steps between checks of the loss for NaN/inf (read one interval late, so the step never waits).
 CHECK_EVERY = 10
 KNN_K = 20
@@ -275,9 +331,27 @@ def _method_table() -> str:
     for name, spec in METHODS.items():
         lr = f"base lr {spec.base_lr} per 256" if spec.base_lr is not None else f"lr {spec.lr}"
         loss_args = "".join(f", {key} {value:g}" for key, value in getattr(spec.loss, "keywords", {}).items())
-        rows.append(f"{name}: {'patches' if spec.patches else 'two views'}, projector {spec.projector}, {lr}, "
-                    f"wd {spec.weight_decay:g}, warm-up {spec.warmup_epochs:g}, batch {spec.batch_size}{loss_args}")
+        a = spec.augmentation
+        crops = "patches" if spec.patches else f"two views of scale ({spec.min_scale:g}, 1)"
+        blur = f", blur {spec.blur_p:g}" if spec.blur_p else ""
+        rows.append(f"{name}: {crops}, projector {spec.projector}, {lr}, wd {spec.weight_decay:g}, LARS eta "
+                    f"{spec.lars.eta:g}{' clipped' if spec.lars.clip else ''}, warm-up {spec.warmup_epochs:g}, "
+                    f"batch {spec.batch_size}, jitter {a.brightness:g},{a.contrast:g},{a.saturation:g},{a.hue:g}"
+                    f"{blur}, solarize {a.solarize_p:g}{loss_args}")
     return "; ".join(rows)
+
+
+def jitter_strengths(text: str) -> tuple[float, float, float, float]:
+    """``--jitter B,C,S,H``: ColorJitter's brightness, contrast, saturation (each >= 0) and hue (0 to 0.5)."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or min(values) < 0 or values[3] > 0.5:
+        raise argparse.ArgumentTypeError(
+            f"expected four numbers BRIGHTNESS,CONTRAST,SATURATION,HUE (each >= 0, hue at most 0.5), e.g. "
+            f"0.4,0.4,0.2,0.1; got {text!r}")
+    return values  # type: ignore[return-value]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,10 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--patch-size", type=int, default=None,
         help="bagssl/emp-ssl: side of the fixed-scale patches (default: 16 on 32 px data, 32 on larger images)")
     add("--num-patches", type=int, default=None, help="bagssl/emp-ssl: patches per image (default: 16; emp-ssl 20)")
-    cli.add_scale_arg(parser, (defaults.min_scale, defaults.max_scale), "vicreg/simclr: RandomResizedCrop's area range")
+    add("--scale", type=cli.scale_range, default=None, metavar="MIN,MAX",
+        help="vicreg/simclr: RandomResizedCrop's area range (default: the method's: vicreg 0.2,1; simclr 0.08,1)")
+    add("--jitter", type=jitter_strengths, default=None, metavar="B,C,S,H",
+        help="colour jitter's brightness, contrast, saturation, hue (default: the method's: simclr 0.8,0.8,0.8,0.2; "
+             "emp-ssl 0.4,0.4,0.4,0.2; others 0.4,0.4,0.2,0.1)")
     add("--blur-p", type=float, default=None,
-        help="Gaussian blur probability (default: emp-ssl 0.1; others 0 on 32 px inputs, 0.5 on larger ones)")
-    add("--solarize-p", type=float, default=None, help="solarization probability (default: emp-ssl 0.1, others 0)")
+        help="Gaussian blur probability (default: emp-ssl 0.1, simclr 0.5; others 0 on 32 px inputs, 0.5 on "
+             "larger ones)")
+    add("--solarize-p", type=float, default=None,
+        help="solarization probability (default: 0.1; simclr 0)")
     add("--epochs", type=cli.positive_int, default=defaults.epochs, help="epochs to train")
     add("--schedule-epochs", type=int, default=None,
         help="length of the learning-rate schedule in epochs (default: --epochs); EMP-SSL's one-epoch recipe "
@@ -331,9 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr", type=float, default=None,
         help="absolute peak learning rate (overrides --base-lr; default: emp-ssl 0.3, as in EMP-SSL)")
     add("--optimizer", choices=("lars", "sgd", "adamw"), default=defaults.optimizer,
-        help="LARS (biases and norm weights get no weight decay and no LARS adaptation; vicreg's flavour, or "
-             "EMP-SSL's clipped Nesterov one for emp-ssl)")
-    add("--weight-decay", type=float, default=None, help="weight decay (default: 1e-4; 1e-5 for simclr)")
+        help="LARS (biases and norm weights get no weight decay and no LARS adaptation; solo-learn's clipped one, "
+             "with Nesterov momentum for emp-ssl)")
+    add("--lars-eta", type=cli.positive_float, default=None,
+        help="LARS trust coefficient (default: 0.02; emp-ssl 0.005)")
+    add("--lars-clip", action=argparse.BooleanOptionalAction, default=None,
+        help="clip LARS's per-layer rate at the learning rate (solo-learn's clip_lr; default: on); --no-lars-clip "
+             "is facebookresearch/vicreg's LARS (eta 0.001 there)")
+    add("--weight-decay", type=float, default=None, help="weight decay (default: 1e-4)")
     add("--warmup-epochs", type=float, default=None,
         help="linear warm-up epochs before the per-step cosine decay (default: 10; emp-ssl 0)")
     cli.add_device_args(parser)
@@ -635,9 +720,9 @@ def build_optimizer(config: TrainConfig, model: nn.Module, lr: float) -> torch.o
     weights = [p for p in model.parameters() if p.ndim > 1]
     others = [p for p in model.parameters() if p.ndim <= 1]
     if config.optimizer == "lars":
-        lars = METHODS[config.method].lars
         return LARS([{"params": weights}, {"params": others, "lars_exclude": True}], lr=lr,
-                    weight_decay=config.weight_decay, eta=lars.eta, clip=lars.clip, nesterov=lars.nesterov)
+                    weight_decay=config.weight_decay, eta=config.lars_eta, clip=config.lars_clip,
+                    nesterov=METHODS[config.method].lars.nesterov)
     groups = [{"params": weights}, {"params": others, "weight_decay": 0.0}]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=config.weight_decay)
@@ -818,7 +903,7 @@ def command_line(config: TrainConfig | argparse.Namespace) -> str:
             continue
         value = getattr(config, action.dest, action.default)
         if action.dest == "scale":  # --scale MIN,MAX holds min_scale and max_scale
-            value = (config.min_scale, config.max_scale)
+            value = None if config.min_scale is None else (config.min_scale, config.max_scale)
         if value != action.default:
             if isinstance(value, bool):
                 flag = action.option_strings[0] if value else f"--no-{action.option_strings[0][2:]}"
@@ -1102,10 +1187,12 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     loss_fn = build_loss(config.method)
     if config.resume:
         state, resume_source = _read_resume_state(resume_path, device)
-        changed = [k for k in RESUME_FIXED_ARGS if state["args"].get(k) != getattr(config, k)]
+        recorded = {**_unrecorded_settings(state["args"]), **state["args"]}
+        changed = [k for k in RESUME_FIXED_ARGS if recorded.get(k) != getattr(config, k)]
         if changed:
             raise ValueError("--resume needs the settings of the run it continues; these differ: " + ", ".join(
-                f"{k} (was {state['args'].get(k)!r}, now {getattr(config, k)!r})" for k in changed))
+                f"{k} (was {recorded.get(k)!r}, now {getattr(config, k)!r})" for k in changed)
+                + "; to continue it, add " + " ".join(_flags_for(recorded, changed)))
         ssl_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         init_from = (state.get("checkpoint_train") or {}).get("init_from")
@@ -1404,6 +1491,9 @@ def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall:
         "schedule_epochs": config.schedule_epochs or config.epochs,
         "batch_size": config.batch_size, "lr": config.peak_lr, "base_lr": config.base_lr,
         "optimizer": config.optimizer, "weight_decay": config.weight_decay, "amp": bool(config.amp),
+        "lars": {"eta": config.lars_eta, "clip": config.lars_clip, "nesterov": config.spec.lars.nesterov}
+        if config.optimizer == "lars" else None,
+        "augmentation": dataclasses.asdict(config.augmentation()),
         "seed": config.seed,
         "wall_time_s": wall, "device": _device_name(device), "knn_top1": knn,
         "knn": f"weighted k-NN k={KNN_K} T={KNN_TEMPERATURE}, central view, {data.knn_split}",
