@@ -307,7 +307,7 @@ def _flags_for(recorded: dict[str, Any], keys: list[str]) -> list[str]:
         elif isinstance(value, bool):
             flag = f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}"
         elif value is None:
-            continue  # a default the run left to the method (rare: the config is recorded resolved)
+            continue  # a setting that did not apply to the run (a patch size of two-view crops)
         else:
             flag = f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float) else \
                 f"--{key.replace('_', '-')} {value}"
@@ -1188,7 +1188,8 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     if config.resume:
         state, resume_source = _read_resume_state(resume_path, device)
         recorded = {**_unrecorded_settings(state["args"]), **state["args"]}
-        changed = [k for k in RESUME_FIXED_ARGS if recorded.get(k) != getattr(config, k)]
+        unused = ("lars_eta", "lars_clip") if config.optimizer != "lars" else ()
+        changed = [k for k in RESUME_FIXED_ARGS if k not in unused and recorded.get(k) != getattr(config, k)]
         if changed:
             raise ValueError("--resume needs the settings of the run it continues; these differ: " + ", ".join(
                 f"{k} (was {recorded.get(k)!r}, now {getattr(config, k)!r})" for k in changed)

@@ -127,6 +127,17 @@ def test_a_run_started_before_the_solo_learn_rows_resumes_with_the_flags_its_err
     assert read_checkpoint(out / "checkpoint.pt")["train"]["lars"] == {"eta": 0.001, "clip": False, "nesterov": False}
 
 
+def test_an_adamw_run_started_before_lars_settings_were_recorded_resumes_without_lars_flags(cifar10_npz, tmp_path):
+    out = tmp_path / "run"
+    flags = ("--optimizer", "adamw", "--lr", "1e-3", "--knn-every", "0")
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "1", *flags))
+    state = resume_state(out)
+    del state["args"]["lars_eta"], state["args"]["lars_clip"]
+    torch.save(with_checksum(state), out / "resume.pt")
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--resume", *flags))
+    assert resume_state(out)["epoch"] == 2
+
+
 def test_damaged_or_missing_resume_state_gives_one_consistent_advice(cifar10_npz, tmp_path, two_epoch_run):
     import shutil
 
