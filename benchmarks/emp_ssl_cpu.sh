@@ -140,6 +140,22 @@ full16() {
   done
 }
 
+# session 8 (issue 12): the GPU-trained bagssl on the same measure as emp-ssl's full16 (the mean of 16 patches, all
+# 50,000 training images, all 10,000 test images, bf16 autocast, each test image's right/wrong kept; its card's
+# first version had k-NN only, with an uncalibrated control), then paired against emp-ssl's 16 patches and vicreg's
+# central view
+#   STEPS=bagssl_full16 benchmarks/emp_ssl_cpu.sh
+bagssl_full16() {
+  $py pretrained/model_card.py pretrained/bagssl-resnet18-cifar10.pt --device cpu --amp --protocols 16 \
+      --json "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json"
+  for b in card-full-16patches_emp-ssl card-full-central-bf16_vicreg; do
+    $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" \
+        "$RESULTS/$b-resnet18-cifar10.json"
+  done
+  $py pretrained/model_card.py --compare --control "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" \
+      "$RESULTS/card-full-16patches_emp-ssl-resnet18-cifar10.json"
+}
+
 baseline_cards() {
   # the GPU-trained vicreg and bagssl: the central view on the full protocol (session 3), and bagssl's card on the
   # 2,000 + 2,000 images of the comparison with emp-ssl (session 2)
