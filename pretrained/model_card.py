@@ -54,8 +54,9 @@ from ssl_patch_analysis.report import save_json
 from ssl_patch_analysis.store import file_sha256
 
 CALIBRATION_IMAGES = 512
-# What two cards must share for one's measurement to stand for the other's (a resumed part, a shared control).
-SAME_MEASUREMENT = ("train_images", "test_images", "knn", "probe", "extraction", "test_ids_sha256")
+# What two cards must share for one's measurement to stand for the other's (a resumed part, a shared control); the
+# test ids' sha256 follows from the images and the seed, and is known only once a part has been measured.
+SAME_SETTINGS = ("train_images", "test_images", "knn", "probe", "extraction", "seed")
 
 
 def amp_agreement(model, data, protocols, device) -> dict[str, dict[str, float]]:
@@ -112,8 +113,11 @@ def _patch_scale(model) -> dict | None:
 
 
 def _differences(row: dict, other: dict, keys: tuple[str, ...]) -> list[str]:
-    return [f"{key} ({other.get(key)!r} there, {row.get(key)!r} here)" for key in keys
-            if other.get(key) != row.get(key)]
+    """What differs between two cards' ``keys`` (a card without ``seed`` was made with the default, 0)."""
+    def value(card: dict, key: str):
+        return card.get(key, 0) if key == "seed" else card.get(key)
+    return [f"{key} ({value(other, key)!r} there, {value(row, key)!r} here)" for key in keys
+            if value(other, key) != value(row, key)]
 
 
 def earlier_rows(path: str | None) -> list:
@@ -132,8 +136,7 @@ def measured_before(rows: list, row: dict, titles: set[str]) -> dict | None:
     for old in rows:
         if not isinstance(old, dict) or old.get("checkpoint") != row["checkpoint"] or "trained" not in old:
             continue
-        same = not _differences(row, old, ("train_images", "test_images", "knn", "probe", "extraction"))
-        same &= old.get("seed", 0) == row["seed"] and set(old["trained"]) == titles
+        same = not _differences(row, old, SAME_SETTINGS) and set(old["trained"]) == titles
         same &= old.get("checkpoint_sha256") == row["checkpoint_sha256"]
         if same and "test_ids_sha256" in old and "trained" in old.get("correct", {}):
             return old
@@ -145,9 +148,7 @@ def control_from(path: str, row: dict, calibration: torch.Tensor) -> dict:
     (the sha256 of the control's backbone: the same architecture and seed, BatchNorm calibrated on the same images)
     on the same patches and images, with the same classifiers and extraction; SystemExit naming what differs."""
     other = _read_card(path)
-    problems = _differences(row, other, SAME_MEASUREMENT)
-    if other.get("seed", 0) != row["seed"]:
-        problems.append(f"seed ({other.get('seed', 0)} there, {row['seed']} here)")
+    problems = _differences(row, other, (*SAME_SETTINGS, "test_ids_sha256"))
     missing = [t for t in row["trained"] if t not in other.get("random_init", {})
                or t not in other["correct"].get("random_init", {})]
     if missing:

@@ -169,6 +169,11 @@ METHODS: dict[str, MethodSpec] = {
 PATCH_METHODS = tuple(name for name, spec in METHODS.items() if spec.patches)
 
 
+def _jitter_of(augmentation: Augmentation) -> tuple[float, float, float, float]:
+    """An augmentation's colour jitter as ``--jitter`` gives it: brightness, contrast, saturation, hue."""
+    return augmentation.brightness, augmentation.contrast, augmentation.saturation, augmentation.hue
+
+
 @dataclass
 class TrainConfig:
     """A training run; the command-line flags are these fields (``--batch-size`` is ``batch_size``).
@@ -259,8 +264,7 @@ class TrainConfig:
         if self.min_scale is None:
             self.min_scale = spec.min_scale
         if self.jitter is None:
-            colours = spec.augmentation
-            self.jitter = (colours.brightness, colours.contrast, colours.saturation, colours.hue)
+            self.jitter = _jitter_of(spec.augmentation)
         if self.lars_eta is None:
             self.lars_eta = spec.lars.eta
         if self.lars_clip is None:
@@ -273,9 +277,8 @@ class TrainConfig:
         return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
 
     def augmentation(self) -> Augmentation:
-        colours = self.spec.augmentation
-        default = (colours.brightness, colours.contrast, colours.saturation, colours.hue)
-        brightness, contrast, saturation, hue = self.jitter if self.jitter is not None else default
+        jitter = self.jitter if self.jitter is not None else _jitter_of(self.spec.augmentation)
+        brightness, contrast, saturation, hue = jitter
         return dataclasses.replace(self.spec.augmentation, blur_p=self.blur_p, solarize_p=self.solarize_p,
                                    brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
 
@@ -296,24 +299,10 @@ def _unrecorded_settings(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flags_for(recorded: dict[str, Any], keys: list[str]) -> list[str]:
-    """The command-line flags that set ``keys`` to their ``recorded`` values."""
-    flags = []
-    for key in keys:
-        value = recorded.get(key)
-        if key in ("min_scale", "max_scale"):
-            flag = f"--scale {recorded.get('min_scale'):g},{recorded.get('max_scale'):g}"
-        elif key == "jitter":
-            flag = "--jitter " + ",".join(f"{v:g}" for v in value)
-        elif isinstance(value, bool):
-            flag = f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}"
-        elif value is None:
-            continue  # a setting that did not apply to the run (a patch size of two-view crops)
-        else:
-            flag = f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float) else \
-                f"--{key.replace('_', '-')} {value}"
-        if flag not in flags:
-            flags.append(flag)
-    return flags
+    """The command-line flags that set ``keys`` to their ``recorded`` values (``command_line``'s formatting)."""
+    dests = {"scale" if key in ("min_scale", "max_scale") else key for key in keys}
+    return [_flag(action, value) for action in build_parser()._actions if action.dest in dests
+            and (value := _flag_value(recorded, action.dest, None)) is not None]
 
 
 # Steps between checks of the loss for NaN/inf (read one interval late, so the step never waits).
@@ -894,6 +883,24 @@ def _check_args(config: TrainConfig, world_size: int, image_size: tuple[int, int
         raise ValueError(f"--schedule-epochs must be at least 1, got {config.schedule_epochs}")
 
 
+def _flag(action: argparse.Action, value: Any) -> str:
+    """The command-line words that set ``action``'s destination to ``value``."""
+    if isinstance(value, bool):
+        return action.option_strings[0] if value else f"--no-{action.option_strings[0][2:]}"
+    if isinstance(value, (tuple, list)):
+        return f"{action.option_strings[0]} {','.join(f'{v:g}' for v in value)}"
+    return f"{action.option_strings[0]} {value}"
+
+
+def _flag_value(settings: TrainConfig | argparse.Namespace | dict[str, Any], dest: str, default: Any) -> Any:
+    """The value of the flag ``dest`` in a config, a namespace or a recorded ``args`` dict (``--scale MIN,MAX`` holds
+    min_scale and max_scale)."""
+    get = settings.get if isinstance(settings, dict) else lambda key, fallback: getattr(settings, key, fallback)
+    if dest == "scale":
+        return None if get("min_scale", None) is None else (get("min_scale", None), get("max_scale", 1.0))
+    return get(dest, default)
+
+
 def command_line(config: TrainConfig | argparse.Namespace) -> str:
     """The command that runs ``config`` (every flag that differs from its default; ``--resume`` left out)."""
     parts = ["python -m ssl_patch_analysis.train"]
@@ -901,17 +908,9 @@ def command_line(config: TrainConfig | argparse.Namespace) -> str:
         left_out = action.dest in ("help", "resume", "debug") or "--no-amp" in action.option_strings
         if not action.option_strings or left_out:
             continue
-        value = getattr(config, action.dest, action.default)
-        if action.dest == "scale":  # --scale MIN,MAX holds min_scale and max_scale
-            value = None if config.min_scale is None else (config.min_scale, config.max_scale)
+        value = _flag_value(config, action.dest, action.default)
         if value != action.default:
-            if isinstance(value, bool):
-                flag = action.option_strings[0] if value else f"--no-{action.option_strings[0][2:]}"
-                parts.append(flag)
-            elif isinstance(value, tuple):
-                parts.append(f"{action.option_strings[0]} {','.join(f'{v:g}' for v in value)}")
-            else:
-                parts.append(f"{action.option_strings[0]} {value}")
+            parts.append(_flag(action, value))
     return " ".join(parts)
 
 

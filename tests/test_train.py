@@ -121,7 +121,7 @@ def test_a_run_started_before_the_solo_learn_rows_resumes_with_the_flags_its_err
     message = str(error.value)
     assert "lars_eta (was 0.001, now 0.02)" in message and "solarize_p (was 0.0, now 0.1)" in message
     flags = message.split("to continue it, add ")[1].split()
-    assert " ".join(flags) == "--solarize-p 0 --lars-eta 0.001 --no-lars-clip"
+    assert " ".join(flags) == "--solarize-p 0.0 --lars-eta 0.001 --no-lars-clip"
     train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume", *flags))
     assert resume_state(out)["step"] == 6
     assert read_checkpoint(out / "checkpoint.pt")["train"]["lars"] == {"eta": 0.001, "clip": False, "nesterov": False}
