@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ssl_patch_analysis import load_model
+from ssl_patch_analysis.store import file_sha256
 from ssl_patch_analysis.weights import SHIPPED_ALIASES
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
@@ -78,3 +79,16 @@ def test_full_protocol_cards_are_of_a_shipped_model_and_quoted_as_measured(path)
                 right = card["correct"][kind][protocol][metric]
                 assert len(right) == 10000 and 100 * right.count("1") / 10000 == pytest.approx(value)
                 assert f"{value:.2f}" in readme, (protocol, metric, kind)
+
+
+CARDS = sorted([*PRETRAINED.glob("*.card.json"), *(PRETRAINED.parent / "benchmarks" / "results").glob("card-*.json")])
+
+
+@pytest.mark.parametrize("path", CARDS, ids=[p.stem for p in CARDS])
+def test_a_card_that_records_its_files_sha256_measured_the_file_shipped_now(path):
+    """A shipped file replaced by a better model leaves its cards stale: a card row that names a file of pretrained/
+    and records that file's sha256 (model_card.py does since 2026-12-05) must have measured the file there now."""
+    for row in json.loads(path.read_text(encoding="utf-8")):
+        shipped = PRETRAINED.parent / row["checkpoint"]
+        if "checkpoint_sha256" in row and shipped.parent.resolve() == PRETRAINED.resolve():
+            assert file_sha256(shipped) == row["checkpoint_sha256"], f"{path.name} measured another {shipped.name}"
