@@ -164,7 +164,7 @@ def control_from(path: str, row: dict, calibration: torch.Tensor) -> dict:
         other_sha = control_sha256(randomly_initialised(other_model, row["seed"]), calibration)
     if other_sha != row["control_backbone_sha256"]:
         problems.append("another random network (the controls' backbone sha256 differ)")
-    if other_scale != row["patch_scale"]:
+    if other_scale != row["patch_scale"] and set(row["trained"]) != {"central"}:  # the central view cuts no patches
         problems.append(f"other patches ({other_scale} there, {row['patch_scale']} here)")
     if problems:
         raise SystemExit(f"error: --control-from {path} cannot stand for {row['checkpoint']}'s control: "

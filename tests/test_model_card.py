@@ -256,3 +256,23 @@ def test_control_from_another_card_is_the_control_it_would_measure_and_refuses_a
         card.main([str(tmp_path / "wide.pt"), *common, "--control-from", str(tmp_path / "a.json")])
     with pytest.raises(SystemExit, match=r"cannot stand for .*train_images \(40 there, 30 here\)"):
         card.main([str(b), *[c if c != "40" else "30" for c in common], "--control-from", str(tmp_path / "a.json")])
+
+
+def test_a_central_view_control_stands_for_a_model_of_other_patch_settings_and_a_patch_control_does_not(
+        tmp_path, cifar10_npz, tiny_model):
+    """The central view cuts no patches: a fixed-scale model's central-view card takes its control from a multi-scale
+    model's card of the same random network (equal to measuring it); a card of patches at another scale is refused."""
+    multi, fixed = tmp_path / "multi.pt", tmp_path / "fixed.pt"
+    save_checkpoint(tiny_model, multi, train={"method": "vicreg", "min_scale": 0.2, "max_scale": 1.0})
+    save_checkpoint(helpers.tiny_model(seed=1), fixed, train={"method": "bagssl", "patch_size": 16})
+    card = _card_module()
+    common = ["--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40", "--probe-epochs", "2",
+              "--no-progress"]
+    card.main([str(multi), *common, "--protocols", "central,2", "--json", str(tmp_path / "multi.json")])
+    (measured,) = card.main([str(fixed), *common, "--protocols", "central"])
+    control = ["--control-from", str(tmp_path / "multi.json")]
+    (taken,) = card.main([str(fixed), *common, "--protocols", "central", *control])
+    assert taken["random_init"] == measured["random_init"]
+    assert taken["correct"]["random_init"] == measured["correct"]["random_init"]
+    with pytest.raises(SystemExit, match=r"cannot stand for .*other patches"):
+        card.main([str(fixed), *common, "--protocols", "central,2", *control])
