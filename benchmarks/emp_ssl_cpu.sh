@@ -76,6 +76,21 @@ next() {
       --warmup-epochs 0.1 --device cpu --init-from "$CONT/init.pt" --run-dir "$CONT" --time-limit 6000 $resume
 }
 
+# Session 6 on, when the previous session's run folder is still there (its checkpoint has the heads): that checkpoint,
+# --init-from with its heads, one epoch over TRAIN_SIZE more images (SEED draws them), a fresh cosine from lr 0.1 with
+# no warm-up (as session 4), the shipped log kept as the history it continues:
+#   EPOCHS=6 SEED=3 TRAIN_SIZE=15000 STEPS="onward ship new_cards remake" benchmarks/emp_ssl_cpu.sh
+TRAIN_SIZE=${TRAIN_SIZE:-10000}
+onward() {
+  local from=runs/emp-ssl-cpu-10k-$((EPOCHS - 1))ep/checkpoint.pt
+  [ -f "$from" ] || { echo "onward: $from is gone; use STEPS=next (starts from the shipped backbone)" >&2; return 1; }
+  mkdir -p "$CONT"
+  [ -f "$CONT/previous.log.jsonl" ] || cp pretrained/emp-ssl-resnet18-cifar10.log.jsonl "$CONT/previous.log.jsonl"
+  [ -f "$CONT/resume.pt" ] && resume=--resume || resume=
+  $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size "$TRAIN_SIZE" --seed "$SEED" --lr 0.1 \
+      --device cpu --init-from "$from" --run-dir "$CONT" --time-limit 6000 $resume
+}
+
 ship() {
   $py pretrained/ship.py "$CONT/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
   # the shipped log is the model's whole history: from session 4 on, the --init-from run's log follows the one
@@ -154,6 +169,29 @@ bagssl_full16() {
   done
   $py pretrained/model_card.py --compare --control "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" \
       "$RESULTS/card-full-16patches_emp-ssl-resnet18-cifar10.json"
+}
+
+# session 6 (issue 12), after "onward ship": the new model's cards on the full protocol (all 50,000 train, all 10,000
+# test): the mean of 16 patches and the central view in bf16 autocast, the central view in float32 (the table of
+# pretrained/README.md), each control taken from a card that measured the same random network (checked), each paired
+# against the previous model's card (kept in $CONT/previous.* before it is replaced)
+#   EPOCHS=6 STEPS=new_cards benchmarks/emp_ssl_cpu.sh
+new_cards() {
+  local f16=card-full-16patches_emp-ssl-resnet18-cifar10.json c16=card-full-central-bf16_emp-ssl-resnet18-cifar10.json
+  [ -f "$CONT/previous.$f16" ] || cp "$RESULTS/$f16" "$CONT/previous.$f16"
+  [ -f "$CONT/previous.$c16" ] || cp "$RESULTS/$c16" "$CONT/previous.$c16"
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols 16 \
+      --control-from "$CONT/previous.$f16" --json "$RESULTS/$f16"
+  $py pretrained/model_card.py --compare "$RESULTS/$f16" "$CONT/previous.$f16"
+  # the central view's control from the previous emp-ssl card (vicreg's has other patch settings: refused)
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols central \
+      --control-from "$CONT/previous.$c16" --json "$RESULTS/$c16"
+  $py pretrained/model_card.py --compare "$RESULTS/$c16" "$CONT/previous.$c16"
+  $py pretrained/model_card.py --compare "$RESULTS/$f16" "$RESULTS/$c16"
+  $py pretrained/model_card.py --compare "$RESULTS/$f16" "$RESULTS/card-full-central-bf16_vicreg-resnet18-cifar10.json"
+  $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" "$RESULTS/$f16"
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --protocols central \
+      --control-from pretrained/simclr-resnet18-cifar10.card.json --json pretrained/emp-ssl-resnet18-cifar10.card.json
 }
 
 baseline_cards() {
