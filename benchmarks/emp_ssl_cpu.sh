@@ -183,7 +183,7 @@ new_cards() {
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols 16 \
       --control-from "$CONT/previous.$f16" --json "$RESULTS/$f16"
   $py pretrained/model_card.py --compare "$RESULTS/$f16" "$CONT/previous.$f16"
-  # the central view's control from the previous emp-ssl card (vicreg's has other patch settings: refused)
+  # the central view's control from the previous emp-ssl card (the same random network, checked)
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols central \
       --control-from "$CONT/previous.$c16" --json "$RESULTS/$c16"
   $py pretrained/model_card.py --compare "$RESULTS/$c16" "$CONT/previous.$c16"
