@@ -5,6 +5,7 @@ another variant (another seed, stem, size, no projector, a recorded training) ca
 (``import helpers``; ``helpers.tiny_model(seed=1)``).
 """
 import importlib.util
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,17 @@ def random_images(count: int, size: int = 32, seed: int = 0) -> torch.Tensor:
     (``random_images(8)[:2]`` equals ``random_images(2)``)."""
     return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(seed))
+
+
+GPU_MODELS = ("emp-ssl", "vicreg", "simclr", "bagssl")  # the issue-12 models benchmarks/gpu_session.sh trains
+
+
+def gpu_recipe(model: str) -> list[str]:
+    """The trainer flags benchmarks/gpu_session.sh trains ``model`` with (its ``model_recipe``, run by bash)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    define = f'eval "$(sed -n "/^model_recipe()/,/^}}/p" {script})"'
+    return subprocess.run(["bash", "-c", f"{define}; model_recipe {model}"], capture_output=True, text=True,
+                          check=True).stdout.split()
 
 
 def load_script(relative_path: str) -> Any:

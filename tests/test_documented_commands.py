@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import load_script
+from helpers import GPU_MODELS, gpu_recipe, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the project tells a user what to type.
@@ -123,14 +122,10 @@ def test_the_scripts_of_pretrained_are_found_as_commands(tmp_path, monkeypatch):
         ("pretrained/ship.py", ["VAR/checkpoint.pt", "out.pt", "--backbone-only"])]
 
 
-@pytest.mark.parametrize("model", ["emp-ssl", "vicreg", "simclr", "bagssl"])
+@pytest.mark.parametrize("model", GPU_MODELS)
 def test_gpu_session_model_recipes_parse(model):
     """benchmarks/gpu_session.sh keeps each issue-12 model's trainer flags in a function, not on a command line."""
-    script = ROOT / "benchmarks" / "gpu_session.sh"
-    define = f'eval "$(sed -n "/^model_recipe()/,/^}}/p" {script})"'
-    recipe = subprocess.run(["bash", "-c", f"{define}; model_recipe {model}"], capture_output=True, text=True,
-                            check=True).stdout.split()
-    args = importlib.import_module("ssl_patch_analysis.train").build_parser().parse_args(recipe)
+    args = importlib.import_module("ssl_patch_analysis.train").build_parser().parse_args(gpu_recipe(model))
     assert args.method == model and args.epochs >= 10
 
 
