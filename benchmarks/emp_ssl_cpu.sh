@@ -13,6 +13,8 @@ py=${PYTHON:-.venv/bin/python}
 RUN=${RUN:-runs/emp-ssl-cpu-10k}
 RESULTS=${RESULTS:-benchmarks/results}
 STEPS=${STEPS:-train evaluate}
+# images per epoch of the sessions from the fifth on (next, onward)
+TRAIN_SIZE=${TRAIN_SIZE:-10000}
 
 train() {
   $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size 10000 --device cpu --run-dir "$RUN"
@@ -72,7 +74,7 @@ next() {
     cp pretrained/emp-ssl-resnet18-cifar10.pt "$CONT/init.pt"
   fi
   [ -f "$CONT/resume.pt" ] && resume=--resume || resume=
-  $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size 10000 --seed "$SEED" --lr 0.1 \
+  $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size "$TRAIN_SIZE" --seed "$SEED" --lr 0.1 \
       --warmup-epochs 0.1 --device cpu --init-from "$CONT/init.pt" --run-dir "$CONT" --time-limit 6000 $resume
 }
 
@@ -80,7 +82,6 @@ next() {
 # --init-from with its heads, one epoch over TRAIN_SIZE more images (SEED draws them), a fresh cosine from lr 0.1 with
 # no warm-up (as session 4), the shipped log kept as the history it continues:
 #   EPOCHS=6 SEED=3 TRAIN_SIZE=15000 STEPS="onward ship new_cards remake" benchmarks/emp_ssl_cpu.sh
-TRAIN_SIZE=${TRAIN_SIZE:-10000}
 onward() {
   local from=runs/emp-ssl-cpu-10k-$((EPOCHS - 1))ep/checkpoint.pt
   [ -f "$from" ] || { echo "onward: $from is gone; use STEPS=next (starts from the shipped backbone)" >&2; return 1; }
