@@ -20,8 +20,11 @@ Each epoch writes, in ``--run-dir`` (``TrainConfig.out``):
   ``train`` dict saying how it was made;
 - ``resume.pt``: what ``--resume`` needs to continue exactly (model and optimizer state, epoch,
   step, RNG states, config, the checkpoint's ``train`` dict and a copy of the log), plain tensors
-  and values so that ``weights_only=True`` loads it; the previous epoch's is kept as
-  ``resume.prev.pt``;
+  and values so that ``weights_only=True`` loads it; the previous one is kept as
+  ``resume.prev.pt``. Within an epoch it is also written every ``--save-every`` seconds (default
+  600) and when ``--time-limit`` stops the run there, with the epoch's progress (steps done, every
+  rank's loss terms so far): a run of one long epoch (EMP-SSL's recipe on a CPU) loses at most
+  that much when it is killed, and resumes at that step;
 - ``log.jsonl``: a header line (command line and config), then one record per epoch (loss terms,
   learning rate, images/s, epoch time, online weighted k-NN top-1 on the central view); each line
   carries the ``crc32`` of its own content (:func:`read_log` checks it).
@@ -219,6 +222,7 @@ class TrainConfig:
     out: str | None = None
     resume: bool = False
     time_limit: float | None = None
+    save_every: float = 600.0
     knn_every: int = 1
     knn_train_size: int = 5000
     knn_test_size: int = 1000
@@ -420,9 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
              "checkpoint record its sha256")
     add("--run-dir", dest="out", default=None,
         help="the run folder: checkpoint, resume state and log (default: runs/<method>-<arch>-<data>)")
-    add("--resume", action="store_true", help="continue the run in --run-dir from its last epoch")
+    add("--resume", action="store_true",
+        help="continue the run in --run-dir from its last resume state (an epoch's end, or a step within one)")
     add("--time-limit", type=float, default=None,
-        help="seconds: stop (saving a checkpoint) after the epoch after which another epoch would exceed this")
+        help="seconds: stop at the end of the epoch after which another epoch would exceed this (checkpoint "
+             "written), or within an epoch before a step would (resume state written; --resume continues)")
+    add("--save-every", type=cli.non_negative_float, default=defaults.save_every, metavar="SECONDS",
+        help="within an epoch, write the resume state when this long has passed since the last one (a killed run "
+             "then loses at most this much; 0: only at epoch ends)")
     add("--knn-every", type=int, default=defaults.knn_every,
         help="online k-NN every this many epochs and at the end (0: only at the end)")
     add("--knn-train-size", type=int, default=defaults.knn_train_size,
@@ -950,6 +959,10 @@ class TrainingRun:
     log_lines: list[str] = field(default_factory=list)
     rotate_resume: bool = True
     init_from: dict[str, Any] | None = None  # what --init-from loaded (path, sha256, heads), kept in checkpoints
+    in_epoch: dict[str, Any] | None = None  # the progress of a resume state written within an epoch, till used
+    checkpoint_train: dict[str, Any] | None = None  # the ``train`` dict of checkpoint.pt (the last finished epoch)
+    writes: int = 0  # resume states written in the run folder, this one's included
+    last_save: float = 0.0  # time.time() of the last resume state this process wrote (or of its start)
 
     @property
     def local_batch(self) -> int:
@@ -973,6 +986,7 @@ class EpochResult:
     terms: dict[str, float]
     train_time: float
     lr: float
+    stopped_after: int | None = None  # steps done when the time limit stopped the run within the epoch
 
 
 def train(config: TrainConfig | argparse.Namespace) -> Path:
@@ -999,13 +1013,19 @@ def _train(config: TrainConfig, processes: Processes) -> Path:
     run = setup_run(config, processes)
     for epoch in range(run.start_epoch, config.epochs):
         result = train_one_epoch(run, epoch)
+        if result.stopped_after is not None:
+            if processes.main:
+                print(f"stopping after step {result.stopped_after} of {run.steps_per_epoch} in epoch {epoch + 1} "
+                      f"(time limit of {config.time_limit:g} s): {run.resume_path} holds it; continue with --resume")
+            break
         stopped_early = end_of_epoch(run, epoch, result)
         if stopped_early:
             if processes.main:
                 print(f"stopping after epoch {epoch + 1}: {stopped_early}; continue with --resume")
             break
     if processes.main:
-        print(f"checkpoint: {run.checkpoint_path}")
+        print(f"checkpoint: {run.checkpoint_path}" if run.checkpoint_path.is_file() else
+              "no checkpoint yet: no epoch has finished")
     return run.checkpoint_path
 
 
@@ -1087,7 +1107,8 @@ def _read_resume_state(path: Path, device: torch.device) -> tuple[dict[str, Any]
     state, problem = _resume_state_problem(path, device)
     if problem is None:
         assert state is not None
-        if int(state["epoch"]) >= 2 and CHECKSUM_KEY in state:  # a trainer that keeps resume.prev.pt wrote it
+        # a trainer that keeps resume.prev.pt wrote it after an earlier state (counted from 2026-12-06 on)
+        if int(state.get("writes", state["epoch"])) >= 2 and CHECKSUM_KEY in state:
             _, previous_problem = _resume_state_problem(previous, device)
             if previous_problem is not None:
                 notice(f"{previous} (the previous epoch's resume state, used only when resume.pt is damaged) is "
@@ -1098,8 +1119,13 @@ def _read_resume_state(path: Path, device: torch.device) -> tuple[dict[str, Any]
         if previous_problem is None:
             assert fallback is not None
             epoch = int(fallback["epoch"])
-            notice(f"{path} is {problem}; continuing from {previous} (epoch {epoch}): epoch {epoch + 1} is trained "
-                   "again, with the same result")
+            if fallback.get("in_epoch"):
+                notice(f"{path} is {problem}; continuing from {previous} (after step "
+                       f"{int(fallback['in_epoch']['steps_done'])} in epoch {epoch + 1}): the steps after it are "
+                       "trained again, with the same result")
+            else:
+                notice(f"{path} is {problem}; continuing from {previous} (epoch {epoch}): epoch {epoch + 1} is "
+                       "trained again, with the same result")
             return fallback, previous
         problem = f"{problem}, and {previous} is {previous_problem} too"
     if problem == "missing":
@@ -1179,7 +1205,9 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         init_from = _init_from(ssl_model, config.init_from, say=main)
     optimizer = build_optimizer(config, ssl_model, config.peak_lr)
 
-    start_epoch, step, previous_wall = 0, 0, 0.0
+    start_epoch, step, previous_wall, writes = 0, 0, 0.0, 0
+    in_epoch: dict[str, Any] | None = None
+    checkpoint_train: dict[str, Any] | None = None
     resume_path, log_path = out / "resume.pt", out / "log.jsonl"
     log_lines: list[str] = []
     resume_source = resume_path
@@ -1197,10 +1225,18 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         optimizer.load_state_dict(state["optimizer"])
         init_from = (state.get("checkpoint_train") or {}).get("init_from")
         start_epoch, step, previous_wall = int(state["epoch"]), int(state["step"]), float(state["wall_time_s"])
+        in_epoch, checkpoint_train = state.get("in_epoch"), state.get("checkpoint_train")
+        writes = int(state.get("writes", start_epoch))
         _restore_rng_states(state["rng"])
         if main:
             problem = _checkpoint_problem(out / "checkpoint.pt")
-            if problem is not None:
+            if problem is not None and in_epoch:
+                # the state holds the weights of a step within the epoch, not those of the last finished one
+                if start_epoch > 0 or problem != "missing":
+                    notice(f"{out / 'checkpoint.pt'} was {problem}; {resume_source} holds the weights of a step "
+                           f"within epoch {start_epoch + 1}, not those of epoch {start_epoch}, so checkpoint.pt is "
+                           f"written again at the end of epoch {start_epoch + 1}")
+            elif problem is not None:
                 export_model.load_state_dict(state["model"])
                 train_info = state.get("checkpoint_train") or _train_info(
                     config, data, start_epoch, previous_wall, device, None, None, loss=loss_settings(loss_fn))
@@ -1221,7 +1257,8 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
             log_lines = log_path.read_text(errors="replace").splitlines(keepends=True)
         header = log_line({
             "command": config.command, "args": _plain(config),
-            "resumed_from_epoch": start_epoch if config.resume else None, "init_from": init_from,
+            "resumed_from_epoch": start_epoch if config.resume else None,
+            "resumed_from_step": step if config.resume else None, "init_from": init_from,
             "loss": loss_settings(loss_fn),
             "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
             "world_size": processes.world_size, "device": _device_name(device)})
@@ -1246,7 +1283,8 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         total_steps=steps_per_epoch * schedule_epochs,
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         start_epoch=start_epoch, step=step, previous_wall=previous_wall, start_time=start_time, log_lines=log_lines,
-        rotate_resume=resume_source == resume_path, init_from=init_from)
+        rotate_resume=resume_source == resume_path, init_from=init_from, in_epoch=in_epoch,
+        checkpoint_train=checkpoint_train, writes=writes, last_save=time.time())
 
 
 def _init_from(model: SSLModel, path: str, say: bool = True) -> dict[str, Any]:
@@ -1286,9 +1324,13 @@ def _plain(config: TrainConfig) -> dict[str, Any]:
 
 
 def train_one_epoch(run: TrainingRun, epoch: int) -> EpochResult:
-    """One pass over the training set; returns the epoch's mean loss terms."""
+    """One pass over the training set (from the step a resume state within it stopped at); returns the epoch's
+    mean loss terms, or where the time limit stopped it."""
     config, processes, device = run.config, run.processes, run.processes.device
     epoch_start = time.time()
+    progress, run.in_epoch = run.in_epoch, None
+    first = int(progress["steps_done"]) if progress else 0
+    earlier_time = float(progress["train_time_s"]) if progress else 0.0
     run.model.train()
     order = torch.randperm(len(run.data.images),
                            generator=torch.Generator().manual_seed(mixed_seed(config.seed, 5, epoch)))
@@ -1301,9 +1343,15 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> EpochResult:
     exact = boxes_are_exact(epoch_boxes, config.input_size)
     epoch_boxes = epoch_boxes.to(device).view(run.steps_per_epoch, run.local_batch, run.crop_plan.num_crops, 4)
     epoch_ids = epoch_ids.to(device)
-    monitor = LossMonitor(run.steps_per_epoch, run.step, processes)
-    bar = tqdm(range(run.steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not processes.main,
-               leave=False)
+    monitor = LossMonitor(run.steps_per_epoch, run.step - first, processes)
+    if progress:
+        rows = progress["loss_rows"]  # (processes, steps done, terms)
+        # the same number of processes: each its own rows (the same bits as an uninterrupted run); another number:
+        # every rank the mean over the processes that wrote them, which keeps the epoch's mean of the global loss
+        monitor.restore(list(progress["loss_names"]),
+                        rows[processes.rank] if len(rows) == processes.world_size else rows.mean(dim=0))
+    bar = tqdm(range(first, run.steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", initial=first,
+               total=run.steps_per_epoch, disable=not processes.main, leave=False)
     lr = 0.0
     for i in bar:
         lr = learning_rate(run.step, run.total_steps, run.warmup_steps, config.peak_lr)
@@ -1312,17 +1360,87 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> EpochResult:
         run.step += 1
         if monitor.checked_loss is not None:
             bar.set_postfix(loss=f"{monitor.checked_loss:.4g}",
-                            img_s=f"{(i + 1) * config.batch_size / (time.time() - epoch_start):.0f}")
+                            img_s=f"{(i + 1 - first) * config.batch_size / (time.time() - epoch_start):.0f}")
+        if i + 1 < run.steps_per_epoch:
+            save, stop = _decide_within_epoch(run, (time.time() - epoch_start) / (i + 1 - first))
+            if save:
+                _save_within_epoch(run, epoch, i + 1, monitor, earlier_time + time.time() - epoch_start)
+            if stop:
+                bar.close()
+                return EpochResult({}, earlier_time + time.time() - epoch_start, lr, stopped_after=i + 1)
     bar.close()
     mean_terms = monitor.finish()
-    if not all(bool(torch.isfinite(p).all()) for p in run.ssl_model.parameters()):
-        raise TrainingDiverged(f"the weights became NaN or infinite during epoch {epoch + 1} although the loss "
-                               "stayed finite; the last good checkpoint is kept. Try a lower --lr / --base-lr.")
-    train_time = time.time() - epoch_start
+    _check_weights(run, epoch)
+    train_time = earlier_time + time.time() - epoch_start
     if processes.world_size > 1:
         dist.all_reduce(mean_terms)
         mean_terms /= processes.world_size
     return EpochResult(dict(zip(monitor.names, mean_terms.tolist(), strict=True)), train_time, lr)
+
+
+def _check_weights(run: TrainingRun, epoch: int) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in run.ssl_model.parameters()):
+        raise TrainingDiverged(f"the weights became NaN or infinite during epoch {epoch + 1} although the loss "
+                               "stayed finite; the last good checkpoint is kept. Try a lower --lr / --base-lr.")
+
+
+def _decide_within_epoch(run: TrainingRun, step_time: float) -> tuple[bool, bool]:
+    """After a step within an epoch: whether to write the resume state (``--save-every`` has passed since the last
+    one) and whether to stop (the next step, taking ``step_time``, would pass ``--time-limit``; the state is then
+    written too). Rank 0's clock decides for all, every :data:`CHECK_EVERY` steps when there are several."""
+    config, processes = run.config, run.processes
+    if config.time_limit is None and not config.save_every:
+        return False, False
+    if processes.world_size > 1 and run.step % CHECK_EVERY:
+        return False, False
+    now = time.time()
+    stop = config.time_limit is not None and now - run.start_time + step_time > config.time_limit
+    save = stop or (bool(config.save_every) and now - run.last_save >= config.save_every)
+    if processes.world_size > 1:
+        decision = torch.tensor([float(save), float(stop)], device=processes.device)
+        dist.broadcast(decision, src=0)
+        save, stop = bool(decision[0].item()), bool(decision[1].item())
+    return save, stop
+
+
+def _save_within_epoch(run: TrainingRun, epoch: int, steps_done: int, monitor: LossMonitor,
+                       train_time: float) -> None:
+    """The resume state after ``steps_done`` steps of ``epoch``: the usual state (model, optimizer, step, RNG, the
+    last finished epoch's checkpoint record and log) plus every rank's loss rows of the epoch so far, checked
+    finite first, so that the resumed epoch's record equals an uninterrupted one's."""
+    processes = run.processes
+    rows = monitor.checked_rows(steps_done)
+    _check_weights(run, epoch)
+    if processes.world_size > 1:
+        gathered = [torch.empty_like(rows) for _ in range(processes.world_size)]
+        dist.all_gather(gathered, rows.contiguous())
+        rows = torch.stack(gathered)
+    else:
+        rows = rows[None]
+    if processes.main:
+        wall = run.previous_wall + time.time() - run.start_time
+        _write_resume_state(run, epoch, wall, in_epoch={
+            "steps_done": steps_done, "loss_names": list(monitor.names), "loss_rows": rows.cpu(),
+            "train_time_s": train_time})
+    run.last_save = time.time()
+    if processes.world_size > 1:
+        dist.barrier()
+
+
+def _write_resume_state(run: TrainingRun, epochs_done: int, wall: float,
+                        in_epoch: dict[str, Any] | None = None) -> None:
+    """``resume.pt``; the state written before it becomes ``resume.prev.pt``, except when it is the damaged one that
+    --resume fell back from: then resume.prev.pt already holds the state this run started from."""
+    run.writes += 1
+    state = {
+        "model": run.ssl_model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epochs_done,
+        "step": run.step, "rng": _rng_states(), "args": _plain(run.config), "wall_time_s": wall,
+        "checkpoint_train": run.checkpoint_train, "log": list(run.log_lines), "writes": run.writes}
+    if in_epoch is not None:
+        state["in_epoch"] = in_epoch
+    atomic_torch_save(with_checksum(state), run.resume_path,
+                      previous=run.out / PREVIOUS_RESUME if run.rotate_resume else None)
+    run.rotate_resume = True
 
 
 def training_step(run: TrainingRun, images: torch.Tensor, boxes: torch.Tensor, exact: bool, lr: float) -> LossOutput:
@@ -1369,13 +1487,24 @@ class LossMonitor:
             self._check_pending()
             self._send(i + 1)
 
-    def finish(self) -> torch.Tensor:
-        """Check every remaining row; the epoch's mean of each term."""
+    def restore(self, names: list[str], rows: torch.Tensor) -> None:
+        """The rows of the steps a resume state within the epoch recorded (already checked)."""
+        self.names = names
+        self.records = torch.zeros(self.steps, len(names), device=self.device)
+        self.records[:len(rows)] = rows.to(self.device)
+        self.sent = len(rows)
+
+    def checked_rows(self, stop: int) -> torch.Tensor:
+        """Rows ``[0, stop)``, every one checked (TrainingDiverged otherwise)."""
         assert self.records is not None
         self._check_pending()
-        self._send(self.steps)
+        self._send(stop)
         self._check_pending()
-        return self.records.mean(dim=0)
+        return self.records[:stop]
+
+    def finish(self) -> torch.Tensor:
+        """Check every remaining row; the epoch's mean of each term."""
+        return self.checked_rows(self.steps).mean(dim=0)
 
     def _send(self, stop: int) -> None:
         assert self.records is not None
@@ -1431,22 +1560,17 @@ def end_of_epoch(run: TrainingRun, epoch: int, result: EpochResult) -> str | Non
                                  loss=loss_settings(run.loss_fn))
         run.export_model.load_state_dict(run.ssl_model.state_dict())
         save_checkpoint(run.export_model, run.checkpoint_path, train=train_info)
+        run.checkpoint_train = train_info
         line = log_line(record)
         run.log_lines.append(line)
-        # The state written before this one becomes resume.prev.pt, except when it is the damaged one that
-        # --resume fell back from: then resume.prev.pt already holds the state this run started from.
-        atomic_torch_save(with_checksum({
-            "model": run.ssl_model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epoch + 1,
-            "step": run.step, "rng": _rng_states(), "args": _plain(config), "wall_time_s": wall,
-            "checkpoint_train": train_info, "log": list(run.log_lines)}),
-            run.resume_path, previous=run.out / PREVIOUS_RESUME if run.rotate_resume else None)
-        run.rotate_resume = True
+        _write_resume_state(run, epoch + 1, wall)
         _append_log(run.log_path, line)
         tqdm.write(f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.4g}  lr {result.lr:.3g}  "
                    f"{record['images_per_s']:.0f} img/s  k-NN top-1 "
                    f"{'-' if knn is None else f'{knn:.2f}%'}  ({result.train_time:.1f} s)")
     elif processes.world_size > 1:
         _rank_param_max_diff(run.ssl_model)
+    run.last_save = time.time()
     if processes.world_size > 1:
         dist.barrier()
     return stopped_early

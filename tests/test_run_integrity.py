@@ -44,10 +44,10 @@ def state(path):
     return torch.load(path, weights_only=True)
 
 
-def assert_same_run(out, reference):
-    """Model, optimizer, RNG and step of both resume states, the checkpoint's weights and the log records (apart
+def assert_same_run(out, reference, states=("resume.pt", "resume.prev.pt"), epochs=3):
+    """Model, optimizer, RNG and step of the resume states, the checkpoint's weights and the log records (apart
     from timings) equal those of the uninterrupted run."""
-    for name in ("resume.pt", "resume.prev.pt"):
+    for name in states:
         got, want = state(out / name), state(reference / name)
         assert (got["epoch"], got["step"]) == (want["epoch"], want["step"]), name
         for key, tensor in want["model"].items():
@@ -60,7 +60,7 @@ def assert_same_run(out, reference):
     for part in ("backbone", "projector"):
         for key, tensor in want[part].items():
             assert torch.equal(got[part][key], tensor), f"checkpoint {part} {key}"
-    assert got["train"]["epochs"] == 3 and got["train"]["knn_top1"] == want["train"]["knn_top1"]
+    assert got["train"]["epochs"] == epochs and got["train"]["knn_top1"] == want["train"]["knn_top1"]
 
     def epochs(folder):
         return [{k: v for k, v in record.items() if k not in TIMINGS} for record in read_log(folder / "log.jsonl")
@@ -256,3 +256,101 @@ def test_resume_states_hold_the_checkpoint_record_and_the_log(interrupted):
     assert resume_state["checkpoint_train"] == state(interrupted / "checkpoint.pt")["train"]
     assert "".join(resume_state["log"]).encode() == (interrupted / "log.jsonl").read_bytes()
     assert train_module.PREVIOUS_RESUME == "resume.prev.pt" and state(interrupted / "resume.prev.pt")["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- within an epoch
+# A run of one long epoch (EMP-SSL's recipe on a CPU) must not lose the epoch when it is killed or stopped in it:
+# --save-every writes resume states between steps. 3 steps per epoch (48 images, batch 16), 2 epochs.
+WITHIN = ("--train-size", "48", "--epochs", "2")
+
+
+class Killed(BaseException):
+    """What a SIGKILL or a VM shut down does to a run: it ends between two steps, with no cleanup of its own."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_within(cifar10_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted-within")
+    train(tiny_args(cifar10_npz.parent, out, *WITHIN))
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_within(cifar10_npz, tmp_path_factory):
+    """A run writing a resume state after every step, killed just before global step 5 (the third of epoch 2)."""
+    out = tmp_path_factory.mktemp("killed-within")
+    real = train_module.training_step
+
+    def step_or_die(run, *args):
+        if run.step == 5:
+            raise Killed
+        return real(run, *args)
+
+    train_module.training_step = step_or_die
+    try:
+        with pytest.raises(Killed):
+            train(tiny_args(cifar10_npz.parent, out, *WITHIN, "--save-every", "1e-9"))
+    finally:
+        train_module.training_step = real
+    return out
+
+
+def test_a_run_killed_within_an_epoch_keeps_the_steps_before_its_last_state(killed_within):
+    now, before = state(killed_within / "resume.pt"), state(killed_within / "resume.prev.pt")
+    assert (now["epoch"], now["step"], now["in_epoch"]["steps_done"]) == (1, 5, 2)
+    assert (before["epoch"], before["step"], before["in_epoch"]["steps_done"]) == (1, 4, 1)
+    assert now["in_epoch"]["loss_rows"].shape[:2] == (1, 2) and now["in_epoch"]["train_time_s"] > 0
+    assert torch.isfinite(now["in_epoch"]["loss_rows"]).all()
+    # checkpoint.pt is still the model of the last finished epoch, and the log holds that epoch's record
+    assert state(killed_within / "checkpoint.pt")["train"]["epochs"] == 1
+    assert [r.get("epoch") for r in read_log(killed_within / "log.jsonl")] == [None, 1]
+
+
+def test_a_run_killed_within_an_epoch_resumes_to_the_uninterrupted_run(cifar10_npz, tmp_path, killed_within,
+                                                                      uninterrupted_within, capsys):
+    out = shutil.copytree(killed_within, tmp_path / "run")
+    train(tiny_args(cifar10_npz.parent, out, *WITHIN, "--save-every", "1e-9", "--resume"))
+    assert "notice" not in capsys.readouterr().err
+    assert_same_run(out, uninterrupted_within, states=("resume.pt",), epochs=2)
+    headers = [r for r in read_log(out / "log.jsonl") if "command" in r]
+    assert [h["resumed_from_step"] for h in headers] == [None, 5]
+
+
+def test_damaged_state_and_checkpoint_within_an_epoch_fall_back_and_lose_nothing(cifar10_npz, tmp_path,
+                                                                               killed_within, uninterrupted_within,
+                                                                               capsys):
+    out = shutil.copytree(killed_within, tmp_path / "run")
+    flip(out / "resume.pt", largest_tensor_offset(out / "resume.pt"), 0x01)
+    flip(out / "checkpoint.pt", largest_tensor_offset(out / "checkpoint.pt"), 0x01)
+    train(tiny_args(cifar10_npz.parent, out, *WITHIN, "--resume"))
+    notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == 2, notices
+    assert f"continuing from {out / 'resume.prev.pt'} (after step 1 in epoch 2)" in notices[0]
+    # the fallback state holds the weights of a step within epoch 2, not epoch 1's: checkpoint.pt waits for epoch 2
+    assert str(out / "checkpoint.pt") in notices[1] and "written again at the end of epoch 2" in notices[1]
+    assert_same_run(out, uninterrupted_within, states=("resume.pt",), epochs=2)
+
+
+def test_save_every_zero_writes_resume_states_only_at_epoch_ends(cifar10_npz, tmp_path, monkeypatch):
+    written = []
+    real = train_module.atomic_torch_save
+    monkeypatch.setattr(train_module, "atomic_torch_save",
+                        lambda obj, path, **kw: (written.append((obj["epoch"], obj["step"])), real(obj, path, **kw)))
+    train(tiny_args(cifar10_npz.parent, tmp_path, *WITHIN, "--save-every", "0"))
+    assert written == [(1, 3), (2, 6)]
+
+
+def test_a_state_written_within_an_epoch_by_two_processes_resumes_on_one(cifar10_npz, tmp_path, killed_within,
+                                                                       uninterrupted_within):
+    """One process continuing two processes' epoch takes the mean of their loss rows for the steps done: here the
+    rows of a second rank made 1.0 higher, so epoch 2's mean loss is 0.5 x 2/3 above the uninterrupted run's."""
+    out = shutil.copytree(killed_within, tmp_path / "run")
+    two = state(out / "resume.pt")
+    rows = two["in_epoch"]["loss_rows"]
+    two["in_epoch"]["loss_rows"] = torch.cat([rows, rows + 1.0])
+    two.pop(train_module.CHECKSUM_KEY)
+    torch.save(train_module.with_checksum(two), out / "resume.pt")
+    train(tiny_args(cifar10_npz.parent, out, *WITHIN, "--resume"))
+    got, want = read_log(out / "log.jsonl")[-1], read_log(uninterrupted_within / "log.jsonl")[-1]
+    assert got["epoch"] == want["epoch"] == 2
+    assert got["loss"] == pytest.approx(want["loss"] + 0.5 * 2 / 3, rel=1e-6)

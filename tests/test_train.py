@@ -72,16 +72,12 @@ def test_a_few_steps_decrease_the_loss(cifar10_npz, tmp_path, method):
     assert last < 0.98 * first, losses
 
 
-def test_resume_takes_the_same_steps_as_an_uninterrupted_run(cifar10_npz, tmp_path, two_epoch_run):
-    uninterrupted, _ = two_epoch_run
-    # A tiny time limit stops cleanly after the first epoch, checkpoint written.
-    interrupted = tmp_path / "run"
-    train(tiny_args(cifar10_npz.parent, interrupted, "--epochs", "2", "--time-limit", "1e-6"))
-    stopped = read_checkpoint(interrupted / "checkpoint.pt")["train"]
-    assert stopped["epochs"] == 1 and "time limit" in stopped["stopped_early"]
-    assert resume_state(interrupted)["step"] == 2
+def only_at_epoch_ends(monkeypatch):
+    """Keep the time limit from stopping a run within an epoch: it then stops at the end of one."""
+    monkeypatch.setattr(train_module, "_decide_within_epoch", lambda *args: (False, False))
 
-    train(tiny_args(cifar10_npz.parent, interrupted, "--epochs", "2", "--resume"))
+
+def assert_resumed_equals(interrupted: Path, uninterrupted: Path) -> None:
     resumed, expected = resume_state(interrupted), resume_state(uninterrupted)
     assert resumed["step"] == expected["step"] == 4
     for name, tensor in expected["model"].items():
@@ -89,6 +85,42 @@ def test_resume_takes_the_same_steps_as_an_uninterrupted_run(cifar10_npz, tmp_pa
     for index, state in expected["optimizer"]["state"].items():
         assert torch.equal(resumed["optimizer"]["state"][index]["mu"], state["mu"])
     assert read_log(interrupted)[-1]["loss"] == read_log(uninterrupted)[-1]["loss"]
+
+
+def test_resume_takes_the_same_steps_as_an_uninterrupted_run(cifar10_npz, tmp_path, two_epoch_run, monkeypatch):
+    uninterrupted, _ = two_epoch_run
+    # A tiny time limit, held to epoch ends, stops cleanly after the first epoch, checkpoint written.
+    interrupted = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(tiny_args(cifar10_npz.parent, interrupted, "--epochs", "2", "--time-limit", "1e-6"))
+    stopped = read_checkpoint(interrupted / "checkpoint.pt")["train"]
+    assert stopped["epochs"] == 1 and "time limit" in stopped["stopped_early"]
+    assert resume_state(interrupted)["step"] == 2
+
+    train(tiny_args(cifar10_npz.parent, interrupted, "--epochs", "2", "--resume"))
+    assert_resumed_equals(interrupted, uninterrupted)
+
+
+def test_a_time_limit_stops_within_an_epoch_and_the_run_resumes_from_that_step(cifar10_npz, tmp_path, two_epoch_run,
+                                                                              capsys):
+    """A one-epoch CPU run longer than the limit used to train to the epoch's end (or lose it all when killed)."""
+    uninterrupted, _ = two_epoch_run
+    interrupted = tmp_path / "run"
+    train(tiny_args(cifar10_npz.parent, interrupted, "--epochs", "2", "--time-limit", "1e-6"))
+    assert "stopping after step 1 of 2 in epoch 1 (time limit of 1e-06 s)" in capsys.readouterr().out
+    assert not (interrupted / "checkpoint.pt").exists()  # no epoch has finished
+    state = resume_state(interrupted)
+    assert (state["epoch"], state["step"], state["in_epoch"]["steps_done"]) == (0, 1, 1)
+    assert state["in_epoch"]["loss_rows"].shape[:2] == (1, 1)  # (processes, steps done)
+
+    train(tiny_args(cifar10_npz.parent, interrupted, "--epochs", "2", "--resume"))
+    assert_resumed_equals(interrupted, uninterrupted)
+    headers = [record for record in read_log(interrupted) if "command" in record]
+    assert [h["resumed_from_step"] for h in headers] == [None, 1]
+    epochs = [record for record in read_log(interrupted) if "epoch" in record]
+    expected = [record for record in read_log(uninterrupted) if "epoch" in record]
+    assert [r["loss"] for r in epochs] == [r["loss"] for r in expected]  # epoch 1's mean spans both pieces of it
 
 
 def test_resume_refuses_changed_settings(cifar10_npz, tmp_path, two_epoch_run):
@@ -295,6 +327,34 @@ def test_two_process_gloo_run_stays_in_sync(cifar10_npz, tmp_path):
     assert record["rank_param_max_diff"] == 0.0
     model = load_model(tmp_path / "checkpoint.pt", verbose=False)
     assert torch.isfinite(model(torch.rand(2, 3, 32, 32))["z"]).all()
+
+
+@pytest.mark.slow  # torchrun: two processes, three runs
+def test_two_processes_stopped_within_an_epoch_resume_to_the_uninterrupted_run(cifar10_npz, tmp_path):
+    """Rank 0's clock decides for both ranks (every CHECK_EVERY steps), and the resume state keeps every rank's loss
+    rows, so the resumed epoch's record and weights are the uninterrupted run's."""
+    def torchrun(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "ssl_patch_analysis.train", "--data-root", str(cifar10_npz.parent), "--run-dir", str(out),
+                   *TINY, "--train-size", "352", "--epochs", "1", "--knn-every", "0", *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    # 352 images, global batch 16: 22 steps; the first decision is after step 10
+    assert "stopping after step 10 of 22 in epoch 1" in torchrun(tmp_path / "run", "--time-limit", "1e-6")
+    state = resume_state(tmp_path / "run")
+    assert state["in_epoch"]["loss_rows"].shape[:2] == (2, 10)  # both ranks' rows
+    assert not torch.equal(state["in_epoch"]["loss_rows"][0], state["in_epoch"]["loss_rows"][1])
+    torchrun(tmp_path / "run", "--resume")
+    torchrun(tmp_path / "reference")
+    resumed, expected = resume_state(tmp_path / "run"), resume_state(tmp_path / "reference")
+    assert resumed["step"] == expected["step"] == 22
+    for name, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    got, want = read_log(tmp_path / "run")[-1], read_log(tmp_path / "reference")[-1]
+    assert got["loss"] == want["loss"] and got["rank_param_max_diff"] == 0.0
 
 
 def test_learning_rate_schedule():
@@ -580,10 +640,12 @@ def test_init_from_refuses_weights_of_another_shape_in_one_line(cifar10_npz, tmp
     assert not (tmp_path / "a" / "checkpoint.pt").exists()
 
 
-def test_a_run_started_with_init_from_resumes_from_its_own_state(cifar10_npz, tmp_path, two_epoch_run):
+def test_a_run_started_with_init_from_resumes_from_its_own_state(cifar10_npz, tmp_path, two_epoch_run, monkeypatch):
     _, source = two_epoch_run
     out = tmp_path / "run"
-    train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(source), "--time-limit", "1e-6"))
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(source), "--time-limit", "1e-6"))
     first = read_checkpoint(out / "checkpoint.pt")["train"]["init_from"]
     assert first["path"] == str(source) and first["heads"] is True
     # the same command with --resume: the weights come from resume.pt, not again from the file
