@@ -30,9 +30,10 @@ Each epoch writes, in ``--run-dir`` (``TrainConfig.out``):
   carries the ``crc32`` of its own content (:func:`read_log` checks it).
 
 The run folder checks itself: checkpoints and resume states carry a sha256 of their contents. On
-``--resume`` a damaged ``resume.pt`` falls back to ``resume.prev.pt`` (the epoch after it is
+``--resume`` a damaged ``resume.pt`` falls back to ``resume.prev.pt`` (the steps after it are
 trained again, with the same bits), a damaged or missing ``checkpoint.pt`` is rewritten from the
-resume state, and damaged log lines are restored from its copy, each said in one line on stderr.
+resume state (from one written within an epoch: at that epoch's end), and damaged log lines are
+restored from its copy, each said in one line on stderr.
 
 Randomness is a function of ``(--seed, epoch)`` for the data order and the crops, and of
 ``(--seed, step, rank)`` for the colour augmentation, so a resumed run takes the same steps as an
