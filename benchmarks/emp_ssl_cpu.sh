@@ -63,7 +63,8 @@ fresh() {
 }
 
 # Session 5 on: the run folders of earlier sessions are gone (a session's ignored files do not outlive it), so the
-# next epoch starts from the shipped model itself. It is the backbone only, so the heads start fresh: a 10-step
+# next epoch starts from the shipped model itself. (From session 7 on the trainer writes a resume state every 10
+# minutes within the epoch: a session cut off in it continues with the same command while runs/ is still there.) It is the backbone only, so the heads start fresh: a 10-step
 # warm-up to lr 0.1 lets them settle before the backbone moves much; another 10,000 images (SEED draws them):
 #   EPOCHS=5 SEED=2 STEPS="next ship card" benchmarks/emp_ssl_cpu.sh
 SEED=${SEED:-2}
@@ -193,6 +194,18 @@ new_cards() {
   $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" "$RESULTS/$f16"
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --protocols central \
       --control-from pretrained/simclr-resnet18-cifar10.card.json --json pretrained/emp-ssl-resnet18-cifar10.card.json
+}
+
+# session 7 on (issue 12), after "new_cards remake": EMP-SSL's own protocol (above) of the new run checkpoint, which
+# has the heads (only while its run folder is there), and the 2,000 + 2,000-image card of the shipped model
+#   EPOCHS=7 STEPS="own_protocol card2k" benchmarks/emp_ssl_cpu.sh
+own_protocol() {
+  cp "$CONT/checkpoint.pt" "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"   # outputs are named after the checkpoint file
+  emp_ssl_protocol "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"
+}
+card2k() {
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --max-images 2000 --no-progress \
+      --json "$RESULTS/card-2k_emp-ssl-resnet18-cifar10.json"
 }
 
 baseline_cards() {
