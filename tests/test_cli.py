@@ -217,8 +217,10 @@ def test_types_say_what_they_expect():
     assert cli.layer_list("z, h,z") == ["z", "h"]
     assert cli.scale_range("0.08,1") == (0.08, 1.0)
     assert cli.int_list("20,200") == [20, 200]
+    assert cli.non_negative_float("0") == 0.0 and cli.non_negative_float("600") == 600.0
     for parse, text in [(cli.count_or_all, "0"), (cli.layer_list, "h,x"), (cli.scale_range, "0,1"),
-                        (cli.int_list, "3,-1"), (cli.positive_float, "nan"), (cli.device_name, "gpu")]:
+                        (cli.int_list, "3,-1"), (cli.positive_float, "nan"), (cli.device_name, "gpu"),
+                        (cli.non_negative_float, "-1"), (cli.non_negative_float, "inf")]:
         with pytest.raises(Exception, match=text.replace("(", r"\(")):
             parse(text)
 
