@@ -1224,7 +1224,8 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
                 + "; to continue it, add " + " ".join(_flags_for(recorded, changed)))
         ssl_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        init_from = (state.get("checkpoint_train") or {}).get("init_from")
+        # states from 2026-12-06 on carry it (one within the first epoch has no checkpoint record yet)
+        init_from = state.get("init_from", (state.get("checkpoint_train") or {}).get("init_from"))
         start_epoch, step, previous_wall = int(state["epoch"]), int(state["step"]), float(state["wall_time_s"])
         in_epoch, checkpoint_train = state.get("in_epoch"), state.get("checkpoint_train")
         writes = int(state.get("writes", start_epoch))
@@ -1436,7 +1437,8 @@ def _write_resume_state(run: TrainingRun, epochs_done: int, wall: float,
     state = {
         "model": run.ssl_model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epochs_done,
         "step": run.step, "rng": _rng_states(), "args": _plain(run.config), "wall_time_s": wall,
-        "checkpoint_train": run.checkpoint_train, "log": list(run.log_lines), "writes": run.writes}
+        "checkpoint_train": run.checkpoint_train, "log": list(run.log_lines), "writes": run.writes,
+        "init_from": run.init_from}
     if in_epoch is not None:
         state["in_epoch"] = in_epoch
     atomic_torch_save(with_checksum(state), run.resume_path,

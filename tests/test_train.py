@@ -659,6 +659,19 @@ def test_a_run_started_with_init_from_resumes_from_its_own_state(cifar10_npz, tm
     assert [h["init_from"] for h in headers] == [first, first] and read_log(out)[-1]["step"] == 4
 
 
+def test_a_run_started_with_init_from_and_stopped_in_its_first_epoch_keeps_the_record(cifar10_npz, tmp_path,
+                                                                                      two_epoch_run):
+    """A state written within the first epoch has no checkpoint record yet: it must carry init_from itself."""
+    _, source = two_epoch_run
+    out = tmp_path / "run"
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "1", "--init-from", str(source), "--time-limit", "1e-6"))
+    assert resume_state(out)["in_epoch"]["steps_done"] == 1 and not (out / "checkpoint.pt").exists()
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "1", "--resume"))
+    recorded = read_checkpoint(out / "checkpoint.pt")["train"]["init_from"]
+    assert recorded["path"] == str(source) and recorded["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert [h["init_from"] for h in read_log(out) if "command" in h] == [recorded, recorded]
+
+
 def test_simclr_loss_is_nt_xent_at_solo_learn_temperature():
     """The `simclr` row says it follows solo-learn's CIFAR SimCLR, whose temperature is 0.2 (lightly's default, 0.5,
     was used before): the trainer's loss equals NT-Xent computed by hand at T = 0.2."""
