@@ -121,23 +121,24 @@ def _bounded_int(text: str, low: int, what: str) -> int:
 
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _bounded_float(text, 0.0, "a number >= 0")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
+    value = _bounded_float(text, 0.0, "a positive number")
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _bounded_float(text: str, low: float, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not low <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
 
