@@ -63,9 +63,10 @@ fresh() {
 }
 
 # Session 5 on: the run folders of earlier sessions are gone (a session's ignored files do not outlive it), so the
-# next epoch starts from the shipped model itself. (From session 7 on the trainer writes a resume state every 10
-# minutes within the epoch: a session cut off in it continues with the same command while runs/ is still there.) It is the backbone only, so the heads start fresh: a 10-step
-# warm-up to lr 0.1 lets them settle before the backbone moves much; another 10,000 images (SEED draws them):
+# next epoch starts from the shipped model itself. It is the backbone only, so the heads start fresh: a 10-step
+# warm-up to lr 0.1 lets them settle before the backbone moves much; another 10,000 images (SEED draws them).
+# (From session 7 on the trainer writes a resume state every 10 minutes within the epoch: a session cut off in it
+# continues with the same command while runs/ is still there.)
 #   EPOCHS=5 SEED=2 STEPS="next ship card" benchmarks/emp_ssl_cpu.sh
 SEED=${SEED:-2}
 next() {
@@ -128,12 +129,8 @@ card() {
   # the central view on the full protocol: all 50,000 training images as the bank, 10,000 test images
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --protocols central \
       --json pretrained/emp-ssl-resnet18-cifar10.card.json
-  # all the card's protocols (16 patches too) on a 2,000-image bank and test set, as the bagssl card beside it
-  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --max-images 2000 \
-      --json "$RESULTS/card-2k_emp-ssl-resnet18-cifar10.json"
-  # EMP-SSL's protocol (its random-init control is the first session's: same architecture and seed)
-  cp "$CONT/checkpoint.pt" "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"   # outputs are named after the checkpoint file
-  emp_ssl_protocol "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"
+  card2k
+  own_protocol
 }
 
 # session 6 (issue 12): the issue's own measure for a fixed-scale model, the mean of 16 patches over all 50,000
@@ -197,7 +194,9 @@ new_cards() {
 }
 
 # session 7 on (issue 12), after "new_cards remake": EMP-SSL's own protocol (above) of the new run checkpoint, which
-# has the heads (only while its run folder is there), and the 2,000 + 2,000-image card of the shipped model
+# has the heads (only while its run folder is there; its random-init control is the first session's: same
+# architecture and seed), and all the card's protocols (16 patches too) of the shipped model on a 2,000-image bank
+# and test set, as the bagssl card beside it
 #   EPOCHS=7 STEPS="own_protocol card2k" benchmarks/emp_ssl_cpu.sh
 own_protocol() {
   cp "$CONT/checkpoint.pt" "$CONT/emp-ssl-cpu-10k-${EPOCHS}ep.pt"   # outputs are named after the checkpoint file

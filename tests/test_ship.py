@@ -57,7 +57,6 @@ def test_a_file_over_the_limit_is_refused_and_not_written(run_checkpoint, tmp_pa
     assert not target.exists() and list(tmp_path.glob(".big.pt*")) == []
 
 
-
 @pytest.mark.parametrize("model", GPU_MODELS)
 def test_every_gpu_recipe_gives_a_model_that_ships_under_25_mb(model, tmp_path):
     """A GPU session's minutes are wasted if the model it trains cannot ship: each recipe of gpu_session.sh builds a
