@@ -844,12 +844,16 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The records of a run's ``log.jsonl`` (header lines included), each line's crc32 checked and left out.
 
     Lines written before lines had a crc32 are read as they are: a whole old log, or the lines before the first
-    one with a crc32 (a run started by an older trainer and resumed by this one); every line after that must
-    carry one. A damaged line raises ``ValueError`` naming the file and the line.
+    run with a crc32 (a run started by an older trainer and resumed by this one, whose new header has one); every
+    line of that run and after it must carry one, its header included (a header whose key was damaged is not taken
+    for an older line). A damaged line raises ``ValueError`` naming the file and the line.
     """
     path = Path(path)
     lines = [line for line in path.read_bytes().splitlines() if line.strip()]
     first_crc = next((n for n, line in enumerate(lines, 1) if b'"crc32": ' in line), len(lines) + 1)
+    # A run's lines follow its header: the run of the first line with a crc32 begins at the header before it.
+    while 1 < first_crc <= len(lines) and b'"command": ' not in lines[first_crc - 1]:
+        first_crc -= 1
     records = []
     for number, raw in enumerate(lines, 1):
         record, problem = _log_line_problem(raw, number >= first_crc)

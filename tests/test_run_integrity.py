@@ -251,6 +251,24 @@ def test_records_of_epochs_after_the_fallback_state_are_trained_again_not_repeat
     assert_same_run(out, uninterrupted)
 
 
+def test_a_header_that_lost_its_crc32_key_is_damage_not_an_older_log(tmp_path, interrupted):
+    """The header of a run whose later lines carry a crc32 was written by a trainer that writes them: a damaged key
+    name (a flipped byte) must not make it read as a line from before crc32."""
+    lines = (interrupted / "log.jsonl").read_bytes().splitlines(keepends=True)
+    assert b'"command": ' in lines[0] and b'"crc32": ' in lines[0]
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b"".join(lines))
+    flip(log, lines[0].index(b'"crc32": ') + 4, 0x01)  # "crc32" -> "crc22": still valid JSON
+    with pytest.raises(ValueError, match=r"log\.jsonl line 1 is damaged \(no crc32\)"):
+        read_log(log)
+    # The same header after the lines of a run from before crc32 (a resumed older run) is found too.
+    old = json.dumps({"command": "python -m ssl_patch_analysis.train", "args": {}}) + "\n" + \
+        json.dumps({"epoch": 1, "loss": -1.0}) + "\n"
+    log.write_bytes(old.encode() + log.read_bytes())
+    with pytest.raises(ValueError, match=r"log\.jsonl line 3 is damaged \(no crc32\)"):
+        read_log(log)
+
+
 def test_resume_states_hold_the_checkpoint_record_and_the_log(interrupted):
     resume_state = state(interrupted / "resume.pt")
     assert resume_state["checkpoint_train"] == state(interrupted / "checkpoint.pt")["train"]
