@@ -522,6 +522,9 @@ def _held_out_split(config: TrainConfig) -> ImageDataset | None:
     return None
 
 
+KNN_SEED = 0  # the online k-NN's subsets are drawn as for --seed 0, whatever --seed a run has
+
+
 def load_training_data(config: TrainConfig, device: torch.device, show: bool) -> TrainingData:
     key = config.data.lower()
     if key in ARCHIVE_DATASETS:
@@ -538,10 +541,12 @@ def load_training_data(config: TrainConfig, device: torch.device, show: bool) ->
         train_indices = torch.randperm(n, generator=pick)[:config.train_size].sort().values
     else:
         train_indices = torch.arange(n)
-    knn_order = torch.randperm(n, generator=torch.Generator().manual_seed(mixed_seed(config.seed, 2)))
+    # The online k-NN's bank and queries do not depend on --seed (they are --seed 0's): runs that continue one
+    # another with other seeds (other training images) log numbers that compare.
+    knn_order = torch.randperm(n, generator=torch.Generator().manual_seed(mixed_seed(KNN_SEED, 2)))
     bank = knn_order[:min(config.knn_train_size, n)].sort().values
     if held_out is not None:
-        test_order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(mixed_seed(config.seed, 3)))
+        test_order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(mixed_seed(KNN_SEED, 3)))
         test = test_order[:min(config.knn_test_size, len(held_out))].sort().values
         test_source, knn_split = held_out, f"bank: {train.split or 'train'}, queries: {held_out.split}"
     else:
@@ -549,6 +554,7 @@ def load_training_data(config: TrainConfig, device: torch.device, show: bool) ->
         bank = knn_order[:min(config.knn_train_size, n // 2)].sort().values
         test = knn_order[len(bank):len(bank) + min(config.knn_test_size, n - len(bank))].sort().values
         test_source, knn_split = train, f"disjoint subsets of {train.split or 'the only split'}"
+    knn_split += ", the same subsets for every --seed"
     labels = torch.as_tensor(train.labels)
     return TrainingData(
         images=_all_images(train, train_indices, show).to(device),

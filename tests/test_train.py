@@ -420,7 +420,8 @@ def test_image_folder_trains_with_its_val_split_as_knn_queries(cifar10_npz, tmp_
                                       *TINY, "--train-size", "16", "--batch-size", "8", "--epochs", "1"])
     path = train(args)
     header, record = read_log(out)
-    assert header["train_images"] == 16 and header["knn"] == "bank: train, queries: val"
+    assert header["train_images"] == 16
+    assert header["knn"] == "bank: train, queries: val, the same subsets for every --seed"
     assert 0 <= record["knn_top1"] <= 100
     model = load_model(path, verbose=False)
     # Folders are ImageNet-like: ImageNet normalisation; 32 px images still get the CIFAR stem.
@@ -684,3 +685,18 @@ def test_simclr_loss_is_nt_xent_at_solo_learn_temperature():
     expected = torch.nn.functional.cross_entropy(logits, positives)
     got = train_module.build_loss("simclr")(z_a, z_b).total
     torch.testing.assert_close(got, expected)
+
+
+def test_the_online_knn_subsets_are_the_same_for_every_seed(cifar10_npz, tmp_path):
+    """Runs that continue one another with other --seed values (other training images) log an online k-NN on the
+    same bank and queries, so the numbers compare across them; --seed still draws the training subset."""
+    def data(seed: str):
+        config = TrainConfig.from_namespace(tiny_args(cifar10_npz.parent, tmp_path, "--seed", seed))
+        return train_module.load_training_data(config, torch.device("cpu"), show=False)
+
+    zero, five = data("0"), data("5")
+    assert not torch.equal(zero.images, five.images)
+    for name in ("knn_bank_images", "knn_bank_labels", "knn_test_images", "knn_test_labels"):
+        assert torch.equal(getattr(zero, name), getattr(five, name)), name
+    assert zero.knn_bank_images.shape[0] == 100 and zero.knn_test_images.shape[0] == 50
+    assert len(set(zero.knn_bank_labels.tolist())) == 10  # a spread of classes, not one block of the split
