@@ -19,6 +19,9 @@ so a card can take it from another's after checking it is the same random networ
     python pretrained/model_card.py pretrained/bagssl-resnet18-cifar10.pt --amp --protocols 16 \
         --control-from benchmarks/results/card-full-16patches_emp-ssl-resnet18-cifar10.json --json bagssl16.json
 
+``--control-from REV:PATH`` (git's syntax) takes it from the card as a commit holds it, e.g. the card a newer model's
+replaced; the card records what it was given (``random_init_from``).
+
 Two cards measured on the same test images (each keeps every test image's right/wrong) compare paired:
 
     python pretrained/model_card.py --compare new.card.json old.card.json   # A - B, per protocol pair, 95% CI
@@ -30,6 +33,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -173,10 +178,27 @@ def control_from(path: str, row: dict, calibration: torch.Tensor) -> dict:
             "correct": {t: other["correct"]["random_init"][t] for t in row["trained"]}}
 
 
-def _read_card(path: str) -> dict:
-    """The one row of a card JSON that keeps each test image's right/wrong, or SystemExit with what is wrong."""
+def _card_text(path: str) -> str:
+    """A card file's text; ``REV:PATH`` (git's syntax, when no file has that name) is the file at a commit of the
+    working directory's repository, so that a card replaced by a newer model's can still give its control."""
+    if Path(path).exists() or not re.fullmatch(r"[0-9A-Fa-f]{4,40}:[^:]+", path):
+        return Path(path).read_text(encoding="utf-8")
     try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        git = subprocess.run(["git", "show", path], capture_output=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: cannot read the card {path} from git: git is not installed") from None
+    if git.returncode:
+        reason = git.stderr.decode(errors="replace").strip().splitlines() or [f"git show exited {git.returncode}"]
+        raise SystemExit(f"error: cannot read the card {path} from git: {reason[0]} (run from the repository that "
+                         "has the commit)")
+    return git.stdout.decode("utf-8")
+
+
+def _read_card(path: str) -> dict:
+    """The one row of a card JSON (a file, or ``REV:PATH``: :func:`_card_text`) that keeps each test image's
+    right/wrong, or SystemExit with what is wrong."""
+    try:
+        rows = json.loads(_card_text(path))
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: cannot read the card {path}: {error}") from None
     if not isinstance(rows, list) or len(rows) != 1 or not isinstance(rows[0], dict):
@@ -252,10 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--amp-check", action="store_true",
                         help="also compare bf16-autocast embeddings with float32 ones (test split)")
     parser.add_argument("--control-from", default=None, metavar="CARD",
-                        help="take the random-init control from this card JSON (of another checkpoint) instead of "
-                             "measuring it, after checking that it is the same random network (sha256 of the "
-                             "control's backbone) on the same patches, images, classifiers and extraction: every "
-                             "ResNet-18 of pretrained/ has the same control, ~45 min per full card on a CPU")
+                        help="take the random-init control from this card JSON (of another checkpoint; REV:PATH "
+                             "reads it from a commit, as git show does) instead of measuring it, after checking "
+                             "that it is the same random network (sha256 of the control's backbone) on the same "
+                             "patches, images, classifiers and extraction: every ResNet-18 of pretrained/ has the "
+                             "same control, ~45 min per full card on a CPU")
     return parser
 
 

@@ -1,5 +1,7 @@
 """pretrained/model_card.py reports what ``evaluate`` computes, for the model and its random-init control."""
 import json
+import shutil
+import subprocess
 
 import pytest
 
@@ -276,3 +278,35 @@ def test_a_central_view_control_stands_for_a_model_of_other_patch_settings_and_a
     assert taken["correct"]["random_init"] == measured["correct"]["random_init"]
     with pytest.raises(SystemExit, match=r"cannot stand for .*other patches"):
         card.main([str(fixed), *common, "--protocols", "central,2", *control])
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed: REV:PATH cards are read with git show")
+def test_control_from_a_committed_card_by_rev_and_path_when_the_file_has_moved_on(
+        tmp_path, cifar10_npz, tiny_model, monkeypatch):
+    """A card replaced by a newer model's keeps its control in the history: --control-from REV:PATH (git's own
+    syntax, the repository of the working directory) reads it from that commit and records REV:PATH, which anyone with
+    the repository can read again; a revision git does not know is one line that says so."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    monkeypatch.chdir(repo)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    train = {"method": "vicreg", "min_scale": 0.2, "max_scale": 1.0}
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    save_checkpoint(tiny_model, a, train=train)
+    save_checkpoint(helpers.tiny_model(seed=1), b, train=train)
+    card = _card_module()
+    common = ["--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40", "--protocols",
+              "central", "--probe-epochs", "2", "--no-progress"]
+    (card_a,) = card.main([str(a), *common, "--json", "card.json"])
+    subprocess.run([*git, "add", "card.json"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "a's card"], check=True)
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    (tmp_path / "repo" / "card.json").write_text("not a card any more")  # the file has moved on
+    (taken,) = card.main([str(b), *common, "--control-from", f"{rev}:card.json"])
+    assert taken["random_init"] == card_a["random_init"]
+    assert taken["correct"]["random_init"] == card_a["correct"]["random_init"]
+    assert taken["random_init_from"] == f"{rev}:card.json"
+    with pytest.raises(SystemExit, match=r"^error: cannot read the card 0000000:card\.json from git: .+"):
+        card.main([str(b), *common, "--control-from", "0000000:card.json"])

@@ -110,3 +110,35 @@ def test_a_card_measured_the_file_shipped_now_or_names_the_commit_of_the_file_it
             pytest.skip(f"{path.name} names commit {row['checkpoint_commit']}, not in this checkout's history "
                         f"(a shallow clone?): {git.stderr.decode().strip()}")
         assert hashlib.sha256(git.stdout).hexdigest() == row["checkpoint_sha256"], path.name
+
+
+@pytest.mark.parametrize("path", CARDS, ids=[p.stem for p in CARDS])
+def test_a_control_taken_from_another_card_names_a_committed_card_that_gives_it(path):
+    """A row whose random-init control was taken from another card (``model_card.py --control-from``) names that card
+    as a file committed here or as ``REV:PATH`` of this repository's history (not a run folder's copy, gone with its
+    session), and that card gives the same control: the same random network, the same numbers."""
+    root = PRETRAINED.parent
+    for row in json.loads(path.read_text(encoding="utf-8")):
+        source = row.get("random_init_from")
+        if source is None:
+            continue
+        try:
+            if ":" in source and not (root / source).exists():
+                git = subprocess.run(["git", "-C", str(root), "show", source], capture_output=True)
+                if git.returncode:
+                    pytest.skip(f"{path.name}: {source} is not in this checkout's history (a shallow clone?): "
+                                f"{git.stderr.decode().strip()}")
+                text = git.stdout.decode()
+            else:
+                tracked = subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", source],
+                                         capture_output=True)
+                assert tracked.returncode == 0, f"{path.name} took its control from {source}, which is not committed"
+                text = (root / source).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            pytest.skip(f"{path.name} names {source}: git is not installed to check it")
+        (other,) = json.loads(text)
+        if "control_backbone_sha256" in other:  # a card from before it was recorded: model_card.py rebuilt its control
+            assert other["control_backbone_sha256"] == row["control_backbone_sha256"], (path.name, source)
+        for protocol, numbers in row["random_init"].items():
+            assert other["random_init"][protocol] == numbers, (path.name, source, protocol)
+            assert other["correct"]["random_init"][protocol] == row["correct"]["random_init"][protocol]
