@@ -174,18 +174,32 @@ bagssl_full16() {
 # session 6 (issue 12), after "onward ship": the new model's cards on the full protocol (all 50,000 train, all 10,000
 # test): the mean of 16 patches and the central view in bf16 autocast, the central view in float32 (the table of
 # pretrained/README.md), each control taken from a card that measured the same random network (checked), each paired
-# against the previous model's card (kept in $CONT/previous.* before it is replaced)
+# against the previous model's card (kept in $CONT/previous.* before it is replaced; the controls are read from the
+# commit that holds it, REV:PATH, so that the cards name where their control came from in the history)
 #   EPOCHS=6 STEPS=new_cards benchmarks/emp_ssl_cpu.sh
+keep_previous() {  # the committed card $RESULTS/$1 kept as $CONT/previous.$1, and REV:PATH of the commit holding it
+  if [ ! -f "$CONT/previous.$1" ]; then
+    local rev
+    rev=$(git log -1 --format=%h -- "$RESULTS/$1")
+    if [ -z "$rev" ] || ! git diff --quiet HEAD -- "$RESULTS/$1"; then
+      echo "new_cards: $RESULTS/$1 is not as the last commit holds it; commit it first" >&2
+      return 1
+    fi
+    echo "$rev:$RESULTS/$1" > "$CONT/previous.$1.from"
+    cp "$RESULTS/$1" "$CONT/previous.$1"
+  fi
+  cat "$CONT/previous.$1.from"
+}
 new_cards() {
   local f16=card-full-16patches_emp-ssl-resnet18-cifar10.json c16=card-full-central-bf16_emp-ssl-resnet18-cifar10.json
-  [ -f "$CONT/previous.$f16" ] || cp "$RESULTS/$f16" "$CONT/previous.$f16"
-  [ -f "$CONT/previous.$c16" ] || cp "$RESULTS/$c16" "$CONT/previous.$c16"
+  local from16 fromc16
+  from16=$(keep_previous "$f16") && fromc16=$(keep_previous "$c16") || return 1
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols 16 \
-      --control-from "$CONT/previous.$f16" --json "$RESULTS/$f16"
+      --control-from "$from16" --json "$RESULTS/$f16"
   $py pretrained/model_card.py --compare "$RESULTS/$f16" "$CONT/previous.$f16"
   # the central view's control from the previous emp-ssl card (the same random network, checked)
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols central \
-      --control-from "$CONT/previous.$c16" --json "$RESULTS/$c16"
+      --control-from "$fromc16" --json "$RESULTS/$c16"
   $py pretrained/model_card.py --compare "$RESULTS/$c16" "$CONT/previous.$c16"
   $py pretrained/model_card.py --compare "$RESULTS/$f16" "$RESULTS/$c16"
   $py pretrained/model_card.py --compare "$RESULTS/$f16" "$RESULTS/card-full-central-bf16_vicreg-resnet18-cifar10.json"
