@@ -85,6 +85,7 @@ next() {
 # no warm-up (as session 4), the shipped log kept as the history it continues:
 #   EPOCHS=6 SEED=3 TRAIN_SIZE=15000 STEPS="onward ship new_cards remake" benchmarks/emp_ssl_cpu.sh
 #   EPOCHS=8 SEED=5 STEPS="onward ship new_cards remake own_protocol card2k" benchmarks/emp_ssl_cpu.sh   # session 8
+#   EPOCHS=9 SEED=6 STEPS="onward ship new_cards remake own_protocol card2k" benchmarks/emp_ssl_cpu.sh   # session 9
 onward() {
   local from=runs/emp-ssl-cpu-10k-$((EPOCHS - 1))ep/checkpoint.pt
   [ -f "$from" ] || { echo "onward: $from is gone; use STEPS=next (starts from the shipped backbone)" >&2; return 1; }
