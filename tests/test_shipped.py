@@ -123,19 +123,25 @@ def test_a_control_taken_from_another_card_names_a_committed_card_that_gives_it(
         if source is None:
             continue
         try:
-            if ":" in source and not (root / source).exists():
-                git = subprocess.run(["git", "-C", str(root), "show", source], capture_output=True)
-                if git.returncode:
-                    pytest.skip(f"{path.name}: {source} is not in this checkout's history (a shallow clone?): "
-                                f"{git.stderr.decode().strip()}")
-                text = git.stdout.decode()
-            else:
+            repository = not subprocess.run(["git", "-C", str(root), "rev-parse", "--git-dir"],
+                                            capture_output=True).returncode
+        except FileNotFoundError:
+            repository = False
+        if ":" in source and not (root / source).exists():  # REV:PATH
+            if not repository:
+                pytest.skip(f"{path.name} names {source}: no git repository here (or no git) to read it from")
+            git = subprocess.run(["git", "-C", str(root), "show", source], capture_output=True)
+            if git.returncode:
+                pytest.skip(f"{path.name}: {source} is not in this checkout's history (a shallow clone?): "
+                            f"{git.stderr.decode().strip()}")
+            text = git.stdout.decode()
+        else:
+            if repository:
                 tracked = subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", source],
                                          capture_output=True)
                 assert tracked.returncode == 0, f"{path.name} took its control from {source}, which is not committed"
-                text = (root / source).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            pytest.skip(f"{path.name} names {source}: git is not installed to check it")
+            assert (root / source).is_file(), f"{path.name} took its control from {source}, which is not here"
+            text = (root / source).read_text(encoding="utf-8")
         (other,) = json.loads(text)
         if "control_backbone_sha256" in other:  # a card from before it was recorded: model_card.py rebuilt its control
             assert other["control_backbone_sha256"] == row["control_backbone_sha256"], (path.name, source)
