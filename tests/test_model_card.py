@@ -17,6 +17,16 @@ def _card_module():
     return load_script("pretrained/model_card.py")
 
 
+def _two_models_of_one_architecture(tmp_path, tiny_model):
+    """Two multi-scale checkpoints (other weights, the same architecture: the same random-init control) and their
+    train record (multi-scale: its patch scale is a pair)."""
+    train = {"method": "vicreg", "min_scale": 0.2, "max_scale": 1.0}
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    save_checkpoint(tiny_model, a, train=train)
+    save_checkpoint(helpers.tiny_model(seed=1), b, train=train)
+    return a, b, train
+
+
 def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar10_npz, tiny_model):
     model = tiny_model
     model.info.method = "bagssl"
@@ -225,10 +235,7 @@ def test_control_from_another_card_is_the_control_it_would_measure_and_refuses_a
     """Two models of one architecture have the same random-init control (the same seed, BatchNorm calibrated on the
     same images): --control-from takes it from the other's card, equal to measuring it; a card of another
     architecture, or measured on other images, is refused in one line."""
-    train = {"method": "vicreg", "min_scale": 0.2, "max_scale": 1.0}  # multi-scale: its patch scale is a pair
-    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    save_checkpoint(tiny_model, a, train=train)
-    save_checkpoint(helpers.tiny_model(seed=1), b, train=train)
+    a, b, train = _two_models_of_one_architecture(tmp_path, tiny_model)
     card = _card_module()
     common = ["--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40", "--protocols",
               "central,2", "--probe-epochs", "2", "--no-progress"]
@@ -291,10 +298,7 @@ def test_control_from_a_committed_card_by_rev_and_path_when_the_file_has_moved_o
     monkeypatch.chdir(repo)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], check=True)
-    train = {"method": "vicreg", "min_scale": 0.2, "max_scale": 1.0}
-    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    save_checkpoint(tiny_model, a, train=train)
-    save_checkpoint(helpers.tiny_model(seed=1), b, train=train)
+    a, b, _ = _two_models_of_one_architecture(tmp_path, tiny_model)
     card = _card_module()
     common = ["--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40", "--protocols",
               "central", "--probe-epochs", "2", "--no-progress"]

@@ -86,6 +86,26 @@ def test_full_protocol_cards_are_of_a_shipped_model_and_quoted_as_measured(path)
 CARDS = sorted([*PRETRAINED.glob("*.card.json"), *(PRETRAINED.parent / "benchmarks" / "results").glob("card-*.json")])
 
 
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    """``git -C <repository root> args``, or None where git is not installed."""
+    try:
+        return subprocess.run(["git", "-C", str(PRETRAINED.parent), *args], capture_output=True)
+    except FileNotFoundError:
+        return None
+
+
+def _from_history(spec: str, card: Path) -> bytes:
+    """The file ``REV:PATH`` as this repository's history holds it. Where it cannot be read, the test is skipped with
+    the reason when the checkout cannot hold it (no git, not a repository, a shallow clone) and fails otherwise."""
+    shallow = _git("rev-parse", "--is-shallow-repository")
+    if shallow is None or shallow.returncode or shallow.stdout.strip() == b"true":
+        reason = "git is not installed" if shallow is None else shallow.stderr.decode().strip() or "a shallow clone"
+        pytest.skip(f"{card.name} names {spec}, which this checkout cannot hold: {reason}")
+    git = _git("show", spec)
+    assert git.returncode == 0, f"{card.name} names {spec}, not in the history: {git.stderr.decode().strip()}"
+    return git.stdout
+
+
 @pytest.mark.parametrize("path", CARDS, ids=[p.stem for p in CARDS])
 def test_a_card_measured_the_file_shipped_now_or_names_the_commit_of_the_file_it_measured(path):
     """A shipped file replaced by a better model leaves its cards stale: every card row records the sha256 of the
@@ -101,15 +121,8 @@ def test_a_card_measured_the_file_shipped_now_or_names_the_commit_of_the_file_it
             assert file_sha256(shipped) == row["checkpoint_sha256"], f"{path.name} measured another {shipped.name}"
             continue
         assert path.parent != PRETRAINED, f"{path.name}: the shipped model's own card must measure the file shipped"
-        measured = f"{row['checkpoint_commit']}:{row['checkpoint']}"
-        try:
-            git = subprocess.run(["git", "-C", str(PRETRAINED.parent), "show", measured], capture_output=True)
-        except FileNotFoundError:
-            pytest.skip(f"{path.name} names commit {row['checkpoint_commit']}: git is not installed to read it")
-        if git.returncode:
-            pytest.skip(f"{path.name} names commit {row['checkpoint_commit']}, not in this checkout's history "
-                        f"(a shallow clone?): {git.stderr.decode().strip()}")
-        assert hashlib.sha256(git.stdout).hexdigest() == row["checkpoint_sha256"], path.name
+        measured = _from_history(f"{row['checkpoint_commit']}:{row['checkpoint']}", path)
+        assert hashlib.sha256(measured).hexdigest() == row["checkpoint_sha256"], path.name
 
 
 @pytest.mark.parametrize("path", CARDS, ids=[p.stem for p in CARDS])
@@ -122,23 +135,12 @@ def test_a_control_taken_from_another_card_names_a_committed_card_that_gives_it(
         source = row.get("random_init_from")
         if source is None:
             continue
-        try:
-            repository = not subprocess.run(["git", "-C", str(root), "rev-parse", "--git-dir"],
-                                            capture_output=True).returncode
-        except FileNotFoundError:
-            repository = False
         if ":" in source and not (root / source).exists():  # REV:PATH
-            if not repository:
-                pytest.skip(f"{path.name} names {source}: no git repository here (or no git) to read it from")
-            git = subprocess.run(["git", "-C", str(root), "show", source], capture_output=True)
-            if git.returncode:
-                pytest.skip(f"{path.name}: {source} is not in this checkout's history (a shallow clone?): "
-                            f"{git.stderr.decode().strip()}")
-            text = git.stdout.decode()
+            text = _from_history(source, path).decode()
         else:
-            if repository:
-                tracked = subprocess.run(["git", "-C", str(root), "ls-files", "--error-unmatch", source],
-                                         capture_output=True)
+            repository = _git("rev-parse", "--git-dir")
+            if repository is not None and repository.returncode == 0:
+                tracked = _git("ls-files", "--error-unmatch", source)
                 assert tracked.returncode == 0, f"{path.name} took its control from {source}, which is not committed"
             assert (root / source).is_file(), f"{path.name} took its control from {source}, which is not here"
             text = (root / source).read_text(encoding="utf-8")
