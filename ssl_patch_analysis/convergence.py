@@ -42,7 +42,12 @@ import torch
 from scipy import stats
 
 from . import cli
-from .extract import extract_patch_embeddings, extract_token_embeddings, whole_image_embeddings
+from .extract import (
+    describe_tokens,
+    extract_patch_embeddings,
+    token_sampler,
+    tokens_and_whole_image_embeddings,
+)
 from .models import SSLModel
 from .patches import central, grid
 from .report import data_label, format_table, model_label, output_stem, save_figure, save_json
@@ -385,13 +390,12 @@ def _token_convergence(model: SSLModel, data: Any, n_values: list[NValue], ids: 
                        progress: bool) -> ConvergenceResult:
     """:func:`convergence_curve` with ``tokens=True``: one forward pass per image gives its tokens and, from the
     same pass, the whole-image embedding they are compared with."""
-    embeddings = extract_token_embeddings(model, data, block=block, resize_to=resize_to,
-                                          layers=["h"] if layer == "h" else ["h", layer], image_ids=ids,
-                                          batch_size=batch_size, device=device, dtype="float32", progress=progress)
-    description = embeddings.meta["tokens"]
-    whole = whole_image_embeddings(model, data, block=description["block"], layers=[layer], image_ids=ids,
-                                   resize_to=description["input_size"], batch_size=batch_size, device=device)[layer]
-    patches = np.asarray(embeddings.layer(layer), dtype=np.float32)
+    sampler = token_sampler(model, resize_to, block)
+    description = describe_tokens(model, sampler)
+    token_rows, whole_rows = tokens_and_whole_image_embeddings(
+        model, data, block=sampler.block, layers=[layer], image_ids=ids, resize_to=sampler.input_size,
+        batch_size=batch_size, device=device, progress=progress)
+    patches, whole = token_rows[layer], whole_rows[layer]
     rows, cols = description["grid"]
     num_patches, size = rows * cols, int(description["token_size"])
     usable = [n for n in n_values if n == ALL or n <= num_patches]

@@ -704,12 +704,54 @@ def whole_image_embeddings(
     """``{layer: N x D float32}``: the whole-image embedding of each image from the forward pass that gives its
     tokens (:func:`extract_token_embeddings` with the same ``block`` and ``resize_to``): the model's pooling of
     that block (the class token after the final norm; for the last block exactly the model's ``h`` of the
-    image at that size), and the heads applied to it (``z``)."""
+    image at that size), and the heads applied to it (``z``). For the tokens too, from the same pass, see
+    :func:`tokens_and_whole_image_embeddings`."""
+    return _token_pass(model, data, block=block, layers=layers, image_ids=image_ids, resize_to=resize_to,
+                       batch_size=batch_size, chunk_size=chunk_size, device=device, amp=amp,
+                       num_workers=num_workers, with_tokens=False, progress=False)[1]
+
+
+def tokens_and_whole_image_embeddings(
+    model: SSLModel,
+    data: ImageDataset | torch.Tensor | np.ndarray,
+    *,
+    block: int | None = None,
+    layers: Sequence[str] | None = None,
+    image_ids: Iterable[int] | np.ndarray | torch.Tensor | None = None,
+    resize_to: int | None = None,
+    batch_size: int = 64,
+    chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(tokens, whole)``, both from one forward pass per image, in memory, float32: ``tokens[layer]`` is
+    ``N x P x D``, every patch token of ``block`` row-major over the token grid (the rows of
+    :func:`extract_token_embeddings`, whose boxes are :func:`token_sampler`'s), and ``whole[layer]`` is
+    ``N x D``, :func:`whole_image_embeddings`. Half the forward passes of calling the two (what aggregation
+    convergence of tokens needs); a store of tokens, resumable and checksummed, is
+    :func:`extract_token_embeddings` with ``out``."""
+    return _token_pass(model, data, block=block, layers=layers, image_ids=image_ids, resize_to=resize_to,
+                       batch_size=batch_size, chunk_size=chunk_size, device=device, amp=amp,
+                       num_workers=num_workers, with_tokens=True, progress=progress)
+
+
+def _token_pass(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray, *, block: int | None,
+                layers: Sequence[str] | None, image_ids: Iterable[int] | np.ndarray | torch.Tensor | None,
+                resize_to: int | None, batch_size: int, chunk_size: int | None, device: str | torch.device | None,
+                amp: bool | None, num_workers: int | None, with_tokens: bool, progress: bool,
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Whole images through :class:`_TokenNetwork` once: the tokens (when ``with_tokens``) and the whole-image
+    embeddings of ``layers``, float32 in memory; an image whose embedding is not finite stops it, named."""
     amp = _OPTIONS.get().get("amp") if amp is None else amp
+    compile = bool(_OPTIONS.get().get("compile", False))  # --compile of the command lines
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     source = _ImageSource(data)
     ids = _as_image_ids(image_ids, len(source))
     sampler = token_sampler(model, resize_to, block)
-    size = sampler.input_size
+    size, per_image = sampler.input_size, sampler.num_patches(source.image_size)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     was_training = model.training
     model.eval().to(device)
@@ -719,23 +761,36 @@ def whole_image_embeddings(
         unknown = [name for name in layers if name not in dims]
         if unknown:
             raise ValueError(f"layers must be among those the model has ({', '.join(dims)}), got {layers}")
-        outputs = [f"whole_{name}" for name in layers]
+        outputs = [f"whole_{name}" for name in layers] + (list(layers) if with_tokens else [])
         embedder = _TokenEmbedder(_TokenNetwork(model, sampler.block), device, outputs,
-                                  chunk_size or default_chunk_size(size, device), _autocast_dtype(device, amp))
-        result = {name: np.empty((len(ids), dims[name]), dtype=np.float32) for name in layers}
+                                  chunk_size or default_chunk_size(size, device), _autocast_dtype(device, amp),
+                                  compile)
+        whole = {name: np.empty((len(ids), dims[name]), dtype=np.float32) for name in layers}
+        tokens = {name: np.empty((len(ids), per_image, dims[name]), dtype=np.float32)
+                  for name in (layers if with_tokens else [])}
         spans = _batches(len(ids), batch_size)
         batch_ids = [ids[span] for span in spans]
-        for span, pixels in zip(spans, _image_batches(source, batch_ids, device, num_workers), strict=True):
-            with torch.inference_mode():
-                images = pixels.to(device)
-                images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-                host = {name: torch.empty(span.stop - span.start, dims[name[len("whole_"):]]) for name in outputs}
-                embedder.embed(images, sampler.boxes(ids[span], source.image_size), size, False, host)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            for name in layers:
-                result[name][span] = host[f"whole_{name}"].numpy()
-        return result
+        with tqdm(total=len(ids), unit="img", disable=not progress, dynamic_ncols=True, mininterval=0.5,
+                  desc=f"embedding {per_image} tokens/img") as bar:
+            for span, these, pixels in zip(spans, batch_ids, _image_batches(source, batch_ids, device, num_workers),
+                                           strict=True):
+                count = span.stop - span.start
+                with torch.inference_mode():
+                    images = pixels.to(device)
+                    images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+                    host = {name: torch.empty(count * (1 if name.startswith("whole_") else per_image),
+                                              dims[name.removeprefix("whole_")]) for name in outputs}
+                    embedder.embed(images, sampler.boxes(these, source.image_size), size, False, host)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                arrays = {name: host[name].numpy().reshape(count, -1, host[name].shape[-1]) for name in outputs}
+                _check_finite_rows(arrays, these, "float32")
+                for name in layers:
+                    whole[name][span] = arrays[f"whole_{name}"][:, 0]
+                    if with_tokens:
+                        tokens[name][span] = arrays[name]
+                bar.update(count)
+        return tokens, whole
     finally:
         model.train(was_training)
 

@@ -164,6 +164,34 @@ def test_convergence_tokens_all_is_the_cosine_of_the_mean_token_to_the_class_tok
     assert z.curves[0].points[0].similarity.mean == pytest.approx(by_hand.mean(), abs=1e-5)
 
 
+def test_convergence_tokens_runs_the_backbone_once_per_image(cifar, dino_full, monkeypatch):
+    """The tokens and the class token they are compared with come from one forward pass: each image goes through
+    the backbone once (it went twice, once for the tokens and again for the whole-image embedding), and
+    :func:`~.extract.tokens_and_whole_image_embeddings` gives both, equal to the two separate calls."""
+    _, _, path = dino_full
+    model = load_model(path, verbose=False)
+    embed_tokens, fed = type(model.backbone).embed_tokens, []
+
+    def counting(self, x, block):
+        fed.append(x.shape[0])
+        return embed_tokens(self, x, block)
+
+    monkeypatch.setattr(type(model.backbone), "embed_tokens", counting)
+    curve = convergence.convergence_curve(model, cifar, n_values=["all"], layer="z", num_images=5, draws=1,
+                                          device="cpu", tokens=True, batch_size=2)
+    assert sum(fed) == 5 and curve.curves[0].num_patches == 16
+    fed.clear()
+    ids = [3, 1, 4]
+    tokens, whole = extract.tokens_and_whole_image_embeddings(model, cifar, layers=["h", "z"], image_ids=ids,
+                                                              batch_size=2, device="cpu")
+    assert sum(fed) == 3 and tokens["h"].shape == (3, 16, 48) and whole["z"].shape == (3, 100)
+    separate = extract_token_embeddings(model, cifar, image_ids=ids, dtype="float32", device="cpu", progress=False)
+    for name in ("h", "z"):
+        np.testing.assert_allclose(tokens[name], separate.layer(name), atol=1e-6)
+        np.testing.assert_allclose(whole[name], whole_image_embeddings(model, cifar, layers=[name],
+                                                                       image_ids=ids)[name], atol=1e-6)
+
+
 def test_heatmap_tokens_maps_are_token_cosines(tmp_path, cifar, dino_full, cifar10_npz):
     vit, head, path = dino_full
     record = heatmap.main(["--model", str(path), "--data", "cifar10", "--data-root", str(cifar10_npz.parent),
