@@ -784,7 +784,8 @@ def _token_pass(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray,
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 arrays = {name: host[name].numpy().reshape(count, -1, host[name].shape[-1]) for name in outputs}
-                _check_finite_rows(arrays, these, "float32")
+                _check_finite_rows({name.replace("whole_", "whole-image "): rows for name, rows in arrays.items()},
+                                   these, "float32")
                 for name in layers:
                     whole[name][span] = arrays[f"whole_{name}"][:, 0]
                     if with_tokens:

@@ -192,6 +192,23 @@ def test_convergence_tokens_runs_the_backbone_once_per_image(cifar, dino_full, m
                                                                        image_ids=ids)[name], atol=1e-6)
 
 
+def test_a_non_finite_token_or_class_token_stops_the_pass_naming_the_image(cifar, raw_vit, monkeypatch):
+    _, path = raw_vit
+    model = load_model(path, num_heads=3, verbose=False)
+    forward = extract._TokenNetwork.forward
+
+    def nan_class_token_of_the_second_image(self, x):
+        outputs = forward(self, x)
+        outputs["whole_h"][1] = float("nan")
+        return outputs
+
+    monkeypatch.setattr(extract._TokenNetwork, "forward", nan_class_token_of_the_second_image)
+    with pytest.raises(ValueError, match="the whole-image h embedding of image 7 holds NaN or infinity"):
+        whole_image_embeddings(model, cifar, image_ids=[4, 7, 8], device="cpu")
+    with pytest.raises(ValueError, match="the whole-image h embedding of image 7 holds NaN or infinity"):
+        extract.tokens_and_whole_image_embeddings(model, cifar, image_ids=[4, 7, 8], device="cpu", progress=False)
+
+
 def test_heatmap_tokens_maps_are_token_cosines(tmp_path, cifar, dino_full, cifar10_npz):
     vit, head, path = dino_full
     record = heatmap.main(["--model", str(path), "--data", "cifar10", "--data-root", str(cifar10_npz.parent),
