@@ -86,11 +86,20 @@ next() {
 #   EPOCHS=6 SEED=3 TRAIN_SIZE=15000 STEPS="onward ship new_cards remake" benchmarks/emp_ssl_cpu.sh
 #   EPOCHS=8 SEED=5 STEPS="onward ship new_cards remake own_protocol card2k" benchmarks/emp_ssl_cpu.sh   # session 8
 #   EPOCHS=9 SEED=6 STEPS="onward ship new_cards remake own_protocol card2k" benchmarks/emp_ssl_cpu.sh   # session 9
+#   EPOCHS=10 SEED=7 STEPS="onward ship new_cards" benchmarks/emp_ssl_cpu.sh   # session 10: not shipped (no gain
+#     beyond its paired intervals), the shipped files restored with git checkout; its cards and log kept in $RESULTS
+# A run continued from a previous run that was not shipped keeps that run's log in the history it ships with.
 onward() {
   local from=runs/emp-ssl-cpu-10k-$((EPOCHS - 1))ep/checkpoint.pt
   [ -f "$from" ] || { echo "onward: $from is gone; use STEPS=next (starts from the shipped backbone)" >&2; return 1; }
   mkdir -p "$CONT"
-  [ -f "$CONT/previous.log.jsonl" ] || cp pretrained/emp-ssl-resnet18-cifar10.log.jsonl "$CONT/previous.log.jsonl"
+  if [ ! -f "$CONT/previous.log.jsonl" ]; then
+    cp pretrained/emp-ssl-resnet18-cifar10.log.jsonl "$CONT/previous.log.jsonl"
+    local last
+    last=$(tail -n 1 "$(dirname "$from")/log.jsonl")
+    grep -qxF "$last" pretrained/emp-ssl-resnet18-cifar10.log.jsonl \
+      || cat "$(dirname "$from")/log.jsonl" >> "$CONT/previous.log.jsonl"
+  fi
   [ -f "$CONT/resume.pt" ] && resume=--resume || resume=
   $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size "$TRAIN_SIZE" --seed "$SEED" --lr 0.1 \
       --device cpu --init-from "$from" --run-dir "$CONT" --time-limit 6000 $resume
