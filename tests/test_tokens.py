@@ -192,7 +192,7 @@ def test_convergence_tokens_runs_the_backbone_once_per_image(cifar, dino_full, m
                                                                        image_ids=ids)[name], atol=1e-6)
 
 
-def test_a_non_finite_token_or_class_token_stops_the_pass_naming_the_image(cifar, raw_vit, monkeypatch):
+def test_a_non_finite_class_token_stops_the_pass_naming_the_image(cifar, raw_vit, monkeypatch):
     _, path = raw_vit
     model = load_model(path, num_heads=3, verbose=False)
     forward = extract._TokenNetwork.forward
