@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import functools
 import hashlib
+import inspect
 import os
 import sys
 import time
@@ -706,35 +707,23 @@ def whole_image_embeddings(
     that block (the class token after the final norm; for the last block exactly the model's ``h`` of the
     image at that size), and the heads applied to it (``z``). For the tokens too, from the same pass, see
     :func:`tokens_and_whole_image_embeddings`."""
-    return _token_pass(model, data, block=block, layers=layers, image_ids=image_ids, resize_to=resize_to,
-                       batch_size=batch_size, chunk_size=chunk_size, device=device, amp=amp,
-                       num_workers=num_workers, with_tokens=False, progress=False)[1]
+    arguments = dict(locals())
+    return _token_pass(**arguments, with_tokens=False, progress=False)[1]
 
 
 def tokens_and_whole_image_embeddings(
-    model: SSLModel,
-    data: ImageDataset | torch.Tensor | np.ndarray,
-    *,
-    block: int | None = None,
-    layers: Sequence[str] | None = None,
-    image_ids: Iterable[int] | np.ndarray | torch.Tensor | None = None,
-    resize_to: int | None = None,
-    batch_size: int = 64,
-    chunk_size: int | None = None,
-    device: str | torch.device | None = None,
-    amp: bool | None = None,
-    num_workers: int | None = None,
-    progress: bool = True,
+    model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray, *, progress: bool = True, **options: Any,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """``(tokens, whole)``, both from one forward pass per image, in memory, float32: ``tokens[layer]`` is
     ``N x P x D``, every patch token of ``block`` row-major over the token grid (the rows of
     :func:`extract_token_embeddings`, whose boxes are :func:`token_sampler`'s), and ``whole[layer]`` is
-    ``N x D``, :func:`whole_image_embeddings`. Half the forward passes of calling the two (what aggregation
-    convergence of tokens needs); a store of tokens, resumable and checksummed, is
-    :func:`extract_token_embeddings` with ``out``."""
-    return _token_pass(model, data, block=block, layers=layers, image_ids=image_ids, resize_to=resize_to,
-                       batch_size=batch_size, chunk_size=chunk_size, device=device, amp=amp,
-                       num_workers=num_workers, with_tokens=True, progress=progress)
+    ``N x D``, :func:`whole_image_embeddings`, whose ``options`` these are (``block``, ``layers``, ``image_ids``,
+    ``resize_to``, ``batch_size``, ``chunk_size``, ``device``, ``amp``, ``num_workers``). Half the forward passes
+    of calling the two (what aggregation convergence of tokens needs); a store of tokens, resumable and
+    checksummed, is :func:`extract_token_embeddings` with ``out``."""
+    arguments = inspect.signature(whole_image_embeddings).bind(model, data, **options)
+    arguments.apply_defaults()
+    return _token_pass(**arguments.arguments, with_tokens=True, progress=progress)
 
 
 def _token_pass(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray, *, block: int | None,
@@ -774,23 +763,19 @@ def _token_pass(model: SSLModel, data: ImageDataset | torch.Tensor | np.ndarray,
                   desc=f"embedding {per_image} tokens/img") as bar:
             for span, these, pixels in zip(spans, batch_ids, _image_batches(source, batch_ids, device, num_workers),
                                            strict=True):
-                count = span.stop - span.start
+                # the embedder writes each batch's rows straight into the results (views of their rows)
+                rows = {f"whole-image {name}": whole[name][span] for name in layers}
+                rows.update({name: tokens[name][span] for name in tokens})
+                host = {f"whole_{name}": torch.from_numpy(whole[name][span]) for name in layers}
+                host.update({name: torch.from_numpy(tokens[name][span].reshape(-1, dims[name])) for name in tokens})
                 with torch.inference_mode():
                     images = pixels.to(device)
                     images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-                    host = {name: torch.empty(count * (1 if name.startswith("whole_") else per_image),
-                                              dims[name.removeprefix("whole_")]) for name in outputs}
                     embedder.embed(images, sampler.boxes(these, source.image_size), size, False, host)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                arrays = {name: host[name].numpy().reshape(count, -1, host[name].shape[-1]) for name in outputs}
-                _check_finite_rows({name.replace("whole_", "whole-image "): rows for name, rows in arrays.items()},
-                                   these, "float32")
-                for name in layers:
-                    whole[name][span] = arrays[f"whole_{name}"][:, 0]
-                    if with_tokens:
-                        tokens[name][span] = arrays[name]
-                bar.update(count)
+                _check_finite_rows(rows, these, "float32")
+                bar.update(len(these))
         return tokens, whole
     finally:
         model.train(was_training)

@@ -185,6 +185,8 @@ def test_convergence_tokens_runs_the_backbone_once_per_image(cifar, dino_full, m
     tokens, whole = extract.tokens_and_whole_image_embeddings(model, cifar, layers=["h", "z"], image_ids=ids,
                                                               batch_size=2, device="cpu")
     assert sum(fed) == 3 and tokens["h"].shape == (3, 16, 48) and whole["z"].shape == (3, 100)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'out'"):  # in memory: a store is extract's
+        extract.tokens_and_whole_image_embeddings(model, cifar, image_ids=ids, out="store")
     separate = extract_token_embeddings(model, cifar, image_ids=ids, dtype="float32", device="cpu", progress=False)
     for name in ("h", "z"):
         np.testing.assert_allclose(tokens[name], separate.layer(name), atol=1e-6)
