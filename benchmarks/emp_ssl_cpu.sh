@@ -107,6 +107,9 @@ onward() {
 
 ship() {
   $py pretrained/ship.py "$CONT/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
+  ship_log
+}
+ship_log() {
   # the shipped log is the model's whole history: from session 4 on, the --init-from run's log follows the one
   # of the run it started from
   if [ -f "$CONT/previous.log.jsonl" ]; then
@@ -187,15 +190,18 @@ bagssl_full16() {
 # against the previous model's card (kept in $CONT/previous.* before it is replaced; the controls are read from the
 # commit that holds it, REV:PATH, so that the cards name where their control came from in the history)
 #   EPOCHS=6 STEPS=new_cards benchmarks/emp_ssl_cpu.sh
+committed() {  # REV:PATH of the committed card $RESULTS/$1, or one line saying it is not as the last commit holds it
+  local rev
+  rev=$(git log -1 --format=%h -- "$RESULTS/$1")
+  if [ -z "$rev" ] || ! git diff --quiet HEAD -- "$RESULTS/$1"; then
+    echo "$RESULTS/$1 is not as the last commit holds it; commit it first" >&2
+    return 1
+  fi
+  echo "$rev:$RESULTS/$1"
+}
 keep_previous() {  # the committed card $RESULTS/$1 kept as $CONT/previous.$1, and REV:PATH of the commit holding it
   if [ ! -f "$CONT/previous.$1" ]; then
-    local rev
-    rev=$(git log -1 --format=%h -- "$RESULTS/$1")
-    if [ -z "$rev" ] || ! git diff --quiet HEAD -- "$RESULTS/$1"; then
-      echo "new_cards: $RESULTS/$1 is not as the last commit holds it; commit it first" >&2
-      return 1
-    fi
-    echo "$rev:$RESULTS/$1" > "$CONT/previous.$1.from"
+    committed "$1" > "$CONT/previous.$1.from" || return 1
     cp "$RESULTS/$1" "$CONT/previous.$1"
   fi
   cat "$CONT/previous.$1.from"
@@ -230,6 +236,63 @@ own_protocol() {
 card2k() {
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --max-images 2000 --no-progress \
       --json "$RESULTS/card-2k_emp-ssl-resnet18-cifar10.json"
+}
+
+# Session 11 on (issue 12): the new run is judged before anything shipped changes. `candidate` ships it (backbone only,
+# float16) into its run folder and measures its full-protocol cards there (the mean of 16 patches and the central view,
+# bf16 autocast, controls from the shipped model's committed cards, REV:PATH), each paired against the shipped model's
+# card. `judge` asks model_card.py --compare --verdict of the 16 patches (the issue's measure): k-NN better beyond the
+# paired 95% interval and nothing worse beyond it. Then either `promote`: the candidate file (the bytes measured)
+# becomes the shipped model with its log, its cards move to $RESULTS (reused whole, named after the shipped file, not
+# measured again), the paired comparisons with the other models and the float32 central card of pretrained/README.md,
+# the figures and the 2,000-image card; or the shipped model stays and the candidate's cards and log are kept in
+# $RESULTS as not-shipped_emp-ssl-${EPOCHS}ep_* (their checkpoint is the run folder's candidate, not committed).
+#   EPOCHS=11 SEED=8 TRAIN_SIZE=20000 STEPS="onward candidate judge own_protocol" benchmarks/emp_ssl_cpu.sh
+CANDIDATE=candidate_emp-ssl-resnet18-cifar10.pt   # in $CONT
+F16=card-full-16patches_emp-ssl-resnet18-cifar10.json
+C16=card-full-central-bf16_emp-ssl-resnet18-cifar10.json
+candidate() {
+  local from16 fromc16
+  from16=$(committed "$F16") && fromc16=$(committed "$C16") || return 1
+  [ -f "$CONT/$CANDIDATE" ] || $py pretrained/ship.py "$CONT/checkpoint.pt" "$CONT/$CANDIDATE" --backbone-only
+  $py pretrained/model_card.py "$CONT/$CANDIDATE" --device cpu --amp --protocols 16 --control-from "$from16" \
+      --json "$CONT/$F16"
+  $py pretrained/model_card.py --compare "$CONT/$F16" "$RESULTS/$F16"
+  $py pretrained/model_card.py "$CONT/$CANDIDATE" --device cpu --amp --protocols central --control-from "$fromc16" \
+      --json "$CONT/$C16"
+  $py pretrained/model_card.py --compare "$CONT/$C16" "$RESULTS/$C16"
+}
+judge() {
+  local status=0
+  $py pretrained/model_card.py --compare "$CONT/$F16" "$RESULTS/$F16" --verdict || status=$?
+  case $status in
+    0) promote ;;
+    3) local stem=$RESULTS/not-shipped_emp-ssl-${EPOCHS}ep
+       cp "$CONT/$F16" "${stem}_card-full-16patches.json"
+       cp "$CONT/$C16" "${stem}_card-full-central-bf16.json"
+       cp "$CONT/log.jsonl" "$stem.log.jsonl"
+       echo "judge: the shipped model stays; the candidate's cards and log kept as ${stem}_*" ;;
+    *) return "$status" ;;
+  esac
+}
+promote() {
+  local from16 fromc16
+  from16=$(committed "$F16") && fromc16=$(committed "$C16") || return 1
+  cp "$CONT/$CANDIDATE" pretrained/emp-ssl-resnet18-cifar10.pt
+  ship_log
+  cp "$CONT/$F16" "$RESULTS/$F16"
+  cp "$CONT/$C16" "$RESULTS/$C16"
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols 16 \
+      --control-from "$from16" --json "$RESULTS/$F16" --no-progress
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols central \
+      --control-from "$fromc16" --json "$RESULTS/$C16" --no-progress
+  $py pretrained/model_card.py --compare "$RESULTS/$F16" "$RESULTS/$C16"
+  $py pretrained/model_card.py --compare "$RESULTS/$F16" "$RESULTS/card-full-central-bf16_vicreg-resnet18-cifar10.json"
+  $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" "$RESULTS/$F16"
+  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --protocols central \
+      --control-from pretrained/simclr-resnet18-cifar10.card.json --json pretrained/emp-ssl-resnet18-cifar10.card.json
+  remake
+  card2k
 }
 
 baseline_cards() {

@@ -26,6 +26,12 @@ Two cards measured on the same test images (each keeps every test image's right/
 
     python pretrained/model_card.py --compare new.card.json old.card.json   # A - B, per protocol pair, 95% CI
     python pretrained/model_card.py --compare new.card.json old.card.json --control   # their random-init controls
+
+A candidate is judged before it replaces the shipped model: ``--compare candidate.json shipped.json --verdict`` exits
+0 when the candidate's k-NN is better beyond the paired 95% interval on every protocol both cards measured and no
+classifier is worse beyond it, and 3 (the shipped model stays) otherwise. A candidate's card then becomes the shipped
+model's without measuring again: copy it to the shipped card's path and run the card of the shipped file (the same
+bytes, its sha256) with that --json; both parts are reused under the new path.
 """
 from __future__ import annotations
 
@@ -135,11 +141,13 @@ def earlier_rows(path: str | None) -> list:
 
 
 def measured_before(rows: list, row: dict, titles: set[str]) -> dict | None:
-    """This checkpoint's row from an earlier, interrupted run that wrote the same --json (``rows``), when it measured
-    the same file (its sha256: cards written before they recorded it are measured again) the same way (images,
-    classifiers, extraction, seed, protocols); else None. Its parts (trained, random_init) are reused."""
+    """This checkpoint's row from an earlier run that wrote the same --json (``rows``: an interrupted run, or the card
+    of a candidate model copied there before the candidate was shipped under another path), when it measured the
+    same file (its sha256, wherever the file was then: cards written before they recorded it are measured again) the
+    same way (images, classifiers, extraction, seed, protocols); else None. Its parts (trained, random_init) are
+    reused."""
     for old in rows:
-        if not isinstance(old, dict) or old.get("checkpoint") != row["checkpoint"] or "trained" not in old:
+        if not isinstance(old, dict) or "trained" not in old:
             continue
         same = not _differences(row, old, SAME_SETTINGS) and set(old["trained"]) == titles
         same &= old.get("checkpoint_sha256") == row["checkpoint_sha256"]
@@ -248,6 +256,31 @@ def print_comparison(path_a: str, path_b: str, a: dict, b: dict, rows: list[dict
               f"| {d['value']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}] |")
 
 
+# exit status of --compare --verdict when candidate A does not replace B (0 when it does; 1 and 2 are errors)
+KEEP_STATUS = 3
+
+
+def ship_verdict(rows: list[dict]) -> tuple[bool, str]:
+    """Whether candidate card A should replace B (rows of :func:`compare_cards`): on every protocol both measured,
+    A's k-NN is better beyond the paired 95% interval (its low end above 0) and no classifier is worse beyond it
+    (high end below 0). A gain inside the interval is not a gain: the model that is shipped stays."""
+    same = [r for r in rows if r["a"] == r["b"]]
+    if not same:
+        raise SystemExit("error: --verdict: the two cards share no protocol; compare cards of the same protocols")
+
+    def line(r: dict) -> str:
+        d = r["difference"]
+        return f"{r['a']} {r['classifier']} {d['value']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}]"
+
+    worse = [line(r) for r in same if r["difference"]["ci95_high"] < 0]
+    flat = [line(r) for r in same if r["classifier"] == "knn" and r["difference"]["ci95_low"] <= 0]
+    if worse:
+        return False, "worse beyond the interval: " + "; ".join(worse)
+    if flat:
+        return False, "k-NN not better beyond the interval: " + "; ".join(flat)
+    return True, "k-NN better beyond the interval, nothing worse: " + "; ".join(line(r) for r in same)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoints, or with --compare two card JSONs")
@@ -256,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "per protocol pair and classifier, paired over the test images, with 95%% intervals")
     parser.add_argument("--control", action="store_true",
                         help="with --compare: compare the cards' random-init controls instead of the trained models")
+    parser.add_argument("--verdict", action="store_true",
+                        help="with --compare of a candidate card A and the shipped model's card B: say whether A "
+                             "replaces B (k-NN better beyond its paired 95%% interval on every shared protocol, "
+                             f"nothing worse beyond it); exit status 0 if it does, {KEEP_STATUS} if it does not")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-patches", type=int, default=16)
@@ -285,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verdict and not args.compare:
+        parser.error("--verdict judges two cards: use it with --compare CANDIDATE.json SHIPPED.json")
     if args.compare:
         if len(args.checkpoints) != 2:
             parser.error("--compare takes two card JSONs")
@@ -292,6 +331,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = compare_cards(*args.checkpoints, *cards, kind="random_init" if args.control else "trained")
         print_comparison(*args.checkpoints, *cards, rows,
                          "random-init controls" if args.control else "trained models")
+        if args.verdict:
+            if args.control:
+                parser.error("--verdict judges trained models; drop --control")
+            replace, why = ship_verdict(rows)
+            print(f"\nverdict: {'ship A, it replaces B' if replace else 'keep B, A is not shipped'} ({why})")
+            if not replace:
+                raise SystemExit(KEEP_STATUS)
         return rows
     device = torch.device(args.device)
     train = load_dataset("cifar10", "train", root=args.data_root)
@@ -323,8 +369,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             same_control = kind == "trained" or (earlier is not None and earlier.get(
                 "control_backbone_sha256", row["control_backbone_sha256"]) == row["control_backbone_sha256"])
             if earlier is not None and kind in earlier and kind in earlier["correct"] and same_control:
-                print(f"{path}: its {kind.replace('_', '-')} part measured earlier into {args.json} (same file and "
-                      "settings), reused")
+                where = "" if earlier.get("checkpoint") == path else f" as {earlier.get('checkpoint')}"
+                print(f"{path}: its {kind.replace('_', '-')} part measured earlier{where} into {args.json} (same file "
+                      "and settings), reused")
                 row[kind], row["correct"][kind] = earlier[kind], earlier["correct"][kind]
                 row["test_ids_sha256"] = earlier["test_ids_sha256"]
                 row[f"{kind}_seconds_earlier"] = earlier.get("seconds")
@@ -355,6 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["seconds"] = round(time.perf_counter() - start, 1)
             if args.json:
                 _write_json(args.json, rows)
+        if args.json:  # also a card reused whole: it is now named after this path
+            _write_json(args.json, rows)
 
     print("| checkpoint | protocol | k-NN top-1 trained | linear trained | k-NN top-1 random init "
           "| linear random init |")

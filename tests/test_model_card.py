@@ -314,3 +314,87 @@ def test_control_from_a_committed_card_by_rev_and_path_when_the_file_has_moved_o
     assert taken["random_init_from"] == f"{rev}:card.json"
     with pytest.raises(SystemExit, match=r"^error: cannot read the card 0000000:card\.json from git: .+"):
         card.main([str(b), *common, "--control-from", "0000000:card.json"])
+
+
+def test_a_candidates_card_becomes_the_shipped_models_without_measuring_again(tmp_path, cifar10_npz, tiny_model,
+                                                                              monkeypatch, capsys):
+    """A candidate is measured in its run folder before it is shipped; once shipped (the same bytes under another
+    path), its card copied to the shipped card's path is reused whole, named after the shipped file; a different file
+    at that path is measured again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    candidate, shipped = run / "candidate.pt", tmp_path / "shipped.pt"
+    save_checkpoint(tiny_model, candidate, train={"method": "bagssl", "patch_size": 16})
+    card = _card_module()
+    common = ["--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40", "--num-patches", "2",
+              "--probe-epochs", "2", "--no-progress"]
+    (measured,) = card.main([str(candidate), *common, "--json", str(run / "card.json")])
+    shutil.copyfile(candidate, shipped)
+    shutil.copyfile(run / "card.json", tmp_path / "card.json")
+    calls = _count_evaluations(card, monkeypatch)
+    capsys.readouterr()
+    (reused,) = card.main([str(shipped), *common, "--json", str(tmp_path / "card.json")])
+    assert calls == []
+    assert f"measured earlier as {candidate} into" in capsys.readouterr().out
+    assert reused["checkpoint"] == str(shipped) == json.loads((tmp_path / "card.json").read_text())[0]["checkpoint"]
+    assert reused["checkpoint_sha256"] == measured["checkpoint_sha256"]
+    for kind in ("trained", "random_init"):
+        assert reused[kind] == measured[kind] and reused["correct"][kind] == measured["correct"][kind]
+    save_checkpoint(helpers.tiny_model(seed=1), shipped, train={"method": "bagssl", "patch_size": 16})
+    shutil.copyfile(run / "card.json", tmp_path / "card.json")
+    card.main([str(shipped), *common, "--json", str(tmp_path / "card.json")])
+    assert len(calls) == 2
+
+
+def _synthetic_card(path, knn: str, linear: str) -> str:
+    """A card of the 16-patch protocol that keeps these per-image right/wrong strings (the shape --compare reads)."""
+    correct = {"16 patches": {"knn": knn, "linear": linear}}
+    path.write_text(json.dumps([{"checkpoint": path.stem, "test_ids_sha256": "ids", "extraction": "bf16 autocast",
+                                 "correct": {"trained": correct, "random_init": correct}}]))
+    return str(path)
+
+
+@pytest.mark.parametrize("candidate, replaces, why", [
+    # 1,000 test images; the shipped model right on the first 600 (k-NN and linear)
+    (("1" * 650 + "0" * 350, "1" * 600 + "0" * 400), True, "k-NN better beyond the interval"),   # k-NN +5.0
+    # k-NN +1.0 from 50 images won and 40 lost: inside its interval
+    (("0" * 40 + "1" * 610 + "0" * 350, "1" * 600 + "0" * 400), False, "k-NN not better beyond"),
+    (("1" * 650 + "0" * 350, "1" * 550 + "0" * 450), False, "worse beyond the interval: 16 patches linear -5.00"),
+])
+def test_verdict_ships_a_candidate_only_when_its_knn_gain_is_beyond_the_paired_interval(
+        tmp_path, capsys, candidate, replaces, why):
+    card = _card_module()
+    shipped = _synthetic_card(tmp_path / "shipped.json", "1" * 600 + "0" * 400, "1" * 600 + "0" * 400)
+    new = _synthetic_card(tmp_path / "candidate.json", *candidate)
+    if replaces:
+        rows = card.main(["--compare", new, shipped, "--verdict"])
+        assert {r["classifier"] for r in rows} == {"knn", "linear"}
+    else:
+        with pytest.raises(SystemExit) as stop:
+            card.main(["--compare", new, shipped, "--verdict"])
+        assert stop.value.code == card.KEEP_STATUS == 3
+    out = capsys.readouterr().out
+    assert f"verdict: {'ship A' if replaces else 'keep B'}" in out and why in out
+    # the interval is the paired one: 50 images that only the candidate gets right are +5.0, whose 95% interval
+    # (Student-t over 1,000 per-image differences in {0, 1}) starts near +3.6
+    if replaces:
+        (knn,) = [r for r in rows if r["classifier"] == "knn"]
+        assert knn["difference"]["value"] == pytest.approx(5.0)
+        assert knn["difference"]["ci95_low"] == pytest.approx(3.65, abs=0.05)
+
+
+def test_verdict_needs_compare_and_a_shared_protocol(tmp_path, cifar10_npz):
+    card = _card_module()
+    a = _synthetic_card(tmp_path / "a.json", "1" * 10, "1" * 10)
+    central = json.loads((tmp_path / "a.json").read_text())
+    for kind in ("trained", "random_init"):
+        central[0]["correct"][kind] = {"central": central[0]["correct"][kind]["16 patches"]}
+    (tmp_path / "central.json").write_text(json.dumps(central))
+    with pytest.raises(SystemExit, match="share no protocol"):
+        card.main(["--compare", a, str(tmp_path / "central.json"), "--verdict"])
+    with pytest.raises(SystemExit) as stop:
+        card.main([a, "--verdict"])
+    assert stop.value.code == 2
+    with pytest.raises(SystemExit) as stop:
+        card.main(["--compare", a, a, "--verdict", "--control"])
+    assert stop.value.code == 2
