@@ -1028,6 +1028,7 @@ def _train(config: TrainConfig, processes: Processes) -> Path:
             if processes.main:
                 print(f"stopping after step {result.stopped_after} of {run.steps_per_epoch} in epoch {epoch + 1} "
                       f"(time limit of {config.time_limit:g} s): {run.resume_path} holds it; continue with --resume")
+                _mark_stopped_within(run, epoch, result.stopped_after)
             break
         stopped_early = end_of_epoch(run, epoch, result)
         if stopped_early:
@@ -1038,6 +1039,22 @@ def _train(config: TrainConfig, processes: Processes) -> Path:
         print(f"checkpoint: {run.checkpoint_path}" if run.checkpoint_path.is_file() else
               "no checkpoint yet: no epoch has finished")
     return run.checkpoint_path
+
+
+def _mark_stopped_within(run: TrainingRun, epoch: int, steps_done: int) -> None:
+    """After a time-limit stop within ``epoch``: the last finished epoch's ``checkpoint.pt`` (if any) says that the
+    run stopped early and where, its weights unchanged (read back and written again, checksum renewed)."""
+    if not run.checkpoint_path.is_file():
+        return
+    try:
+        checkpoint = read_checkpoint(run.checkpoint_path)
+        verify_checksum(checkpoint, run.checkpoint_path)
+        checkpoint["train"]["stopped_early"] = (
+            f"time limit of {run.config.time_limit:g} s, within epoch {epoch + 1} after step {steps_done} of "
+            f"{run.steps_per_epoch} (this is epoch {epoch}'s model; continue with --resume)")
+        atomic_torch_save(with_checksum(checkpoint), run.checkpoint_path)
+    except (ValueError, OSError) as error:  # the resume state is written; --resume rewrites a damaged checkpoint
+        print(f"warning: {run.checkpoint_path} is not marked as stopped early ({error})")
 
 
 def run_folder(config: TrainConfig) -> Path:

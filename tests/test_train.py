@@ -123,6 +123,49 @@ def test_a_time_limit_stops_within_an_epoch_and_the_run_resumes_from_that_step(c
     assert [r["loss"] for r in epochs] == [r["loss"] for r in expected]  # epoch 1's mean spans both pieces of it
 
 
+def test_a_stop_within_a_later_epoch_marks_the_last_finished_epochs_checkpoint_as_stopped_early(
+        cifar10_npz, tmp_path, monkeypatch, capsys):
+    """A time limit that stops a run within epoch 2 leaves checkpoint.pt holding epoch 1's model: its record says the
+    run stopped early and where (it used to say stopped_early None, as for a run planned to end there), the weights
+    stay epoch 1's, and the resumed run's final checkpoint no longer says so."""
+    from ssl_patch_analysis.checkpoints import verify_checksum
+
+    epoch_end = tmp_path / "epoch-end"
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(tiny_args(cifar10_npz.parent, epoch_end, "--epochs", "3", "--time-limit", "1e-6"))
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:  # the clock passes the limit after the first step of epoch 2 (step 3)
+        patch.setattr(train_module, "_decide_within_epoch", lambda run, step_time: (run.step == 3, run.step == 3))
+        train(tiny_args(cifar10_npz.parent, run, "--epochs", "3", "--time-limit", "1e6"))
+    assert "stopping after step 1 of 2 in epoch 2" in capsys.readouterr().out
+    stopped, expected = read_checkpoint(run / "checkpoint.pt"), read_checkpoint(epoch_end / "checkpoint.pt")
+    verify_checksum(stopped, run / "checkpoint.pt")
+    assert stopped["train"]["epochs"] == 1 and stopped["train"]["epochs_planned"] == 3
+    assert stopped["train"]["stopped_early"] == ("time limit of 1e+06 s, within epoch 2 after step 1 of 2 (this is "
+                                                 "epoch 1's model; continue with --resume)")
+    for name, tensor in expected["backbone"].items():
+        assert torch.equal(stopped["backbone"][name], tensor), name
+    assert load_model(run / "checkpoint.pt").info.extra["train"]["stopped_early"].startswith("time limit")
+
+    train(tiny_args(cifar10_npz.parent, run, "--epochs", "3", "--resume"))
+    finished = read_checkpoint(run / "checkpoint.pt")["train"]
+    assert finished["epochs"] == 3 and finished["stopped_early"] is None
+
+    # a checkpoint that cannot be read back at the stop is named in one line; the stop still keeps its resume state
+    damaged = tmp_path / "damaged"
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "_decide_within_epoch", lambda run, step_time: (run.step == 3, run.step == 3))
+
+        def unreadable(path):
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint")
+
+        patch.setattr(train_module, "read_checkpoint", unreadable)
+        train(tiny_args(cifar10_npz.parent, damaged, "--epochs", "3", "--time-limit", "1e6"))
+    assert f"warning: {damaged / 'checkpoint.pt'} is not marked as stopped early" in capsys.readouterr().out
+    assert resume_state(damaged)["in_epoch"]["steps_done"] == 1
+
+
 def test_resume_refuses_changed_settings(cifar10_npz, tmp_path, two_epoch_run):
     out, _ = two_epoch_run
     with pytest.raises(ValueError, match=r"num_patches \(was 4, now 8\)"):
