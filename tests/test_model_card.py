@@ -383,7 +383,7 @@ def test_verdict_ships_a_candidate_only_when_its_knn_gain_is_beyond_the_paired_i
         assert knn["difference"]["ci95_low"] == pytest.approx(3.65, abs=0.05)
 
 
-def test_verdict_needs_compare_and_a_shared_protocol(tmp_path, cifar10_npz):
+def test_verdict_needs_compare_and_a_shared_protocol(tmp_path):
     card = _card_module()
     a = _synthetic_card(tmp_path / "a.json", "1" * 10, "1" * 10)
     central = json.loads((tmp_path / "a.json").read_text())
