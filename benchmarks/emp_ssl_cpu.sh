@@ -206,20 +206,26 @@ keep_previous() {  # the committed card $RESULTS/$1 kept as $CONT/previous.$1, a
   fi
   cat "$CONT/previous.$1.from"
 }
+F16=card-full-16patches_emp-ssl-resnet18-cifar10.json
+C16=card-full-central-bf16_emp-ssl-resnet18-cifar10.json
 new_cards() {
-  local f16=card-full-16patches_emp-ssl-resnet18-cifar10.json c16=card-full-central-bf16_emp-ssl-resnet18-cifar10.json
   local from16 fromc16
-  from16=$(keep_previous "$f16") && fromc16=$(keep_previous "$c16") || return 1
+  from16=$(keep_previous "$F16") && fromc16=$(keep_previous "$C16") || return 1
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols 16 \
-      --control-from "$from16" --json "$RESULTS/$f16"
-  $py pretrained/model_card.py --compare "$RESULTS/$f16" "$CONT/previous.$f16"
+      --control-from "$from16" --json "$RESULTS/$F16"
+  $py pretrained/model_card.py --compare "$RESULTS/$F16" "$CONT/previous.$F16"
   # the central view's control from the previous emp-ssl card (the same random network, checked)
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols central \
-      --control-from "$fromc16" --json "$RESULTS/$c16"
-  $py pretrained/model_card.py --compare "$RESULTS/$c16" "$CONT/previous.$c16"
-  $py pretrained/model_card.py --compare "$RESULTS/$f16" "$RESULTS/$c16"
-  $py pretrained/model_card.py --compare "$RESULTS/$f16" "$RESULTS/card-full-central-bf16_vicreg-resnet18-cifar10.json"
-  $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" "$RESULTS/$f16"
+      --control-from "$fromc16" --json "$RESULTS/$C16"
+  $py pretrained/model_card.py --compare "$RESULTS/$C16" "$CONT/previous.$C16"
+  beside_others
+}
+# the shipped model's 16 patches paired against its own central view, vicreg's central view and bagssl's 16 patches,
+# then its float32 central card (the table of pretrained/README.md)
+beside_others() {
+  $py pretrained/model_card.py --compare "$RESULTS/$F16" "$RESULTS/$C16"
+  $py pretrained/model_card.py --compare "$RESULTS/$F16" "$RESULTS/card-full-central-bf16_vicreg-resnet18-cifar10.json"
+  $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" "$RESULTS/$F16"
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --protocols central \
       --control-from pretrained/simclr-resnet18-cifar10.card.json --json pretrained/emp-ssl-resnet18-cifar10.card.json
 }
@@ -249,8 +255,6 @@ card2k() {
 # $RESULTS as not-shipped_emp-ssl-${EPOCHS}ep_* (their checkpoint is the run folder's candidate, not committed).
 #   EPOCHS=11 SEED=8 TRAIN_SIZE=20000 STEPS="onward candidate judge own_protocol" benchmarks/emp_ssl_cpu.sh
 CANDIDATE=candidate_emp-ssl-resnet18-cifar10.pt   # in $CONT
-F16=card-full-16patches_emp-ssl-resnet18-cifar10.json
-C16=card-full-central-bf16_emp-ssl-resnet18-cifar10.json
 candidate() {
   local from16 fromc16
   from16=$(committed "$F16") && fromc16=$(committed "$C16") || return 1
@@ -286,11 +290,7 @@ promote() {
       --control-from "$from16" --json "$RESULTS/$F16" --no-progress
   $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --amp --protocols central \
       --control-from "$fromc16" --json "$RESULTS/$C16" --no-progress
-  $py pretrained/model_card.py --compare "$RESULTS/$F16" "$RESULTS/$C16"
-  $py pretrained/model_card.py --compare "$RESULTS/$F16" "$RESULTS/card-full-central-bf16_vicreg-resnet18-cifar10.json"
-  $py pretrained/model_card.py --compare "$RESULTS/card-full-16patches_bagssl-resnet18-cifar10.json" "$RESULTS/$F16"
-  $py pretrained/model_card.py pretrained/emp-ssl-resnet18-cifar10.pt --device cpu --protocols central \
-      --control-from pretrained/simclr-resnet18-cifar10.card.json --json pretrained/emp-ssl-resnet18-cifar10.card.json
+  beside_others
   remake
   card2k
 }
