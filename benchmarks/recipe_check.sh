@@ -38,7 +38,7 @@ import torch
 
 from ssl_patch_analysis.checkpoints import load_model
 from ssl_patch_analysis.models import randomly_initialised
-from ssl_patch_analysis.train import TrainConfig, build_model, knn_top1, load_training_data, read_log
+from ssl_patch_analysis.train import TrainConfig, build_model, knn_sampler, knn_top1, load_training_data, read_log
 
 print("| run | k-NN after epoch 2 / 4 / 6 / 8 / 10 (%) | loss epoch 1 -> 10 | backbone moved | s/epoch |")
 print("|---|---|---|---:|---:|")
@@ -57,8 +57,9 @@ for run in sorted(Path(sys.argv[1]).iterdir()):
     print(f"| {run.name} | {knn} | {epochs[0]['loss']:.3f} -> {epochs[-1]['loss']:.3f} "
           f"| {sum(moved) / len(moved):.3f} | {wall:.0f} |")
 # the control: the same narrow architecture with random weights (BatchNorm calibrated on 512 training images), the
-# same online k-NN (its bank and test images are the runs')
+# same online k-NN (its bank and test images and its protocol are the runs')
 data = load_training_data(config, torch.device("cpu"), show=False)
 control = randomly_initialised(build_model(config, 32), config.seed, calibration_images=data.images[:512])
-print(f"| random init | {knn_top1(control, data, config.input_size, bool(config.amp)):.1f} | | 0 | |")
+knn = knn_top1(control, data, config.input_size, bool(config.amp), knn_sampler(config))
+print(f"| random init | {knn:.1f} | | 0 | |")
 PY

@@ -743,3 +743,103 @@ def test_the_online_knn_subsets_are_the_same_for_every_seed(cifar10_npz, tmp_pat
         assert torch.equal(getattr(zero, name), getattr(five, name)), name
     assert zero.knn_bank_images.shape[0] == 100 and zero.knn_test_images.shape[0] == 50
     assert len(set(zero.knn_bank_labels.tolist())) == 10  # a spread of classes, not one block of the split
+
+
+def test_the_online_knn_of_a_patch_method_is_the_mean_of_16_patches_as_evaluate_embeds_them(cifar10_npz, tmp_path):
+    """The patch methods' model cards judge the mean of 16 patches; the online k-NN used to embed the central view
+    only, so a run's log did not follow what its card would say. Now it embeds the images as evaluate's protocol "16"
+    does (the same boxes: image i of the bank is image id i), and the k-NN is the one of those features."""
+    from ssl_patch_analysis.data import TensorImageDataset
+    from ssl_patch_analysis.evaluate import PatchScale, protocol_features
+    from ssl_patch_analysis.knn import knn_accuracy
+
+    config = TrainConfig.from_namespace(tiny_args(cifar10_npz.parent, tmp_path, "--no-amp"))
+    data = train_module.load_training_data(config, torch.device("cpu"), show=False)
+    config.resolve(32, torch.device("cpu"))
+    assert config.knn_protocol == "16"
+    torch.manual_seed(0)
+    model = build_model(config, 32).eval()
+    sampler = train_module.knn_sampler(config)
+
+    def evaluate_features(images, labels, protocol):
+        dataset = TensorImageDataset(images, labels.numpy(), [str(c) for c in range(10)])
+        features, _ = protocol_features(model, dataset, protocol, patch_scale=PatchScale(patch_size=16),
+                                        device="cpu", progress=False, batch_size=37)
+        return torch.from_numpy(features)
+
+    bank = evaluate_features(data.knn_bank_images, data.knn_bank_labels, "16")
+    queries = evaluate_features(data.knn_test_images, data.knn_test_labels, "16")
+    # in chunks that split the bank at other places than evaluate's blocks
+    monitor = train_module.monitor_embeddings(model, data.knn_bank_images, 32, False, sampler, batch=16 * 7)
+    torch.testing.assert_close(monitor, bank, rtol=1e-4, atol=1e-5)
+    central = train_module.central_embeddings(model, data.knn_bank_images, 32, False)
+    torch.testing.assert_close(central, evaluate_features(data.knn_bank_images, data.knn_bank_labels, "central"),
+                               rtol=1e-4, atol=1e-5)
+    assert (central - bank).abs().max() > 1e-2  # the two protocols are not the same features
+
+    expected = knn_accuracy(bank, data.knn_bank_labels, queries, data.knn_test_labels, 10,
+                            k=train_module.KNN_K, temperature=train_module.KNN_TEMPERATURE)
+    assert train_module.knn_top1(model, data, 32, False, sampler) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("method, expected", [("bagssl", "16"), ("emp-ssl", "16"), ("vicreg", "central"),
+                                              ("simclr", "central")])
+def test_the_online_knn_protocol_defaults_to_each_methods_measure(method, expected):
+    config = TrainConfig(method=method)
+    config.resolve(32, torch.device("cpu"))
+    assert config.knn_protocol == expected
+    given = TrainConfig(method=method, knn_protocol="4")
+    given.resolve(32, torch.device("cpu"))
+    assert given.knn_protocol == "4"
+
+
+@pytest.mark.parametrize("value", ["grid:8", "0", "patches"])
+def test_a_bad_knn_protocol_is_one_line_naming_the_choices(cifar10_npz, tmp_path, value):
+    with pytest.raises(ValueError, match=r"--knn-protocol must be central or a number of patches N >= 1"):
+        train(tiny_args(cifar10_npz.parent, tmp_path, "--knn-protocol", value))
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_the_log_and_checkpoint_name_the_online_knn_protocol_and_a_resumed_run_keeps_its_own(cifar10_npz, tmp_path,
+                                                                                            two_epoch_run, capsys):
+    out, _ = two_epoch_run
+    records = [r for r in read_log(out) if "epoch" in r]
+    assert [r["knn_protocol"] for r in records] == ["16", "16"]
+    info = read_checkpoint(out / "checkpoint.pt")["train"]
+    assert "mean of 16 patches of 16x16 px (evaluate's protocol 16, seed 0)" in info["knn"]
+
+    # a run started with the central view (as every run before the setting) resumes measuring the central view
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    state = resume_state(run)
+    del state["args"]["knn_protocol"]  # recorded by a trainer from before the setting
+    torch.save(with_checksum(state), run / "resume.pt")
+    train(tiny_args(cifar10_npz.parent, run, "--epochs", "3", "--resume"))
+    record = read_log(run)[-1]
+    assert (record["epoch"], record["knn_protocol"]) == (3, "central")
+    assert "k-NN top-1 (central) " in capsys.readouterr().out
+    assert "central view" in read_checkpoint(run / "checkpoint.pt")["train"]["knn"]
+    # ...and a flag given on --resume wins (the log says which protocol each record used)
+    train(tiny_args(cifar10_npz.parent, run, "--epochs", "4", "--resume", "--knn-protocol", "2"))
+    assert [r["knn_protocol"] for r in read_log(run) if "epoch" in r][-2:] == ["central", "2"]
+
+
+def test_the_time_limit_counts_the_online_knn(cifar10_npz, tmp_path, monkeypatch):
+    """A 16-patch k-NN takes minutes on a CPU: an epoch end that leaves time for another epoch's steps but not for
+    its k-NN stops there (it used to go on and cross the limit by the k-NN's time)."""
+    import time
+
+    def slow_knn(*args, **kwargs):
+        time.sleep(5)
+        return 50.0
+
+    monkeypatch.setattr(train_module, "knn_top1", slow_knn)
+    only_at_epoch_ends(monkeypatch)
+    # epoch 1 ends after a few seconds (no k-NN timed yet: go on); its k-NN takes 5 s; epoch 2 ends near 8 s, when
+    # another epoch of steps would still fit in 15 s but not with the two k-NNs of 5 s (this one and the next)
+    train(tiny_args(cifar10_npz.parent, tmp_path, "--epochs", "4", "--time-limit", "15"))
+    info = read_checkpoint(tmp_path / "checkpoint.pt")["train"]
+    assert info["epochs"] == 2 and info["stopped_early"] == "time limit of 15 s"
+    assert [r["knn_top1"] for r in read_log(tmp_path) if "epoch" in r] == [50.0, 50.0]
