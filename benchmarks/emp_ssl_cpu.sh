@@ -254,6 +254,7 @@ card2k() {
 # the figures and the 2,000-image card; or the shipped model stays and the candidate's cards and log are kept in
 # $RESULTS as not-shipped_emp-ssl-${EPOCHS}ep_* (their checkpoint is the run folder's candidate, not committed).
 #   EPOCHS=11 SEED=8 TRAIN_SIZE=20000 STEPS="onward candidate judge own_protocol" benchmarks/emp_ssl_cpu.sh
+#   EPOCHS=12 SEED=9 TRAIN_SIZE=20000 STEPS="onward candidate judge" benchmarks/emp_ssl_cpu.sh   # session 12: shipped
 CANDIDATE=candidate_emp-ssl-resnet18-cifar10.pt   # in $CONT
 candidate() {
   local from16 fromc16
