@@ -794,12 +794,6 @@ def crops_of(images: torch.Tensor, boxes: torch.Tensor, size: int, exact: bool |
 
 
 @torch.no_grad()
-def central_embeddings(model: SSLModel, images: torch.Tensor, size: int, amp: bool, batch: int = 512) -> torch.Tensor:
-    """Embeddings ``h`` of the central view of uint8 images."""
-    return monitor_embeddings(model, images, size, amp, central(), batch=batch)
-
-
-@torch.no_grad()
 def monitor_embeddings(model: SSLModel, images: torch.Tensor, size: int, amp: bool, sampler: PatchSampler,
                        batch: int = 512) -> torch.Tensor:
     """The k-NN monitor's features: per uint8 image (``B x 3 x H x W``), the mean of the embeddings ``h`` of the

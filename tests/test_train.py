@@ -772,7 +772,7 @@ def test_the_online_knn_of_a_patch_method_is_the_mean_of_16_patches_as_evaluate_
     # in chunks that split the bank at other places than evaluate's blocks
     monitor = train_module.monitor_embeddings(model, data.knn_bank_images, 32, False, sampler, batch=16 * 7)
     torch.testing.assert_close(monitor, bank, rtol=1e-4, atol=1e-5)
-    central = train_module.central_embeddings(model, data.knn_bank_images, 32, False)
+    central = train_module.monitor_embeddings(model, data.knn_bank_images, 32, False, train_module.central())
     torch.testing.assert_close(central, evaluate_features(data.knn_bank_images, data.knn_bank_labels, "central"),
                                rtol=1e-4, atol=1e-5)
     assert (central - bank).abs().max() > 1e-2  # the two protocols are not the same features
