@@ -255,6 +255,8 @@ card2k() {
 # $RESULTS as not-shipped_emp-ssl-${EPOCHS}ep_* (their checkpoint is the run folder's candidate, not committed).
 #   EPOCHS=11 SEED=8 TRAIN_SIZE=20000 STEPS="onward candidate judge own_protocol" benchmarks/emp_ssl_cpu.sh
 #   EPOCHS=12 SEED=9 TRAIN_SIZE=20000 STEPS="onward candidate judge" benchmarks/emp_ssl_cpu.sh   # session 12: shipped
+#   EPOCHS=13 SEED=10 TRAIN_SIZE=20000 STEPS="onward candidate judge own_protocol" benchmarks/emp_ssl_cpu.sh   # 13: kept
+#     the twelfth (k-NN +0.42 [-0.09, +0.93]); EPOCHS=14 continues the thirteenth run, whose log the history then keeps
 CANDIDATE=candidate_emp-ssl-resnet18-cifar10.pt   # in $CONT
 candidate() {
   local from16 fromc16
