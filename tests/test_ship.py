@@ -1,4 +1,6 @@
 """pretrained/ship.py: float16 shipped models, heads dropped on request, nothing written over the size limit."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -69,3 +71,21 @@ def test_every_gpu_recipe_gives_a_model_that_ships_under_25_mb(model, tmp_path):
     shipped = _ship_module().ship(run, tmp_path / "shipped.pt", backbone_only=model == "emp-ssl")
     assert shipped.stat().st_size < 25e6
     assert load_model(shipped, verbose=False).info.method == config.method == model
+
+
+@pytest.mark.parametrize("model", [m for m in GPU_MODELS if m in ("emp-ssl", "bagssl")])
+def test_a_gpu_recipe_of_a_patch_model_spends_at_most_5_percent_of_an_epoch_on_its_online_knn(model):
+    """The online k-NN of a patch model embeds 16 patches per image (bank and queries) and runs inside the session's
+    time limit: counted in forward passes (a training patch's backward as two), it must take at most 5% of what an
+    epoch over CIFAR-10's 50,000 images trains, or the device minutes go to the monitor instead of the model. (With
+    10,000 queries, as the session once asked of every model, EMP-SSL's k-NN took 8%.)"""
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh").read_text()
+    models_step = script[script.index("\nmodels() {"):]
+    models_step = models_step[:models_step.index("\n}\n")]
+    assert "--knn" not in models_step, "the models step sets k-NN flags for every model; they belong in model_recipe"
+    config = TrainConfig.from_namespace(build_parser().parse_args([*gpu_recipe(model), "--device", "cpu"]))
+    config.resolve(32, torch.device("cpu"))
+    assert config.knn_protocol == "16"
+    knn_forwards = (config.knn_train_size + config.knn_test_size) * 16
+    training_forwards = 50_000 * config.num_patches * 3
+    assert knn_forwards <= 0.05 * training_forwards
