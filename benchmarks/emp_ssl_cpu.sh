@@ -257,6 +257,7 @@ card2k() {
 #   EPOCHS=12 SEED=9 TRAIN_SIZE=20000 STEPS="onward candidate judge" benchmarks/emp_ssl_cpu.sh   # session 12: shipped
 #   EPOCHS=13 SEED=10 TRAIN_SIZE=20000 STEPS="onward candidate judge own_protocol" benchmarks/emp_ssl_cpu.sh   # 13: kept
 #     the twelfth (k-NN +0.42 [-0.09, +0.93]); EPOCHS=14 continues the thirteenth run, whose log the history then keeps
+#   EPOCHS=14 SEED=11 TRAIN_SIZE=20000 STEPS="onward candidate judge" benchmarks/emp_ssl_cpu.sh   # session 14: shipped
 CANDIDATE=candidate_emp-ssl-resnet18-cifar10.pt   # in $CONT
 candidate() {
   local from16 fromc16
