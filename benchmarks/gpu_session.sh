@@ -69,7 +69,8 @@ ship() {
 # ResNet-18 with its projector under 25 MB in float16). The online k-NN of the multi-scale models (the central view)
 # queries all 10,000 test images; that of the patch models (the mean of 16 patches: 16 forwards per image) keeps the
 # trainer's 1,000, a monitor: 10,000 would cost each epoch 240,000 patch forwards, ~8% of an EMP-SSL epoch's forward
-# passes (counted, a backward as two), taken from the training under the time limit (tests/test_ship.py: at most 5%). The model card measures all 10,000 after the run.
+# passes (counted, a backward as two), taken from the training under the time limit (tests/test_ship.py: at most
+# 5%). The model card measures all 10,000 after the run.
 model_recipe() {
   case $1 in
     emp-ssl) echo "--method emp-ssl --epochs 10" ;;
