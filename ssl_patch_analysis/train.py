@@ -76,6 +76,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import cli
+from .allocator import KEPT, MALLOC_ENV, keep_freed_memory, malloc_description
 from .augment import Augmentation
 from .checkpoints import (
     CHECKSUM_KEY,
@@ -1329,7 +1330,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
             "resumed_from_step": step if config.resume else None, "init_from": init_from,
             "loss": loss_settings(loss_fn),
             "data": data.description, "train_images": len(data.images), "knn": data.knn_split,
-            "world_size": processes.world_size, "device": _device_name(device)})
+            "world_size": processes.world_size, "device": _device_name(device), "malloc": malloc_description()})
         log_lines.append(header)
         _append_log(log_path, header)
 
@@ -1711,9 +1712,16 @@ def _train_info(config: TrainConfig, data: TrainingData, epochs_done: int, wall:
     }
 
 
+KEEP_NOTE = f" (a faster CPU step, a higher peak of memory; {MALLOC_ENV}=default for glibc's own)"
+
+
 @cli.command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if cli.resolve_device(args.device).type == "cpu":   # a CPU step without millions of page faults (allocator.py)
+        done = keep_freed_memory()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"malloc: {done}{KEEP_NOTE if done == KEPT else ''}")
     try:
         train(TrainConfig.from_namespace(args))
     except TrainingDiverged as error:
