@@ -13,6 +13,8 @@ batch of images x 20 crops) and ``vicreg`` (two RandomResizedCrop(0.08, 1) views
                 device), crops/s of its second epoch from its log.
   (c) bare    - forward + loss + backward + optimiser step of the same model on crops already on the
                 device, with the trainer's settings (precision, layout): the hardware's ceiling.
+On a CPU, (b) and (c) run with glibc's malloc keeping freed memory, as ``python -m ssl_patch_analysis.train`` does
+there (``ssl_patch_analysis.allocator``); (a) runs before that, with glibc as it comes.
 
 Prints one table: crops (patches or views) per second, (b)/(a) and (b)/(c).
 
@@ -34,6 +36,7 @@ import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_patch_analysis.allocator import keep_freed_memory
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.extract import cpu_has_bf16
 from ssl_patch_analysis.train import (
@@ -200,8 +203,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu})"
     print(f"# {name}; torch {torch.__version__}; {args.steps} timed steps per column after one warm-up step")
     rows = []
-    for method, batch in (("emp-ssl", args.emp_batch), ("vicreg", args.vicreg_batch)):
-        a = loop_rate(method, images, batch, args.steps, args.workers, device)
+    settings = (("emp-ssl", args.emp_batch), ("vicreg", args.vicreg_batch))
+    # (a) with glibc's malloc as it comes (as EMP-SSL's code runs); (b) and (c) as `python -m ssl_patch_analysis.train`
+    # runs on a CPU, freed memory kept (ssl_patch_analysis.allocator)
+    loop = {method: loop_rate(method, images, batch, args.steps, args.workers, device) for method, batch in settings}
+    if device.type == "cpu":
+        print(f"# (b), (c): malloc: {keep_freed_memory()}")
+    for method, batch in settings:
+        a = loop[method]
         b, amp = trainer_rate(method, args.data_root, batch, args.steps, device, args.compile)
         c = bare_rate(method, images, batch, args.steps, device, args.compile)
         crops = batch * (20 if method == "emp-ssl" else 2)
