@@ -3,12 +3,14 @@
 A ResNet-18 step on 100 images x 20 patches allocates activations of hundreds of MB and frees them again, every
 step. glibc's ``malloc`` serves any block over its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and gives
 it back to the kernel with ``munmap`` when it is freed, so each step the kernel maps and zeroes those pages again,
-4 KiB at a time: millions of page faults per step. On a 2-core VM that made the trainer's step about twice as slow
-as the same step with the memory kept (``benchmarks/allocator.py``, ``benchmarks/RESULTS.md``).
+4 KiB at a time: millions of page faults per step, a large part of a CPU step's time (how large, and what keeping
+the memory costs in peak memory: ``benchmarks/allocator.py``, its table in ``benchmarks/RESULTS.md``).
 
 :func:`keep_freed_memory` tells glibc to keep freed memory for the next allocation (``mallopt``: no ``mmap`` for
 large blocks, and a 2 GiB threshold before the top of the heap is given back). The process then holds on to its
-peak memory until it ends, which suits a command-line run; ``python -m ssl_patch_analysis.train`` calls it when it
+peak memory until it ends, and that peak is higher (glibc cannot place an aligned block in the hole of a freed one
+of the same size, so the heap grows until freed neighbours merge), which suits a command-line run on a machine with
+the memory to spare; ``python -m ssl_patch_analysis.train`` calls it when it
 trains on the CPU. Under jemalloc or tcmalloc (``LD_PRELOAD``) and on a C library other than glibc it changes
 nothing and says so. ``SSL_PATCH_ANALYSIS_MALLOC=default`` turns it off (glibc's own behaviour, for comparison).
 """
