@@ -6,7 +6,7 @@ Each column is ``python -m ssl_patch_analysis.train`` in a process of its own, a
 process's user and system CPU time, minor page faults and peak resident memory come from ``wait4``. Prints one
 table.
 
-    python benchmarks/allocator.py                        # about 15 min on 2 cores without bf16 units
+    python benchmarks/allocator.py                        # 21-23 min on 2 AVX2 cores without bf16 units
     python benchmarks/allocator.py --jemalloc /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 --json out.json
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def settings(jemalloc: str | None) -> list[tuple[str, dict[str, str]]]:
 
 
 def run(env: dict[str, str], args: argparse.Namespace) -> dict:
-    """One trainer process: its second epoch's patches/s and what getrusage says of the process."""
+    """One trainer process: its second epoch's patches/s and what wait4 says of the process."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "ssl_patch_analysis.train", "--method", "emp-ssl", "--epochs", "2",
                    "--train-size", str(2 * args.batch), "--batch-size", str(args.batch), "--knn-every", "0",
@@ -49,7 +49,8 @@ def run(env: dict[str, str], args: argparse.Namespace) -> dict:
             command += ["--data-root", args.data_root]
         started = time.perf_counter()
         with open(f"{out}/stderr", "w+") as errors:   # its progress bars, and what went wrong if it did
-            child = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=errors)
+            inherited = {k: v for k, v in os.environ.items() if k not in (MALLOC_ENV, "LD_PRELOAD", "MALLOC_CONF")}
+            child = subprocess.Popen(command, env={**inherited, **env}, stdout=subprocess.DEVNULL, stderr=errors)
             _, status, usage = os.wait4(child.pid, 0)   # this process's own usage, peak memory included
             wall = time.perf_counter() - started
             child.returncode = os.waitstatus_to_exitcode(status)

@@ -10,9 +10,9 @@ the memory costs in peak memory: ``benchmarks/allocator.py``, its table in ``ben
 large blocks, and a 2 GiB threshold before the top of the heap is given back). The process then holds on to its
 peak memory until it ends, and that peak is higher (glibc cannot place an aligned block in the hole of a freed one
 of the same size, so the heap grows until freed neighbours merge), which suits a command-line run on a machine with
-the memory to spare; ``python -m ssl_patch_analysis.train`` calls it when it
-trains on the CPU. Under jemalloc or tcmalloc (``LD_PRELOAD``) and on a C library other than glibc it changes
-nothing and says so. ``SSL_PATCH_ANALYSIS_MALLOC=default`` turns it off (glibc's own behaviour, for comparison).
+the memory to spare; ``python -m ssl_patch_analysis.train`` calls it when it trains on the CPU. Under jemalloc or
+tcmalloc (``LD_PRELOAD``) and on a C library other than glibc it changes nothing and says so.
+``SSL_PATCH_ANALYSIS_MALLOC=default`` turns it off (glibc's own behaviour, for comparison).
 """
 from __future__ import annotations
 
@@ -72,5 +72,7 @@ def malloc_description() -> str:
     """What :func:`keep_freed_memory` did in this process, or which allocator runs, left as it was."""
     if _kept is not None:
         return _kept
-    name = preloaded_allocator() or ("glibc" if platform.libc_ver()[0] == "glibc" else "system")
-    return f"{name} malloc, unchanged"
+    other = preloaded_allocator()
+    if other is not None:
+        return f"{other} (preloaded), unchanged"
+    return f"{'glibc' if platform.libc_ver()[0] == 'glibc' else 'system'} malloc, unchanged"

@@ -39,9 +39,14 @@ print(json.dumps({{"done": done, "faults": faults, "said": malloc_description()}
 """
 
 
+def inherited(**env: str) -> dict[str, str]:
+    """This process's environment without a setting of the variable, plus ``env``."""
+    return {**{k: v for k, v in os.environ.items() if k != MALLOC_ENV}, **env}
+
+
 def run(mode: str, **env: str) -> dict:
     result = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True,
-                            env={**os.environ, **env})
+                            env=inherited(**env))
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -71,7 +76,7 @@ def test_the_environment_variable_turns_it_off():
 @glibc_only
 @pytest.mark.parametrize("setting", ["kept", "default"])
 def test_the_trainer_keeps_freed_memory_on_a_cpu_and_its_log_says_so(cifar10_npz, tmp_path, setting):
-    env = {**os.environ, **({MALLOC_ENV: "default"} if setting == "default" else {})}
+    env = inherited(**({MALLOC_ENV: "default"} if setting == "default" else {}))
     command = [sys.executable, "-m", "ssl_patch_analysis.train", "--data-root", str(cifar10_npz.parent),
                "--run-dir", str(tmp_path), "--width", "0.125", "--projector", "64-64", "--batch-size", "16",
                "--train-size", "32", "--num-patches", "4", "--knn-every", "0", "--knn-train-size", "100",
