@@ -51,13 +51,10 @@ def keep_freed_memory() -> str:
     global _kept
     if _kept is not None:
         return _kept
-    other = preloaded_allocator()
-    if other is not None:
-        _kept = f"{other} (preloaded), unchanged"
+    if preloaded_allocator() is not None or platform.libc_ver()[0] != "glibc":
+        _kept = malloc_description()
     elif os.environ.get(MALLOC_ENV, "").lower() == "default":
         _kept = f"glibc malloc, unchanged ({MALLOC_ENV}=default)"
-    elif platform.libc_ver()[0] != "glibc":
-        _kept = "not glibc, unchanged"
     else:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         for option, value, name in ((_M_MMAP_MAX, 0, "M_MMAP_MAX"), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD,

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from ssl_patch_analysis.allocator import MALLOC_ENV, preloaded_allocator
+from test_train import TINY
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or preloaded_allocator() is not None,
                                 reason="glibc's malloc settings: this C library is not glibc, or another is preloaded")
@@ -78,9 +79,7 @@ def test_the_environment_variable_turns_it_off():
 def test_the_trainer_keeps_freed_memory_on_a_cpu_and_its_log_says_so(cifar10_npz, tmp_path, setting):
     env = inherited(**({MALLOC_ENV: "default"} if setting == "default" else {}))
     command = [sys.executable, "-m", "ssl_patch_analysis.train", "--data-root", str(cifar10_npz.parent),
-               "--run-dir", str(tmp_path), "--width", "0.125", "--projector", "64-64", "--batch-size", "16",
-               "--train-size", "32", "--num-patches", "4", "--knn-every", "0", "--knn-train-size", "100",
-               "--knn-test-size", "50", "--device", "cpu", "--epochs", "1"]
+               "--run-dir", str(tmp_path), *TINY, "--knn-every", "0", "--epochs", "1"]   # TINY: --device cpu
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     header = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
