@@ -53,7 +53,13 @@ from . import cli
 from .augment import Augmentation
 from .cli import resolve_device
 from .data import ImageDataset
-from .extract import describe_tokens, extract_patch_embeddings, model_sha256, token_sampler
+from .extract import (
+    describe_tokens,
+    extract_patch_embeddings,
+    model_sha256,
+    token_sampler,
+    tokens_and_whole_image_embeddings,
+)
 from .knn import weighted_knn_predict
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
@@ -210,6 +216,36 @@ def _token_features(model: SSLModel, data: ImageDataset, choice: str | int, *, l
         features.append(_mean_of_tokens(embeddings.layer(layer), block_ids, choice, seed))
         labels.append(np.asarray(embeddings.labels, dtype=np.int64))
     return np.concatenate(features), np.concatenate(labels)
+
+
+def _shared_token_features(model: SSLModel, data: ImageDataset, protocols: Sequence[str], *, layer: str,
+                           block: int | None, ids: np.ndarray, seed: int, resize_to: int | None, batch_size: int,
+                           device: str | torch.device | None,
+                           progress: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{protocol: (features, labels)}`` of several token protocols from one forward pass per image, in memory:
+    each protocol's features are :func:`protocol_features`'s with ``tokens`` (which would run a pass per protocol
+    without a store). ``"central"`` is among them when the tokens are the last block's: the whole-image embedding
+    of that pass is then the model's embedding of the whole image at that size, i.e. the central view; for an
+    earlier block it is not, and ``"central"`` is left out (for :func:`protocol_features` to embed)."""
+    sampler = token_sampler(model, resize_to, block)
+    last = describe_tokens(model, sampler)["last_block"]
+    choices = {p: token_protocol(p) for p in protocols if token_protocol(p) != "central" or last}
+    count = sampler.num_patches(tuple(data.image_size))
+    for choice in choices.values():
+        if choice not in ("central", "all"):
+            token_subset(count, int(choice), seed, 0)  # N larger than the token grid: said before any embedding
+    features: dict[str, list[np.ndarray]] = {p: [] for p in choices}
+    images_per_block = max(batch_size, PATCHES_PER_BLOCK // count)
+    for start in range(0, len(ids), images_per_block):
+        block_ids = ids[start:start + images_per_block]
+        tokens, whole = tokens_and_whole_image_embeddings(model, data, block=sampler.block, layers=[layer],
+                                                          image_ids=block_ids, resize_to=sampler.input_size,
+                                                          batch_size=batch_size, device=device, progress=progress)
+        for protocol, choice in choices.items():
+            features[protocol].append(whole[layer] if choice == "central"
+                                      else _mean_of_tokens(tokens[layer], block_ids, choice, seed))
+    labels = np.asarray(data.labels, dtype=np.int64)[ids]
+    return {p: (np.concatenate(features[p]), labels) for p in choices}
 
 
 def protocol_title(protocol: str, tokens: bool = False) -> str:
@@ -680,13 +716,17 @@ def evaluate_protocols(
 ) -> dict[str, Any]:
     """k-NN and linear probe for every protocol; the train and test features are built the same way
     (``augmentation``, if any, applied to the patches of both: see :func:`protocol_features`).
-    ``tokens``: the protocols on a ViT's own tokens of ``block`` (:func:`token_protocol`).
+    ``tokens``: the protocols on a ViT's own tokens of ``block`` (:func:`token_protocol`). Without a
+    ``store_dir`` they all come from one forward pass per image (and ``"central"`` too when ``block`` is the
+    last: the whole-image embedding of that pass); with one, the tokens are cached in one store and
+    ``"central"`` in a store of its own.
 
     Returns the numbers behind the Fig. 2 table as plain values: ``results["protocols"]`` holds, per
     protocol, ``{"protocol", "title", "sampler", "patches_per_image", "feature_dim", "knn": {k: acc},
     "linear", "linear_train", "linear_final_loss", "linear_each_epoch",
     "linear_best_epoch_selected_on_test", "correct", "seconds"}``; accuracies are top-1 percent; ``correct``
-    holds each test image's right/wrong (in ``test_ids`` order, whose sha256 is ``results["test_ids_sha256"]``).
+    holds each test image's right/wrong (in ``test_ids`` order, whose sha256 is ``results["test_ids_sha256"]``);
+    ``seconds["features"]`` of protocols that share a forward pass is an even share of that pass.
     """
     if not protocols:
         raise ValueError("pass at least one protocol (central, N, grid:P)")
@@ -713,12 +753,25 @@ def evaluate_protocols(
     options = dict(patch_scale=patch_scale, layer=layer, seed=seed, resize_to=resize_to, batch_size=batch_size,
                    device=device, store_dir=store_dir, progress=progress, augmentation=augmentation, tokens=tokens,
                    block=block)
+    shared: dict[str, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = {}
+    shared_seconds = 0.0
+    if tokens and store_dir is None and any(token_protocol(p) != "central" for p in protocols):
+        started = time.perf_counter()  # every token protocol (and central, of the last block) from one pass
+        pass_options = dict(layer=layer, block=block, seed=seed, resize_to=resize_to, batch_size=batch_size,
+                            device=device, progress=progress)
+        on_train = _shared_token_features(model, train_data, protocols, ids=train_ids, **pass_options)
+        on_test = _shared_token_features(model, test_data, protocols, ids=test_ids, **pass_options)
+        shared = {p: (on_train[p], on_test[p]) for p in on_train}
+        shared_seconds = (time.perf_counter() - started) / len(shared)
     rows = []
     for protocol in protocols:
         started = time.perf_counter()
-        train_x, train_y = protocol_features(model, train_data, protocol, image_ids=train_ids, **options)
-        test_x, test_y = protocol_features(model, test_data, protocol, image_ids=test_ids, **options)
-        feature_seconds = time.perf_counter() - started
+        if protocol in shared:
+            (train_x, train_y), (test_x, test_y) = shared[protocol]
+        else:
+            train_x, train_y = protocol_features(model, train_data, protocol, image_ids=train_ids, **options)
+            test_x, test_y = protocol_features(model, test_data, protocol, image_ids=test_ids, **options)
+        feature_seconds = shared_seconds if protocol in shared else time.perf_counter() - started
         scores = evaluate_features(train_x, train_y, test_x, test_y, num_classes, ks, temperature, schedule,
                                    seed, device)
         on_tokens = tokens_grid is not None and token_protocol(protocol) != "central"

@@ -251,6 +251,65 @@ def test_evaluate_tokens_protocols_average_the_chosen_tokens(tmp_path, cifar, ra
     assert (tmp_path / "evaluate_tokens_dino_vit_cifar10.json").exists()
 
 
+@pytest.mark.parametrize("block", [None, 0])
+def test_evaluate_tokens_runs_each_image_through_the_vit_once_for_every_protocol(tmp_path, cifar, raw_vit,
+                                                                                 monkeypatch, block):
+    """Without a cache, ``evaluate --tokens`` ran every image through the ViT once per protocol (four times for
+    ``central,2,all`` with the central view): now every token protocol comes from one pass, and ``central`` too
+    when the tokens are the last block's (its whole-image embedding is the central view). Each protocol's
+    features are those of the cached path (a token store; the central view as a crop), so are its scores."""
+    _, path = raw_vit
+    model = load_model(path, num_heads=3, verbose=False)
+    vit = type(model.backbone)
+    embed_tokens, forward, fed = vit.embed_tokens, vit.forward, []
+
+    def images(x):  # not the blank image that reads the layers' widths
+        return 0 if bool((x.amax((-2, -1)) == x.amin((-2, -1))).all()) else x.shape[0]
+
+    def counting(self, x, block):
+        fed.append(images(x))
+        return embed_tokens(self, x, block)
+
+    def counting_forward(self, x):  # a crop (the central view) through the network
+        fed.append(images(x))
+        return forward(self, x)
+
+    evaluate_features, seen = evaluate.evaluate_features, []
+
+    def keeping(train_x, train_y, test_x, test_y, *args):
+        seen.append((train_x, train_y, test_x, test_y))
+        return evaluate_features(train_x, train_y, test_x, test_y, *args)
+
+    monkeypatch.setattr(vit, "embed_tokens", counting)
+    monkeypatch.setattr(vit, "forward", counting_forward)
+    monkeypatch.setattr(evaluate, "evaluate_features", keeping)
+    train_ids, test_ids = np.arange(30, 54), np.array([5, 2, 9, 11, 0, 7])
+    options = dict(train_ids=train_ids, test_ids=test_ids, ks=(5,), schedule=evaluate.ProbeSchedule(epochs=2),
+                   seed=3, device="cpu", progress=False, tokens=True, block=block)
+    protocols = ["central", "2", "all"]
+    one_pass = evaluate.evaluate_protocols(model, cifar, cifar, protocols, **options)
+    central_apart = 0 if block is None else len(train_ids) + len(test_ids)  # an earlier block's pass is no view
+    assert sum(fed) == len(train_ids) + len(test_ids) + central_apart
+    fed.clear()
+    passes = seen[:]
+    seen.clear()
+    cached = evaluate.evaluate_protocols(model, cifar, cifar, protocols, store_dir=tmp_path, **options)
+    assert sum(fed) == 2 * (len(train_ids) + len(test_ids))  # the token store, then the central view apart
+    for (a_train, a_train_y, a_test, a_test_y), (b_train, b_train_y, b_test, b_test_y) in zip(passes, seen,
+                                                                                              strict=True):
+        np.testing.assert_allclose(a_train, b_train, atol=1e-5)
+        np.testing.assert_allclose(a_test, b_test, atol=1e-5)
+        np.testing.assert_array_equal(a_train_y, cifar.labels[train_ids].numpy())
+        np.testing.assert_array_equal(b_train_y, a_train_y)
+        np.testing.assert_array_equal(a_test_y, b_test_y)
+    crop = evaluate.protocol_features(model, cifar, "central", image_ids=test_ids, device="cpu", progress=False)[0]
+    np.testing.assert_allclose(passes[0][2], crop, atol=1e-5)  # the central view as a crop through the network
+    for a, b in zip(one_pass["protocols"], cached["protocols"], strict=True):
+        assert a["knn"] == b["knn"] and a["correct"] == b["correct"]
+        assert a["linear"] == pytest.approx(b["linear"], abs=1e-6)
+        assert a["patches_per_image"] == b["patches_per_image"] and a["sampler"] == b["sampler"]
+
+
 def test_retrieval_tokens_indexes_every_token_and_ranks_by_token_cosine(cifar, raw_vit):
     from ssl_patch_analysis.retrieval import RetrievalSettings, patch_retrieval
 
