@@ -69,6 +69,10 @@ fresh() {
 # continues with the same command while runs/ is still there.)
 #   EPOCHS=5 SEED=2 STEPS="next ship card" benchmarks/emp_ssl_cpu.sh
 SEED=${SEED:-2}
+# The blur kernel (p=0.1): the trainer's default is 13 px on 32 px inputs since 2026-12-07 (PIL's reach); every run
+# of the shipped model before it used 5. A run folder started before then resumes only with BLUR_KERNEL=5 (run 15:
+# BLUR_KERNEL=5 EPOCHS=15 SEED=12 TRAIN_SIZE=20000 STEPS="next candidate judge"); the trainer names the flag if not.
+BLUR=${BLUR_KERNEL:+--blur-kernel-size $BLUR_KERNEL}
 next() {
   mkdir -p "$CONT"
   if [ ! -f "$CONT/init.pt" ]; then   # the model and the history it starts from, kept before ship replaces them
@@ -77,7 +81,7 @@ next() {
   fi
   [ -f "$CONT/resume.pt" ] && resume=--resume || resume=
   $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size "$TRAIN_SIZE" --seed "$SEED" --lr 0.1 \
-      --warmup-epochs 0.1 --device cpu --init-from "$CONT/init.pt" --run-dir "$CONT" --time-limit 6000 $resume
+      --warmup-epochs 0.1 --device cpu --init-from "$CONT/init.pt" --run-dir "$CONT" --time-limit 6000 $resume $BLUR
 }
 
 # Session 6 on, when the previous session's run folder is still there (its checkpoint has the heads): that checkpoint,
@@ -102,7 +106,7 @@ onward() {
   fi
   [ -f "$CONT/resume.pt" ] && resume=--resume || resume=
   $py -m ssl_patch_analysis.train --method emp-ssl --epochs 1 --train-size "$TRAIN_SIZE" --seed "$SEED" --lr 0.1 \
-      --device cpu --init-from "$from" --run-dir "$CONT" --time-limit 6000 $resume
+      --device cpu --init-from "$from" --run-dir "$CONT" --time-limit 6000 $resume $BLUR
 }
 
 ship() {

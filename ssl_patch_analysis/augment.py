@@ -14,7 +14,8 @@ applied image by image.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -143,9 +144,22 @@ def solarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return torch.where(images >= threshold, 1 - images, images)
 
 
-def default_blur_kernel_size(side: int) -> int:
-    """An odd kernel of about 10% of the image side (23 at 224 px, as in BYOL and solo-learn; 5 at 32 px)."""
-    return 2 * max(1, round(side * 0.05)) + 1
+def default_blur_kernel_size(side: int, max_sigma: float = 2.0) -> int:
+    """The blur kernel for images of ``side`` px and sigmas up to ``max_sigma`` px: odd, reaching 3 sigma either side
+    (13 px for sigma 2, about as far as PIL's ``GaussianBlur(radius=sigma)`` of solo-learn, SimCLR and EMP-SSL, so
+    that a blur of sigma 2 has a standard deviation of 2 px) and at least about 10% of the side (23 at 224 px, as in
+    BYOL); never wider than reflect padding allows (``side - 1`` either side). Until 2026-12-07 it was the 10% alone:
+    5 px at 32 px, whose largest blur had a standard deviation of 1.3 px instead of 2."""
+    radius = max(1, math.ceil(3 * max_sigma), round(side * 0.05))
+    return 2 * max(0, min(radius, side - 1)) + 1
+
+
+def resolve_blur_kernel(augmentation: Augmentation, side: int) -> Augmentation:
+    """``augmentation`` with its blur kernel fixed for images of ``side`` px (:func:`default_blur_kernel_size` where
+    it blurs and names none), so that a record of it (a store's settings, a cache's key) names the kernel used."""
+    if augmentation.blur_p == 0 or augmentation.blur_kernel_size is not None:
+        return augmentation
+    return replace(augmentation, blur_kernel_size=default_blur_kernel_size(side, augmentation.blur_sigma[1]))
 
 
 def _check_probability(value: float, name: str) -> None:
@@ -160,6 +174,7 @@ class Augmentation:
     ``augmentation(images, generator)`` returns the augmented batch. The defaults are VICReg's
     (and SimCLR's) colour augmentation; ``blur_p`` is 0 here because blurring 32 px images destroys
     them (VICReg uses 1.0 / 0.1 on its two 224 px views; the trainer uses 0.5 on large images).
+    ``blur_kernel_size`` None: :func:`default_blur_kernel_size` of the images' side and the largest sigma.
     """
 
     flip_p: float = 0.5
@@ -213,7 +228,7 @@ class Augmentation:
         if self.grayscale_p > 0:
             x = torch.where(chosen(6, self.grayscale_p), grayscale(x).expand_as(x), x)
         if self.blur_p > 0:
-            kernel_size = self.blur_kernel_size or default_blur_kernel_size(min(images.shape[-2:]))
+            kernel_size = self.blur_kernel_size or default_blur_kernel_size(min(images.shape[-2:]), self.blur_sigma[1])
             sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u[:, 8]
             if kernel_size // 2 >= min(images.shape[-2:]):
                 raise ValueError(f"a blur kernel of {kernel_size} pixels needs images larger than {kernel_size // 2} "

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cli
-from .augment import Augmentation
+from .augment import Augmentation, resolve_blur_kernel
 from .cli import resolve_device
 from .data import ImageDataset
 from .extract import (
@@ -88,7 +88,7 @@ def describe_augmentation(augmentation: Augmentation | None) -> str:
         return "none"
     a = augmentation
     kernel = (f"{a.blur_kernel_size} px kernel" if a.blur_kernel_size
-              else "kernel about 10% of the patch side, 5 px at 32 px")
+              else "kernel to 3 sigma and at least 10% of the patch side, 13 px at 32 px")
     return (f"flip p={a.flip_p:g}, colour jitter p={a.jitter_p:g} (brightness {a.brightness:g}, contrast "
             f"{a.contrast:g}, saturation {a.saturation:g}, hue {a.hue:g}), grayscale p={a.grayscale_p:g}, "
             f"Gaussian blur p={a.blur_p:g} (sigma {a.blur_sigma[0]:g}-{a.blur_sigma[1]:g}, {kernel}), "
@@ -362,6 +362,8 @@ def protocol_features(
     sampler = protocol_sampler(protocol, patch_scale, seed=seed)
     ids = np.arange(len(data)) if image_ids is None else np.asarray(image_ids, dtype=np.int64)
     size = int(resize_to or model.preprocess.input_size)
+    if augmentation is not None:  # its blur kernel named in the cache's key (it changed on 2026-12-07)
+        augmentation = resolve_blur_kernel(augmentation, size)
     layers = ["h"] if layer == "h" else ["h", layer]
     options = dict(layers=layers, batch_size=batch_size, resize_to=size, device=device, dtype="float32",
                    progress=progress, augmentation=augmentation, augmentation_seed=seed)

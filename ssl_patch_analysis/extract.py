@@ -46,7 +46,7 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from . import cli
-from .augment import Augmentation
+from .augment import Augmentation, resolve_blur_kernel
 from .cli import UserError
 from .data import ImageDataset, TensorImageDataset
 from .models import ResNet, SSLModel
@@ -914,6 +914,8 @@ def extract_patch_embeddings(
         _check_token_sampler(model, sampler, size)
         if augmentation is not None:
             raise ValueError("augmentation applies to crops, not to a ViT's tokens: leave it out with tokens")
+    if augmentation is not None:  # the kernel its patches get, in the store's settings
+        augmentation = resolve_blur_kernel(augmentation, size)
     num_patches = sampler.num_patches(source.image_size)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world_size = _distributed()

@@ -77,7 +77,7 @@ from tqdm import tqdm
 
 from . import cli
 from .allocator import KEPT, MALLOC_ENV, keep_freed_memory, malloc_description
-from .augment import Augmentation
+from .augment import Augmentation, default_blur_kernel_size
 from .checkpoints import (
     CHECKSUM_KEY,
     SOLO_LEARN_MEAN_STD,
@@ -209,6 +209,7 @@ class TrainConfig:
     max_scale: float = 1.0
     jitter: tuple[float, float, float, float] | None = None
     blur_p: float | None = None
+    blur_kernel_size: int | None = None
     solarize_p: float | None = None
     epochs: int = 100
     schedule_epochs: int | None = None
@@ -270,6 +271,8 @@ class TrainConfig:
             self.warmup_epochs = spec.warmup_epochs
         if self.blur_p is None:
             self.blur_p = spec.blur_p if spec.blur_p is not None else (0.0 if self.input_size <= 64 else 0.5)
+        if self.blur_kernel_size is None:
+            self.blur_kernel_size = default_blur_kernel_size(self.input_size, spec.augmentation.blur_sigma[1])
         if self.solarize_p is None:
             self.solarize_p = spec.augmentation.solarize_p
         if self.min_scale is None:
@@ -294,22 +297,26 @@ class TrainConfig:
         jitter = self.jitter if self.jitter is not None else _jitter_of(self.spec.augmentation)
         brightness, contrast, saturation, hue = jitter
         return dataclasses.replace(self.spec.augmentation, blur_p=self.blur_p, solarize_p=self.solarize_p,
-                                   brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+                                   brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+                                   blur_kernel_size=self.blur_kernel_size)
 
 
 # Settings a resumed run must share with the run it continues (the others may change).
 RESUME_FIXED_ARGS = ("method", "data", "arch", "width", "cifar_padding", "projector", "pre_feature", "patch_size",
                      "num_patches", "min_scale", "max_scale", "batch_size", "lr", "base_lr", "optimizer",
                      "weight_decay", "warmup_epochs", "seed", "train_size", "input_size", "image_size", "blur_p",
-                     "solarize_p", "schedule_epochs", "jitter", "lars_eta", "lars_clip")
+                     "blur_kernel_size", "solarize_p", "schedule_epochs", "jitter", "lars_eta", "lars_clip")
 
 
 def _unrecorded_settings(args: dict[str, Any]) -> dict[str, Any]:
     """What a run started before ``jitter``, ``lars_eta`` and ``lars_clip`` were settings (2026-12-05) used for them:
-    every row but emp-ssl had facebookresearch/vicreg's LARS (eta 0.001, unclipped) and VICReg's jitter."""
+    every row but emp-ssl had facebookresearch/vicreg's LARS (eta 0.001, unclipped) and VICReg's jitter; and before
+    ``blur_kernel_size`` was one (2026-12-07), its blur kernel: about 10% of the input side (5 px at 32 px)."""
     emp_ssl = args.get("method") == "emp-ssl"
+    side = args.get("input_size")
     return {"jitter": (0.4, 0.4, 0.4, 0.2) if emp_ssl else (0.4, 0.4, 0.2, 0.1),
-            "lars_eta": 0.005 if emp_ssl else 0.001, "lars_clip": emp_ssl}
+            "lars_eta": 0.005 if emp_ssl else 0.001, "lars_clip": emp_ssl,
+            "blur_kernel_size": 2 * max(1, round(side * 0.05)) + 1 if isinstance(side, int) else None}
 
 
 def _flags_for(recorded: dict[str, Any], keys: list[str]) -> list[str]:
@@ -402,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--blur-p", type=float, default=None,
         help="Gaussian blur probability (default: emp-ssl 0.1, simclr 0.5; others 0 on 32 px inputs, 0.5 on "
              "larger ones)")
+    add("--blur-kernel-size", type=int, default=None, metavar="PX",
+        help="Gaussian blur kernel side, odd (default: to 3 sigma of the largest sigma 2 and at least 10%% of the "
+             "input: 13 on 32 px inputs, 23 on 224; runs before 2026-12-07 used 5 on 32 px)")
     add("--solarize-p", type=float, default=None,
         help="solarization probability (default: 0.1; simclr 0)")
     add("--epochs", type=cli.positive_int, default=defaults.epochs, help="epochs to train")
@@ -931,6 +941,10 @@ def _check_args(config: TrainConfig, world_size: int, image_size: tuple[int, int
         raise ValueError(f"need 0 < MIN <= MAX <= 1 in --scale MIN,MAX, got {config.min_scale},{config.max_scale}")
     if config.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {config.epochs}")
+    kernel = config.blur_kernel_size
+    if kernel is not None and (kernel < 1 or kernel % 2 == 0 or kernel // 2 >= config.input_size):
+        raise ValueError(f"--blur-kernel-size must be an odd number of pixels under twice the {config.input_size} px "
+                         f"input (reflect padding), got {kernel}")
     if config.schedule_epochs is not None and config.schedule_epochs < 1:
         raise ValueError(f"--schedule-epochs must be at least 1, got {config.schedule_epochs}")
     protocol = str(config.knn_protocol)
@@ -1282,6 +1296,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         state, resume_source = _read_resume_state(resume_path, device)
         recorded = {**_unrecorded_settings(state["args"]), **state["args"]}
         unused = ("lars_eta", "lars_clip") if config.optimizer != "lars" else ()
+        unused += ("blur_kernel_size",) if not config.blur_p else ()  # blur_p is fixed too: no blur then or now
         changed = [k for k in RESUME_FIXED_ARGS if k not in unused and recorded.get(k) != getattr(config, k)]
         if changed:
             raise ValueError("--resume needs the settings of the run it continues; these differ: " + ", ".join(

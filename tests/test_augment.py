@@ -1,4 +1,5 @@
 """Batched augmentation: each op equals torchvision's on every image; probabilities and ranges hold."""
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -9,7 +10,9 @@ from ssl_patch_analysis.augment import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
+    default_blur_kernel_size,
     gaussian_blur,
+    resolve_blur_kernel,
     solarize,
 )
 
@@ -53,6 +56,40 @@ def test_blur_matches_torchvision_per_image(images):
     expected = torch.stack([TF.gaussian_blur(image, [5, 5], [float(s), float(s)])
                             for image, s in zip(images, sigmas, strict=True)])
     torch.testing.assert_close(gaussian_blur(images, sigmas, 5), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_default_blur_of_32px_images_is_pils_gaussian_blur(cifar10_npz, sigma):
+    """solo-learn, SimCLR and EMP-SSL blur with PIL's ``GaussianBlur(radius=sigma)``, sigma up to 2 px, on 32 px
+    CIFAR images. The default kernel there was 5 px (10% of the side), which cut a sigma-2 blur to a standard
+    deviation of 1.3 px (5 grey levels from PIL's on average); it now reaches 3 sigma (13 px) and gives PIL's blur
+    to about a grey level, and a point's spread has PIL's variance, sigma^2."""
+    from PIL import Image, ImageFilter
+
+    from ssl_patch_analysis.data import load_dataset
+
+    photos = load_dataset("cifar10", "test", root=cifar10_npz.parent).images[:16]
+    blur = Augmentation(**{**IDENTITY, "blur_p": 1.0, "blur_sigma": (sigma, sigma)})
+    ours = blur(photos.float() / 255, torch.Generator().manual_seed(0)) * 255
+    pil = torch.stack([TF.pil_to_tensor(TF.to_pil_image(p).filter(ImageFilter.GaussianBlur(sigma))) for p in photos])
+    assert (ours - pil.float()).abs().mean() < 1.5
+    point = torch.zeros(1, 3, 32, 32)
+    point[..., 16, 16] = 1.0
+    spread = blur(point, torch.Generator().manual_seed(0))[0, 0].sum(0)
+    offsets = torch.arange(32) - 16.0
+    variance = float((spread * offsets**2).sum() / spread.sum())
+    image = Image.fromarray((point[0, 0] * 255).byte().numpy()).filter(ImageFilter.GaussianBlur(sigma))
+    pil_spread = torch.from_numpy(np.asarray(image, dtype=np.float64)).sum(0)
+    pil_variance = float((pil_spread * offsets.double()**2).sum() / pil_spread.sum())
+    assert variance == pytest.approx(sigma**2, rel=0.05) and variance == pytest.approx(pil_variance, rel=0.1)
+
+
+def test_default_blur_kernel_reaches_three_sigma_and_ten_percent_of_the_side():
+    assert [default_blur_kernel_size(side) for side in (32, 224, 256)] == [13, 23, 27]
+    assert default_blur_kernel_size(32, max_sigma=1.0) == 7 and default_blur_kernel_size(4) == 7  # reflect padding
+    kernel = resolve_blur_kernel(Augmentation(blur_p=0.1), 32).blur_kernel_size
+    assert kernel == 13 and resolve_blur_kernel(Augmentation(blur_p=0.1, blur_kernel_size=5), 32).blur_kernel_size == 5
+    assert resolve_blur_kernel(Augmentation(), 32).blur_kernel_size is None  # no blur: nothing to name
 
 
 def test_solarize_matches_torchvision(images):

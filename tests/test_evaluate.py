@@ -460,8 +460,12 @@ def test_augmented_features_have_a_store_of_their_own(tmp_path):
     sampler = protocol_sampler("2", PatchScale(patch_size=16), seed=1)
     made = extract_patch_embeddings(model, data, sampler, out=tmp_path / "store", augmentation=EMP_SSL_AUGMENTATION,
                                     augmentation_seed=4, device="cpu", progress=False)
-    assert made.meta["augmentation"] == {**json.loads(json.dumps(dataclasses.asdict(EMP_SSL_AUGMENTATION))), "seed": 4}
-    for other in (dict(), dict(augmentation=EMP_SSL_AUGMENTATION, augmentation_seed=5)):
+    # with the blur kernel its 32 px patches got (13 px since 2026-12-07; a store of the 5 px kernel is not resumed)
+    recorded = dataclasses.asdict(dataclasses.replace(EMP_SSL_AUGMENTATION, blur_kernel_size=13))
+    assert made.meta["augmentation"] == {**json.loads(json.dumps(recorded)), "seed": 4}
+    old_kernel = dataclasses.replace(EMP_SSL_AUGMENTATION, blur_kernel_size=5)
+    for other in (dict(), dict(augmentation=EMP_SSL_AUGMENTATION, augmentation_seed=5),
+                  dict(augmentation=old_kernel, augmentation_seed=4)):
         with pytest.raises(ValueError, match="augmentation"):
             extract_patch_embeddings(model, data, sampler, out=tmp_path / "store", device="cpu", progress=False,
                                      **other)

@@ -202,6 +202,26 @@ def test_a_run_started_before_the_solo_learn_rows_resumes_with_the_flags_its_err
     assert read_checkpoint(out / "checkpoint.pt")["train"]["lars"] == {"eta": 0.001, "clip": False, "nesterov": False}
 
 
+def test_a_blurring_run_started_before_the_blur_kernel_was_recorded_resumes_with_its_old_kernel(cifar10_npz, tmp_path):
+    """Before 2026-12-07 the blur kernel was 5 px on 32 px inputs (now 13, PIL's reach) and the resume state did not
+    record it: a run that blurs must not continue silently with the new kernel; the error names the flag that keeps
+    the old one, and the checkpoint and log then say 5."""
+    out = tmp_path / "run"
+    flags = ("--method", "emp-ssl", "--pre-feature", "32", "--knn-every", "0")
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "1", *flags))
+    assert read_log(out)[0]["args"]["blur_kernel_size"] == 13
+    state = resume_state(out)
+    del state["args"]["blur_kernel_size"]
+    torch.save(with_checksum(state), out / "resume.pt")
+    with pytest.raises(ValueError, match=r"blur_kernel_size \(was 5, now 13\).* add --blur-kernel-size 5$"):
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--resume", *flags))
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--resume", "--blur-kernel-size", "5", *flags))
+    assert resume_state(out)["epoch"] == 2 and resume_state(out)["args"]["blur_kernel_size"] == 5
+    assert "--blur-kernel-size 5" in read_checkpoint(out / "checkpoint.pt")["train"]["command"]
+    with pytest.raises(ValueError, match="--blur-kernel-size must be an odd number of pixels"):
+        train(tiny_args(cifar10_npz.parent, tmp_path / "even", "--blur-kernel-size", "6", *flags))
+
+
 def test_an_adamw_run_started_before_lars_settings_were_recorded_resumes_without_lars_flags(cifar10_npz, tmp_path):
     out = tmp_path / "run"
     flags = ("--optimizer", "adamw", "--lr", "1e-3", "--knn-every", "0")
@@ -538,7 +558,7 @@ def test_method_table_gives_emp_ssl_its_published_recipe():
     assert config.projector == "4096-1024" and config.pre_feature == 4096 and config.weight_decay == 1e-4
     augmentation = config.augmentation()
     chosen = (augmentation.saturation, augmentation.hue, augmentation.blur_p, augmentation.solarize_p)
-    assert chosen == (0.4, 0.2, 0.1, 0.1)
+    assert chosen == (0.4, 0.2, 0.1, 0.1) and augmentation.blur_kernel_size == 13  # PIL's reach at sigma 2
     lars = train_module.METHODS["emp-ssl"].lars
     assert (lars.eta, lars.clip, lars.nesterov) == (0.005, True, True)
     # The others keep their settings: VICReg's LARS, lr per 256 images, 10 warm-up epochs.
