@@ -61,7 +61,7 @@ figures: venv
 	$(PY) -m ssl_patch_analysis.evaluate --model emp-ssl --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
 	$(MAKE) figures-simclr
 	cd notebooks && NUM_IMAGES=128 SAVE_FIGURE=$(abspath figures)/convergence_resnet_vs_vit_cifar10.png $(abspath $(PY)) -m jupyter nbconvert --to notebook --execute --stdout 07_resnet_vs_vit.ipynb > /dev/null
-	$(PY) -m ssl_patch_analysis.claims --figures figures --out figures
+	$(MAKE) claims
 
 # the shipped simclr's figures and their own random-init controls (its 128-d projector is not vicreg's
 # architecture, so vicreg's controls do not stand for it): part of `make figures`, and of benchmarks/simclr_cpu.sh
@@ -77,7 +77,8 @@ figures-simclr: venv
 	$(PY) -m ssl_patch_analysis.evaluate --model simclr --protocols central,1,16 --train-size 2000 --test-size 1000 --boost --cache-dir $(FIGURES_STORE) --no-progress --random-init --device $(FIGURES_DEVICE)
 
 # CLAIMS: the paper's claims judged from the JSON files in figures/ -> figures/claims.md and claims.json (seconds;
-# `make figures` ends with it)
+# `make figures` ends with it); b and e also on the full protocol, from the shipped models' bf16 model cards
+CLAIM_CARDS ?= $(wildcard benchmarks/results/card-full-16patches_*.json benchmarks/results/card-full-central-bf16_*.json)
 .PHONY: claims
 claims: venv
-	$(PY) -m ssl_patch_analysis.claims --figures figures --out figures
+	$(PY) -m ssl_patch_analysis.claims --figures figures --out figures --cards $(CLAIM_CARDS)

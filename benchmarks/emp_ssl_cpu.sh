@@ -133,14 +133,14 @@ figure() {  # <model> [--random-init]
 }
 remake() {
   figure emp-ssl
-  $py -m ssl_patch_analysis.claims --figures figures --out figures
+  make claims   # figures/claims.md, with the full-protocol cards of $RESULTS
 }
 # session 4: the other evaluate figures again, now keeping each test image's result (paired CIs in the claims)
 paired() {
   figure vicreg
   figure bagssl
   for m in vicreg bagssl emp-ssl; do figure $m --random-init; done
-  $py -m ssl_patch_analysis.claims --figures figures --out figures
+  make claims   # figures/claims.md, with the full-protocol cards of $RESULTS
 }
 
 card() {

@@ -1,9 +1,10 @@
 """The paper's claims judged in one table, from the analyses' JSON outputs in ``figures/``.
 
-    python -m ssl_patch_analysis.claims [--figures figures] [--out figures]
+    python -m ssl_patch_analysis.claims [--figures figures] [--out figures] [--cards CARD ...]
 
 reads the JSON files that ``make figures`` writes (``convergence_*``, ``heatmap_*``, ``retrieval_*``,
-``evaluate_*``), measures each claim of the paper (arXiv 2206.08954: its abstract and figure captions)
+``evaluate_*``) and, for b and e, the model cards given (:func:`read_cards`: the full protocol, marked "(full)"),
+measures each claim of the paper (arXiv 2206.08954: its abstract and figure captions)
 on every model found there, beside the same number for the random-init control (the outputs of the
 same command with ``--random-init``, named ``<model>-random-init``), writes ``claims.md`` (a Markdown
 table for the README) and ``claims.json`` to ``--out``, and prints the table. Nothing is measured
@@ -88,6 +89,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,9 +100,12 @@ import numpy as np
 from scipy import stats
 
 from . import cli
+from .checkpoints import read_checkpoint
 from .cli import RENAMED_FLAGS
 from .evaluate import read_correct
 from .report import save_json
+from .store import file_sha256
+from .weights import SHIPPED_ALIASES
 
 Z95 = 1.959963984540054  # scipy.stats.norm.ppf(0.975), "1.96"
 MATCH_MARGIN = 2.0  # points: "similar" accuracy in claim e
@@ -286,13 +291,15 @@ def judge(measurements: Sequence[Measurement]) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------- reading outputs
 @dataclass(frozen=True)
 class Output:
-    """One analysis JSON file, ``<analysis>_<model>_<data>.json``."""
+    """One analysis JSON file, ``<analysis>_<model>_<data>.json``, or the model cards of one checkpoint read as an
+    evaluate output (``card``: :func:`read_cards`; ``path`` then names the card files)."""
 
     analysis: str
     model: str
     data: str
     path: Path
     doc: dict[str, Any]
+    card: bool = False
 
     @property
     def random_init(self) -> bool:
@@ -320,6 +327,103 @@ def read_outputs(figures: Path) -> tuple[dict[str, list[Output]], list[str]]:
     for key, boost in found.pop("evaluate_boost").items():
         found["evaluate"].setdefault(key, boost)
     return {name: list(outputs.values()) for name, outputs in found.items()}, notes
+
+
+FULL = "full"  # how a model card's output is labelled: the full protocol, all training and test images
+
+
+def _card_protocol(title: str) -> str:
+    """A model card's protocol title as evaluate names the protocol: "central", "16 patches" -> "16"."""
+    text = title.strip().lower()
+    number = text.split(" ")[0]
+    if text == "central":
+        return text
+    if number.isdigit() and text in (f"{number} patch", f"{number} patches"):
+        return number
+    raise ValueError(f"unknown protocol {title!r}")
+
+
+def _checkpoint_scale(checkpoint: Path) -> dict[str, Any] | None:
+    """The patch scale a checkpoint records it was trained at, as evaluate records a ``patch_scale``."""
+    train = read_checkpoint(checkpoint).get("train") or {}
+    if train.get("patch_size"):
+        return {"patch_size": int(train["patch_size"]), "scale": None}
+    if train.get("min_scale") is not None and train.get("max_scale") is not None:
+        return {"patch_size": None, "scale": [float(train["min_scale"]), float(train["max_scale"])]}
+    return None
+
+
+def _card_checkpoint(card: Path, recorded: Path) -> Path:
+    """The checkpoint a card names: as recorded (from here), or, recorded relative to where the card was made (the
+    repository's root, e.g. ``pretrained/x.pt``), under the first folder above the card that holds it."""
+    if recorded.is_absolute() or recorded.is_file():
+        return recorded
+    return next((folder / recorded for folder in card.resolve().parents if (folder / recorded).is_file()), recorded)
+
+
+def read_cards(paths: Sequence[Path | str]) -> tuple[list[Output], list[str]]:
+    """Model cards (``pretrained/model_card.py --json``: CIFAR-10, every training image as the k-NN bank and the
+    probe's training set, every test image) as evaluate outputs, and a note for each card left out.
+
+    The rows of one checkpoint measured the same way (test images, extraction, seed, probe, k-NN) become one output
+    of the trained model and one of its random-init control, whatever files they are in (e.g. the central view and
+    the 16 patches measured apart), named after the shipped model (``emp-ssl (full, bf16)``). The patch scale is the
+    one the checkpoint records; a card whose checkpoint is not there, or is not the file it measured (its sha256),
+    is left out with a note: its numbers are of another model.
+    """
+    groups: dict[tuple, dict[str, Any]] = {}
+    notes, digests = [], {}
+    for path in map(Path, paths):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = rows if isinstance(rows, list) else [rows]
+            for row in rows:
+                checkpoint = _card_checkpoint(path, Path(row["checkpoint"]))
+                if not checkpoint.is_file():
+                    notes.append(f"{path}: its checkpoint {checkpoint} is not here; left out")
+                    continue
+                digest = digests.setdefault(checkpoint, file_sha256(checkpoint))
+                if digest != row["checkpoint_sha256"]:
+                    notes.append(f"{path}: measured another file than {checkpoint} is now (sha256 "
+                                 f"{row['checkpoint_sha256'][:12]}..., the file {digest[:12]}...); left out: "
+                                 "remake the card with pretrained/model_card.py")
+                    continue
+                key = (digest, row.get("extraction"), row.get("seed"), row.get("test_ids_sha256"),
+                       row["train_images"], row["test_images"], row.get("probe"), row.get("knn"))
+                group = groups.setdefault(key, {"rows": [], "paths": [], "checkpoint": checkpoint})
+                group["rows"].append(row)
+                if path not in group["paths"]:
+                    group["paths"].append(path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            notes.append(f"{path}: not a model card that can be read ({type(error).__name__}: {error}); remake it "
+                         "with pretrained/model_card.py --json")
+    outputs = []
+    shipped = {stem: name for name, stem in SHIPPED_ALIASES.items()}
+    for (_, extraction, seed, test_ids, train_images, test_images, probe, knn), group in groups.items():
+        checkpoint = group["checkpoint"]
+        precision = "" if extraction is None else ", bf16" if "bf16" in extraction else f", {extraction}"
+        name = f"{shipped.get(checkpoint.stem, checkpoint.stem)} ({FULL}{precision})"
+        k = str(int(re.search(r"k=(\d+)", knn or "k=20").group(1)))
+        doc: dict[str, Any] = {
+            "train_data": "CIFAR-10 train", "test_data": "CIFAR-10 test", "train_size": train_images,
+            "test_size": test_images, "test_ids_sha256": test_ids, "layer": "h", "knn_settings": {"ks": [int(k)]},
+            "probe": probe, "patch_scale": _checkpoint_scale(checkpoint),
+            **({"seed": seed} if seed is not None else {}), **({"extraction": extraction} if extraction else {})}
+        source = Path(" + ".join(p.name for p in group["paths"]))
+        for kind, suffix in (("trained", ""), ("random_init", RANDOM_INIT)):
+            protocols = {}
+            for row in group["rows"]:
+                correct = (row.get("correct") or {}).get(kind) or {}
+                for title, scores in (row.get(kind) or {}).items():
+                    entry = {"protocol": _card_protocol(title), "knn": {k: scores["knn"]}, "linear": scores["linear"]}
+                    kept = correct.get(title) or {}
+                    if kept.get("knn") and kept.get("linear"):
+                        entry["correct"] = {"knn": {k: kept["knn"]}, "linear": kept["linear"]}
+                    protocols[entry["protocol"]] = entry
+            if protocols:
+                outputs.append(Output("evaluate", name + suffix, "cifar10", source,
+                                      {**doc, "protocols": list(protocols.values())}, card=True))
+    return outputs, notes
 
 
 def _architecture(doc: dict[str, Any]) -> tuple | None:
@@ -499,7 +603,7 @@ def convergence_claim(outputs: Sequence[Output]) -> Claim:
 def _comparison_settings(doc: dict[str, Any]) -> dict[str, Any]:
     """What two models' evaluations must share to be compared: the same images, classifiers and features."""
     settings = _recorded(doc, ("test_data", "train_data", "train_size", "test_size", "seed", "layer", "resize_to",
-                               "probe", "augmentation"))
+                               "probe", "augmentation", "extraction"))
     settings["probe_schedule"] = {k: v for k, v in (doc.get("probe_schedule") or {}).items() if k != "text"}
     settings["ks"] = (doc.get("knn_settings") or {}).get("ks", _UNRECORDED)
     return settings
@@ -581,16 +685,30 @@ def _is_multi_scale(doc: dict[str, Any]) -> bool:
     return bool((doc.get("patch_scale") or {}).get("scale"))
 
 
+def _cards_source(outputs: Sequence[Output]) -> str:
+    return (f"; ({FULL}): the model cards, every one of the {_card_test_sizes(outputs)} test images and all training "
+            "images as the k-NN bank and the probe's training set" if any(o.card for o in outputs) else "")
+
+
+def _card_test_sizes(outputs: Sequence[Output]) -> str:
+    sizes = sorted({int(o.doc["test_size"]) for o in outputs if o.card})
+    return " / ".join(f"{n:,}" for n in sizes)
+
+
 def aggregation_claim(outputs: Sequence[Output]) -> Claim:
     claim = Claim("b", "n-patch aggregation beats the central view and boosts multi-scale baselines",
                   "abstract; Fig. 2, 3b",
                   "top-1 (points) of the mean of n patches at the pretraining scale minus the central view, k-NN "
-                  "and linear probe (evaluate_*.json)")
+                  "and linear probe (evaluate_*.json" + _cards_source(outputs) + ")")
     shipped = _shipped_outputs(claim, outputs, "evaluate")
+    cards_without_both = []
     for out in shipped:
         table, many, knn = evaluation_accuracies(out.doc)
         if many is None or "central" not in table:
-            claim.notes.append(f"{out.path.name}: needs the protocols central and n > 1 (--protocols central,1,16)")
+            if out.card:
+                cards_without_both.append(out.model)
+            else:
+                claim.notes.append(f"{out.path.name}: needs the protocols central and n > 1 (--protocols central,1,16)")
             continue
         control, note = find_control(outputs, out, _evaluate_settings)
         if note:
@@ -610,13 +728,17 @@ def aggregation_claim(outputs: Sequence[Output]) -> Claim:
             else:
                 m.control_missing = note
             claim.measurements.append(m)
+    if cards_without_both:
+        claim.notes.append("model cards without both the central view and n patches measured the same way: "
+                           + ", ".join(cards_without_both))
     return claim
 
 
 def matching_claim(outputs: Sequence[Output]) -> Claim:
     claim = Claim("e", "fixed-scale patch models match multi-scale baselines", "abstract; Fig. 2",
                   f"top-1 (points) of a fixed-scale model's n-patch mean minus a multi-scale model's central view, "
-                  f"k-NN and linear; matching = above −{MATCH_MARGIN:g} points (evaluate_*.json)")
+                  f"k-NN and linear; matching = above −{MATCH_MARGIN:g} points (evaluate_*.json"
+                  + _cards_source(outputs) + ")")
     shipped = [o for o in outputs if not o.random_init]
     fixed = [o for o in shipped if _is_fixed_scale(o.doc)]
     multi = [o for o in shipped if _is_multi_scale(o.doc)]
@@ -625,6 +747,8 @@ def matching_claim(outputs: Sequence[Output]) -> Claim:
                            + _missing_analysis_note("evaluate"))
     for patchy in fixed:
         for baseline in multi:
+            if patchy.card != baseline.card:  # model cards (the full protocol) with model cards only
+                continue
             if patchy.data != baseline.data or not same_settings(_comparison_settings(patchy.doc),
                                                                     _comparison_settings(baseline.doc)):
                 claim.notes.append(f"{patchy.path.name} and {baseline.path.name} were evaluated with other settings: "
@@ -790,9 +914,14 @@ def retrieval_claim(outputs: Sequence[Output]) -> Claim:
 
 
 # ---------------------------------------------------------------------------------------- the table
-def claims_from_figures(figures: Path | str = "figures") -> tuple[list[Claim], list[str]]:
-    """Every claim, measured from the JSON files in ``figures`` and judged; and the notes on unreadable files."""
+def claims_from_figures(figures: Path | str = "figures",
+                        cards: Sequence[Path | str] = ()) -> tuple[list[Claim], list[str]]:
+    """Every claim, measured from the JSON files in ``figures`` (and for b and e also from the model ``cards``:
+    :func:`read_cards`) and judged; and the notes on unreadable files."""
     outputs, notes = read_outputs(Path(figures))
+    card_outputs, card_notes = read_cards(cards)
+    outputs["evaluate"] += card_outputs
+    notes += card_notes
     builders = ((convergence_claim, "convergence"), (aggregation_claim, "evaluate"), (locality_claim, "heatmap"),
                 (retrieval_claim, "retrieval"), (matching_claim, "evaluate"))
     claims = []
@@ -861,9 +990,11 @@ def markdown_report(claims: Sequence[Claim], notes: Sequence[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def claims_json(claims: Sequence[Claim], notes: Sequence[str], figures: Path | str) -> dict[str, Any]:
+def claims_json(claims: Sequence[Claim], notes: Sequence[str], figures: Path | str,
+                cards: Sequence[Path | str] = ()) -> dict[str, Any]:
     return {"figures": str(figures), "rule": RULE, "confidence_intervals": {**CI_METHODS, "unpaired": UNPAIRED},
-            "match_margin_points": MATCH_MARGIN, "claims": [c.to_dict() for c in claims], "notes": list(notes)}
+            "match_margin_points": MATCH_MARGIN, "claims": [c.to_dict() for c in claims], "notes": list(notes),
+            "cards": [str(c) for c in cards]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -874,6 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder holding the analyses' JSON files (default: figures/)")
     parser.add_argument("--out", type=Path, default=cli.DEFAULT_OUT,
                         help="folder claims.md and claims.json are written to (default: figures/)")
+    parser.add_argument("--cards", type=Path, nargs="*", default=[], metavar="CARD",
+                        help="model cards (pretrained/model_card.py --json) to judge b and e on too: the full "
+                             "protocol, every training and test image (e.g. pretrained/*.card.json)")
     return parser
 
 
@@ -882,14 +1016,14 @@ def main(argv: Sequence[str] | None = None) -> list[Claim]:
     args = build_parser().parse_args(argv)
     if not args.figures.is_dir():
         raise cli.UserError(f"--figures {args.figures} is not a folder (pass the folder `make figures` writes to)")
-    claims, notes = claims_from_figures(args.figures)
+    claims, notes = claims_from_figures(args.figures, args.cards)
     report = markdown_report(claims, notes)
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = args.out / "claims.md"
     tmp = markdown.with_name(f".{markdown.name}.tmp")
     tmp.write_text(report, encoding="utf-8")
     tmp.replace(markdown)
-    written = save_json(claims_json(claims, notes, args.figures), args.out / "claims.json")
+    written = save_json(claims_json(claims, notes, args.figures, args.cards), args.out / "claims.json")
     print(report)
     print(f"wrote {markdown}, {written}")
     return claims

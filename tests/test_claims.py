@@ -483,3 +483,105 @@ def test_the_readme_shows_the_committed_claims_table():
     readme = (FIGURES.parent / "README.md").read_text(encoding="utf-8").splitlines()
     start = readme.index(table[0])
     assert readme[start:start + len(table)] == table
+
+
+# ------------------------------------------------------------------------------- model cards (the full protocol)
+def _right_text(right: np.ndarray) -> str:
+    return "".join("1" if r else "0" for r in right)
+
+
+def card(checkpoint: Path, trained: dict, control: dict, *, extraction: str | None = "bf16 autocast") -> list[dict]:
+    """pretrained/model_card.py --json rows: per protocol title, each test image's right/wrong (k-NN and linear the
+    same), trained and random-init."""
+    def accuracy(right):  # as the card records it: a float32 mean
+        return 100 * float(np.mean(right, dtype=np.float32))
+
+    some = next(iter(trained.values()))
+    row = {"checkpoint": str(checkpoint), "checkpoint_sha256": claims.file_sha256(checkpoint), "method": "x",
+           "train_images": 50000, "test_images": len(some), "knn": "weighted, cosine, k=20, T=0.07",
+           "probe": "Adam, 100 epochs", "seed": 0, "test_ids_sha256": "all-test",
+           "trained": {t: {"knn": accuracy(r), "linear": accuracy(r)} for t, r in trained.items()},
+           "random_init": {t: {"knn": accuracy(r), "linear": accuracy(r)} for t, r in control.items()},
+           "correct": {kind: {t: {"knn": _right_text(r), "linear": _right_text(r)} for t, r in part.items()}
+                       for kind, part in (("trained", trained), ("random_init", control))}}
+    if extraction is not None:
+        row["extraction"] = extraction
+    return [row]
+
+
+def card_checkpoint(folder: Path, name: str, train: dict) -> Path:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-resnet18-cifar10.pt"
+    torch.save({"format": "test", "train": train}, path)
+    return path
+
+
+def test_model_cards_judge_b_and_e_on_every_test_image_paired_and_only_with_cards(tmp_path):
+    """Cards of one checkpoint in two files (its central view and its 16 patches, measured apart) are one output
+    with its control; b and e are the paired differences of each test image's right/wrong; a card never pairs with
+    a figure's evaluation (other images), and a card of another file than the checkpoint now is left out, said."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    central, random_central = rng.random(n) < 0.55, rng.random(n) < 0.33
+    patches = np.where(rng.random(n) < 0.2, ~central, central) | (rng.random(n) < 0.1)
+    random_patches = np.where(rng.random(n) < 0.1, ~random_central, random_central)
+    baseline, random_baseline = rng.random(n) < 0.57, rng.random(n) < 0.33
+    patchy = card_checkpoint(tmp_path / "pretrained", "emp-ssl", {"patch_size": 16})
+    multi = card_checkpoint(tmp_path / "pretrained", "vicreg", {"min_scale": 0.2, "max_scale": 1.0})
+    files = {"16": card(patchy, {"16 patches": patches}, {"16 patches": random_patches}),
+             "central": card(patchy, {"central": central}, {"central": random_central}),
+             "vicreg": card(multi, {"central": baseline}, {"central": random_baseline})}
+    paths = []
+    for name, rows in files.items():
+        paths.append(tmp_path / f"card_{name}.json")
+        paths[-1].write_text(json.dumps(rows))
+    figures = figures_with(tmp_path / "figures", effect=0.5, control=0.0)
+    found, notes = claims_from_figures(figures, paths)
+    assert not notes
+    by_key = {c.key: c for c in found}
+
+    def paired(a, b):
+        return stats.ttest_1samp(a.astype(float) - b.astype(float), 0.0).confidence_interval(0.95)
+
+    b = next(m for m in by_key["b"].measurements if m.model == "emp-ssl (full, bf16)" and m.measure.startswith("kNN"))
+    assert b.estimate.value == pytest.approx(100 * (patches.mean() - central.mean()))
+    assert (b.estimate.low / 100, b.estimate.high / 100) == pytest.approx(paired(patches, central), abs=1e-12)
+    assert (b.control.low / 100, b.control.high / 100) == pytest.approx(paired(random_patches, random_central),
+                                                                        abs=1e-12)
+    e = [m for m in by_key["e"].measurements if "(full" in m.model]
+    assert [m.model for m in e] == ["emp-ssl (full, bf16) vs vicreg (full, bf16)"] * 2
+    assert (e[0].estimate.low / 100, e[0].estimate.high / 100) == pytest.approx(paired(patches, baseline), abs=1e-12)
+    assert e[0].ci_method == "paired difference of accuracies" and e[0].bound == -claims.MATCH_MARGIN
+    assert all(("(full" in m.model) == (m.model.count("(full") == 2) for m in by_key["e"].measurements)
+    assert not by_key["e"].notes  # nor a note for every card and figure that were never to be compared
+    assert "(full): the model cards, every one of the 4,000 test images" in by_key["e"].measured_as
+    assert "vicreg (full, bf16)" in " ".join(by_key["b"].notes)  # a central view alone: said, not judged
+
+    moved = card(multi, {"central": baseline}, {"central": random_baseline})
+    moved[0]["checkpoint"] = str(tmp_path / "gone.pt")
+    paths.append(tmp_path / "elsewhere.json")
+    paths[-1].write_text(json.dumps(moved))
+    multi.write_bytes(multi.read_bytes() + b"\0")  # the shipped file replaced since its card was made
+    found, notes = claims_from_figures(figures, paths)
+    assert any("card_vicreg.json: measured another file" in note for note in notes)
+    assert any("elsewhere.json: its checkpoint" in note and "is not here" in note for note in notes)
+    assert not [m for m in {c.key: c for c in found}["e"].measurements if "(full" in m.model]
+
+
+def test_committed_cards_give_the_full_protocol_rows_without_a_note():
+    """The model cards `make claims` reads (the bf16 full protocol of benchmarks/results) are of the shipped files
+    and give b and e from their per-image values: the k-NN differences are the cards' accuracies' differences."""
+    root = FIGURES.parent
+    paths = sorted((root / "benchmarks" / "results").glob("card-full-16patches_*.json")) + sorted(
+        (root / "benchmarks" / "results").glob("card-full-central-bf16_*.json"))
+    outputs, notes = claims.read_cards(paths)  # their checkpoints are named from the repository's root
+    assert not notes and {o.model for o in outputs} >= {"emp-ssl (full, bf16)", "bagssl (full, bf16)",
+                                                        "vicreg (full, bf16)"}
+    emp = next(o for o in outputs if o.model == "emp-ssl (full, bf16)")
+    knn = {row["protocol"]: row["knn"]["20"] for row in emp.doc["protocols"]}
+    sixteen = json.loads((root / "benchmarks/results/card-full-16patches_emp-ssl-resnet18-cifar10.json").read_text())
+    assert knn["16"] == sixteen[0]["trained"]["16 patches"]["knn"]
+    b = next(m for m in claims.aggregation_claim(outputs).measurements if m.measure.startswith("kNN"))
+    assert b.estimate.value == pytest.approx(knn["16"] - knn["central"], abs=1e-4) and b.control_beaten
