@@ -20,6 +20,7 @@ Prints one table: crops (patches or views) per second, (b)/(a) and (b)/(c).
 
     python benchmarks/train.py                                   # CPU, small batches
     python benchmarks/train.py --device cuda --emp-batch 100 --vicreg-batch 1024 --steps 20
+    python benchmarks/train.py --bare-modes --emp-batch 100 --steps 2   # (c) only: layouts x torch.compile
 """
 from __future__ import annotations
 
@@ -149,11 +150,14 @@ def trainer_rate(method: str, data_root: str | None, batch: int, steps: int, dev
     return second["images_per_s"] * num_crops, bool(header["args"]["amp"])
 
 
-def bare_rate(method: str, images: torch.Tensor, batch: int, steps: int, device: torch.device, compile: bool) -> float:
-    """(c): crops/s of forward + loss + backward + step on crops already on the device."""
+def bare_rate(method: str, images: torch.Tensor, batch: int, steps: int, device: torch.device, compile: bool,
+              channels_last: bool = True) -> float:
+    """(c): crops/s of forward + loss + backward + step on crops already on the device (the trainer's layout,
+    channels_last, unless told otherwise)."""
     config = _config(method, batch, device=str(device))
     torch.manual_seed(0)
-    model = build_model(config, 32).to(device).to(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(config, 32).to(device).to(memory_format=layout)
     forward = torch.compile(model) if compile else model
     optimizer = build_optimizer(config, model, config.peak_lr)
     loss_fn = build_loss(method)
@@ -163,7 +167,7 @@ def bare_rate(method: str, images: torch.Tensor, batch: int, steps: int, device:
     chunk = images[:batch].to(device)
     boxes = plan.boxes(0, torch.arange(batch), (32, 32)).to(device)
     crops = config.augmentation()(crops_of(chunk, boxes, 32), torch.Generator(device=device).manual_seed(0))
-    crops = crops.contiguous(memory_format=torch.channels_last)
+    crops = crops.contiguous(memory_format=layout)
     started = None
     for step in range(steps + 1):
         if step == 1:
@@ -184,6 +188,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bare_modes(images: torch.Tensor, args: argparse.Namespace, device: torch.device) -> None:
+    """One table: the bare emp-ssl step (c) in each layout, eager and compiled, against the trainer's default."""
+    if device.type == "cpu":
+        print(f"# malloc: {keep_freed_memory()}")
+    precision = "bf16" if _config("emp-ssl", args.emp_batch, device=str(device)).amp else "float32"
+    rows = []
+    for channels_last in (True, False):
+        for compile in (False, True):
+            started = time.perf_counter()
+            rate = bare_rate("emp-ssl", images, args.emp_batch, args.steps, device, compile, channels_last)
+            rows.append(dict(layout="channels_last" if channels_last else "default (NCHW)", compile=compile,
+                             precision=precision, crops_per_s=rate, seconds=time.perf_counter() - started))
+    default = rows[0]["crops_per_s"]
+    print("| step (images x patches) | precision | layout | torch.compile | bare step crops/s | vs the trainer's "
+          "default | wall s (with warm-up) |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for r in rows:
+        compiled = "yes" if r["compile"] else "no"
+        print(f"| emp-ssl ({args.emp_batch} x 20) | {r['precision']} | {r['layout']} | {compiled} "
+              f"| {r['crops_per_s']:.1f} | {r['crops_per_s'] / default:.2f} | {r['seconds']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "torch": torch.__version__, "rows": rows},
+                                              indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -194,6 +223,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="(a): DataLoader worker processes")
     parser.add_argument("--compile", action="store_true", help="(b) and (c) through torch.compile")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--bare-modes", action="store_true",
+                        help="instead: only the bare emp-ssl step (c), in channels_last and PyTorch's default layout, "
+                             "eager and through torch.compile, side by side (what the trainer's defaults rest on)")
     args = parser.parse_args()
     device = torch.device(args.device)
     train_images = load_dataset("cifar10", "train", root=args.data_root)
@@ -202,6 +234,9 @@ def main() -> None:
           f"{'bf16 units' if cpu_has_bf16() else 'no bf16 units'}"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu})"
     print(f"# {name}; torch {torch.__version__}; {args.steps} timed steps per column after one warm-up step")
+    if args.bare_modes:
+        bare_modes(images, args, device)
+        return
     rows = []
     settings = (("emp-ssl", args.emp_batch), ("vicreg", args.vicreg_batch))
     # (a) with glibc's malloc as it comes (as EMP-SSL's code runs); (b) and (c) as `python -m ssl_patch_analysis.train`
