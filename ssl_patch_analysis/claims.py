@@ -343,6 +343,24 @@ def _card_protocol(title: str) -> str:
     raise ValueError(f"unknown protocol {title!r}")
 
 
+def _card_k(knn: str | None) -> str:
+    """The k of a card's k-NN ("weighted, cosine, k=20, T=0.07"; cards before it was recorded: 20)."""
+    found = re.search(r"\bk=(\d+)", knn or "k=20")
+    if found is None:
+        raise ValueError(f"its k-NN {knn!r} names no k")
+    return found.group(1)
+
+
+def _check_card_row(row: dict[str, Any]) -> None:
+    """A card row's protocols and accuracies are readable (else ValueError/KeyError/TypeError)."""
+    _card_k(row.get("knn"))
+    for kind in ("trained", "random_init"):
+        for title, scores in (row.get(kind) or {}).items():
+            _card_protocol(title)
+            if not all(math.isfinite(float(scores[name])) for name in ("knn", "linear")):
+                raise ValueError(f"{kind} {title}: an accuracy is not a number")
+
+
 def _checkpoint_scale(checkpoint: Path) -> dict[str, Any] | None:
     """The patch scale a checkpoint records it was trained at, as evaluate records a ``patch_scale``."""
     train = read_checkpoint(checkpoint).get("train") or {}
@@ -374,10 +392,11 @@ def read_cards(paths: Sequence[Path | str]) -> tuple[list[Output], list[str]]:
     groups: dict[tuple, dict[str, Any]] = {}
     notes, digests = [], {}
     for path in map(Path, paths):
+        kept = []  # a file is taken whole or not at all
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
-            rows = rows if isinstance(rows, list) else [rows]
-            for row in rows:
+            for row in rows if isinstance(rows, list) else [rows]:
+                _check_card_row(row)
                 checkpoint = _card_checkpoint(path, Path(row["checkpoint"]))
                 if not checkpoint.is_file():
                     notes.append(f"{path}: its checkpoint {checkpoint} is not here; left out")
@@ -389,21 +408,24 @@ def read_cards(paths: Sequence[Path | str]) -> tuple[list[Output], list[str]]:
                                  "remake the card with pretrained/model_card.py")
                     continue
                 key = (digest, row.get("extraction"), row.get("seed"), row.get("test_ids_sha256"),
-                       row["train_images"], row["test_images"], row.get("probe"), row.get("knn"))
-                group = groups.setdefault(key, {"rows": [], "paths": [], "checkpoint": checkpoint})
-                group["rows"].append(row)
-                if path not in group["paths"]:
-                    group["paths"].append(path)
+                       int(row["train_images"]), int(row["test_images"]), row.get("probe"), row.get("knn"))
+                kept.append((key, row, checkpoint))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             notes.append(f"{path}: not a model card that can be read ({type(error).__name__}: {error}); remake it "
                          "with pretrained/model_card.py --json")
+            continue
+        for key, row, checkpoint in kept:
+            group = groups.setdefault(key, {"rows": [], "paths": [], "checkpoint": checkpoint})
+            group["rows"].append(row)
+            if path not in group["paths"]:
+                group["paths"].append(path)
     outputs = []
     shipped = {stem: name for name, stem in SHIPPED_ALIASES.items()}
     for (_, extraction, seed, test_ids, train_images, test_images, probe, knn), group in groups.items():
         checkpoint = group["checkpoint"]
         precision = "" if extraction is None else ", bf16" if "bf16" in extraction else f", {extraction}"
         name = f"{shipped.get(checkpoint.stem, checkpoint.stem)} ({FULL}{precision})"
-        k = str(int(re.search(r"k=(\d+)", knn or "k=20").group(1)))
+        k = _card_k(knn)
         doc: dict[str, Any] = {
             "train_data": "CIFAR-10 train", "test_data": "CIFAR-10 test", "train_size": train_images,
             "test_size": test_images, "test_ids_sha256": test_ids, "layer": "h", "knn_settings": {"ks": [int(k)]},

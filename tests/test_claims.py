@@ -564,7 +564,15 @@ def test_model_cards_judge_b_and_e_on_every_test_image_paired_and_only_with_card
     paths.append(tmp_path / "elsewhere.json")
     paths[-1].write_text(json.dumps(moved))
     multi.write_bytes(multi.read_bytes() + b"\0")  # the shipped file replaced since its card was made
+    damaged = card(patchy, {"16 patches": ~patches}, {"16 patches": random_patches})  # would replace the 16 patches
+    damaged.append({**damaged[0], "trained": {"sixteen": {"knn": 1.0, "linear": 1.0}}})
+    paths.append(tmp_path / "damaged.json")
+    paths[-1].write_text(json.dumps(damaged))
     found, notes = claims_from_figures(figures, paths)
+    assert any("damaged.json: not a model card that can be read (ValueError: unknown protocol 'sixteen')" in note
+               for note in notes)
+    emp = next(m for m in {c.key: c for c in found}["b"].measurements if m.model == "emp-ssl (full, bf16)")
+    assert emp.estimate == b.estimate  # the damaged file left out whole: its readable row did not join in
     assert any("card_vicreg.json: measured another file" in note for note in notes)
     assert any("elsewhere.json: its checkpoint" in note and "is not here" in note for note in notes)
     assert not [m for m in {c.key: c for c in found}["e"].measurements if "(full" in m.model]
