@@ -254,7 +254,7 @@ def test_evaluate_tokens_protocols_average_the_chosen_tokens(tmp_path, cifar, ra
 @pytest.mark.parametrize("block", [None, 0])
 def test_evaluate_tokens_runs_each_image_through_the_vit_once_for_every_protocol(tmp_path, cifar, raw_vit,
                                                                                  monkeypatch, block):
-    """Without a cache, ``evaluate --tokens`` ran every image through the ViT once per protocol (four times for
+    """Without a cache, ``evaluate --tokens`` ran every image through the ViT once per protocol (three times for
     ``central,2,all`` with the central view): now every token protocol comes from one pass, and ``central`` too
     when the tokens are the last block's (its whole-image embedding is the central view). Each protocol's
     features are those of the cached path (a token store; the central view as a crop), so are its scores."""
