@@ -194,28 +194,22 @@ def _token_features(model: SSLModel, data: ImageDataset, choice: str | int, *, l
                     device: str | torch.device | None, store_dir: str | Path | None,
                     progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """:func:`protocol_features` of the token protocols: every token of each image embedded once (one forward
-    pass), then the mean of the protocol's tokens. All token protocols of a model share one cached store."""
+    pass), then the mean of the protocol's tokens. All token protocols of a model share one cached store; without
+    a store, :func:`_shared_token_features` of this one protocol."""
+    if store_dir is None:
+        return _shared_token_features(model, data, [str(choice)], layer=layer, block=block, ids=ids, seed=seed,
+                                      resize_to=resize_to, batch_size=batch_size, device=device,
+                                      progress=progress)[str(choice)]
     sampler = token_sampler(model, resize_to, block)
-    count = sampler.num_patches(tuple(data.image_size))
-    if choice != "all":
-        token_subset(count, int(choice), seed, 0)  # N larger than the token grid: said before any embedding
-    options = dict(layers=["h"] if layer == "h" else ["h", layer], batch_size=batch_size,
-                   resize_to=sampler.input_size, device=device, dtype="float32", progress=progress)
-    if store_dir is not None:
-        path = _store_path(Path(store_dir), model, data, f"tokens-block{sampler.block}", sampler, ids, layer,
-                           sampler.input_size)
-        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, overwrite=True,
-                                              **options)
-        return (_mean_of_tokens(embeddings.layer(layer), ids, choice, seed),
-                np.asarray(embeddings.labels, dtype=np.int64))
-    images_per_block = max(batch_size, PATCHES_PER_BLOCK // count)
-    features, labels = [], []
-    for start in range(0, len(ids), images_per_block):
-        block_ids = ids[start:start + images_per_block]
-        embeddings = extract_patch_embeddings(model, data, sampler, image_ids=block_ids, **options)
-        features.append(_mean_of_tokens(embeddings.layer(layer), block_ids, choice, seed))
-        labels.append(np.asarray(embeddings.labels, dtype=np.int64))
-    return np.concatenate(features), np.concatenate(labels)
+    if choice != "all":  # N larger than the token grid: said before any embedding
+        token_subset(sampler.num_patches(tuple(data.image_size)), int(choice), seed, 0)
+    path = _store_path(Path(store_dir), model, data, f"tokens-block{sampler.block}", sampler, ids, layer,
+                       sampler.input_size)
+    embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, overwrite=True,
+                                          layers=["h"] if layer == "h" else ["h", layer], batch_size=batch_size,
+                                          resize_to=sampler.input_size, device=device, dtype="float32",
+                                          progress=progress)
+    return _mean_of_tokens(embeddings.layer(layer), ids, choice, seed), np.asarray(embeddings.labels, dtype=np.int64)
 
 
 def _shared_token_features(model: SSLModel, data: ImageDataset, protocols: Sequence[str], *, layer: str,
