@@ -267,11 +267,14 @@ candidate() {
   local from16 fromc16
   from16=$(committed "$F16") && fromc16=$(committed "$C16") || return 1
   [ -f "$CONT/$CANDIDATE" ] || $py pretrained/ship.py "$CONT/checkpoint.pt" "$CONT/$CANDIDATE" --backbone-only
+  # the patch embeddings in resumable stores of the run folder: a card stopped by the session's end goes on from its
+  # last batch when the same command runs again (~2 GB for the 16 patches; removed once both cards are written)
   $py pretrained/model_card.py "$CONT/$CANDIDATE" --device cpu --amp --protocols 16 --control-from "$from16" \
-      --json "$CONT/$F16"
+      --json "$CONT/$F16" --cache-dir "$CONT/card-store"
   $py pretrained/model_card.py --compare "$CONT/$F16" "$RESULTS/$F16"
   $py pretrained/model_card.py "$CONT/$CANDIDATE" --device cpu --amp --protocols central --control-from "$fromc16" \
-      --json "$CONT/$C16"
+      --json "$CONT/$C16" --cache-dir "$CONT/card-store"
+  rm -rf "$CONT/card-store"
   $py pretrained/model_card.py --compare "$CONT/$C16" "$RESULTS/$C16"
 }
 judge() {

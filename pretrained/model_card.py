@@ -13,8 +13,12 @@ features, last epoch), exactly as ``python -m ssl_patch_analysis.evaluate`` comp
     python pretrained/model_card.py runs/x/checkpoint.pt --protocols central   # the central view only
 
 A card written with --json resumes: run the same command again after an interruption and the parts already in
-that file (same checkpoint sha256, same settings) are reused. Every ResNet-18 of pretrained/ has the same control,
-so a card can take it from another's after checking it is the same random network on the same patches and images:
+that file (same checkpoint sha256, same settings) are reused. A part (the model, or its control) stopped in the middle
+loses its extraction unless --cache-dir DIR keeps the patch embeddings in evaluate's resumable stores: then it goes
+on from the last batch written (the full 16-patch card takes hours on a CPU without bf16 units).
+
+Every ResNet-18 of pretrained/ has the same control, so a card can take it from another's after checking it is the
+same random network on the same patches and images:
 
     python pretrained/model_card.py pretrained/bagssl-resnet18-cifar10.pt --amp --protocols 16 \
         --control-from benchmarks/results/card-full-16patches_emp-ssl-resnet18-cifar10.json --json bagssl16.json
@@ -305,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the results here (also after each model's trained part, so that an interrupted "
                              "run keeps what it measured)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="keep the patch embeddings in resumable stores under DIR (evaluate's --cache-dir, "
+                             "float32): a card stopped in the middle of an extraction goes on from the last batch "
+                             "written when the same command runs again, instead of from the start of that part; "
+                             "the full 16-patch card holds ~2 GB there")
     parser.add_argument("--max-images", type=int, default=None,
                         help="a seeded class-stratified subset of this many images of each split (quick checks)")
     parser.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: evaluate's)")
@@ -389,7 +398,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             with extraction_options(amp=args.amp):
                 results = evaluate_protocols(model, train, test, protocols, train_ids=train_ids, test_ids=test_ids,
                                              ks=(20,), schedule=schedule, seed=args.seed, device=device,
-                                             progress=not args.no_progress)
+                                             store_dir=args.cache_dir, progress=not args.no_progress)
             row[kind] = card_numbers(results)
             row["test_ids_sha256"] = results["test_ids_sha256"]
             row["correct"][kind] = card_correct(results)

@@ -1,4 +1,5 @@
 """pretrained/model_card.py reports what ``evaluate`` computes, for the model and its random-init control."""
+import functools
 import json
 import shutil
 import subprocess
@@ -7,7 +8,7 @@ import pytest
 
 import helpers
 from helpers import load_script
-from ssl_patch_analysis import models
+from ssl_patch_analysis import models, store
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.evaluate import ProbeSchedule, evaluate_protocols, subset_ids
@@ -344,6 +345,49 @@ def test_a_candidates_card_becomes_the_shipped_models_without_measuring_again(tm
     shutil.copyfile(run / "card.json", tmp_path / "card.json")
     card.main([str(shipped), *common, "--json", str(tmp_path / "card.json")])
     assert len(calls) == 2
+
+
+def test_a_card_stopped_in_an_extraction_goes_on_from_its_cache_dir(tmp_path, cifar10_npz, tiny_model, monkeypatch):
+    """With --cache-dir the patch embeddings go to evaluate's resumable stores: a card stopped in the middle of its
+    model's extraction embeds, when run again, only the batches not yet written, and its numbers are those of a card
+    measured without a cache in one go."""
+    checkpoint = tmp_path / "tiny-bagssl.pt"
+    save_checkpoint(tiny_model, checkpoint, train={"method": "bagssl", "patch_size": 16})
+    card = _card_module()
+    real_evaluate = card.evaluate_protocols
+    # batches of 8 images, so that each store of 40 images is written in 5 batches
+    monkeypatch.setattr(card, "evaluate_protocols", lambda *a, **k: real_evaluate(*a, **{**k, "batch_size": 8}))
+    common = [str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
+              "--num-patches", "2", "--protocols", "2", "--probe-epochs", "2", "--no-progress"]
+    (uncached,) = card.main(common)
+
+    written, real_write = [], store.StoreWriter.write_batch
+
+    def write_batch(writer, batch, rows, stop_at=None):
+        if stop_at is not None and len(written) == stop_at:
+            raise KeyboardInterrupt  # stopped by hand in the middle of a store
+        written.append(batch)
+        return real_write(writer, batch, rows)
+
+    monkeypatch.setattr(store.StoreWriter, "write_batch", write_batch)
+    (cached,) = card.main([*common, "--cache-dir", str(tmp_path / "one-go")])
+    in_one_go = len(written)
+    assert in_one_go == 2 * 2 * 5  # model and control, train and test: 5 batches each
+    stores = sorted(p.name for p in (tmp_path / "one-go").iterdir())
+    assert len(stores) == 4 and not [name for name in stores if name.startswith(".")]
+
+    written.clear()
+    monkeypatch.setattr(store.StoreWriter, "write_batch", functools.partialmethod(write_batch, stop_at=7))
+    with pytest.raises(KeyboardInterrupt):
+        card.main([*common, "--cache-dir", str(tmp_path / "stopped"), "--json", str(tmp_path / "card.json")])
+    assert len(written) == 7 and not (tmp_path / "card.json").exists()  # in the model's test-image store
+    written.clear()
+    monkeypatch.setattr(store.StoreWriter, "write_batch", write_batch)
+    (resumed,) = card.main([*common, "--cache-dir", str(tmp_path / "stopped"), "--json", str(tmp_path / "card.json")])
+    assert len(written) == in_one_go - 7  # the 7 batches written before the stop are not embedded again
+    for row in (cached, resumed):
+        for kind in ("trained", "random_init"):
+            assert row[kind] == uncached[kind] and row["correct"][kind] == uncached["correct"][kind]
 
 
 def _synthetic_card(path, knn: str, linear: str) -> str:
