@@ -333,6 +333,7 @@ def _autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | Non
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    warn_if_bf16_is_slow(device)
     return torch.bfloat16
 
 
@@ -382,6 +383,19 @@ def cpu_has_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+class SlowBf16Warning(UserWarning):
+    """bf16 autocast asked for on a CPU that has no bf16 units: it runs, several times slower than float32."""
+
+
+def warn_if_bf16_is_slow(device: str | torch.device) -> None:
+    """Warn (once per calling line) when bf16 autocast is to run on a CPU without bf16 units, where PyTorch emulates
+    it: a CIFAR ResNet-18 forward ran 7x slower than float32 on a 2-core AVX2 CPU (benchmarks/RESULTS.md). The run
+    goes on, as asked; the warning says what to leave out."""
+    if torch.device(device).type == "cpu" and not cpu_has_bf16():
+        warnings.warn("bf16 autocast on a CPU without bf16 units (AMX or AVX512-BF16) runs several times slower than "
+                      "float32 here: leave out --amp (amp=True) on this machine", SlowBf16Warning, stacklevel=3)
 
 
 class _Embedder:

@@ -91,7 +91,7 @@ from .checkpoints import (
 )
 from .data import ARCHIVE_DATASETS, ImageDataset, TensorImageDataset, load_dataset
 from .evaluate import PatchScale, protocol_sampler, protocol_title
-from .extract import boxes_are_exact, check_boxes, cpu_has_bf16, crop_checked_patches
+from .extract import boxes_are_exact, check_boxes, cpu_has_bf16, crop_checked_patches, warn_if_bf16_is_slow
 from .knn import knn_accuracy
 from .losses import BagSSLLoss, EMPSSLLoss, LossOutput, NTXentLoss, VICRegLoss
 from .models import IMAGENET_MEAN, IMAGENET_STD, L2Normalize, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp
@@ -285,6 +285,8 @@ class TrainConfig:
             self.lars_clip = spec.lars.clip
         if self.amp is None:
             self.amp = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        elif self.amp:
+            warn_if_bf16_is_slow(device)
         if self.knn_protocol is None:
             self.knn_protocol = KNN_PATCHES if spec.patches else "central"
         self.knn_protocol = str(self.knn_protocol).strip().lower()

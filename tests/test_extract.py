@@ -16,9 +16,11 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from helpers import random_images, tiny_model
+from ssl_patch_analysis import extract
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.data import ImageFolderDataset, TensorImageDataset
 from ssl_patch_analysis.extract import (
+    SlowBf16Warning,
     cpu_has_bf16,
     crop_patches,
     default_num_workers,
@@ -277,6 +279,26 @@ def test_cpu_defaults():
     assert default_num_workers(torch.device("cpu")) == 0  # workers would only compete with the forward pass
     assert default_num_workers(torch.device("cuda")) == min(4, os.cpu_count() or 1)
     assert isinstance(cpu_has_bf16(), bool)
+
+
+@pytest.mark.parametrize("has_bf16_units", [False, True])
+def test_bf16_on_a_cpu_without_bf16_units_runs_with_one_warning(monkeypatch, has_bf16_units):
+    """amp=True on a CPU that emulates bf16 (several times slower than float32) still gives bf16 embeddings, with a
+    warning that says to leave --amp out; a CPU with bf16 units, or float32, gives none."""
+    monkeypatch.setattr(extract, "cpu_has_bf16", lambda: has_bf16_units)
+    model, images = tiny_model(projector=False), random_images(2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embeddings = extract_patch_embeddings(model, images, grid(16), amp=True, progress=False)
+        extract_patch_embeddings(model, images, grid(16), amp=False, progress=False)
+        with extraction_options(amp=True):  # how the command lines pass --amp
+            extract_patch_embeddings(model, images, grid(16), progress=False)
+    assert embeddings.meta["precision"] == "bfloat16"
+    slow = [w for w in caught if issubclass(w.category, SlowBf16Warning)]
+    if has_bf16_units:
+        assert slow == []
+    else:
+        assert len(slow) == 2 and all("leave out --amp" in str(w.message) for w in slow)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -5,11 +5,13 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from ssl_patch_analysis import extract
 from ssl_patch_analysis import train as train_module
 from ssl_patch_analysis.checkpoints import load_model, read_checkpoint, save_checkpoint, with_checksum
 from ssl_patch_analysis.losses import LossOutput
@@ -630,6 +632,20 @@ def test_amp_defaults_to_the_cpus_bf16_units():
     config = train_module.TrainConfig()
     config.resolve(32, torch.device("cpu"))
     assert config.amp == train_module.cpu_has_bf16()
+
+
+@pytest.mark.parametrize("has_bf16_units", [False, True])
+def test_amp_asked_for_on_a_cpu_without_bf16_units_is_kept_with_a_warning(monkeypatch, has_bf16_units):
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: has_bf16_units)
+    monkeypatch.setattr(extract, "cpu_has_bf16", lambda: has_bf16_units)
+    for amp, warned in ((True, not has_bf16_units), (False, False), (None, False)):
+        config = train_module.TrainConfig(amp=amp)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config.resolve(32, torch.device("cpu"))
+        assert config.amp is (has_bf16_units if amp is None else amp)  # the default follows the units
+        slow = [w for w in caught if issubclass(w.category, extract.SlowBf16Warning)]
+        assert len(slow) == int(warned), (amp, [str(w.message) for w in caught])
 
 
 def test_a_typed_config_trains_from_python_with_a_longer_schedule_and_amp(cifar10_npz, tmp_path):
