@@ -7,13 +7,15 @@ Same images, same boxes, same model for all three:
   (c) forward - the model's forward pass alone on ready tensors of the same shape, with the
                 extractor's settings (the ceiling).
 (b) and (c) run once per mode: the extractor's default ("float32" on a CPU, "bf16" autocast on
-CUDA) and "bf16+compile" (amp=True, compile=True: bf16 autocast and torch.compile, --amp --compile
-on the command line). "min cos (b)~(a)" is the smallest cosine similarity between the extractor's and
+CUDA), on a CPU "bf16" (amp=True: --amp, emulated and slow on a CPU without bf16 units) and
+"bf16+compile" (amp=True, compile=True: bf16 autocast and torch.compile, --amp --compile on the
+command line). "min cos (b)~(a)" is the smallest cosine similarity between the extractor's and
 the naive loop's embedding of the same patch (interpolation and precision differences).
 Prints one table: patches/s for each, (b)/(a) and (b)/(c).
 
-    python benchmarks/extract.py                      # CPU, both set-ups, both modes
+    python benchmarks/extract.py                      # CPU, both set-ups, every mode
     python benchmarks/extract.py --device cuda --scale 5 --repeats 5
+    python benchmarks/extract.py --setups cifar --repeats 1   # the CIFAR set-up alone
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ from ssl_patch_analysis.patches import grid
 
 # The extractor's default on the device, then its fastest settings.
 MODES = {
-    "cpu": {"float32": dict(amp=False, compile=False), "bf16+compile": dict(amp=True, compile=True)},
+    "cpu": {"float32": dict(amp=False, compile=False), "bf16": dict(amp=True, compile=False),
+            "bf16+compile": dict(amp=True, compile=True)},
     "cuda": {"bf16": dict(amp=True, compile=False), "bf16+compile": dict(amp=True, compile=True)},
 }
 
@@ -161,20 +164,27 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1, help="multiply the number of images (use >1 on a GPU)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per method; the median is reported")
+    parser.add_argument("--setups", default="cifar,imagenette",
+                        help="comma-separated set-ups to run: cifar (ResNet-18, 32 px), imagenette (ResNet-50, 224 px)")
     args = parser.parse_args()
+    setups = {name.strip() for name in args.setups.split(",") if name.strip()}
+    if not setups or not setups <= {"cifar", "imagenette"}:
+        parser.error(f"--setups takes cifar and/or imagenette, got {args.setups!r}")
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
 
     rows = []
-    cifar = load_dataset("cifar10", "test", root=args.data_root)
-    rows.extend(run_setup("CIFAR-10 (JPEG copy) test, 32 px, CIFAR ResNet-18, grid 16/4 -> 32 px",
-                          cifar, make_model("resnet18", "cifar", cifar.get_batch(range(64))), grid(16, 4),
-                          128 * args.scale, device, args.repeats))
-    imagenette = load_dataset("imagenette", "val", root=args.data_root)
-    rows.extend(run_setup("Imagenette val, 224 px, ResNet-50, grid 112/56 -> 224 px",
-                          imagenette, make_model("resnet50", "imagenet", imagenette.get_batch(range(32))),
-                          grid(112, 56),
-                          64 * args.scale, device, args.repeats))
+    if "cifar" in setups:
+        cifar = load_dataset("cifar10", "test", root=args.data_root)
+        rows.extend(run_setup("CIFAR-10 (JPEG copy) test, 32 px, CIFAR ResNet-18, grid 16/4 -> 32 px",
+                              cifar, make_model("resnet18", "cifar", cifar.get_batch(range(64))), grid(16, 4),
+                              128 * args.scale, device, args.repeats))
+    if "imagenette" in setups:
+        imagenette = load_dataset("imagenette", "val", root=args.data_root)
+        rows.extend(run_setup("Imagenette val, 224 px, ResNet-50, grid 112/56 -> 224 px",
+                              imagenette, make_model("resnet50", "imagenet", imagenette.get_batch(range(32))),
+                              grid(112, 56),
+                              64 * args.scale, device, args.repeats))
 
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
              f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads, "

@@ -390,12 +390,24 @@ class SlowBf16Warning(UserWarning):
 
 
 def warn_if_bf16_is_slow(device: str | torch.device) -> None:
-    """Warn (once per calling line) when bf16 autocast is to run on a CPU without bf16 units, where PyTorch emulates
-    it: a CIFAR ResNet-18 forward ran 7x slower than float32 on a 2-core AVX2 CPU (benchmarks/RESULTS.md). The run
-    goes on, as asked; the warning says what to leave out."""
+    """Warn when bf16 autocast is to run on a CPU without bf16 units, where PyTorch emulates it: a CIFAR ResNet-18
+    extraction ran 8.4x slower than float32 on a 2-core AVX2 CPU (benchmarks/RESULTS.md). The run goes on, as asked;
+    the warning says what to leave out, and points at the caller's line outside this package (so it shows once per
+    line of a user's code, not once per extraction)."""
     if torch.device(device).type == "cpu" and not cpu_has_bf16():
         warnings.warn("bf16 autocast on a CPU without bf16 units (AMX or AVX512-BF16) runs several times slower than "
-                      "float32 here: leave out --amp (amp=True) on this machine", SlowBf16Warning, stacklevel=3)
+                      "float32 here: leave out --amp (amp=True) on this machine", SlowBf16Warning,
+                      stacklevel=_outside_package_stacklevel())
+
+
+def _outside_package_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warning raised by this function's caller, of the first frame outside
+    this package (Python 3.12's ``skip_file_prefixes``)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _Embedder:

@@ -299,6 +299,7 @@ def test_bf16_on_a_cpu_without_bf16_units_runs_with_one_warning(monkeypatch, has
         assert slow == []
     else:
         assert len(slow) == 2 and all("leave out --amp" in str(w.message) for w in slow)
+        assert {w.filename for w in slow} == {__file__}  # the user's line, not the package's
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -646,6 +646,7 @@ def test_amp_asked_for_on_a_cpu_without_bf16_units_is_kept_with_a_warning(monkey
         assert config.amp is (has_bf16_units if amp is None else amp)  # the default follows the units
         slow = [w for w in caught if issubclass(w.category, extract.SlowBf16Warning)]
         assert len(slow) == int(warned), (amp, [str(w.message) for w in caught])
+        assert {w.filename for w in slow} <= {__file__}
 
 
 def test_a_typed_config_trains_from_python_with_a_longer_schedule_and_amp(cifar10_npz, tmp_path):
