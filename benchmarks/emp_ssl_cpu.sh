@@ -262,6 +262,11 @@ card2k() {
 #   EPOCHS=13 SEED=10 TRAIN_SIZE=20000 STEPS="onward candidate judge own_protocol" benchmarks/emp_ssl_cpu.sh   # 13: kept
 #     the twelfth (k-NN +0.42 [-0.09, +0.93]); EPOCHS=14 continues the thirteenth run, whose log the history then keeps
 #   EPOCHS=14 SEED=11 TRAIN_SIZE=20000 STEPS="onward candidate judge" benchmarks/emp_ssl_cpu.sh   # session 14: shipped
+#   BLUR_KERNEL=5 EPOCHS=15 SEED=12 TRAIN_SIZE=20000 STEPS=next benchmarks/emp_ssl_cpu.sh   # sessions 16-18 (AVX2 VM,
+#     float32): trained from the shipped backbone; judged on a VM with bf16 units (its bf16 cards are emulated, ~16 h,
+#     without them) by the same command with STEPS="candidate judge"
+#   EPOCHS=16 SEED=13 TRAIN_SIZE=20000 STEPS=onward benchmarks/emp_ssl_cpu.sh   # session 18: run 16 from run 15, the
+#     13 px blur kernel (the default since 2026-12-07); resumable; judged later with STEPS="onward candidate judge"
 CANDIDATE=candidate_emp-ssl-resnet18-cifar10.pt   # in $CONT
 candidate() {
   local from16 fromc16
