@@ -268,8 +268,21 @@ card2k() {
 #   EPOCHS=16 SEED=13 TRAIN_SIZE=20000 STEPS=onward benchmarks/emp_ssl_cpu.sh   # session 18: run 16 from run 15, the
 #     13 px blur kernel (the default since 2026-12-07); resumable; judged later with STEPS="onward candidate judge"
 CANDIDATE=candidate_emp-ssl-resnet18-cifar10.pt   # in $CONT
+# The candidate's cards are bf16 (as the shipped model's they pair with): emulated on a CPU without bf16 units, 8.4x
+# slower than float32 (benchmarks/RESULTS.md), about 16 h instead of one. Refused there unless SLOW_BF16=1;
+# CPU_HAS_BF16=0/1 stands for the check (tests).
+bf16_units() {
+  local has=${CPU_HAS_BF16:-}
+  [ -n "$has" ] || has=$($py -c "from ssl_patch_analysis.extract import cpu_has_bf16; print(int(cpu_has_bf16()))")
+  [ "$has" = 1 ] || [ "${SLOW_BF16:-0}" = 1 ] && return 0
+  echo "candidate: this CPU has no bf16 units (AMX, AVX512-BF16), so the candidate's bf16 cards would be emulated," \
+       "about 16 h instead of 1: judge it on a machine with them (the run folder keeps the checkpoint)," \
+       "or SLOW_BF16=1 to go on here" >&2
+  return 1
+}
 candidate() {
   local from16 fromc16
+  bf16_units || return 1
   from16=$(committed "$F16") && fromc16=$(committed "$C16") || return 1
   [ -f "$CONT/$CANDIDATE" ] || $py pretrained/ship.py "$CONT/checkpoint.pt" "$CONT/$CANDIDATE" --backbone-only
   # the patch embeddings in resumable stores of the run folder: a card stopped by the session's end goes on from its
