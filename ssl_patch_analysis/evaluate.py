@@ -56,6 +56,7 @@ from .data import ImageDataset
 from .extract import (
     describe_tokens,
     extract_patch_embeddings,
+    extraction_precision,
     model_sha256,
     token_sampler,
     tokens_and_whole_image_embeddings,
@@ -204,7 +205,7 @@ def _token_features(model: SSLModel, data: ImageDataset, choice: str | int, *, l
     if choice != "all":  # N larger than the token grid: said before any embedding
         token_subset(sampler.num_patches(tuple(data.image_size)), int(choice), seed, 0)
     path = _store_path(Path(store_dir), model, data, f"tokens-block{sampler.block}", sampler, ids, layer,
-                       sampler.input_size)
+                       sampler.input_size, precision=extraction_precision(device))
     embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, overwrite=True,
                                           layers=["h"] if layer == "h" else ["h", layer], batch_size=batch_size,
                                           resize_to=sampler.input_size, device=device, dtype="float32",
@@ -286,15 +287,18 @@ def subset_ids(labels: np.ndarray, size: int | None, seed: int = 0, exclude: np.
 
 def _store_path(store_dir: Path, model: SSLModel, data: ImageDataset, protocol: str, sampler: PatchSampler,
                 ids: np.ndarray, layer: str, resize_to: int, augmentation: Augmentation | None = None,
-                augmentation_seed: int = 0) -> Path:
-    """One store per (model weights, data, sampler, images, layer, size, augmentation and its seed), so re-runs
-    reuse only their own. Without augmentation the key is the one from before augmentation existed: old caches
-    stay valid."""
+                augmentation_seed: int = 0, precision: str = "float32") -> Path:
+    """One store per (model weights, data, sampler, images, layer, size, augmentation and its seed, precision), so
+    re-runs reuse only their own, and a float32 and a bf16 run (``--amp``) keep a store each instead of rebuilding
+    one in turn. Without augmentation, in float32, the key is the one from before those existed: old caches stay
+    valid."""
     parts: list[Any] = [model_sha256(model), data.name, data.split, sampler.to_dict(), layer, resize_to,
                         hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()]
     if augmentation is not None:
         # The seed too: the central and grid samplers ignore theirs, the augmentation does not.
         parts.append({**asdict(augmentation), "seed": augmentation_seed})
+    if precision != "float32":
+        parts.append({"precision": precision})
     key = json.dumps(parts)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return store_dir / f"{slug(data.name)}-{slug(data.split)}-{slug(protocol)}-{layer}-{len(ids)}img-{digest}"
@@ -362,7 +366,8 @@ def protocol_features(
     options = dict(layers=layers, batch_size=batch_size, resize_to=size, device=device, dtype="float32",
                    progress=progress, augmentation=augmentation, augmentation_seed=seed)
     if store_dir is not None:
-        path = _store_path(Path(store_dir), model, data, protocol, sampler, ids, layer, size, augmentation, seed)
+        path = _store_path(Path(store_dir), model, data, protocol, sampler, ids, layer, size, augmentation, seed,
+                           extraction_precision(device))
         # A cache keyed by its settings: one that is stale (changed image files), damaged beyond repair or of an
         # older store version is rebuilt, never handed back (overwrite only ever touches the store's own files).
         embeddings = extract_patch_embeddings(model, data, sampler, image_ids=ids, out=path, overwrite=True,

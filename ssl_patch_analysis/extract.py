@@ -324,7 +324,7 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def _autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+def _autocast_choice(device: torch.device, amp: bool | None) -> torch.dtype | None:
     """The autocast dtype: by default bf16 (fp16 on GPUs without bf16) on CUDA and none on the CPU,
     where ``amp=True`` gives bf16 (fast on CPUs with AMX or AVX512-BF16 units, see :func:`cpu_has_bf16`)."""
     if amp is None:
@@ -333,8 +333,24 @@ def _autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | Non
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    warn_if_bf16_is_slow(device)
     return torch.bfloat16
+
+
+def _autocast_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """:func:`_autocast_choice`, warning once per caller's line when it is bf16 on a CPU without bf16 units."""
+    dtype = _autocast_choice(device, amp)
+    if dtype is not None and device.type == "cpu":
+        warn_if_bf16_is_slow(device)
+    return dtype
+
+
+def extraction_precision(device: str | torch.device | None = None, amp: bool | None = None) -> str:
+    """The precision :func:`extract_patch_embeddings` would compute in with these ``device`` and ``amp`` (None:
+    the enclosing :func:`extraction_options`, then the defaults): ``"float32"``, ``"bfloat16"`` or
+    ``"float16"``, as a store's ``meta["precision"]`` records it. Warns nothing."""
+    amp = _OPTIONS.get().get("amp") if amp is None else amp
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return str(_autocast_choice(device, amp) or torch.float32).removeprefix("torch.")
 
 
 _OPTIONS: contextvars.ContextVar[dict[str, bool]] = contextvars.ContextVar(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import helpers
-from ssl_patch_analysis import evaluate
+from ssl_patch_analysis import evaluate, extract
 from ssl_patch_analysis.augment import Augmentation
 from ssl_patch_analysis.checkpoints import save_checkpoint
 from ssl_patch_analysis.data import TensorImageDataset
@@ -31,7 +31,12 @@ from ssl_patch_analysis.evaluate import (
     results_table,
     subset_ids,
 )
-from ssl_patch_analysis.extract import augment_patches, extract_patch_embeddings
+from ssl_patch_analysis.extract import (
+    augment_patches,
+    extract_patch_embeddings,
+    extraction_options,
+    extraction_precision,
+)
 from ssl_patch_analysis.models import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -40,6 +45,7 @@ from ssl_patch_analysis.models import (
     SSLModel,
 )
 from ssl_patch_analysis.patches import CentralSampler, GridSampler, RandomFixedSampler, RandomResizedSampler
+from ssl_patch_analysis.store import read_store_meta
 
 # Three training features and two queries in the plane (see test_knn_eval_matches_hand_computation).
 HAND_TRAIN = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 2.0]], dtype=np.float32)
@@ -384,6 +390,32 @@ def test_store_dir_caches_features(tmp_path):
         (cache / "meta.json").write_text("{ not json")
     rebuilt, _ = protocol_features(model, data, "3", **options)
     np.testing.assert_array_equal(first, rebuilt)
+
+
+def test_float32_and_bf16_features_keep_a_store_each(tmp_path, monkeypatch):
+    # Alternating --amp with one --cache-dir used to rebuild the one store in turn (its precision differed).
+    monkeypatch.setattr(extract, "cpu_has_bf16", lambda: True)  # no SlowBf16Warning on CPUs without the units
+    model, data = helpers.tiny_model(train={"patch_size": 16}), random_dataset(n=4)
+    options = dict(device="cpu", progress=False, store_dir=tmp_path, seed=1)
+    float32, _ = protocol_features(model, data, "3", **options)
+    (float32_store,) = tmp_path.iterdir()
+    with extraction_options(amp=True):
+        bf16, _ = protocol_features(model, data, "3", **options)
+    assert len(list(tmp_path.iterdir())) == 2
+    precisions = sorted(read_store_meta(store)["precision"] for store in tmp_path.iterdir())
+    assert precisions == ["bfloat16", "float32"]
+    assert not np.array_equal(bf16, float32)
+    np.testing.assert_allclose(bf16, float32, rtol=0.05, atol=0.05)
+    def written():  # the lock file is taken on every open; the store's own files are only written when embedded
+        return {path: path.stat().st_mtime_ns for path in float32_store.rglob("*") if path.name != ".lock"}
+
+    before = written()
+    again, _ = protocol_features(model, data, "3", **options)  # read back, not embedded again
+    np.testing.assert_array_equal(again, float32)
+    assert written() == before
+    with extraction_options(amp=True):
+        np.testing.assert_array_equal(protocol_features(model, data, "3", **options)[0], bf16)
+    assert extraction_precision("cpu") == "float32" and extraction_precision("cpu", amp=True) == "bfloat16"
 
 
 def test_identity_augmentation_gives_exactly_the_unaugmented_features():
