@@ -54,6 +54,8 @@ import json
 import os
 import pickle
 import re
+import struct
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +171,9 @@ def read_checkpoint(path: str | Path) -> Any:
         raise ValueError(f"checkpoint file {path} is empty (0 bytes): an interrupted download or copy? "
                          "Fetch or copy it again.")
     try:
-        with torch.serialization.safe_globals(_BENIGN_GLOBALS):
+        with torch.serialization.safe_globals(_BENIGN_GLOBALS), warnings.catch_warnings():
+            # torch's note on a raw pickle's protocol: the file is refused or named below, in one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         unsafe = _unsafe_globals(path)
@@ -188,6 +192,10 @@ def read_checkpoint(path: str | Path) -> Any:
     except (RuntimeError, EOFError) as err:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: {err}); "
                          f"{_recovery_advice(path)}") from err
+    except (KeyError, IndexError, TypeError, AttributeError, struct.error, UnicodeDecodeError, OverflowError) as err:
+        # What torch's legacy reader raises on bytes that are no pickle at all (a text file, an HTML page)
+        raise ValueError(f"{path} is not a PyTorch checkpoint (its bytes are no pickle torch.load can read: "
+                         f"{type(err).__name__} {' '.join(str(err).split())[:80]}); {_recovery_advice(path)}") from err
 
 
 def _recovery_advice(path: Path) -> str:
@@ -198,8 +206,12 @@ def _recovery_advice(path: Path) -> str:
     return "fetch or copy it again"
 
 
-def _refused(path: Path, found: str) -> RuntimeError:
-    return RuntimeError(
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that names Python objects beyond tensors and containers: refused before any of it runs."""
+
+
+def _refused(path: Path, found: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
         f"{path} holds Python objects that are not tensors ({found}), so it was refused for safety: unpickling "
         "them could run arbitrary code. If you trust the file, re-save only its weights in a trusted session, "
         "e.g. torch.save(obj.state_dict(), 'weights.pth') for a pickled model, and load that file instead.")

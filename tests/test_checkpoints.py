@@ -11,6 +11,7 @@ import argparse
 import json
 import struct
 import sys
+import warnings
 import zipfile
 
 import pytest
@@ -538,7 +539,7 @@ class PickledCode:
 
 def test_pickled_code_is_refused(tmp_path):
     torch.save(PickledCode(), tmp_path / "model.pth")
-    with pytest.raises(RuntimeError, match="refused for safety") as err:
+    with pytest.raises(ValueError, match="refused for safety") as err:  # a user's error: one line, exit status 2
         _load(tmp_path / "model.pth")
     assert "PickledCode" in str(err.value) and "state_dict" in str(err.value)
 
@@ -561,7 +562,7 @@ def test_pickled_code_in_legacy_and_raw_files_is_refused_as_such(tmp_path, layou
         torch.save({"weights": torch.zeros(2), "hook": RunsCode()}, path, _use_new_zipfile_serialization=False)
     else:
         path.write_bytes(pickle.dumps({"weights": torch.zeros(2), "hook": RunsCode()}, protocol=4))
-    with pytest.raises(RuntimeError, match="holds Python objects that are not tensors") as err:
+    with pytest.raises(ValueError, match="holds Python objects that are not tensors") as err:
         _load(path)
     assert "getcwd" in str(err.value) and "refused for safety" in str(err.value)
     assert "truncated" not in str(err.value)
@@ -613,6 +614,36 @@ def test_truncated_and_empty_files(tmp_path):
         _load(tmp_path / "half.pth")
     with pytest.raises(ValueError, match="empty"):
         _load(tmp_path / "empty.pth")
+
+
+@pytest.mark.parametrize("content", [b"hello not a checkpoint\n", b"e" * 64, bytes(range(256)) * 8,
+                                     b"\x80\x04K\x05.", b"\x80\x02}q\x00(X\x01"])
+def test_any_other_file_is_named_unreadable_not_an_internal_error(tmp_path, content):
+    # A text file made torch.load raise KeyError (an "internal error", exit status 1, from every command).
+    path = tmp_path / "text.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"text\.pt is not a") as err:
+        _load(path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["zip", "raw"])
+def test_cli_refuses_pickled_code_in_one_line_with_status_2(tmp_path, capsys, layout):
+    # Was: "internal error (RuntimeError)", exit status 1, after torch's warning about the raw pickle's protocol.
+    import pickle
+
+    path = tmp_path / "model.pth"
+    if layout == "zip":
+        torch.save(PickledCode(), path)
+    else:
+        path.write_bytes(pickle.dumps({"weights": torch.zeros(2), "hook": RunsCode()}, protocol=4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as stop:
+            main(["--model", str(path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "refused for safety" in err
+    assert [str(w.message) for w in caught] == []
 
 
 def test_missing_path_lists_known_names(tmp_path):
