@@ -48,7 +48,7 @@ from tqdm import tqdm
 from . import cli
 from .augment import Augmentation, resolve_blur_kernel
 from .cli import UserError
-from .data import ImageDataset, TensorImageDataset
+from .data import DataFileError, ImageDataset, TensorImageDataset
 from .models import ResNet, SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
 from .store import (
@@ -1128,8 +1128,14 @@ class _Run:
                 _barrier(world_size)
                 mine = pending[rank::world_size]
                 if mine:
-                    for span, rows in self.rows([writer.batch_rows(b) for b in mine]):
-                        writer.write_batch(span.start // writer.batch_size, rows)
+                    try:
+                        for span, rows in self.rows([writer.batch_rows(b) for b in mine]):
+                            writer.write_batch(span.start // writer.batch_size, rows)
+                    except DataFileError as error:  # fixing the images changes the data set the store was for
+                        raise DataFileError(
+                            f"{error}; the store {out} keeps the batches written so far, for these images: once "
+                            "they are fixed or skipped, run again with --overwrite (overwrite=True) to rebuild it "
+                            "for the new ones") from error
                 _barrier(world_size)
                 if rank == 0:
                     writer.mark_complete({"last_run": {**self.run_info, "world_size": world_size}})

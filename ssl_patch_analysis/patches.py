@@ -326,7 +326,9 @@ class CentralSampler(PatchSampler):
         return self.size
 
     def num_patches(self, image_size: tuple[int, int]) -> int:
-        _image_size(image_size)
+        height, width = _image_size(image_size)
+        if self.size is not None:  # said before anything is embedded or stored, as the other samplers do
+            _check_fits(self.size, height, width, what="central crop")
         return 1
 
     def boxes(self, image_ids: Sequence[int] | torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:

@@ -18,6 +18,8 @@ from PIL import Image
 import helpers
 from ssl_patch_analysis import cli, data
 from ssl_patch_analysis.data import DataFileError, ImageFolderDataset, load_dataset
+from ssl_patch_analysis.extract import extract_patch_embeddings
+from ssl_patch_analysis.patches import central
 from test_data import CIFAR10_CLASSES, write_fake_cifar10_folder, write_jpeg_archive
 
 # 16-bit values around every rounding boundary of v * 255 / 65535, and the ends.
@@ -489,6 +491,24 @@ def test_a_folder_of_only_bad_images_is_refused(tmp_path):
     (tmp_path / "a" / "x.jpg").write_bytes(b"junk")
     with pytest.raises(DataFileError, match=f"none of the 1 images of {tmp_path} can be read"):
         load_dataset(str(tmp_path), skip_bad_images=True)
+
+
+def test_a_bad_image_met_while_filling_a_store_says_how_to_go_on(tmp_path):
+    # The store keeps the batches written before the bad file; the data set it was made for is then gone (the file
+    # removed, or skipped), so the same command with the images fixed needs --overwrite: the message says so.
+    folder_with_bad_files(tmp_path / "pictures", {"text.jpg": BAD_FILES["text.jpg"]})
+    model, store = helpers.tiny_model(), tmp_path / "store"
+    options = dict(out=store, batch_size=2, progress=False, device="cpu")
+    with pytest.raises(DataFileError, match=r"text\.jpg") as err:
+        extract_patch_embeddings(model, load_dataset(str(tmp_path / "pictures"), image_size=8), central(), **options)
+    message = str(err.value)
+    assert "\n" not in message and f"the store {store}" in message and "--overwrite" in message
+    (tmp_path / "pictures" / "b" / "text.jpg").unlink()
+    fixed = load_dataset(str(tmp_path / "pictures"), image_size=8)
+    with pytest.raises(ValueError, match="other settings"):
+        extract_patch_embeddings(model, fixed, central(), **options)
+    made = extract_patch_embeddings(model, fixed, central(), overwrite=True, **options)
+    assert made.meta["complete"] and len(made.image_ids) == 4
 
 
 def test_skip_bad_images_is_for_folders_only(tmp_path):

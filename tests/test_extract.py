@@ -30,7 +30,7 @@ from ssl_patch_analysis.extract import (
 from ssl_patch_analysis.models import (
     SSLModel,
 )
-from ssl_patch_analysis.patches import grid, random_fixed, random_resized
+from ssl_patch_analysis.patches import central, grid, random_fixed, random_resized
 from ssl_patch_analysis.store import PatchEmbeddings, done_batches
 
 
@@ -319,6 +319,21 @@ def test_bad_images_are_explained():
         extract_patch_embeddings(model, random_images(2), grid(40), progress=False)
     with pytest.raises(ValueError, match=r"image_ids must lie in 0..1"):
         extract_patch_embeddings(model, random_images(2), grid(8), image_ids=[0, 2], progress=False)
+
+
+@pytest.mark.parametrize("sampler", [central(40), grid(40), random_fixed(2, 40)])
+def test_a_patch_that_does_not_fit_leaves_no_store(tmp_path, sampler):
+    # Was: the store was created first, so the corrected command was refused ("made with other settings").
+    model, images = tiny_model(), random_images(2)
+    with pytest.raises(ValueError, match="does not fit"):
+        extract_patch_embeddings(model, images, sampler, out=tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()
+    extract_patch_embeddings(model, images, central(16), out=tmp_path / "store", progress=False)
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ValueError, match="does not fit"):  # --overwrite of a store: nothing built beside it either
+        extract_patch_embeddings(model, images, sampler, out=tmp_path / "store", overwrite=True, progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept", "store"]
+    assert not [path for path in (tmp_path / "store").iterdir() if path.name.endswith(".new")]
     with pytest.raises(ValueError, match=r"layers must .*\(h, z\)"):
         extract_patch_embeddings(model, random_images(2), grid(8), layers=["h", "pre_feature"], progress=False)
 
