@@ -110,7 +110,7 @@ onward() {
 }
 
 ship() {
-  $py pretrained/ship.py "$CONT/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only
+  $py pretrained/ship.py "$CONT/checkpoint.pt" pretrained/emp-ssl-resnet18-cifar10.pt --backbone-only --overwrite
   ship_log
 }
 ship_log() {

@@ -44,7 +44,7 @@ emp_ssl() {
   $py -m ssl_patch_analysis.train --method emp-ssl --data cifar10 --epochs 1 --schedule-epochs 2 \
       --knn-test-size 10000 --run-dir "$run" 2>&1 | tail -3 | log
   cp "$run/log.jsonl" "$OUT/emp-ssl-log.jsonl"
-  $py pretrained/ship.py "$run/checkpoint.pt" /tmp/emp-ssl.pt --max-mb 100 && split -b 15m /tmp/emp-ssl.pt "$OUT/emp-ssl.part-"
+  $py pretrained/ship.py "$run/checkpoint.pt" /tmp/emp-ssl.pt --max-mb 100 --overwrite && split -b 15m /tmp/emp-ssl.pt "$OUT/emp-ssl.part-"
   $py -m ssl_patch_analysis.evaluate --model "$run/checkpoint.pt" --data cifar10 --layers pre_feature \
       --protocols 20 --k 20,200 --probe emp-ssl --augment-patches emp-ssl --out "$OUT/emp-ssl-eval" \
       --no-progress 2>&1 | tail -12 | log
@@ -56,7 +56,7 @@ ship() {
   tail -4 /tmp/ship/train.log | log
   for m in vicreg bagssl; do
     [ -f /tmp/runs/$m/checkpoint.pt ] || continue
-    $py pretrained/ship.py /tmp/runs/$m/checkpoint.pt /tmp/ship/$m-resnet18-cifar10.pt
+    $py pretrained/ship.py /tmp/runs/$m/checkpoint.pt /tmp/ship/$m-resnet18-cifar10.pt --overwrite
     split -b 15m /tmp/ship/$m-resnet18-cifar10.pt "$OUT/$m.part-"
     cp /tmp/runs/$m/log.jsonl "/tmp/ship/$m-log.jsonl"
   done
@@ -91,7 +91,7 @@ models() {
         --time-limit "${MODEL_TIME_LIMIT:-540}" --run-dir "$run" ${TRAIN_FLAGS:-} > "$dir/$m-train.out" 2>&1
     tr "\r" "\n" < "$dir/$m-train.out" | grep -v "%|" | tail -3 | log
     cp "$run/log.jsonl" "$dir/$m-resnet18-cifar10.log.jsonl" || continue
-    $py pretrained/ship.py "$run/checkpoint.pt" "$dir/$m-resnet18-cifar10.pt" $ship_flags 2>&1 | log
+    $py pretrained/ship.py "$run/checkpoint.pt" "$dir/$m-resnet18-cifar10.pt" $ship_flags --overwrite 2>&1 | log
     $py pretrained/model_card.py "$dir/$m-resnet18-cifar10.pt" --device "$DEVICE" \
         --json "$dir/$m-resnet18-cifar10.card.json" ${CARD_FLAGS:-} 2>&1 | tail -4 | log
   done

@@ -28,7 +28,7 @@ train() {
 }
 
 ship() {
-  $py pretrained/ship.py "$RUN/checkpoint.pt" pretrained/simclr-resnet18-cifar10.pt
+  $py pretrained/ship.py "$RUN/checkpoint.pt" pretrained/simclr-resnet18-cifar10.pt --overwrite
   cp "$RUN/log.jsonl" pretrained/simclr-resnet18-cifar10.log.jsonl
 }
 

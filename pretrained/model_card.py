@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ssl_patch_analysis import cli
 from ssl_patch_analysis.checkpoints import load_model
 from ssl_patch_analysis.claims import paired_difference
 from ssl_patch_analysis.data import load_dataset
@@ -136,12 +137,19 @@ def _differences(row: dict, other: dict, keys: tuple[str, ...]) -> list[str]:
 
 
 def earlier_rows(path: str | None) -> list:
-    """The rows an earlier run wrote to ``path`` (--json), or none (no file, or not a card)."""
-    try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8")) if path else []
-    except (OSError, ValueError):
+    """The rows an earlier run wrote to ``path`` (--json), or none (no file); SystemExit for a file that is not a card
+    (it would be replaced by one)."""
+    if not path or not Path(path).exists():
         return []
-    return rows if isinstance(rows, list) else []
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        rows = error
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and "checkpoint" in row for row in rows):
+        reason = f"cannot be read as JSON: {rows}" if isinstance(rows, Exception) else "is not a card"
+        raise SystemExit(f"error: --json {path} {reason} (a list of model_card.py rows), so it is not replaced: "
+                         "choose another --json, or move that file away")
+    return rows
 
 
 def measured_before(rows: list, row: dict, titles: set[str]) -> dict | None:
@@ -286,7 +294,8 @@ def ship_verdict(rows: list[dict]) -> tuple[bool, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python pretrained/model_card.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoints, or with --compare two card JSONs")
     parser.add_argument("--compare", action="store_true",
                         help="the two arguments are card JSONs (--json) measured on the same test images: print A - B "
@@ -298,12 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "replaces B (k-NN better beyond its paired 95%% interval on every shared protocol, "
                              f"nothing worse beyond it); exit status 0 if it does, {KEEP_STATUS} if it does not")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num-patches", type=int, default=16)
+    parser.add_argument("--device", type=cli.device_name, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-patches", type=cli.positive_int, default=16)
     parser.add_argument("--protocols", default=None,
                         help="comma-separated evaluate protocols, e.g. central (default: central, and --num-patches "
                              "patches for patch-trained models)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (default float32)")
     parser.add_argument("--json", default=None,
                         help="write the results here (also after each model's trained part, so that an interrupted "
@@ -314,9 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "float32): a card stopped in the middle of an extraction goes on from the last batch "
                              "written when the same command runs again, instead of from the start of that part; "
                              "the full 16-patch card holds ~2 GB there")
-    parser.add_argument("--max-images", type=int, default=None,
+    parser.add_argument("--max-images", type=cli.positive_int, default=None,
                         help="a seeded class-stratified subset of this many images of each split (quick checks)")
-    parser.add_argument("--probe-epochs", type=int, default=None, help="linear-probe epochs (default: evaluate's)")
+    parser.add_argument("--probe-epochs", type=cli.positive_int, default=None,
+                        help="linear-probe epochs (default: evaluate's)")
     parser.add_argument("--amp-check", action="store_true",
                         help="also compare bf16-autocast embeddings with float32 ones (test split)")
     parser.add_argument("--control-from", default=None, metavar="CARD",
@@ -348,7 +358,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if not replace:
                 raise SystemExit(KEEP_STATUS)
         return rows
-    device = torch.device(args.device)
+    previous = earlier_rows(args.json)  # a --json that is not a card is refused before anything is measured
+    device = cli.resolve_device(args.device)
+    for path in args.checkpoints:  # a file that is no model is said before a minute of decoding the data sets
+        load_model(path, verbose=False)
     train = load_dataset("cifar10", "train", root=args.data_root)
     test = load_dataset("cifar10", "test", root=args.data_root)
     train_ids = subset_ids(train.labels.numpy(), args.max_images, args.seed)
@@ -358,7 +371,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         schedule = dataclasses.replace(schedule, epochs=args.probe_epochs)
     calibration = train.get_batch(list(range(min(len(train), CALIBRATION_IMAGES))))
 
-    rows, previous = [], earlier_rows(args.json)
+    rows = []
     for path in args.checkpoints:
         model = load_model(path, device=device)
         method = model.info.method
@@ -438,4 +451,4 @@ def _write_json(path: str, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.command(main)()  # one line and exit status 2 for a user's error, the traceback with --debug

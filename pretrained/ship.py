@@ -5,7 +5,8 @@
 
 ``--backbone-only`` keeps the embedding h and drops the heads (projector, and EMP-SSL's pre_feature layer):
 EMP-SSL's 4096-wide heads alone are 46 MB in float16. Such a model answers every analysis of h; one that asks
-for z or pre_feature says that the model has none.
+for z or pre_feature says that the model has none. An existing target (a model shipped before) is replaced only
+with ``--overwrite``.
 """
 from __future__ import annotations
 
@@ -14,19 +15,27 @@ import os
 import sys
 from pathlib import Path
 
+from ssl_patch_analysis import cli
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 
 MAX_MB = 25.0
 
 
-def ship(source: str | Path, target: str | Path, backbone_only: bool = False, max_mb: float = MAX_MB) -> Path:
-    """Write ``source``'s model as float16 to ``target``; refuse (writing nothing) a file over ``max_mb`` MB."""
+def ship(source: str | Path, target: str | Path, backbone_only: bool = False, max_mb: float = MAX_MB,
+         overwrite: bool = False) -> Path:
+    """Write ``source``'s model as float16 to ``target``; refuse (writing nothing) a file over ``max_mb`` MB, and an
+    existing ``target`` unless ``overwrite``."""
+    target = Path(target)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder: name the shipped file, e.g. {target / 'model.pt'}")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists: pass --overwrite (overwrite=True) to replace it, or choose another "
+                              "target")
     model = load_model(source, verbose=False)
     train = dict(model.info.extra.get("train", {}))
     if backbone_only:
         model.projector, model.pre_feature = None, None
         train["heads_dropped"] = "projector and pre_feature not shipped (pretrained/ship.py --backbone-only)"
-    target = Path(target)
     draft = target.with_name(f".{target.name}.ship{os.getpid()}")
     try:
         save_checkpoint(model, draft, train=train, half=True)
@@ -42,18 +51,20 @@ def ship(source: str | Path, target: str | Path, backbone_only: bool = False, ma
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="python pretrained/ship.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a run's checkpoint.pt (or any checkpoint load_model reads)")
     parser.add_argument("target", help="the shipped file, e.g. pretrained/<method>-<arch>-<data>.pt")
     parser.add_argument("--backbone-only", action="store_true", help="drop the projector and pre_feature layer")
-    parser.add_argument("--max-mb", type=float, default=MAX_MB, help="refuse a file larger than this")
+    parser.add_argument("--max-mb", type=cli.positive_float, default=MAX_MB, help="refuse a file larger than this")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing target")
     return parser
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     try:
-        target = ship(args.source, args.target, args.backbone_only, args.max_mb)
+        target = ship(args.source, args.target, args.backbone_only, args.max_mb, args.overwrite)
     except (ValueError, OSError) as error:
         sys.exit(f"error: {error}")
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
@@ -61,4 +72,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    cli.command(main)()  # one line and exit status 2 for a user's error, the traceback with --debug

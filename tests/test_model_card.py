@@ -442,3 +442,36 @@ def test_verdict_needs_compare_and_a_shared_protocol(tmp_path):
     with pytest.raises(SystemExit) as stop:
         card.main(["--compare", a, a, "--verdict", "--control"])
     assert stop.value.code == 2
+
+
+def test_a_json_that_is_not_a_card_is_not_replaced(tmp_path, cifar10_npz, tiny_model):
+    # Was: a user's file named by --json was replaced with a card, exit status 0.
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model, checkpoint, train={"method": "vicreg", "min_scale": 0.2, "max_scale": 1.0})
+    common = [str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "20",
+              "--probe-epochs", "1"]
+    for name, content in (("notes.txt", "my notes"), ("other.json", '{"a": 1}'), ("list.json", "[1, 2]")):
+        (tmp_path / name).write_text(content)
+        with pytest.raises(SystemExit, match=f"--json .*{name} .*not replaced: choose another --json"):
+            _card_module().main([*common, "--json", str(tmp_path / name)])
+        assert (tmp_path / name).read_text() == content
+
+
+@pytest.mark.parametrize("args, said", [
+    (["{text}"], "is not a PyTorch checkpoint"),  # was a traceback, exit status 1
+    (["{model}", "--max-images=-5"], "--max-images"),
+    (["{model}", "--num-patches", "0"], "--num-patches"),
+    (["{model}", "--device", "cuda:99"], "--device cuda:99"),
+])
+def test_command_line_errors_are_one_line_with_status_2(tmp_path, cifar10_npz, tiny_model, capsys, args, said):
+    from ssl_patch_analysis import cli
+
+    (tmp_path / "text.pt").write_text("hello, not a checkpoint")
+    save_checkpoint(tiny_model, tmp_path / "tiny.pt", train={"method": "vicreg", "min_scale": 0.2, "max_scale": 1.0})
+    names = {"text": tmp_path / "text.pt", "model": tmp_path / "tiny.pt"}
+    with pytest.raises(SystemExit) as stop:
+        cli.command(_card_module().main)([*[a.format(**names) for a in args], "--data-root", str(cifar10_npz.parent),
+                                          "--json", str(tmp_path / "card.json")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and said in err, err  # before any data is decoded
+    assert not (tmp_path / "card.json").exists()

@@ -1,4 +1,6 @@
 """pretrained/ship.py: float16 shipped models, heads dropped on request, nothing written over the size limit."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,8 @@ from helpers import GPU_MODELS, gpu_recipe, load_script, random_images, tiny_mod
 from ssl_patch_analysis.checkpoints import load_model, save_checkpoint
 from ssl_patch_analysis.models import build_mlp
 from ssl_patch_analysis.train import TrainConfig, build_model, build_parser
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _ship_module():
@@ -57,6 +61,39 @@ def test_a_file_over_the_limit_is_refused_and_not_written(run_checkpoint, tmp_pa
         _ship_module().main([str(run_checkpoint), str(target), "--max-mb", "0.01"])
     assert "over the 0.01 MB" in str(stop.value) and "--backbone-only" in str(stop.value)
     assert not target.exists() and list(tmp_path.glob(".big.pt*")) == []
+
+
+def _ship_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "pretrained" / "ship.py"), *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+
+
+def test_an_existing_target_is_replaced_only_with_overwrite(run_checkpoint, tmp_path):
+    # Was: a user's text file named as the target was replaced by a checkpoint, exit status 0.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    done = _ship_command(str(run_checkpoint), str(notes))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--overwrite" in done.stderr
+    assert notes.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt",
+                                                                                              "notes.txt"]
+    done = _ship_command(str(run_checkpoint), str(notes), "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert load_model(notes, verbose=False).info.method == "emp-ssl"
+
+
+@pytest.mark.parametrize("args, said", [
+    (["{text}", "{target}"], "is not a PyTorch checkpoint"),  # was a traceback, exit status 1
+    (["{run}", "{target}", "--max-mb", "nan"], "--max-mb"),  # was accepted: no size limit at all
+    (["{run}", "{folder}"], "is a folder"),
+])
+def test_command_line_errors_are_one_line_with_status_2(run_checkpoint, tmp_path, args, said):
+    (tmp_path / "text.pt").write_text("hello, not a checkpoint")
+    (tmp_path / "folder").mkdir()
+    names = {"text": tmp_path / "text.pt", "run": run_checkpoint, "target": tmp_path / "out.pt",
+             "folder": tmp_path / "folder"}
+    done = _ship_command(*[a.format(**names) for a in args])
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and said in done.stderr, done.stderr
+    assert not (tmp_path / "out.pt").exists() and list((tmp_path / "folder").iterdir()) == []
 
 
 @pytest.mark.parametrize("model", GPU_MODELS)
