@@ -132,6 +132,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """argparse type: a probability, 0 <= p <= 1."""
+    value = _bounded_float(text, 0.0, "a probability between 0 and 1")
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
+    return value
+
+
 def _bounded_float(text: str, low: float, what: str) -> float:
     try:
         value = float(text)
@@ -261,7 +269,7 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_seed_arg(parser: argparse.ArgumentParser, help: str = "seed of every random choice") -> None:
-    parser.add_argument("--seed", type=int, default=0, help=f"{help} (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help=f"{help} (default: 0)")
 
 
 def add_batch_size_arg(parser: argparse.ArgumentParser, default: int | None = 64,

@@ -472,9 +472,11 @@ class ProbeSchedule:
     drop_last: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
-            raise ValueError(f"the probe needs epochs >= 1, batch_size >= 1, lr > 0 and weight_decay >= 0; got "
-                             f"{self}")
+        finite = 0 < self.lr < math.inf and 0 <= self.weight_decay < math.inf
+        if self.epochs < 1 or self.batch_size < 1 or not finite:
+            raise ValueError(f"the probe needs epochs >= 1, batch_size >= 1, a finite lr > 0 and weight_decay >= 0; "
+                             f"got epochs {self.epochs}, batch_size {self.batch_size}, lr {self.lr}, weight_decay "
+                             f"{self.weight_decay}")
         for name, allowed in (("optimizer", ("adam", "sgd")), ("lr_step", ("step", "epoch")),
                               ("init", ("zeros", "default"))):
             if getattr(self, name) not in allowed:
@@ -961,7 +963,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"linear probe epochs (default: the --probe preset's, {adam.epochs} / {emp_ssl.epochs})")
     parser.add_argument("--probe-lr", type=cli.positive_float, default=None,
                         help=f"linear probe lr (default: the --probe preset's, {adam.lr:g} / {emp_ssl.lr:g})")
-    parser.add_argument("--probe-weight-decay", type=float, default=None,
+    parser.add_argument("--probe-weight-decay", type=cli.non_negative_float, default=None,
                         help=f"linear probe L2 weight decay (default: the --probe preset's, {adam.weight_decay:g} / "
                              f"{emp_ssl.weight_decay:g})")
     parser.add_argument("--probe-batch-size", type=cli.positive_int, default=None,

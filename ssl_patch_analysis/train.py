@@ -361,7 +361,7 @@ def jitter_strengths(text: str) -> tuple[float, float, float, float]:
         values = tuple(float(part) for part in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 4 or min(values) < 0 or values[3] > 0.5:
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) or min(values) < 0 or values[3] > 0.5:
         raise argparse.ArgumentTypeError(
             f"expected four numbers BRIGHTNESS,CONTRAST,SATURATION,HUE (each >= 0, hue at most 0.5), e.g. "
             f"0.4,0.4,0.2,0.1; got {text!r}")
@@ -389,43 +389,44 @@ def build_parser() -> argparse.ArgumentParser:
     add("--arch", choices=TRAIN_ARCHS, default=defaults.arch,
         help="backbone: a ResNet, or a ViT (timm's vit_<size>_patch<P>: tiny 192 wide, small 384, base 768, depth 12; "
              "the crops' side --input-size must be a multiple of P; use --optimizer adamw)")
-    add("--width", type=float, default=defaults.width,
+    add("--width", type=cli.positive_float, default=defaults.width,
         help="channel multiplier of the backbone (0.25: a narrow net for CPUs)")
     add("--cifar-padding", type=int, choices=(1, 2), default=defaults.cifar_padding,
         help="padding of the CIFAR stem's 3x3 conv (used automatically on images of 64 px or less)")
-    add("--input-size", type=int, default=None,
+    add("--input-size", type=cli.positive_int, default=None,
         help="side every crop is resized to (default: 32 on 32 px data, else 224)")
     add("--projector", default=None,
         help="projector output sizes after the embedding, e.g. 2048-2048-2048 (default: the method's; emp-ssl's "
              "4096-1024 is L2-normalised and follows its pre_feature layer)")
-    add("--pre-feature", type=int, default=defaults.pre_feature,
+    add("--pre-feature", type=cli.positive_int, default=defaults.pre_feature,
         help="emp-ssl only: width of the Linear-BN-ReLU pre_feature layer")
-    add("--patch-size", type=int, default=None,
+    add("--patch-size", type=cli.positive_int, default=None,
         help="bagssl/emp-ssl: side of the fixed-scale patches (default: 16 on 32 px data, 32 on larger images)")
-    add("--num-patches", type=int, default=None, help="bagssl/emp-ssl: patches per image (default: 16; emp-ssl 20)")
+    add("--num-patches", type=cli.positive_int, default=None,
+        help="bagssl/emp-ssl: patches per image (default: 16; emp-ssl 20)")
     add("--scale", type=cli.scale_range, default=None, metavar="MIN,MAX",
         help="vicreg/simclr: RandomResizedCrop's area range (default: the method's: vicreg 0.2,1; simclr 0.08,1)")
     add("--jitter", type=jitter_strengths, default=None, metavar="B,C,S,H",
         help="colour jitter's brightness, contrast, saturation, hue (default: the method's: simclr 0.8,0.8,0.8,0.2; "
              "emp-ssl 0.4,0.4,0.4,0.2; others 0.4,0.4,0.2,0.1)")
-    add("--blur-p", type=float, default=None,
+    add("--blur-p", type=cli.probability, default=None,
         help="Gaussian blur probability (default: emp-ssl 0.1, simclr 0.5; others 0 on 32 px inputs, 0.5 on "
              "larger ones)")
-    add("--blur-kernel-size", type=int, default=None, metavar="PX",
+    add("--blur-kernel-size", type=cli.positive_int, default=None, metavar="PX",
         help="Gaussian blur kernel side, odd (default: to 3 sigma of the largest sigma 2 and at least 10%% of the "
              "input: 13 on 32 px inputs, 23 on 224; runs before 2026-12-07 used 5 on 32 px)")
-    add("--solarize-p", type=float, default=None,
+    add("--solarize-p", type=cli.probability, default=None,
         help="solarization probability (default: 0.1; simclr 0)")
     add("--epochs", type=cli.positive_int, default=defaults.epochs, help="epochs to train")
-    add("--schedule-epochs", type=int, default=None,
+    add("--schedule-epochs", type=cli.positive_int, default=None,
         help="length of the learning-rate schedule in epochs (default: --epochs); EMP-SSL's one-epoch recipe "
              "trains 1 epoch of a 2-epoch schedule")
     add("--batch-size", type=cli.positive_int, default=None,
         help="images per step over all processes, each giving several crops (default: 256; emp-ssl 100)")
-    add("--base-lr", type=float, default=None,
+    add("--base-lr", type=cli.positive_float, default=None,
         help="learning rate per 256 images: lr = base_lr * batch_size / 256 (default: 0.3 for bagssl and vicreg, "
              "0.4 for simclr)")
-    add("--lr", type=float, default=None,
+    add("--lr", type=cli.positive_float, default=None,
         help="absolute peak learning rate (overrides --base-lr; default: emp-ssl 0.3, as in EMP-SSL)")
     add("--optimizer", choices=("lars", "sgd", "adamw"), default=defaults.optimizer,
         help="LARS (biases and norm weights get no weight decay and no LARS adaptation; solo-learn's clipped one, "
@@ -435,11 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lars-clip", action=argparse.BooleanOptionalAction, default=None,
         help="clip LARS's per-layer rate at the learning rate (solo-learn's clip_lr; default: on); --no-lars-clip "
              "is facebookresearch/vicreg's LARS (eta 0.001 there)")
-    add("--weight-decay", type=float, default=None, help="weight decay (default: 1e-4)")
-    add("--warmup-epochs", type=float, default=None,
+    add("--weight-decay", type=cli.non_negative_float, default=None, help="weight decay (default: 1e-4)")
+    add("--warmup-epochs", type=cli.non_negative_float, default=None,
         help="linear warm-up epochs before the per-step cosine decay (default: 10; emp-ssl 0)")
     cli.add_device_args(parser)
-    add("--seed", type=int, default=defaults.seed,
+    add("--seed", type=cli.non_negative_int, default=defaults.seed,
         help="seed of the initial weights, data order, crops and augmentation")
     add("--init-from", default=None, metavar="CHECKPOINT",
         help="start from this model's weights (a run's checkpoint.pt, a file of pretrained/, or any checkpoint "
@@ -450,17 +451,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the run folder: checkpoint, resume state and log (default: runs/<method>-<arch>-<data>)")
     add("--resume", action="store_true",
         help="continue the run in --run-dir from its last resume state (an epoch's end, or a step within one)")
-    add("--time-limit", type=float, default=None,
+    add("--time-limit", type=cli.positive_float, default=None,
         help="seconds: stop at the end of the epoch after which another epoch would exceed this (checkpoint "
              "written), or within an epoch before a step would (resume state written; --resume continues)")
     add("--save-every", type=cli.non_negative_float, default=defaults.save_every, metavar="SECONDS",
         help="within an epoch, write the resume state when this long has passed since the last one (a killed run "
              "then loses at most this much; 0: only at epoch ends)")
-    add("--knn-every", type=int, default=defaults.knn_every,
+    add("--knn-every", type=cli.non_negative_int, default=defaults.knn_every,
         help="online k-NN every this many epochs and at the end (0: only at the end)")
-    add("--knn-train-size", type=int, default=defaults.knn_train_size,
+    add("--knn-train-size", type=cli.positive_int, default=defaults.knn_train_size,
         help="k-NN bank: this many training images (fixed subset)")
-    add("--knn-test-size", type=int, default=defaults.knn_test_size,
+    add("--knn-test-size", type=cli.positive_int, default=defaults.knn_test_size,
         help="k-NN queries: this many test images (fixed subset)")
     add("--knn-protocol", default=None, metavar="PROTOCOL",
         help=f"what the online k-NN embeds, as evaluate's protocols: central (the whole image) or N (the mean of N "
@@ -926,6 +927,29 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {bf16})"
 
 
+def _check_values(config: TrainConfig) -> None:
+    """The settings that need no data, checked before the run folder is made (the command line's flag types check
+    the same; this is for :class:`TrainConfig` built in Python)."""
+    def finite(value: float | None) -> bool:
+        return value is None or math.isfinite(value)
+
+    checks = [("--lr", config.lr, lambda v: v > 0, "a positive number"),
+              ("--base-lr", config.base_lr, lambda v: v > 0, "a positive number"),
+              ("--weight-decay", config.weight_decay, lambda v: v >= 0, "a number >= 0"),
+              ("--warmup-epochs", config.warmup_epochs, lambda v: v >= 0, "a number >= 0"),
+              ("--time-limit", config.time_limit, lambda v: v > 0, "a positive number of seconds"),
+              ("--width", config.width, lambda v: v > 0, "a positive multiplier"),
+              ("--blur-p", config.blur_p, lambda v: 0 <= v <= 1, "a probability between 0 and 1"),
+              ("--solarize-p", config.solarize_p, lambda v: 0 <= v <= 1, "a probability between 0 and 1"),
+              ("--knn-every", config.knn_every, lambda v: v >= 0, "an integer >= 0"),
+              ("--knn-train-size", config.knn_train_size, lambda v: v >= 1, "a positive integer"),
+              ("--knn-test-size", config.knn_test_size, lambda v: v >= 1, "a positive integer"),
+              ("--seed", config.seed, lambda v: v >= 0, "an integer >= 0")]
+    for flag, value, good, what in checks:
+        if value is not None and not (finite(value) and good(value)):
+            raise ValueError(f"{flag} must be {what}, got {value}")
+
+
 def _check_args(config: TrainConfig, world_size: int, image_size: tuple[int, int]) -> None:
     if config.batch_size < 2 or config.batch_size % world_size:
         raise ValueError(f"--batch-size ({config.batch_size}) must be at least 2 and divisible by the number of "
@@ -1060,6 +1084,7 @@ def train(config: TrainConfig | argparse.Namespace) -> Path:
     Raises :class:`TrainingDiverged` when the loss becomes NaN or infinite.
     """
     config = TrainConfig.from_namespace(config)
+    _check_values(config)
     config.command = command_line(config)
     processes = setup_processes(config.device)
     try:
@@ -1124,7 +1149,8 @@ class RunFolderLockedError(FileExistsError):
 def run_folder_lock(out: Path, resume: bool) -> Iterator[None]:
     """One training process per run folder: an OS lock (``fcntl.flock`` on ``out/.lock``, released when the
     process ends or dies). A second run in the same folder stops at once, naming the process that holds it."""
-    if not out.is_dir():
+    created = not out.is_dir()
+    if created:
         if resume:  # nothing to lock: setup_run says there is no run to resume
             yield
             return
@@ -1141,6 +1167,11 @@ def run_folder_lock(out: Path, resume: bool) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
+    except BaseException:
+        if created and [path.name for path in out.iterdir()] == [".lock"]:  # a run that stopped before its first
+            (out / ".lock").unlink()  # record (a bad setting, unusable data) leaves no folder the next run trips on
+            out.rmdir()
+        raise
     finally:
         os.close(fd)
 

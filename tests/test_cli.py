@@ -66,6 +66,11 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("convergence", [*model, "--layer", "z"], "--layers"),
         ("retrieval", [*model, "--k", "4"], "--neighbours"),
         ("heatmap", [*model, "--num-images", "3"], "--figure-images"),
+        # numbers out of range, named by their flag before any work (--seed -1 was numpy's "expected non-negative
+        # integer" after the extraction)
+        ("convergence", [*model, "--seed=-1"], "--seed"),
+        ("evaluate", [*model, "--seed=-1"], "--seed"),
+        ("evaluate", [*model, "--probe-weight-decay", "inf"], "--probe-weight-decay"),  # was a probe at 10%
         # values that parse but do not fit
         ("convergence", [*model, "--layers", "h,z"], "h,z"),
         ("evaluate", [*model, "--protocols", "central,lots"], "lots"),
@@ -218,9 +223,11 @@ def test_types_say_what_they_expect():
     assert cli.scale_range("0.08,1") == (0.08, 1.0)
     assert cli.int_list("20,200") == [20, 200]
     assert cli.non_negative_float("0") == 0.0 and cli.non_negative_float("600") == 600.0
+    assert cli.probability("0") == 0.0 and cli.probability("1") == 1.0
     for parse, text in [(cli.count_or_all, "0"), (cli.layer_list, "h,x"), (cli.scale_range, "0,1"),
                         (cli.int_list, "3,-1"), (cli.positive_float, "nan"), (cli.device_name, "gpu"),
-                        (cli.non_negative_float, "-1"), (cli.non_negative_float, "inf")]:
+                        (cli.non_negative_float, "-1"), (cli.non_negative_float, "inf"), (cli.probability, "1.5"),
+                        (cli.probability, "nan"), (cli.non_negative_int, "-1")]:
         with pytest.raises(Exception, match=text.replace("(", r"\(")):
             parse(text)
 

@@ -645,3 +645,12 @@ def test_effective_ks_clamps_to_the_bank_and_drops_duplicates():
     assert evaluate.effective_ks((200, 20), 7) == [7]
     with pytest.raises(ValueError, match="k >= 1"):
         evaluate.effective_ks((0, 5), 10)
+
+
+@pytest.mark.parametrize("bad", [dict(weight_decay=float("inf")), dict(weight_decay=float("nan")),
+                                 dict(lr=float("inf")), dict(weight_decay=-1.0)])
+def test_a_probe_schedule_of_non_finite_or_negative_numbers_is_refused(bad):
+    # Was: weight decay inf trained a probe to chance (10%); -1 printed the whole dataclass repr.
+    with pytest.raises(ValueError, match="a finite lr > 0 and weight_decay >= 0; got epochs") as err:
+        ProbeSchedule(**bad)
+    assert "ProbeSchedule(" not in str(err.value)

@@ -453,7 +453,40 @@ def test_lars_step_matches_the_formula_and_skips_excluded_groups():
 ])
 def test_bad_settings_are_rejected(cifar10_npz, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
-        train(tiny_args(cifar10_npz.parent, tmp_path, *extra))
+        train(tiny_args(cifar10_npz.parent, tmp_path / "run", *extra))
+    # Was: the run folder (its .lock) stayed behind. A folder of the user's own is never removed.
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match=message):
+        train(tiny_args(cifar10_npz.parent, tmp_path / "mine", *extra))
+    assert (tmp_path / "mine").is_dir()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "-1"), ("--lr", "nan"), ("--base-lr", "0"), ("--weight-decay", "inf"), ("--warmup-epochs", "nan"),
+    ("--time-limit", "nan"), ("--time-limit", "-5"), ("--width", "nan"), ("--width", "0"), ("--blur-p", "2"),
+    ("--solarize-p", "-0.1"), ("--knn-every", "-1"), ("--knn-train-size", "0"), ("--knn-test-size", "0"),
+    ("--seed", "-1"), ("--input-size", "0"), ("--patch-size", "0"), ("--schedule-epochs", "0"),
+    ("--jitter", "nan,0.4,0.2,0.1"),
+])
+def test_bad_numbers_are_refused_naming_the_flag_before_any_work(tmp_path, capsys, flag, value):
+    # Was: accepted (--lr -1, --time-limit nan, --knn-every -1), refused after an epoch (--knn-train-size 0: the
+    # epoch lost), or named another flag or none (--input-size 0, --width nan).
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["--run-dir", str(tmp_path / "run"), f"{flag}={value}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and f"argument {flag}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("lr", -1.0, "--lr"), ("weight_decay", float("nan"), "--weight-decay"), ("time_limit", 0.0, "--time-limit"),
+    ("blur_p", 1.5, "--blur-p"), ("knn_train_size", 0, "--knn-train-size"), ("width", 0.0, "--width"),
+])
+def test_the_python_api_checks_the_same_before_the_run_folder(tmp_path, field, value, flag):
+    with pytest.raises(ValueError, match=f"{flag} must be"):
+        train(TrainConfig(out=str(tmp_path / "run"), **{field: value}))
+    assert not (tmp_path / "run").exists()
 
 
 def test_scale_is_one_flag_min_max(cifar10_npz, tmp_path, capsys):
