@@ -323,6 +323,10 @@ def read_outputs(figures: Path) -> tuple[dict[str, list[Output]], list[str]]:
         except (OSError, ValueError) as error:
             notes.append(f"{path}: cannot be read ({error}); remake it with `make figures`")
             continue
+        if not isinstance(doc, dict):  # e.g. a list: no analysis writes one
+            notes.append(f"{path}: holds a JSON {type(doc).__name__}, not an analysis's output; remake it with "
+                         "`make figures`")
+            continue
         found[prefix][(model, data)] = Output(prefix, model, data, path, doc)
     for key, boost in found.pop("evaluate_boost").items():
         found["evaluate"].setdefault(key, boost)
@@ -1038,6 +1042,10 @@ def main(argv: Sequence[str] | None = None) -> list[Claim]:
     args = build_parser().parse_args(argv)
     if not args.figures.is_dir():
         raise cli.UserError(f"--figures {args.figures} is not a folder (pass the folder `make figures` writes to)")
+    missing = [str(path) for path in args.cards if not path.is_file()]
+    if missing:
+        raise cli.UserError(f"--cards: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a file (pass "
+                            "model cards written by pretrained/model_card.py --json)")
     claims, notes = claims_from_figures(args.figures, args.cards)
     report = markdown_report(claims, notes)
     args.out.mkdir(parents=True, exist_ok=True)

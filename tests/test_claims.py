@@ -477,6 +477,28 @@ def test_command_refuses_a_missing_folder(tmp_path, capsys):
     assert stop.value.code == 2 and "--figures" in capsys.readouterr().err
 
 
+def test_command_refuses_cards_that_are_not_there(tmp_path, capsys):
+    # Was: exit status 0, the missing file only a note in claims.md.
+    figures_with(tmp_path / "figures", effect=0.5, control=0.0)
+    with pytest.raises(SystemExit) as stop:
+        claims.main(["--figures", str(tmp_path / "figures"), "--out", str(tmp_path / "out"),
+                     "--cards", str(tmp_path / "typo.card.json")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "typo.card.json is not a file" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_not_a_json_object_is_a_note_not_a_crash(tmp_path, capsys):
+    # Was: "internal error (AttributeError): 'list' object has no attribute 'get'", exit status 1.
+    figures_with(tmp_path / "figures", effect=0.5, control=0.0)
+    damaged = sorted((tmp_path / "figures").glob("convergence_*.json"))[0]
+    damaged.write_text("[1, 2]")
+    found, notes = claims_from_figures(tmp_path / "figures")
+    assert any(str(damaged) in note and "not an analysis's output" in note for note in notes)
+    claims.main(["--figures", str(tmp_path / "figures"), "--out", str(tmp_path / "out")])
+    assert "not an analysis's output" in (tmp_path / "out" / "claims.md").read_text()
+
+
 def test_the_readme_shows_the_committed_claims_table():
     """The README's claims table is figures/claims.md's, row for row (remade with `make claims`, then pasted)."""
     table = [line for line in (FIGURES / "claims.md").read_text(encoding="utf-8").splitlines() if line.startswith("|")]
