@@ -251,11 +251,12 @@ def _check_writable_folder(path: Path) -> None:
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError:  # a damaged meta.json is a store's when the store's data are beside it
-            if (path / "h.npy").exists() or _has_records(path):
-                return
+        except ValueError:
             meta = None
         if isinstance(meta, dict) and (meta.get("format") == STORE_FORMAT or "meta_sha256" in meta):
+            return
+        # a meta.json damaged beyond an object (not JSON, or a list) is a store's when the store's data are beside it
+        if not isinstance(meta, dict) and ((path / "h.npy").exists() or _has_records(path)):
             return
         raise FileExistsError(f"{path} holds a meta.json that is not a patch-embedding store's; refusing to write "
                               "into it: choose another --store")

@@ -264,12 +264,16 @@ def test_extract_command_reports_a_damaged_store_in_one_line(tmp_path, model):
     out = tmp_path / "store"
     argv = ["--model", str(checkpoint), "--data", str(folder), "--grid", "16", "--device", "cpu", "--store", str(out)]
     extract.main(argv)
-    (out / "meta.json").write_text("{ not json")
-    with pytest.raises(SystemExit) as exit_status:
-        extract.main(argv)
-    assert exit_status.value.code == 2
-    extract.main([*argv, "--overwrite"])
-    assert store.verify_store(out) == []
+    # Valid JSON that is no object too: --verify called it damaged and advised --overwrite, which then refused it.
+    for damaged in ("{ not json", "[1, 2]"):
+        (out / "meta.json").write_text(damaged)
+        with pytest.raises(SystemExit) as exit_status:
+            extract.main(argv)
+        assert exit_status.value.code == 2
+        with pytest.raises(store.DamagedStoreError, match="--overwrite"):
+            store.read_store_meta(out)
+        extract.main([*argv, "--overwrite"])
+        assert store.verify_store(out) == []
 
 
 def test_old_store_version_asks_for_re_extraction_and_overwrite_does_it(tmp_path, model, images, fresh):
