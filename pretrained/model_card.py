@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the results here (also after each model's trained part, so that an interrupted "
                              "run keeps what it measured)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+    parser.add_argument("--cache-dir", type=cli.folder, default=None, metavar="DIR",
                         help="keep the patch embeddings in resumable stores under DIR (evaluate's --cache-dir, "
                              "float32): a card stopped in the middle of an extraction goes on from the last batch "
                              "written when the same command runs again, instead of from the start of that part; "

@@ -132,6 +132,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def folder(text: str) -> Path:
+    """argparse type of a folder the command writes into (``--out``, ``--cache-dir``, ``--run-dir``): a path that is
+    not an existing file (it is made when missing), said before any work instead of an errno after it."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a folder, but {text} is a file")
+    return path
+
+
 def probability(text: str) -> float:
     """argparse type: a probability, 0 <= p <= 1."""
     value = _bounded_float(text, 0.0, "a probability between 0 and 1")
@@ -263,7 +272,7 @@ def add_device_args(parser: argparse.ArgumentParser) -> None:
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     """``--out`` (the folder of figures and numbers) and ``--pdf``."""
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+    parser.add_argument("--out", type=folder, default=DEFAULT_OUT,
                         help=f"folder the figures and numbers are written to (default: {DEFAULT_OUT}/)")
     parser.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
 
@@ -452,8 +461,13 @@ def debug_requested(argv: Sequence[str] | None) -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line (without the ``error:`` some messages already carry)."""
+    """An exception's message on one line (without the ``error:`` some messages already carry); an operating
+    system's error as ``PATH: what`` (``[Errno 17] File exists: 'x'`` -> ``x: File exists``)."""
     text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+        if error.filename2 is not None:
+            text = f"{error.filename} -> {error.filename2}: {error.strerror}"
     if isinstance(error, KeyError) and len(error.args) == 1:
         text = str(error.args[0])
     return text[len("error: "):] if text.startswith("error: ") else text

@@ -50,7 +50,7 @@ from .extract import (
 )
 from .models import SSLModel
 from .patches import central, grid
-from .report import data_label, format_table, model_label, output_stem, save_figure, save_json
+from .report import data_label, format_table, model_label, output_stem, save_figure_and_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -559,10 +559,9 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
     seconds = time.perf_counter() - started
 
     stem = output_stem(args.out, cli.analysis_name("convergence", args), cli.model_name(args), args.data)
-    figures = save_figure(plot_convergence(result), stem, pdf=args.pdf)
     numbers = {**result.to_dict(), "command": cli.command_line(
         "python -m ssl_patch_analysis.convergence", argv), "seconds": round(seconds, 1), "device": str(device)}
-    json_path = save_json(numbers, stem.with_suffix(".json"))
+    *figures, json_path = save_figure_and_json(plot_convergence(result), numbers, stem, pdf=args.pdf)
 
     print(f"\n{result.model} on {result.data}, layer {result.layer}: {result.num_images} images, {result.draws} draws")
     print(format_table(result.table_rows(), TABLE_HEADERS))

@@ -64,7 +64,7 @@ from .extract import (
 from .knn import weighted_knn_predict
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
-from .report import data_label, format_table, model_label, output_stem, save_figure, save_json, slug
+from .report import data_label, format_table, model_label, output_stem, save_figure_and_json, slug
 
 DEFAULT_PROTOCOLS = ("central", "1", "16")
 DEFAULT_KS = (20, 200)
@@ -974,7 +974,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "--seed): none (default) or emp-ssl (EMP-SSL's evaluation: its training augmentation)")
     parser.add_argument("--boost", action="store_true",
                         help="also write evaluate_boost_<model>_<data>: central vs the n-patch mean, with the gain")
-    parser.add_argument("--cache-dir", type=Path, default=None,
+    parser.add_argument("--cache-dir", type=cli.folder, default=None,
                         help="keep the patch-embedding stores in this folder, so that a re-run does not embed again")
     return parser
 
@@ -1048,16 +1048,15 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
         print(f"linear, best epoch selected on the test set (what EMP-SSL's func.py prints as best; the table "
               f"reports the last epoch): {best}")
     stem = output_stem(args.out, cli.analysis_name("evaluate", args), cli.model_name(args), args.data)
-    written = save_figure(plot_evaluation(results), stem, pdf=args.pdf)
+    written = []
     if args.boost:
         results["boost"] = patch_boost(results)
         print()
         print(boost_table(results["boost"]))
         boost_stem = output_stem(args.out, cli.analysis_name("evaluate_boost", args), cli.model_name(args), args.data)
-        written += save_figure(plot_boost(results, results["boost"]), boost_stem, pdf=args.pdf)
         context = {key: value for key, value in results.items() if key != "protocols"}
-        written.append(save_json(context, boost_stem.with_suffix(".json")))
-    written.append(save_json(results, stem.with_suffix(".json")))
+        written += save_figure_and_json(plot_boost(results, results["boost"]), context, boost_stem, pdf=args.pdf)
+    written = save_figure_and_json(plot_evaluation(results), results, stem, pdf=args.pdf) + written
     print(f"\n{results['wall_seconds']:.0f} s; wrote " + ", ".join(str(p) for p in written))
     return results
 

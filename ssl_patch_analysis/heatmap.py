@@ -47,7 +47,7 @@ from .data import ImageDataset
 from .extract import TokenSampler, extract_patch_embeddings, token_sampler
 from .models import SSLModel
 from .patches import PatchSampler, grid
-from .report import _plain, data_label, format_table, model_label, output_stem, save_figure, save_json
+from .report import _plain, data_label, format_table, model_label, output_stem, save_figure_and_json
 
 LAYER_TITLES = {"z": "projection z", "h": "embedding h", "pre_feature": "pre-feature"}
 LOCALITY_DEFINITION = (
@@ -767,9 +767,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
     analysis = HeatmapAnalysis.of(model, data, heatmaps, locality)
 
     stem = output_stem(args.out, cli.analysis_name("heatmap", args), cli.model_name(args), args.data)
-    paths = save_figure(plot_heatmap_analysis(analysis), stem, pdf=args.pdf)
     record = {"command": cli.command_line("python -m ssl_patch_analysis.heatmap", argv), **analysis.to_dict()}
-    paths.append(save_json(record, stem.with_suffix(".json")))
+    paths = save_figure_and_json(plot_heatmap_analysis(analysis), record, stem, pdf=args.pdf)
 
     if heatmaps.tokens is not None:
         print(f"{analysis.model} on {analysis.data}: {heatmaps.grid_shape[0]} x {heatmaps.grid_shape[1]} tokens of "

@@ -79,14 +79,37 @@ def save_json(obj: Any, path: Path | str) -> Path:
 
 def save_figure(fig, stem: Path | str, pdf: bool = False, dpi: int = 150) -> list[Path]:
     """Write ``fig`` as ``stem.png`` (and ``stem.pdf``); returns the paths written and closes it."""
+    return save_figure_and_json(fig, None, stem, pdf=pdf, dpi=dpi)
+
+
+def save_figure_and_json(fig, numbers: Any, stem: Path | str, pdf: bool = False, dpi: int = 150) -> list[Path]:
+    """``fig`` as ``stem.png`` (and ``stem.pdf``) and ``numbers`` as ``stem.json`` (none if None), as one: each file is
+    written beside its target first and all are moved in (renames in one folder) only once every one is written, so a
+    failure while writing (a full disk) or a target in the way (a folder) leaves the earlier figure and numbers as
+    they were, never a new figure beside old numbers. Returns the paths written (figures first); closes the figure."""
     import matplotlib.pyplot as plt
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png")] + ([stem.with_suffix(".pdf")] if pdf else [])
-    for path in paths:
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    if numbers is not None:
+        paths.append(stem.with_suffix(".json"))
+    drafts = [path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}") for path in paths]
+    try:
+        for path in paths:
+            if path.is_dir():
+                raise IsADirectoryError(f"{path} is a folder: move it away, or pass another --out")
+        for path, draft in zip(paths, drafts, strict=True):
+            if path.suffix == ".json":
+                draft.write_text(json.dumps(_plain(numbers), indent=1) + "\n")
+            else:
+                fig.savefig(draft, dpi=dpi, bbox_inches="tight")
+        for path, draft in zip(paths, drafts, strict=True):
+            os.replace(draft, path)
+    finally:
+        plt.close(fig)
+        for draft in drafts:
+            draft.unlink(missing_ok=True)
     return paths
 
 

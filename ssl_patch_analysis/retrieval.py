@@ -107,7 +107,7 @@ from .index import (  # noqa: F401  (IVF_TRAIN_POINTS_PER_LIST: imported from he
 )
 from .models import SSLModel
 from .patches import grid
-from .report import _plain, data_label, format_table, model_label, output_stem, save_figure, save_json
+from .report import _plain, data_label, format_table, model_label, output_stem, save_figure_and_json
 from .store import PatchEmbeddings
 
 RETRIEVAL_LAYERS = ("z", "h")  # the figure's row order: projection first, as in the paper
@@ -1393,9 +1393,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--{error.setting.replace('_', '-')} must be {error.requirement}") from None
 
     stem = output_stem(args.out, cli.analysis_name("retrieval", args), cli.model_name(args), args.data)
-    paths = save_figure(plot_retrieval_result(result, data), stem, pdf=args.pdf)
     summary = {**result.to_dict(), "command": args.command}
-    save_json(summary, stem.with_suffix(".json"))
+    paths = save_figure_and_json(plot_retrieval_result(result, data), summary, stem, pdf=args.pdf)[:-1]
 
     print(f"{result.model} on {result.data}: {settings.grid_description}; {settings.k} nearest of "
           f"{settings.num_queries} random query patches among {result.num_indexed_patches} ({settings.index} index "

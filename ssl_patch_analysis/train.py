@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
              "load_model reads, of the run's --arch/--width/--projector shapes; a backbone-only file leaves the "
              "heads at their random init), with a fresh optimiser and learning-rate schedule; the log and the "
              "checkpoint record its sha256")
-    add("--run-dir", dest="out", default=None,
+    add("--run-dir", dest="out", type=cli.folder, default=None,
         help="the run folder: checkpoint, resume state and log (default: runs/<method>-<arch>-<data>)")
     add("--resume", action="store_true",
         help="continue the run in --run-dir from its last resume state (an epoch's end, or a step within one)")
@@ -1149,6 +1149,8 @@ class RunFolderLockedError(FileExistsError):
 def run_folder_lock(out: Path, resume: bool) -> Iterator[None]:
     """One training process per run folder: an OS lock (``fcntl.flock`` on ``out/.lock``, released when the
     process ends or dies). A second run in the same folder stops at once, naming the process that holds it."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--run-dir {out} is a file: pass a folder")
     created = not out.is_dir()
     if created:
         if resume:  # nothing to lock: setup_run says there is no run to resume

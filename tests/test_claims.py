@@ -493,7 +493,7 @@ def test_an_output_that_is_not_a_json_object_is_a_note_not_a_crash(tmp_path, cap
     figures_with(tmp_path / "figures", effect=0.5, control=0.0)
     damaged = sorted((tmp_path / "figures").glob("convergence_*.json"))[0]
     damaged.write_text("[1, 2]")
-    found, notes = claims_from_figures(tmp_path / "figures")
+    _, notes = claims_from_figures(tmp_path / "figures")
     assert any(str(damaged) in note and "not an analysis's output" in note for note in notes)
     claims.main(["--figures", str(tmp_path / "figures"), "--out", str(tmp_path / "out")])
     assert "not an analysis's output" in (tmp_path / "out" / "claims.md").read_text()

@@ -71,6 +71,10 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("convergence", [*model, "--seed=-1"], "--seed"),
         ("evaluate", [*model, "--seed=-1"], "--seed"),
         ("evaluate", [*model, "--probe-weight-decay", "inf"], "--probe-weight-decay"),  # was a probe at 10%
+        # a folder to write into that is a file: said before the work, not as an errno after it
+        ("convergence", [*model, "--out", str(folder / "notes.txt")], "--out: expected a folder"),
+        ("evaluate", [*model, "--cache-dir", str(folder / "notes.txt")], "--cache-dir: expected a folder"),
+        ("train", ["--run-dir", str(folder / "notes.txt"), "--device", "cpu"], "--run-dir: expected a folder"),
         # values that parse but do not fit
         ("convergence", [*model, "--layers", "h,z"], "h,z"),
         ("evaluate", [*model, "--protocols", "central,lots"], "lots"),
@@ -215,6 +219,13 @@ def test_no_abbreviations_so_old_singular_flags_do_not_slip_through(capsys):
     with pytest.raises(SystemExit):
         parser_of("convergence").parse_args(["--layer", "z"])
     assert "--layer is now --layers" in capsys.readouterr().err
+
+
+def test_an_operating_system_error_is_path_and_reason():
+    assert cli.one_line(FileExistsError(17, "File exists", "/tmp/x")) == "/tmp/x: File exists"
+    assert cli.one_line(PermissionError(1, "Operation not permitted", "/a/.j.tmp1", None, "/a/j")) == \
+        "/a/.j.tmp1 -> /a/j: Operation not permitted"
+    assert cli.one_line(FileExistsError("x exists: pass --overwrite")) == "x exists: pass --overwrite"  # our own
 
 
 def test_types_say_what_they_expect():

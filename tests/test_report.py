@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_patch_analysis.report import data_label, format_table, output_stem, save_figure, save_json, slug
+from ssl_patch_analysis.report import (
+    data_label,
+    format_table,
+    output_stem,
+    save_figure,
+    save_figure_and_json,
+    save_json,
+    slug,
+)
 
 
 def test_output_stem_names_analysis_model_and_data(tmp_path):
@@ -77,3 +85,51 @@ def test_amp_and_no_amp_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         convergence.build_parser().parse_args(["--amp", "--no-amp"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def _figure(title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_title(title)
+    return fig
+
+
+def test_figure_and_numbers_are_replaced_together_or_not_at_all(tmp_path):
+    stem = tmp_path / "convergence_x_cifar10"
+    written = save_figure_and_json(_figure("one"), {"n": 1}, stem, pdf=True)
+    assert [p.name for p in written] == [f"{stem.name}.png", f"{stem.name}.pdf", f"{stem.name}.json"]
+    old_png = stem.with_suffix(".png").read_bytes()
+    # Was: a new figure beside the old numbers when the JSON could not be written. A folder in the JSON's place
+    # cannot be replaced by a file: the whole pair stays as it was, and no draft is left.
+    stem.with_suffix(".json").unlink()
+    stem.with_suffix(".json").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        save_figure_and_json(_figure("two, a longer title"), {"n": 2}, stem)
+    assert stem.with_suffix(".png").read_bytes() == old_png
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    stem.with_suffix(".json").rmdir()
+    save_figure_and_json(_figure("two, a longer title"), {"n": 2}, stem)
+    assert json.loads(stem.with_suffix(".json").read_text()) == {"n": 2}
+    assert stem.with_suffix(".png").read_bytes() != old_png
+
+
+def test_a_write_that_fails_half_way_moves_nothing_in(tmp_path):
+    stem = tmp_path / "heatmap_x_cifar10"
+    save_figure_and_json(_figure("one"), {"n": 1}, stem, pdf=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    fig = _figure("two, a longer title")
+    png_only = fig.savefig
+
+    def full_disk_for_the_pdf(path, **kwargs):
+        if str(path).endswith(".pdf"):
+            raise OSError(28, "No space left on device", str(path))
+        png_only(path, **kwargs)
+
+    fig.savefig = full_disk_for_the_pdf
+    with pytest.raises(OSError, match="No space left"):
+        save_figure_and_json(fig, {"n": 2}, stem, pdf=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the PNG written as a draft, not moved in

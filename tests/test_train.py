@@ -489,6 +489,13 @@ def test_the_python_api_checks_the_same_before_the_run_folder(tmp_path, field, v
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--run-dir .*notes.txt is a file: pass a folder"):
+        train(TrainConfig(out=str(tmp_path / "notes.txt"), device="cpu"))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_scale_is_one_flag_min_max(cifar10_npz, tmp_path, capsys):
     args = tiny_args(cifar10_npz.parent, tmp_path, "--scale", "0.2,0.6")
     config = TrainConfig.from_namespace(args)
