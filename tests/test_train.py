@@ -491,7 +491,7 @@ def test_the_python_api_checks_the_same_before_the_run_folder(tmp_path, field, v
 
 def test_a_run_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--run-dir .*notes.txt is a file: pass a folder"):
+    with pytest.raises(FileExistsError, match=r"--run-dir .*notes\.txt is a file: pass a folder"):
         train(TrainConfig(out=str(tmp_path / "notes.txt"), device="cpu"))
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
