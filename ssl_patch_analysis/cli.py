@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -473,6 +474,12 @@ def one_line(error: BaseException) -> str:
     return text[len("error: "):] if text.startswith("error: ") else text
 
 
+def _out_of_host_memory(error: BaseException) -> bool:
+    """A MemoryError, or torch's CPU allocator refusing a request (a RuntimeError)."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def command(main: F) -> F:
     """Wrap a command's ``main(argv)``: a user's error ends it with one line on stderr and exit status 2 (a bug
     with one line and status 1), unless ``--debug`` or ``SSL_PATCH_ANALYSIS_DEBUG=1`` asks for the traceback.
@@ -503,6 +510,12 @@ def command(main: F) -> F:
         except Exception as error:  # a bug: still one line, and how to see more
             if debug:
                 raise
+            if _out_of_host_memory(error):  # what was asked for does not fit this machine: the user can ask less
+                asked = re.search(r"tried to allocate (\d+) bytes", str(error))
+                size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)" if asked else ""
+                print(f"error: out of memory{size}: ask for less at once (a smaller --batch-size, --resize-to, "
+                      "--image-size or --num-images)", file=sys.stderr)
+                raise SystemExit(2) from None
             print(f"internal error ({type(error).__name__}): {one_line(error)}; run again with --debug for the "
                   "traceback, and please report it", file=sys.stderr)
             raise SystemExit(1) from None

@@ -1132,6 +1132,8 @@ class _Run:
                         for span, rows in self.rows([writer.batch_rows(b) for b in mine]):
                             writer.write_batch(span.start // writer.batch_size, rows)
                     except DataFileError as error:  # fixing the images changes the data set the store was for
+                        if not writer.num_batches - len(writer.pending_batches()):
+                            raise  # no batch finished: the next run replaces the store by itself
                         raise DataFileError(
                             f"{error}; the store {out} keeps the batches written so far, for these images: once "
                             "they are fixed or skipped, run again with --overwrite (overwrite=True) to rebuild it "

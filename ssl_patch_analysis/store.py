@@ -825,7 +825,10 @@ def prepare_store(
     differing = sorted(key for key in settings if meta.get(key) != settings[key])
     if not differing:
         return StorePlan(path, path, _check_and_repair(path, meta, layout))
-    if overwrite:
+    if overwrite or _holds_no_batch(path, meta):
+        if not overwrite:  # a start that failed (a bad image, memory) before its first batch: nothing is lost
+            print(f"replacing the store at {path}: it was started with other settings ({', '.join(differing)}) and "
+                  "holds no finished batch", file=sys.stderr)
         return _replace_beside(path, entries, settings, layout)
     shown = [f"{key} (store {meta.get(key)!r}, now {settings[key]!r})"
              if len(repr(meta.get(key))) + len(repr(settings[key])) < 80 else key for key in differing]
@@ -840,6 +843,16 @@ def prepare_store(
         f"the store at {path} was made with other settings (different: {', '.join(shown)}){hint}; "
         "choose another --store, or pass --overwrite (overwrite=True) to replace it"
     )
+
+
+def _holds_no_batch(path: Path, meta: Mapping[str, Any]) -> bool:
+    """Whether an incomplete store has not one finished batch (records unreadable count as holding some)."""
+    if meta.get("complete"):
+        return False
+    try:
+        return not done_batches(path).any()
+    except (ValueError, OSError, KeyError):
+        return False
 
 
 def _check_and_repair(path: Path, meta: dict[str, Any], layout: StoreLayout) -> bool:

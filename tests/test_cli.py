@@ -173,6 +173,27 @@ def test_a_bug_is_one_line_with_status_1_and_the_way_to_see_more(files, monkeypa
     assert err.startswith("internal error (TypeError): an internal mistake") and "--debug" in err
 
 
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 12000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_out_of_memory_on_the_host_is_a_users_error(files, monkeypatch, capsys, error):
+    # Was: "internal error (RuntimeError) ...", exit status 1, for --resize-to 1000000.
+    from ssl_patch_analysis import convergence
+
+    def too_big(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(convergence, "convergence_curve", too_big)
+    with pytest.raises(SystemExit) as stop:
+        convergence.main(["--model", str(files / "tiny.pt"), "--device", "cpu", "--num-images", "2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and err.startswith("error: out of memory") and "--batch-size" in err
+    if isinstance(error, RuntimeError):
+        assert "(11,175.9 GiB at once)" in err  # 12e12 bytes / 2**30
+
+
 def test_from_the_shell_one_line_and_status_2(files):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(cli.DEBUG_ENV, None)

@@ -183,6 +183,38 @@ def test_complete_store_is_reused_and_other_settings_are_refused(tmp_path):
     assert replaced.h.shape == (6, 16, 64)
 
 
+def test_a_store_that_failed_before_its_first_batch_is_replaced_by_other_settings(tmp_path, capsys):
+    # Was: a start that failed at once (out of memory at a huge --resize-to, a bad first image) left a store that
+    # refused the corrected command ("made with other settings"). It holds nothing, so it is replaced, said on stderr;
+    # a store with a finished batch is still only replaced with overwrite=True.
+    model, images = tiny_model(projector=False), random_images(6)
+
+    def failing_after(passes):
+        calls = []
+
+        def hook(*_):
+            calls.append(1)
+            if len(calls) > passes:
+                raise MemoryError("simulated")
+        return hook
+
+    hook = model.backbone.register_forward_hook(failing_after(1))  # the probe of the output sizes, then the batch
+    with pytest.raises(MemoryError):
+        extract_patch_embeddings(model, images, grid(16), batch_size=4, out=tmp_path / "s", progress=False)
+    hook.remove()
+    assert (tmp_path / "s" / "meta.json").is_file()
+    made = extract_patch_embeddings(model, images, grid(8), batch_size=4, out=tmp_path / "s", progress=False)
+    assert made.h.shape == (6, 16, 64) and made.meta["complete"]
+    assert "holds no finished batch" in capsys.readouterr().err
+
+    hook = model.backbone.register_forward_hook(failing_after(2))  # the probe, the first batch, then the second
+    with pytest.raises(MemoryError):
+        extract_patch_embeddings(model, images, grid(16), batch_size=4, out=tmp_path / "t", progress=False)
+    hook.remove()
+    with pytest.raises(ValueError, match=r"different: sampler.*--overwrite"):
+        extract_patch_embeddings(model, images, grid(8), batch_size=4, out=tmp_path / "t", progress=False)
+
+
 def test_cuda_out_of_memory_halves_the_chunk_and_changes_nothing():
     class FailsOnLargeChunks(SSLModel):
         def forward(self, x):
