@@ -366,6 +366,10 @@ def convergence_curve(model: SSLModel, data: Any, patch_sizes: Sequence[int] | N
         usable = [n for n in n_values if n == ALL or n <= num_patches]
         skipped = [f"N={n} skipped: the {rows}x{cols} grid of {p} px patches has only {num_patches} patches"
                    for n in n_values if n not in usable]
+        if not usable:  # said before the embedding, not as an empty list after it
+            raise ValueError(f"--n-values: every N asked for ({', '.join(map(str, n_values))}) is larger than the "
+                             f"{rows}x{cols} grid of {p} px patches ({num_patches} patches): pass N <= "
+                             f"{num_patches}, or all")
         fed = p if native else int(resize_to) if resize_to is not None else model.preprocess.input_size
         patches = _embed(model, data, sampler, layer, ids, fed, device, batch_size, progress)
         # Each patch size draws from its own stream, so its numbers do not depend on the other sizes.
@@ -401,6 +405,9 @@ def _token_convergence(model: SSLModel, data: Any, n_values: list[NValue], ids: 
     usable = [n for n in n_values if n == ALL or n <= num_patches]
     skipped = [f"N={n} skipped: the {rows}x{cols} token grid has only {num_patches} tokens"
                for n in n_values if n not in usable]
+    if not usable:
+        raise ValueError(f"--n-values: every N asked for ({', '.join(map(str, n_values))}) is larger than the "
+                         f"{rows}x{cols} token grid ({num_patches} tokens): pass N <= {num_patches}, or all")
     partner = derangement(len(ids), np.random.default_rng(seed))
     sims = cosine_to_whole_image(patches, whole, usable, draws, np.random.default_rng([seed, size]), partner)
     points = [CurvePoint(n=key, num_averaged=num_patches if key == ALL else int(key),

@@ -69,6 +69,7 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         # numbers out of range, named by their flag before any work (--seed -1 was numpy's "expected non-negative
         # integer" after the extraction)
         ("convergence", [*model, "--seed=-1"], "--seed"),
+        ("convergence", [*model, "--n-values", "1000"], "--n-values: every N asked for (1000) is larger"),
         ("evaluate", [*model, "--seed=-1"], "--seed"),
         ("evaluate", [*model, "--probe-weight-decay", "inf"], "--probe-weight-decay"),  # was a probe at 10%
         # a folder to write into that is a file: said before the work, not as an errno after it
