@@ -423,10 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
              "trains 1 epoch of a 2-epoch schedule")
     add("--batch-size", type=cli.positive_int, default=None,
         help="images per step over all processes, each giving several crops (default: 256; emp-ssl 100)")
-    add("--base-lr", type=cli.positive_float, default=None,
+    add("--base-lr", type=cli.non_negative_float, default=None,
         help="learning rate per 256 images: lr = base_lr * batch_size / 256 (default: 0.3 for bagssl and vicreg, "
              "0.4 for simclr)")
-    add("--lr", type=cli.positive_float, default=None,
+    add("--lr", type=cli.non_negative_float, default=None,
         help="absolute peak learning rate (overrides --base-lr; default: emp-ssl 0.3, as in EMP-SSL)")
     add("--optimizer", choices=("lars", "sgd", "adamw"), default=defaults.optimizer,
         help="LARS (biases and norm weights get no weight decay and no LARS adaptation; solo-learn's clipped one, "
@@ -933,8 +933,8 @@ def _check_values(config: TrainConfig) -> None:
     def finite(value: float | None) -> bool:
         return value is None or math.isfinite(value)
 
-    checks = [("--lr", config.lr, lambda v: v > 0, "a positive number"),
-              ("--base-lr", config.base_lr, lambda v: v > 0, "a positive number"),
+    checks = [("--lr", config.lr, lambda v: v >= 0, "a number >= 0"),  # 0: the weights stay as they start
+              ("--base-lr", config.base_lr, lambda v: v >= 0, "a number >= 0"),
               ("--weight-decay", config.weight_decay, lambda v: v >= 0, "a number >= 0"),
               ("--warmup-epochs", config.warmup_epochs, lambda v: v >= 0, "a number >= 0"),
               ("--time-limit", config.time_limit, lambda v: v > 0, "a positive number of seconds"),

@@ -463,7 +463,7 @@ def test_bad_settings_are_rejected(cifar10_npz, tmp_path, extra, message):
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("--lr", "-1"), ("--lr", "nan"), ("--base-lr", "0"), ("--weight-decay", "inf"), ("--warmup-epochs", "nan"),
+    ("--lr", "-1"), ("--lr", "nan"), ("--base-lr", "-0.1"), ("--weight-decay", "inf"), ("--warmup-epochs", "nan"),
     ("--time-limit", "nan"), ("--time-limit", "-5"), ("--width", "nan"), ("--width", "0"), ("--blur-p", "2"),
     ("--solarize-p", "-0.1"), ("--knn-every", "-1"), ("--knn-train-size", "0"), ("--knn-test-size", "0"),
     ("--seed", "-1"), ("--input-size", "0"), ("--patch-size", "0"), ("--schedule-epochs", "0"),
