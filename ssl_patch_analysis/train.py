@@ -927,27 +927,22 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {bf16})"
 
 
-def _check_values(config: TrainConfig) -> None:
-    """The settings that need no data, checked before the run folder is made (the command line's flag types check
-    the same; this is for :class:`TrainConfig` built in Python)."""
-    def finite(value: float | None) -> bool:
-        return value is None or math.isfinite(value)
+# The command line's number types: TrainConfig built in Python is checked by the same functions (one list of bounds).
+_NUMBER_TYPES = (cli.positive_int, cli.non_negative_int, cli.positive_float, cli.non_negative_float, cli.probability)
 
-    checks = [("--lr", config.lr, lambda v: v >= 0, "a number >= 0"),  # 0: the weights stay as they start
-              ("--base-lr", config.base_lr, lambda v: v >= 0, "a number >= 0"),
-              ("--weight-decay", config.weight_decay, lambda v: v >= 0, "a number >= 0"),
-              ("--warmup-epochs", config.warmup_epochs, lambda v: v >= 0, "a number >= 0"),
-              ("--time-limit", config.time_limit, lambda v: v > 0, "a positive number of seconds"),
-              ("--width", config.width, lambda v: v > 0, "a positive multiplier"),
-              ("--blur-p", config.blur_p, lambda v: 0 <= v <= 1, "a probability between 0 and 1"),
-              ("--solarize-p", config.solarize_p, lambda v: 0 <= v <= 1, "a probability between 0 and 1"),
-              ("--knn-every", config.knn_every, lambda v: v >= 0, "an integer >= 0"),
-              ("--knn-train-size", config.knn_train_size, lambda v: v >= 1, "a positive integer"),
-              ("--knn-test-size", config.knn_test_size, lambda v: v >= 1, "a positive integer"),
-              ("--seed", config.seed, lambda v: v >= 0, "an integer >= 0")]
-    for flag, value, good, what in checks:
-        if value is not None and not (finite(value) and good(value)):
-            raise ValueError(f"{flag} must be {what}, got {value}")
+
+def _check_values(config: TrainConfig) -> None:
+    """The settings that need no data, checked before the run folder is made by the flag types of
+    :func:`build_parser` (the command line checks them while parsing; this is for :class:`TrainConfig` built in
+    Python)."""
+    for action in build_parser()._actions:
+        value = getattr(config, action.dest, None)
+        if action.type not in _NUMBER_TYPES or value is None:
+            continue
+        try:
+            action.type(repr(value) if isinstance(value, float) else str(value))
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(f"{action.option_strings[0]} must be {str(error).removeprefix('expected ')}") from None
 
 
 def _check_args(config: TrainConfig, world_size: int, image_size: tuple[int, int]) -> None:

@@ -489,6 +489,21 @@ def test_the_python_api_checks_the_same_before_the_run_folder(tmp_path, field, v
     assert not (tmp_path / "run").exists()
 
 
+_NUMBER_FLAGS = [(a.dest, a.option_strings[0]) for a in build_parser()._actions
+                 if a.type in train_module._NUMBER_TYPES]
+
+
+def test_every_number_flag_of_the_command_line_is_checked_for_the_python_api():
+    # One list of bounds: the parser's flag types. A TrainConfig field that the command line refuses at -1 (every
+    # number type refuses it) must be refused by train() too, naming the flag.
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert len(_NUMBER_FLAGS) >= 20 and {dest for dest, _ in _NUMBER_FLAGS} <= fields
+    for dest, flag in _NUMBER_FLAGS:
+        with pytest.raises(ValueError, match=f"^{flag} must be .*, got '?-1"):
+            train_module._check_values(TrainConfig(**{dest: -1}))
+    train_module._check_values(TrainConfig())  # the defaults pass
+
+
 def test_a_run_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=r"--run-dir .*notes\.txt is a file: pass a folder"):
