@@ -1017,8 +1017,9 @@ def markdown_report(claims: Sequence[Claim], notes: Sequence[str]) -> str:
 
 
 def claims_json(claims: Sequence[Claim], notes: Sequence[str], figures: Path | str,
-                cards: Sequence[Path | str] = ()) -> dict[str, Any]:
-    return {"figures": str(figures), "rule": RULE, "confidence_intervals": {**CI_METHODS, "unpaired": UNPAIRED},
+                cards: Sequence[Path | str] = (), *, command: str) -> dict[str, Any]:
+    return {"command": command, "figures": str(figures), "rule": RULE,
+            "confidence_intervals": {**CI_METHODS, "unpaired": UNPAIRED},
             "match_margin_points": MATCH_MARGIN, "claims": [c.to_dict() for c in claims], "notes": list(notes),
             "cards": [str(c) for c in cards]}
 
@@ -1053,7 +1054,9 @@ def main(argv: Sequence[str] | None = None) -> list[Claim]:
     tmp = markdown.with_name(f".{markdown.name}.tmp")
     tmp.write_text(report, encoding="utf-8")
     tmp.replace(markdown)
-    written = save_json(claims_json(claims, notes, args.figures, args.cards), args.out / "claims.json")
+    command = cli.command_line("python -m ssl_patch_analysis.claims", argv)
+    written = save_json(claims_json(claims, notes, args.figures, args.cards, command=command),
+                        args.out / "claims.json")
     print(report)
     print(f"wrote {markdown}, {written}")
     return claims

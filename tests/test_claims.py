@@ -462,11 +462,14 @@ def test_committed_figures_give_a_row_per_claim_with_the_json_numbers(tmp_path):
 
 def test_command_writes_the_table_and_the_json(tmp_path, capsys):
     figures_with(tmp_path / "figures", effect=0.5, control=0.0)
-    claims.main(["--figures", str(tmp_path / "figures"), "--out", str(tmp_path / "out")])
+    argv = ["--figures", str(tmp_path / "figures"), "--out", str(tmp_path / "out")]
+    claims.main(argv)
     markdown = (tmp_path / "out" / "claims.md").read_text()
     assert markdown.startswith("| | claim (paper) |") and "Verdict rule:" in markdown
     written = json.loads((tmp_path / "out" / "claims.json").read_text())
     assert [c["verdict"] for c in written["claims"]] == [REPRODUCED] * 5
+    # every JSON output records its command in one shape (claims.json did not)
+    assert written["command"] == "python -m ssl_patch_analysis.claims " + " ".join(argv)
     assert written["claims"][2]["measurements"][0]["ci95_low"] > 0
     assert "| a |" in capsys.readouterr().out
 
