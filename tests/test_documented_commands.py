@@ -23,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = ["README.md", "pretrained/README.md", "sample_data/README.md", "docs/design.md", "Makefile",
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.sh")),
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pretrained").glob("*.sh"))]
-# python -m ssl_patch_analysis.X, or one of the scripts of pretrained/ run by a python ($py in the scripts)
-COMMAND = re.compile(r"-m\s+ssl_patch_analysis\.(\w+)"
+# python -m ssl_patch_analysis.X (or python -m ssl_patch_analysis X), or one of the scripts of pretrained/ run by a
+# python ($py in the scripts)
+COMMAND = re.compile(r"-m\s+ssl_patch_analysis(?:\.|[ \t]+)(\w+)"
                      r"|(?:python\S*|\$py|\$PYTHON)\s+(pretrained/(?:model_card|ship)\.py)")
 # A shell or make variable stands for one word; "$@" / "${@:2}" / ... for the caller's further flags.
 CALLER_FLAGS = re.compile(r'"\$(?:@|\{@[^}]*\})"')
@@ -127,6 +128,15 @@ def test_gpu_session_model_recipes_parse(model):
     """benchmarks/gpu_session.sh keeps each issue-12 model's trainer flags in a function, not on a command line."""
     args = importlib.import_module("ssl_patch_analysis.train").build_parser().parse_args(gpu_recipe(model))
     assert args.method == model and args.epochs >= 10
+
+
+def test_the_package_form_is_found_as_a_command(tmp_path, monkeypatch):
+    """``python -m ssl_patch_analysis convergence ...`` runs the module's main: checked with its parser too."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "doc.md").write_text("`python -m ssl_patch_analysis` lists the commands\n"
+                                     "    python -m ssl_patch_analysis --version\n"
+                                     "    python -m ssl_patch_analysis convergence --model vicreg\n")
+    assert [(m, argv) for _, m, argv in documented_commands("doc.md")] == [("convergence", ["--model", "vicreg"])]
 
 
 def test_a_script_variable_stands_for_its_default(tmp_path, monkeypatch):
