@@ -415,6 +415,9 @@ def test_float32_and_bf16_features_keep_a_store_each(tmp_path, monkeypatch):
     assert written() == before
     with extraction_options(amp=True):
         np.testing.assert_array_equal(protocol_features(model, data, "3", **options)[0], bf16)
+        # the store keeps the bf16 features as the in-memory path computes them, bit for bit
+        in_memory, _ = protocol_features(model, data, "3", device="cpu", progress=False, seed=1)
+    np.testing.assert_array_equal(in_memory, bf16)
     assert extraction_precision("cpu") == "float32" and extraction_precision("cpu", amp=True) == "bfloat16"
 
 
