@@ -377,7 +377,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         method = model.info.method
         protocols = args.protocols.split(",") if args.protocols else card_protocols(model, args.num_patches)
         start = time.perf_counter()
-        row = {"checkpoint": path, "checkpoint_sha256": file_sha256(Path(path)), "method": method,
+        row = {"command": cli.command_line("python pretrained/model_card.py", argv),
+               "checkpoint": path, "checkpoint_sha256": file_sha256(Path(path)), "method": method,
                "train_images": len(train_ids), "test_images": len(test_ids),
                "knn": "weighted, cosine, k=20, T=0.07", "probe": schedule.describe(),
                "extraction": "bf16 autocast" if args.amp else "float32", "device": str(device), "seed": args.seed,

@@ -34,11 +34,12 @@ def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar1
     checkpoint = tmp_path / "tiny-bagssl.pt"
     save_checkpoint(model, checkpoint, train={"method": "bagssl", "patch_size": 16})
     before = checkpoint.read_bytes()
-    rows = _card_module().main([str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu",
-                                "--max-images", "60", "--num-patches", "2", "--probe-epochs", "3",
-                                "--json", str(tmp_path / "card.json")])
+    argv = [str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "60",
+            "--num-patches", "2", "--probe-epochs", "3", "--json", str(tmp_path / "card.json")]
+    rows = _card_module().main(argv)
     (row,) = json.loads((tmp_path / "card.json").read_text())
     assert row == json.loads(json.dumps(rows[0]))
+    assert row["command"] == "python pretrained/model_card.py " + " ".join(argv)  # as every JSON output records it
     assert set(row["trained"]) == set(row["random_init"]) == {"central", "2 patches"}
     assert row["train_images"] == row["test_images"] == 60
 
