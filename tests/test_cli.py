@@ -237,6 +237,52 @@ def test_shared_flags_are_where_they_belong_with_one_type():
         assert not set(cli.RENAMED_FLAGS.get(name, {})) & set(flags[name]), name
 
 
+ANALYSES = ("convergence", "heatmap", "retrieval", "evaluate")
+
+
+def readme_flag_table() -> list[tuple[list[str], set[str], dict[str, set[str]]]]:
+    """The README's flag table: ``(flags, commands that take them all, {command: the only ones of them it takes})``
+    per row (``all but A and B``, ``analyses``, ``extract (train: `--data`)`` in its commands column)."""
+    from ssl_patch_analysis.__main__ import COMMANDS as ALL
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| flag | meaning | commands |"):]
+    table = table[:table.index("\n\n")]
+    rows = []
+    for line in table.splitlines()[2:]:
+        flags_cell, _, commands_cell = (cell.strip() for cell in line.strip("|").split(" | "))
+        if commands_cell == "where they apply":
+            continue
+        flags = re.findall(r"(--[a-z-]+)", flags_cell)
+        main, _, note = commands_cell.partition(" (")
+        if main.startswith("all"):
+            taking = set(ALL) - set(re.findall(r"[a-z]+", main.removeprefix("all").replace("but", "").replace(
+                "and", "")))
+        else:
+            taking = {c for word in main.split(", ") for c in (ANALYSES if word == "analyses" else (word,))}
+        partial = {}
+        if note:
+            command, _, named = note.rstrip(")").partition(": ")
+            partial[command] = set(re.findall(r"`(--[a-z-]+)`", named))
+        rows.append((flags, taking, partial))
+    return rows
+
+
+def test_the_readme_flag_table_says_which_commands_take_each_flag():
+    from ssl_patch_analysis.__main__ import COMMANDS as ALL
+
+    rows = readme_flag_table()
+    assert len(rows) >= 15 and any(partial for _, _, partial in rows)
+    flags = {name: {option for action in parser_of(name)._actions for option in action.option_strings}
+             for name in ALL}
+    for row_flags, taking, partial in rows:
+        for name in ALL:
+            for flag in row_flags:
+                expected = flag in partial[name] if name in partial else name in taking
+                assert (flag in flags[name]) == expected, (
+                    f"README flag table: {flag} {'is' if expected else 'is not'} said to be a flag of {name}")
+
+
 def test_no_abbreviations_so_old_singular_flags_do_not_slip_through(capsys):
     with pytest.raises(SystemExit):
         parser_of("convergence").parse_args(["--layer", "z"])
