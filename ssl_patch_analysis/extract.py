@@ -1206,7 +1206,12 @@ def build_parser() -> argparse.ArgumentParser:
 @cli.command
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--verify" in words and "--store" not in words:  # the form of earlier versions: --verify DIR
+        after = words[words.index("--verify") + 1:][:1]
+        if after and not after[0].startswith("-"):
+            parser.error(f"--verify {after[0]} is now --verify --store {after[0]}")
+    args = parser.parse_args(words)
     if args.store is None:
         parser.error("the following argument is required: --store DIR (the store folder)")
     if args.verify:

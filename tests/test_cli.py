@@ -93,6 +93,7 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("train", ["--data", nowhere, "--device", "cpu", "--run-dir", str(folder / "run")], nowhere),
         ("convergence", [*model, "--data", "imagenette", "--split", "train"], "train"),
         ("extract", ["--verify", "--store", nowhere], nowhere),
+        ("extract", ["--verify", nowhere], f"--verify {nowhere} is now --verify --store {nowhere}"),  # renamed
         # damaged, foreign or missing checkpoints
         ("extract", ["--model", damaged, *store, "--grid", "8", "--device", "cpu"], damaged),
         ("convergence", ["--model", damaged, "--device", "cpu"], damaged),
