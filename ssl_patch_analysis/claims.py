@@ -1,6 +1,6 @@
 """The paper's claims judged in one table, from the analyses' JSON outputs in ``figures/``.
 
-    python -m ssl_patch_analysis.claims [--figures figures] [--out figures] [--cards CARD ...]
+    python -m ssl_patch_analysis.claims --figures figures --out figures --cards pretrained/*.card.json
 
 reads the JSON files that ``make figures`` writes (``convergence_*``, ``heatmap_*``, ``retrieval_*``,
 ``evaluate_*``) and, for b and e, the model cards given (:func:`read_cards`: the full protocol, marked "(full)"),

@@ -259,13 +259,15 @@ def add_data_args(parser: argparse.ArgumentParser, default: str = "cifar10") -> 
                              "them (default: stop at the first, naming it)")
 
 
-def add_device_args(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--amp`` / ``--no-amp`` and ``--compile``."""
+def add_device_args(parser: argparse.ArgumentParser, cpu_amp_default: bool = False) -> None:
+    """``--device``, ``--amp`` / ``--no-amp`` and ``--compile``. ``cpu_amp_default``: the command autocasts by
+    default on CPUs with bf16 units (the trainer); the analyses and extract keep float32 on every CPU unless asked."""
     parser.add_argument("--device", type=device_name, default=None,
                         help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--amp", action="store_true", default=None,
-                           help="bf16 autocast (default: on CUDA, and on CPUs with bf16 units, AMX or AVX512-BF16)")
+    default = ("on CUDA, and on CPUs with bf16 units, AMX or AVX512-BF16" if cpu_amp_default else
+               "on CUDA; float32 on a CPU, where --amp is fast with bf16 units, AMX or AVX512-BF16")
+    precision.add_argument("--amp", action="store_true", default=None, help=f"bf16 autocast (default: {default})")
     precision.add_argument("--no-amp", dest="amp", action="store_false", help="float32 everywhere (no autocast)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (a one-off compilation, then faster)")

@@ -25,7 +25,7 @@ Command line::
     python -m ssl_patch_analysis.evaluate --model bagssl --protocols central,1,16 --train-size 2000 --test-size 1000
     python -m ssl_patch_analysis.evaluate --model vicreg --boost          # + central vs n-patch figure
     python -m ssl_patch_analysis.evaluate --model dino-vits16 --tokens --protocols central,1,16,all  # a ViT's tokens
-    python -m ssl_patch_analysis.evaluate --model runs/emp-ssl-resnet18-cifar10/checkpoint.pt --layer pre_feature \
+    python -m ssl_patch_analysis.evaluate --model runs/emp-ssl-resnet18-cifar10/checkpoint.pt --layers pre_feature \
         --protocols 20 --probe emp-ssl --augment-patches emp-ssl          # EMP-SSL's protocol
 
 writes ``figures/evaluate_<model>_<data>.png`` and ``.json`` (and ``evaluate_boost_*`` with

@@ -47,7 +47,7 @@ grid patch, their statistics and the figure query's neighbours, set by a
 Command line (writes ``figures/retrieval_<model>_<data>.png`` and ``.json``, prints the table)::
 
     python -m ssl_patch_analysis.retrieval --model vicreg --data cifar10 --patch-size 16 --stride 8 \\
-        --num-images 1000 --k 8
+        --num-images 1000 --neighbours 8
     python -m ssl_patch_analysis.retrieval --model vicreg-resnet50 --download --data imagenette --num-images all \\
         --patch-size 64 --stride 32 --store stores/imagenette-val --index ivfpq --pq-m 64 --rerank 100 \\
         --save-index indexes/imagenette-val

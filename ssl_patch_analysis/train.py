@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--weight-decay", type=cli.non_negative_float, default=None, help="weight decay (default: 1e-4)")
     add("--warmup-epochs", type=cli.non_negative_float, default=None,
         help="linear warm-up epochs before the per-step cosine decay (default: 10; emp-ssl 0)")
-    cli.add_device_args(parser)
+    cli.add_device_args(parser, cpu_amp_default=True)
     add("--seed", type=cli.non_negative_int, default=defaults.seed,
         help="seed of the initial weights, data order, crops and augmentation")
     add("--init-from", default=None, metavar="CHECKPOINT",

@@ -284,6 +284,24 @@ def test_the_readme_flag_table_says_which_commands_take_each_flag():
                     f"README flag table: {flag} {'is' if expected else 'is not'} said to be a flag of {name}")
 
 
+def test_amp_help_says_each_commands_own_cpu_default(monkeypatch):
+    # The trainer autocasts by default on CPUs with bf16 units; extract and the analyses keep float32 on a CPU (the
+    # shared help used to claim the trainer's default for all of them).
+    from ssl_patch_analysis import extract, train
+
+    def amp_help(name: str) -> str:
+        (action,) = [a for a in parser_of(name)._actions if "--amp" in a.option_strings]
+        return " ".join(action.help.split())
+
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    config = train.TrainConfig()
+    config.resolve(32, torch.device("cpu"))
+    assert config.amp is True and "on CPUs with bf16 units" in amp_help("train")
+    assert extract._autocast_choice(torch.device("cpu"), None) is None
+    for name in ("extract", *ANALYSES):
+        assert "float32 on a CPU" in amp_help(name) and "on CPUs with bf16 units" not in amp_help(name), name
+
+
 def test_no_abbreviations_so_old_singular_flags_do_not_slip_through(capsys):
     with pytest.raises(SystemExit):
         parser_of("convergence").parse_args(["--layer", "z"])

@@ -1,13 +1,15 @@
 """Every command the project tells a user to run parses with today's flags.
 
-The README, the model cards, the Makefile and the shell scripts spell out ``python -m ssl_patch_analysis.<command>``
-lines (and ``python pretrained/model_card.py`` / ``pretrained/ship.py`` ones). A renamed flag (``train --out``
+The README, the model cards, the Makefile, the shell scripts and the modules' docstrings spell out
+``python -m ssl_patch_analysis.<command>`` lines (and ``python pretrained/model_card.py`` / ``pretrained/ship.py``
+ones). A renamed flag (``train --out``
 became ``--run-dir``) leaves such a line failing for whoever copies it, so each one is handed to its command's own
 parser here (nothing runs: parsing only). Records of past runs (``benchmarks/RESULTS.md``, ``*.log.jsonl``) keep
 the flags they ran with and are not checked.
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 import shlex
@@ -20,7 +22,10 @@ from helpers import GPU_MODELS, gpu_recipe, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where the project tells a user what to type.
-DOCUMENTS = ["README.md", "pretrained/README.md", "sample_data/README.md", "docs/design.md", "Makefile",
+DOCUMENTS = ["README.md", "pretrained/README.md", "ssl_patch_analysis/sample_data/README.md", "docs/design.md",
+             "Makefile",
+             # the modules' docstrings (their python -m ssl_patch_analysis.<command> examples)
+             *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "ssl_patch_analysis").glob("*.py")),
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "benchmarks").glob("*.sh")),
              *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "pretrained").glob("*.sh"))]
 # python -m ssl_patch_analysis.X (or python -m ssl_patch_analysis X), or one of the scripts of pretrained/ run by a
@@ -57,6 +62,8 @@ def documented_commands(path: str) -> list[tuple[str, str, list[str]]]:
     """``(where, module, argv)`` for each ``python -m ssl_patch_analysis.X ...`` in one document."""
     found = []
     text = (ROOT / path).read_text(encoding="utf-8")
+    if path.endswith(".py"):  # a module: the examples of its docstring (the code's strings are not commands)
+        text = ast.get_docstring(ast.parse(text), clean=False) or ""
     defaults = dict(SCRIPT_DEFAULT.findall(text)) if path.endswith(".sh") else {}
     lines = logical_lines(text)
     for (number, line), (_, after) in zip(lines, [*lines[1:], (0, "")], strict=True):
