@@ -32,6 +32,8 @@ DOCUMENTS = ["README.md", "pretrained/README.md", "ssl_patch_analysis/sample_dat
 # python ($py in the scripts)
 COMMAND = re.compile(r"-m\s+ssl_patch_analysis(?:\.|[ \t]+)(\w+)"
                      r"|(?:python\S*|\$py|\$PYTHON)\s+(pretrained/(?:model_card|ship)\.py)")
+# A run's record quoted as stored (`"command": "python -m ..."`), not advice to type.
+RECORD = re.compile(r'"command":\s*"(?:python\S*\s+)?$')
 # A shell or make variable stands for one word; "$@" / "${@:2}" / ... for the caller's further flags.
 CALLER_FLAGS = re.compile(r'"\$(?:@|\{@[^}]*\})"')
 DEFAULTED = re.compile(r"\$\{\w+:-([^}]*)\}")  # ${NAME:-default}: its default
@@ -70,6 +72,8 @@ def documented_commands(path: str) -> list[tuple[str, str, list[str]]]:
         if after.lstrip().startswith("error:"):  # an example of a refused command, shown with its error
             continue
         for match in COMMAND.finditer(line):
+            if RECORD.search(line[:match.start()]):  # a record of a past run, quoted: it keeps the flags it ran with
+                continue
             rest = DEFAULTED.sub(r"\1", CALLER_FLAGS.sub("", line[match.end():]).replace("...", ""))
             for name, value in defaults.items():
                 rest = re.sub(rf"\$\{{{name}\}}|\${name}\b", lambda _, v=value: v, rest)
@@ -135,6 +139,13 @@ def test_gpu_session_model_recipes_parse(model):
     """benchmarks/gpu_session.sh keeps each issue-12 model's trainer flags in a function, not on a command line."""
     args = importlib.import_module("ssl_patch_analysis.train").build_parser().parse_args(gpu_recipe(model))
     assert args.method == model and args.epochs >= 10
+
+
+def test_a_quoted_record_of_a_past_run_is_not_a_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "doc.md").write_text('"command": "python -m ssl_patch_analysis.train --out /tmp/runs/x"\n'
+                                     "python -m ssl_patch_analysis.train --run-dir /tmp/runs/x\n")
+    assert [argv for _, _, argv in documented_commands("doc.md")] == [["--run-dir", "/tmp/runs/x"]]
 
 
 def test_the_package_form_is_found_as_a_command(tmp_path, monkeypatch):
