@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,9 @@ def save_figure_and_json(fig, numbers: Any, stem: Path | str, pdf: bool = False,
     """``fig`` as ``stem.png`` (and ``stem.pdf``) and ``numbers`` as ``stem.json`` (none if None), as one: each file is
     written beside its target first and all are moved in (renames in one folder) only once every one is written, so a
     failure while writing (a full disk) or a target in the way (a folder) leaves the earlier figure and numbers as
-    they were, never a new figure beside old numbers. Returns the paths written (figures first); closes the figure."""
+    they were, never a new figure beside old numbers. A rename that fails after others succeeded (a file made
+    immutable) puts the earlier files back (each kept as a hard link, or a copy, until all are in). Returns the
+    paths written (figures first); closes the figure."""
     import matplotlib.pyplot as plt
 
     stem = Path(stem)
@@ -95,6 +98,7 @@ def save_figure_and_json(fig, numbers: Any, stem: Path | str, pdf: bool = False,
     if numbers is not None:
         paths.append(stem.with_suffix(".json"))
     drafts = [path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}") for path in paths]
+    earlier = [path.with_name(f".{path.stem}.old{os.getpid()}{path.suffix}") for path in paths]
     try:
         for path in paths:
             if path.is_dir():
@@ -104,12 +108,29 @@ def save_figure_and_json(fig, numbers: Any, stem: Path | str, pdf: bool = False,
                 draft.write_text(json.dumps(_plain(numbers), indent=1) + "\n")
             else:
                 fig.savefig(draft, dpi=dpi, bbox_inches="tight")
-        for path, draft in zip(paths, drafts, strict=True):
-            os.replace(draft, path)
+        for path, kept in zip(paths, earlier, strict=True):
+            if path.exists():
+                try:
+                    os.link(path, kept)
+                except OSError:  # a file system without hard links (FAT, some network mounts): a copy keeps it
+                    shutil.copy2(path, kept)
+        moved: list[Path] = []
+        try:
+            for path, draft in zip(paths, drafts, strict=True):
+                os.replace(draft, path)
+                moved.append(path)
+        except OSError:
+            for path in moved:  # the pair as it was: the earlier file back, or none where there was none
+                kept = earlier[paths.index(path)]
+                if kept.exists():
+                    os.replace(kept, path)
+                else:
+                    path.unlink()
+            raise
     finally:
         plt.close(fig)
-        for draft in drafts:
-            draft.unlink(missing_ok=True)
+        for leftover in (*drafts, *earlier):
+            leftover.unlink(missing_ok=True)
     return paths
 
 

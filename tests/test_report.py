@@ -1,5 +1,6 @@
 """The shared output helpers: file names, JSON of arrays/tensors, tables, figures."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -133,3 +134,30 @@ def test_a_write_that_fails_half_way_moves_nothing_in(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         save_figure_and_json(fig, {"n": 2}, stem, pdf=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the PNG written as a draft, not moved in
+
+
+@pytest.mark.parametrize("first_time, hard_links", [(False, True), (True, True), (False, False)])
+def test_a_rename_that_fails_after_another_puts_the_earlier_pair_back(tmp_path, monkeypatch, first_time,
+                                                                      hard_links):
+    # The figure is moved in, then the JSON's rename fails (a file made immutable, chattr +i): the earlier figure
+    # comes back (or, the first time, the new one goes), so a figure never stands beside other numbers.
+    stem = tmp_path / "retrieval_x_cifar10"
+    if not first_time:
+        save_figure_and_json(_figure("one"), {"n": 1}, stem)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    rename = os.replace
+
+    def immutable_json(source, target):
+        if str(target).endswith(".json"):
+            raise PermissionError(1, "Operation not permitted", str(source), None, str(target))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", immutable_json)
+    def no_hard_links(source, target):
+        raise OSError(1, "Operation not permitted", str(source), None, str(target))
+
+    if not hard_links:  # a file system without them: the earlier files are kept as copies
+        monkeypatch.setattr(os, "link", no_hard_links)
+    with pytest.raises(PermissionError):
+        save_figure_and_json(_figure("two, a longer title"), {"n": 2}, stem)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no draft or kept copy left either
