@@ -267,6 +267,8 @@ card2k() {
 #     without them) by the same command with STEPS="candidate judge"
 #   EPOCHS=16 SEED=13 TRAIN_SIZE=20000 STEPS=onward benchmarks/emp_ssl_cpu.sh   # session 18: run 16 from run 15, the
 #     13 px blur kernel (the default since 2026-12-07); resumable; judged later with STEPS="onward candidate judge"
+#   EPOCHS=17 SEED=14 TRAIN_SIZE=20000 STEPS=onward benchmarks/emp_ssl_cpu.sh   # session 19: run 17 from run 16, cut
+#     off at step 66 when that session's machine was shut down: runs 15-17 were lost with runs/, never judged
 CANDIDATE=candidate_emp-ssl-resnet18-cifar10.pt   # in $CONT
 # The candidate's cards are bf16 (as the shipped model's they pair with): emulated on a CPU without bf16 units, 8.4x
 # slower than float32 (benchmarks/RESULTS.md), about 16 h instead of one. Refused there unless SLOW_BF16=1;

@@ -42,6 +42,44 @@ figures() {
   make figures-simclr claims PY="$py" FIGURES_DEVICE="$DEVICE" FIGURES_STORE="$STORE"
 }
 
+# Issue 12, 2026-12-07 (a VM without bf16 units, no GPU lent): the shipped simclr (its heads too) trained on with the
+# trainer's simclr row as it is now (solo-learn's CIFAR SimCLR, above: the LARS that moves the backbone) and the shipped
+# model's 1024-128 projector, 2 epochs over 40,000 of the images (--train-size: 624 steps, about 1.5 h at 256 crops in
+# 8-10 s), batch 128 (lr 0.2), a 0.1-epoch warm-up for the new
+# optimiser. `candidate` ships it into its run folder (heads kept, float16) and measures its card as `card` does (central
+# view, full protocol, float32; the control taken from the shipped card: the same random network, checked); `judge` asks
+# model_card.py --compare --verdict against the shipped card (k-NN better beyond the paired 95% interval, no classifier
+# worse beyond it: exit 0, else 3 and the shipped model stays). `promote`: the candidate's bytes become the shipped file,
+# its log follows the shipped history, its card is reused whole under the shipped name; then `figures`.
+#   STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
+#   STEPS="promote figures" benchmarks/simclr_cpu.sh          # only after judge said ship
+ONWARD=${ONWARD:-runs/simclr-cpu-onward}
+onward() {
+  mkdir -p "$ONWARD"
+  if [ ! -f "$ONWARD/init.pt" ]; then   # the model and the history it starts from, kept before promote replaces them
+    cp pretrained/simclr-resnet18-cifar10.pt "$ONWARD/init.pt"
+    cp pretrained/simclr-resnet18-cifar10.log.jsonl "$ONWARD/previous.log.jsonl"
+  fi
+  local resume=""
+  [ -f "$ONWARD/resume.pt" ] && resume=--resume
+  $py -m ssl_patch_analysis.train --method simclr --projector 1024-128 --epochs 2 --train-size 40000 --warmup-epochs 0.1 \
+      --batch-size 128 --device cpu --init-from "$ONWARD/init.pt" --run-dir "$ONWARD" --time-limit 6300 $resume
+}
+candidate() {
+  $py pretrained/ship.py "$ONWARD/checkpoint.pt" "$ONWARD/simclr-resnet18-cifar10.pt" --overwrite
+  $py pretrained/model_card.py "$ONWARD/simclr-resnet18-cifar10.pt" --device cpu --no-progress \
+      --control-from pretrained/simclr-resnet18-cifar10.card.json --json "$ONWARD/card.json"
+}
+judge() {
+  $py pretrained/model_card.py --compare "$ONWARD/card.json" pretrained/simclr-resnet18-cifar10.card.json --verdict
+}
+promote() {
+  cp "$ONWARD/simclr-resnet18-cifar10.pt" pretrained/simclr-resnet18-cifar10.pt
+  cat "$ONWARD/previous.log.jsonl" "$ONWARD/log.jsonl" > pretrained/simclr-resnet18-cifar10.log.jsonl
+  cp "$ONWARD/card.json" pretrained/simclr-resnet18-cifar10.card.json
+  card   # the same bytes and settings: both parts reused, the card now names the shipped file
+}
+
 for step in $STEPS; do
   echo "== $step $(date +%T)"
   "$step"
