@@ -51,9 +51,18 @@ figures() {
 # model_card.py --compare --verdict against the shipped card (k-NN better beyond the paired 95% interval, no classifier
 # worse beyond it: exit 0, else 3 and the shipped model stays). `promote`: the candidate's bytes become the shipped file,
 # its log follows the shipped history, its card is reused whole under the shipped name; then `figures`.
+# OLD_AUG=1 keeps the shipped model's own augmentations (VICReg's jitter, no blur, wd 1e-5) and changes only the
+# optimiser to the row's LARS (eta 0.02, clipped): the run folder is then runs/simclr-cpu-onward-oldaug.
 #   STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
-#   STEPS="promote figures" benchmarks/simclr_cpu.sh          # only after judge said ship
+#   OLD_AUG=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
+#   STEPS="promote figures" benchmarks/simclr_cpu.sh          # only after judge said ship (OLD_AUG=1 for that run)
+OLD_AUG=${OLD_AUG:-0}
 ONWARD=${ONWARD:-runs/simclr-cpu-onward}
+AUG=()
+if [ "$OLD_AUG" = 1 ]; then
+  ONWARD=$ONWARD-oldaug
+  AUG=(--jitter 0.4,0.4,0.2,0.1 --blur-p 0 --weight-decay 1e-5)
+fi
 onward() {
   mkdir -p "$ONWARD"
   if [ ! -f "$ONWARD/init.pt" ]; then   # the model and the history it starts from, kept before promote replaces them
@@ -63,7 +72,8 @@ onward() {
   local resume=""
   [ -f "$ONWARD/resume.pt" ] && resume=--resume
   $py -m ssl_patch_analysis.train --method simclr --projector 1024-128 --epochs 2 --train-size 40000 --warmup-epochs 0.1 \
-      --batch-size 128 --device cpu --init-from "$ONWARD/init.pt" --run-dir "$ONWARD" --time-limit 6300 $resume
+      --batch-size 128 "${AUG[@]}" --device cpu --init-from "$ONWARD/init.pt" --run-dir "$ONWARD" --time-limit 6300 \
+      $resume
 }
 candidate() {
   $py pretrained/ship.py "$ONWARD/checkpoint.pt" "$ONWARD/simclr-resnet18-cifar10.pt" --overwrite
