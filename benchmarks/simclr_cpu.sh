@@ -56,10 +56,18 @@ figures() {
 #   STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
 #   OLD_AUG=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
 #   STEPS="promote figures" benchmarks/simclr_cpu.sh          # only after judge said ship (OLD_AUG=1 for that run)
+# OLD_RECIPE=1 trains on with the recipe the shipped model was trained with (its augmentations and its LARS: eta 0.001,
+# unclipped; the flags of `train` above): more of the same training, the control for the two runs above; run folder
+# runs/simclr-cpu-onward-oldrecipe.
+#   OLD_RECIPE=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
 OLD_AUG=${OLD_AUG:-0}
+OLD_RECIPE=${OLD_RECIPE:-0}
 ONWARD=${ONWARD:-runs/simclr-cpu-onward}
 AUG=()
-if [ "$OLD_AUG" = 1 ]; then
+if [ "$OLD_RECIPE" = 1 ]; then
+  ONWARD=$ONWARD-oldrecipe
+  AUG=(--jitter 0.4,0.4,0.2,0.1 --blur-p 0 --weight-decay 1e-5 --lars-eta 0.001 --no-lars-clip)
+elif [ "$OLD_AUG" = 1 ]; then
   ONWARD=$ONWARD-oldaug
   AUG=(--jitter 0.4,0.4,0.2,0.1 --blur-p 0 --weight-decay 1e-5)
 fi

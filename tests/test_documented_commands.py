@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import re
 import shlex
 import sys
@@ -166,3 +167,12 @@ def test_a_script_variable_stands_for_its_default(tmp_path, monkeypatch):
     (_, _, argv), (_, _, bad) = documented_commands("run.sh")
     assert argv == ["--epochs", "2", "--run-dir", "runs/x/y"]
     assert bad == ["--epochs", "two"]
+
+
+def test_the_shell_scripts_run_as_documented():
+    """The documents call the scripts by their path (``benchmarks/simclr_cpu.sh``, ``STEPS=card benchmarks/...``):
+    each must be executable in the checkout, or the documented line answers "Permission denied"."""
+    scripts = sorted([*ROOT.glob("benchmarks/*.sh"), *ROOT.glob("pretrained/*.sh"), ROOT / ".ci" / "run"])
+    assert scripts
+    not_executable = [str(p.relative_to(ROOT)) for p in scripts if not os.access(p, os.X_OK)]
+    assert not not_executable, f"not executable (git update-index --chmod=+x): {not_executable}"
