@@ -66,5 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def not_a_command(module: str) -> None:
+    """What ``python -m ssl_patch_analysis.<library module>`` answers: one line, exit status 2 (it ran nothing, and
+    exiting 0 in silence would read as a command that did its work)."""
+    print(f"error: {module} is a library module, not a command: nothing was run; the commands are "
+          f"{', '.join(COMMANDS)} (see {PROG} --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
     sys.exit(main())

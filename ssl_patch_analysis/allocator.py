@@ -73,3 +73,9 @@ def malloc_description() -> str:
     if other is not None:
         return f"{other} (preloaded), unchanged"
     return f"{'glibc' if platform.libc_ver()[0] == 'glibc' else 'system'} malloc, unchanged"
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.allocator says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

@@ -237,3 +237,9 @@ class Augmentation:
         if self.solarize_p > 0:
             x = torch.where(chosen(9, self.solarize_p), solarize(x), x)
         return x
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.augment says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

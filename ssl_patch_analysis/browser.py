@@ -316,3 +316,9 @@ def build_browser(model: str | Path | SSLModel = "vicreg", datasets: Sequence[st
         sources[name] = embed_data(ssl_model, data, num_images=min(int(count), len(data)), cache=cache,
                                    device=device, progress=progress)
     return PatchBrowser(ssl_model, sources, k=k, layer=layer)
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.browser says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

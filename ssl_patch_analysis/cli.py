@@ -523,3 +523,9 @@ def command(main: F) -> F:
             raise SystemExit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.cli says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

@@ -99,3 +99,9 @@ def spectral_contrastive_loss_sampled(f_a: Tensor, f_b: Tensor, f_neg: Tensor) -
     positive = (f_a * f_b).sum(dim=1).mean()
     negative = 0.5 * ((f_a @ f_neg.T).pow(2).mean() + (f_b @ f_neg.T).pow(2).mean())
     return -2 * positive + negative
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.cooccurrence says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

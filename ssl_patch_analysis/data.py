@@ -875,3 +875,9 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
         return _load_folder(folder, split, image_size, skip_bad_images)
     raise ValueError(f"unknown data set {name!r}: known names are {', '.join(ARCHIVE_DATASETS)}, "
                      "or give the path of an image folder (<folder>/<class>/<image>)")
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.data says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

@@ -584,3 +584,9 @@ class IndexVectors(VectorSource):
     def chunks(self, start: int, size: int) -> Iterator[tuple[int, np.ndarray]]:
         for first in range(start, self.num_vectors, size):
             yield first, self.index.reconstruct_n(first, min(size, self.num_vectors - first))
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.index says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

@@ -100,3 +100,9 @@ def knn_accuracy(
     predictions = weighted_knn_predict(train_features, train_labels, test_features, num_classes, k, temperature,
                                        chunk_size)
     return 100.0 * float((predictions.cpu() == test_labels.cpu()).float().mean())
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.knn says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

@@ -336,3 +336,9 @@ class NTXentLoss(nn.Module):
             logits = logits.masked_fill(is_self, float("-inf"))
             ntxent = F.cross_entropy(logits, positive_index)
         return LossOutput(ntxent, {"ntxent": ntxent.detach()})
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.losses says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

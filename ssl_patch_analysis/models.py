@@ -450,3 +450,9 @@ def _calibrate_batch_norm(model: SSLModel, batch_norms: list[nn.Module], images:
             m.momentum = momentum
             m.train(training)
     return len(images)
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.models says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

@@ -409,3 +409,9 @@ def _check_boxes(boxes: torch.Tensor) -> None:
         raise ValueError(
             f"boxes must have a last dimension of 4 (x0, y0, x1, y1), got shape {tuple(boxes.shape)}"
         )
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.patches says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

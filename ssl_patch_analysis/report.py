@@ -148,3 +148,9 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], floatfmt
         return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
 
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.report says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

@@ -1141,3 +1141,9 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.store says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

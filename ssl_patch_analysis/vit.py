@@ -245,3 +245,9 @@ def infer_vit_config(state: Mapping[str, torch.Tensor], num_heads: int | None = 
         qk_norm="blocks.0.attn.q_norm.weight" in state, layer_scale="blocks.0.ls1.gamma" in state,
     )
     return config, assumed
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.vit says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

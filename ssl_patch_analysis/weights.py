@@ -179,3 +179,9 @@ def resolve_checkpoint(name_or_path: str | Path, download: bool = False,
         f"no checkpoint file {str(path)!r}, and {text!r} is not a known name. "
         f"Known names: {', '.join(known_names())}"
     )
+
+
+if __name__ == "__main__":  # a library module: python -m ssl_patch_analysis.weights says so, exit 2
+    from ssl_patch_analysis.__main__ import not_a_command
+
+    not_a_command(__spec__.name)

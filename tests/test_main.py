@@ -91,3 +91,32 @@ def test_outputs_record_the_command_in_the_one_shape(tmp_path, capsys):
     assert through_package["command"] == direct["command"] == cli.command_line("python -m ssl_patch_analysis.claims",
                                                                                 argv)
     capsys.readouterr()
+
+
+def library_modules() -> list[str]:
+    return sorted(path.stem for path in PACKAGE.glob("*.py")
+                  if path.stem not in {"__init__", "__main__"} and path.stem not in package_main.COMMANDS)
+
+
+@pytest.mark.filterwarnings("ignore:'ssl_patch_analysis.:RuntimeWarning")  # runpy: the module is imported already
+@pytest.mark.parametrize("module", library_modules())
+def test_a_library_module_run_as_a_command_says_so(module, capsys):
+    # python -m ssl_patch_analysis.models used to import the module and exit 0 in silence, as if it had run
+    import runpy
+
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_module(f"ssl_patch_analysis.{module}", run_name="__main__", alter_sys=True)
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: ssl_patch_analysis.{module} is a library module, not a command")
+    assert "checkpoints" in line
+
+
+def test_a_library_module_from_the_shell_exits_2_in_one_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "ssl_patch_analysis.patches"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: ssl_patch_analysis.patches is a library module, not a command: nothing was run; the commands are "
+        + ", ".join(package_main.COMMANDS) + " (see python -m ssl_patch_analysis --help)"]
