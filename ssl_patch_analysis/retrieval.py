@@ -1110,8 +1110,9 @@ def _central_patch(boxes: np.ndarray, image_size: Sequence[int]) -> int:
 
 def embed_grid_patches(model: SSLModel, data: Any, settings: RetrievalSettings = RetrievalSettings(), *,
                        device: str | torch.device | None = None, store: str | os.PathLike | None = None,
-                       overwrite: bool = False) -> PatchEmbeddings:
-    """Every grid patch of the images :func:`patch_retrieval` indexes (the first ``settings.num_images``), embedded.
+                       overwrite: bool = False, progress: bool = True) -> PatchEmbeddings:
+    """Every grid patch of the images :func:`patch_retrieval` indexes (the first ``settings.num_images``), embedded
+    (``progress``: the extraction's progress bar).
 
     In memory, or in the store folder ``store``: a store of these embeddings is reused, a partial one
     resumed, and one of other settings (or damaged beyond repair) replaced only with ``overwrite``.
@@ -1122,17 +1123,17 @@ def embed_grid_patches(model: SSLModel, data: Any, settings: RetrievalSettings =
     if settings.tokens:
         return extract_token_embeddings(model, data, block=settings.block, image_ids=np.arange(count),
                                         batch_size=settings.batch_size, device=device, out=store,
-                                        resize_to=settings.resize_to, overwrite=overwrite)
+                                        resize_to=settings.resize_to, overwrite=overwrite, progress=progress)
     return extract_patch_embeddings(model, data, grid(settings.patch_size, settings.stride),
                                     image_ids=np.arange(count), batch_size=settings.batch_size, device=device,
-                                    out=store, resize_to=settings.resize_to, overwrite=overwrite)
+                                    out=store, resize_to=settings.resize_to, overwrite=overwrite, progress=progress)
 
 
 def patch_retrieval(model: SSLModel, data: Any, settings: RetrievalSettings = RetrievalSettings(), *,
                     device: str | torch.device | None = None, embeddings: PatchEmbeddings | None = None,
                     store: str | os.PathLike | None = None, overwrite: bool = False,
                     save_index: str | os.PathLike | None = None, command: str | None = None,
-                    progress: bool = False) -> RetrievalResult:
+                    progress: bool = True) -> RetrievalResult:
     """Paper Fig. 5 and where the neighbours of random patches come from: what the retrieval command measures.
 
     Every grid patch of the first ``settings.num_images`` images of ``data`` (an
@@ -1147,14 +1148,15 @@ def patch_retrieval(model: SSLModel, data: Any, settings: RetrievalSettings = Re
     - ``save_index``: also save each layer's index to ``save_index/<layer>`` (:meth:`PatchIndex.save`;
       an index already there is replaced only with ``overwrite``), with ``command``, the command line
       that rebuilds it. Indexes of embeddings in a store are built there resumably.
-    - ``progress``: a progress bar while vectors are added to an index.
+    - ``progress``: progress bars while patches are embedded and while vectors are added to an index.
 
     Raises :class:`RetrievalSettingError` for a ``num_images``, ``query_image`` or ``query_patch`` that
     the data does not allow.
     """
     count = settings.indexed_images(data)
     if embeddings is None:
-        embeddings = embed_grid_patches(model, data, settings, device=device, store=store, overwrite=overwrite)
+        embeddings = embed_grid_patches(model, data, settings, device=device, store=store, overwrite=overwrite,
+                                        progress=progress)
     elif not np.array_equal(np.asarray(embeddings.image_ids), np.arange(count)):
         raise ValueError(f"embeddings must hold the grid patches of images 0..{count - 1} (those these settings "
                          f"index), got {len(embeddings.image_ids)} images: make them with embed_grid_patches(model, "
@@ -1380,7 +1382,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         pq_m=args.pq_m, nbits=args.nbits, rerank=args.rerank, train_size=args.train_size, multi_gpu=args.multi_gpu)
     try:
         embeddings = embed_grid_patches(model, data, settings, device=device, store=args.store,
-                                        overwrite=args.overwrite)
+                                        overwrite=args.overwrite, progress=not args.no_progress)
     except (ValueError, OSError) as error:
         if args.store is None:
             raise

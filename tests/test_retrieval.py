@@ -371,3 +371,12 @@ def test_patch_retrieval_refuses_settings_the_data_does_not_allow(cifar10_npz, d
               "--num-images", "3", "--neighbours", "2", "--query-patch", "9", "--out", str(tmp_path / "figures")])
     assert exit_.value.code == 2
     assert "error: --query-patch must be in 0..8 (patches per image)" in capsys.readouterr().err
+
+
+def test_no_progress_silences_the_embedding_bar_too(tmp_path, capsys):
+    # retrieval --no-progress still drew the extraction's bar ("embedding 9 patches/img: ...") on stderr
+    data = torch.rand(3, 3, 32, 32)
+    embed_grid_patches(tiny_model(), data, RetrievalSettings(num_images=3, patch_size=16, stride=8), progress=False)
+    assert "patches/img" not in capsys.readouterr().err
+    embed_grid_patches(tiny_model(), data, RetrievalSettings(num_images=3, patch_size=16, stride=8), progress=True)
+    assert "patches/img" in capsys.readouterr().err
