@@ -58,8 +58,11 @@ figures() {
 #   STEPS="promote figures" benchmarks/simclr_cpu.sh          # only after judge said ship (OLD_AUG=1 for that run)
 # OLD_RECIPE=1 trains on with the recipe the shipped model was trained with (its augmentations and its LARS: eta 0.001,
 # unclipped; the flags of `train` above): more of the same training, the control for the two runs above; run folder
-# runs/simclr-cpu-onward-oldrecipe.
+# runs/simclr-cpu-onward-oldrecipe. 2026-12-07: card k-NN 54.27 / linear 58.86 against 52.44 / 57.44, +1.83
+# [+1.20, +2.46] paired: judge said ship, and `promote figures` made it the shipped simclr (6 + 2 epochs; the two
+# runs above, judged against the 6-epoch card: benchmarks/results/previous-shipped_simclr-6ep_card.json).
 #   OLD_RECIPE=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
+#   OLD_RECIPE=1 STEPS="promote figures" benchmarks/simclr_cpu.sh
 OLD_AUG=${OLD_AUG:-0}
 OLD_RECIPE=${OLD_RECIPE:-0}
 ONWARD=${ONWARD:-runs/simclr-cpu-onward}
