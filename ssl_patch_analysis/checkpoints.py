@@ -1079,6 +1079,8 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", dow
     if fmt == OWN_FORMAT:
         verify_checksum(obj, path)
         model = _load_own(obj, source)
+        _refuse_overrides_of_a_record(model, source, arch=arch, stem=stem, cifar_padding=cifar_padding,
+                                      num_heads=num_heads)
     else:
         model = _build_from_parts(_extract(obj, fmt, path), source, arch, stem, cifar_padding, num_heads)
     _check_finite(model, source)
@@ -1092,6 +1094,19 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu", dow
     if verbose:
         print(describe(model, one_line=True))
     return model
+
+
+def _refuse_overrides_of_a_record(model: SSLModel, source: str, **given: object) -> None:
+    """This project's own file records its architecture: an ``arch``/``stem``/``cifar_padding``/``num_heads`` that
+    says otherwise is refused in one line (it was ignored in silence), one that agrees is accepted."""
+    vit = model.info.extra.get("vit") or {}
+    recorded = {"arch": model.info.arch, "stem": model.info.stem, "cifar_padding": model.info.cifar_padding,
+                "num_heads": vit.get("num_heads")}
+    for name, value in given.items():
+        if value is not None and value != recorded[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value}: {source} is this project's own checkpoint, which records "
+                             f"{name} {recorded[name]} and is built as recorded; leave {flag} out")
 
 
 def _check_finite(model: SSLModel, source: str) -> None:

@@ -673,3 +673,21 @@ def test_verbose_line_and_cli(tmp_path, capsys):
         main(["--model", str(tmp_path / "missing.ckpt")])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "not a known name" in err and "missing.ckpt" in err
+
+
+def test_an_override_that_contradicts_an_own_checkpoints_record_is_refused(tmp_path, capsys):
+    # --stem / --cifar-padding / --arch were ignored in silence for this project's own files: the user asked for a
+    # padding-2 stem and got the recorded padding-1 one without a word
+    backbone, dim = build_backbone("resnet18", stem="cifar", cifar_padding=1, width=0.25)
+    save_checkpoint(SSLModel(backbone, build_mlp([dim, 8])), tmp_path / "own.pt")
+    for override, flag in (({"cifar_padding": 2}, "--cifar-padding 2"), ({"stem": "imagenet"}, "--stem imagenet"),
+                           ({"arch": "resnet50"}, "--arch resnet50"), ({"num_heads": 3}, "--num-heads 3")):
+        with pytest.raises(ValueError, match=rf"^{flag}: .*own.pt is this project's own checkpoint, which records "):
+            load_model(tmp_path / "own.pt", verbose=False, **override)
+    agreeing = load_model(tmp_path / "own.pt", verbose=False, arch="resnet18", stem="cifar", cifar_padding=1)
+    assert agreeing.backbone.conv1.padding == (1, 1)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model", str(tmp_path / "own.pt"), "--cifar-padding", "2"])
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --cifar-padding 2: ") and line.endswith("leave --cifar-padding out")
