@@ -716,7 +716,7 @@ def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
     if missing or unexpected or misshaped:
         def some(items: list[str]) -> str:
             return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "") if items else "none"
-        raise RuntimeError(
+        raise ValueError(
             f"the {what} weights of {source} do not match the model built for them: "
             f"{len(missing)} missing ({some(missing)}); {len(unexpected)} unexpected ({some(unexpected)}); "
             f"{len(misshaped)} mis-shaped ({some(misshaped)}). Check the arch/stem arguments, or report "

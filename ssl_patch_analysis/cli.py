@@ -384,6 +384,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None) if device.type != "meta" else None
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise UserError(f"--device {device}: this machine cannot run on {device.type} (the toolkit runs on cpu "
+                            "and cuda); pass --device cpu" + (" or cuda" if torch.cuda.is_available() else ""))
     return device
 
 

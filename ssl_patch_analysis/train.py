@@ -1189,7 +1189,7 @@ def _resume_state_problem(path: Path, device: torch.device) -> tuple[dict[str, A
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - whatever torch raises on a truncated or garbled file
-        if "Unsupported global" in str(error):
+        if "unsupported global" in str(error).lower():  # torch words it "Unsupported global" or "unsupported GLOBAL"
             return None, "damaged (it holds Python objects that are not tensors, refused for safety)"
         return None, "damaged (not a readable file: truncated or corrupt)"
     missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
@@ -1358,6 +1358,9 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
                 notice(f"{out / 'checkpoint.pt'} was {problem}; rewritten from {resume_source} (epoch {start_epoch})")
             if "log" in state:
                 log_lines = _repair_log(log_path, list(state["log"]), resume_source, start_epoch)
+    elif resume_path.is_file() and not (out / "checkpoint.pt").exists():
+        raise FileExistsError(f"{resume_path} holds an interrupted run (stopped before its first epoch ended): pass "
+                              "--resume to continue it, or another --run-dir")
     elif (out / "checkpoint.pt").exists():
         if resume_path.is_file() or (out / PREVIOUS_RESUME).is_file():
             raise FileExistsError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, or another "

@@ -520,14 +520,26 @@ def test_mismatched_keys_are_named_with_counts(tmp_path):
     state["layer3.0.conv2.weight"] = torch.zeros(256, 256, 1, 1)
     state["extra_block.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "broken.pth")
-    with pytest.raises(RuntimeError) as err:
+    # the user's file or --arch: was a RuntimeError, reported as an "internal error", exit 1
+    with pytest.raises(ValueError, match="do not match the model built for them") as err:
         _load(tmp_path / "broken.pth")
     message = str(err.value)
     assert "1 missing (layer4.1.bn2.weight)" in message
     assert "1 unexpected (extra_block.weight)" in message
     assert "1 mis-shaped (layer3.0.conv2.weight (file (256, 256, 1, 1), model (256, 256, 3, 3)))" in message
-    with pytest.raises(RuntimeError, match=r"\d+ missing \(layer1\.2\."):
+    with pytest.raises(ValueError, match=r"\d+ missing \(layer1\.2\."):
         _load(tmp_path / "broken.pth", arch="resnet34")
+
+
+def test_a_checkpoint_that_does_not_fit_is_a_users_error_in_one_line(tmp_path, capsys):
+    state = _tv_resnet(18).state_dict()
+    del state["layer4.1.bn2.weight"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model", str(tmp_path / "broken.pth")])
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: the backbone weights of ") and "1 missing (layer4.1.bn2.weight)" in line
 
 
 class PickledCode:

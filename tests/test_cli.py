@@ -151,6 +151,20 @@ def test_device_cuda_without_a_gpu_says_pass_cpu(name, files, capsys):
     assert_one_line(err, "pass --device cpu")
 
 
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu"])
+def test_a_device_torch_names_but_this_machine_lacks_is_one_line(device, files, capsys):
+    # was "internal error (RuntimeError): PyTorch is not linked with support for mps devices ... please report it"
+    if device == "xpu" and getattr(torch, "xpu", None) is not None and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    with pytest.raises(cli.UserError, match=rf"^--device {device}: this machine cannot run on {device} "):
+        cli.resolve_device(device)
+    code = run_command("convergence", ["--device", device, "--model", str(files / "tiny.pt")])
+    assert code == 2
+    assert_one_line(capsys.readouterr().err, "pass --device cpu")
+
+
 def test_debug_shows_the_traceback_instead(files, monkeypatch, capsys):
     from ssl_patch_analysis import convergence
 

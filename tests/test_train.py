@@ -935,3 +935,19 @@ def test_the_time_limit_counts_the_online_knn(cifar10_npz, tmp_path, monkeypatch
     info = read_checkpoint(tmp_path / "checkpoint.pt")["train"]
     assert info["epochs"] == 2 and info["stopped_early"] == "time limit of 15 s"
     assert [r["knn_top1"] for r in read_log(tmp_path) if "epoch" in r] == [50.0, 50.0]
+
+
+def test_a_run_interrupted_in_its_first_epoch_is_not_restarted_over_without_resume(cifar10_npz, tmp_path,
+                                                                                    two_epoch_run):
+    # A run stopped before its first checkpoint.pt leaves resume.pt alone; the same --run-dir without --resume
+    # started over from step 0 and, on the next try, the interrupted state was gone.
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(two_epoch_run[0], out)
+    (out / "checkpoint.pt").unlink()
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match=r"resume\.pt holds an interrupted run .*: pass --resume to continue "
+                                              r"it, or another --run-dir"):
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "3"))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
