@@ -951,3 +951,24 @@ def test_a_run_interrupted_in_its_first_epoch_is_not_restarted_over_without_resu
                                               r"it, or another --run-dir"):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "3"))
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == kept
+
+
+class _PickledCall:
+    """Unpickled, it would call a function of a module torch blocks (os): harmless here, and refused unread."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
+def test_a_resume_state_holding_pickled_code_is_named_as_such(cifar10_npz, tmp_path, two_epoch_run):
+    # was "damaged (not a readable file: truncated or corrupt)": torch words the refusal "unsupported GLOBAL"
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(two_epoch_run[0], out)
+    (out / "resume.prev.pt").unlink()
+    torch.save({"model": _PickledCall()}, out / "resume.pt")
+    with pytest.raises(ValueError, match=r"resume\.pt is damaged \(it holds Python objects that are not tensors"):
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
