@@ -528,18 +528,18 @@ def test_foreign_and_damaged_vit_checkpoints_are_named_in_one_line(tmp_path):
     _one_line(err)
 
     state = {k: v for k, v in good.items() if k != "blocks.1.mlp.fc2.weight"}
-    with pytest.raises(RuntimeError, match=r"1 missing \(blocks\.1\.mlp\.fc2\.weight\)") as err:
+    with pytest.raises(ValueError, match=r"1 missing \(blocks\.1\.mlp\.fc2\.weight\)") as err:
         _load(save(state))
     _one_line(err)
 
     state = dict(good, **{"blocks.0.attn.qkv.weight": torch.zeros(96, 48)})
-    with pytest.raises(RuntimeError, match=r"mis-shaped \(blocks\.0\.attn\.qkv\.weight \(file \(96, 48\), "
-                                           r"model \(144, 48\)\)\)") as err:
+    with pytest.raises(ValueError, match=r"mis-shaped \(blocks\.0\.attn\.qkv\.weight \(file \(96, 48\), "
+                                         r"model \(144, 48\)\)\)") as err:
         _load(save(state))
     _one_line(err)
 
     state = dict(good, **{"blocks.0.attn.q_bias": torch.zeros(48)})  # a BEiT-style block
-    with pytest.raises(RuntimeError, match=r"1 unexpected \(blocks\.0\.attn\.q_bias\)"):
+    with pytest.raises(ValueError, match=r"1 unexpected \(blocks\.0\.attn\.q_bias\)"):
         _load(save(state))
 
     conv_stem = {k: v for k, v in good.items() if not k.startswith("patch_embed.")}
