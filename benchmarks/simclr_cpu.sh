@@ -94,10 +94,16 @@ candidate() {
 judge() {
   $py pretrained/model_card.py --compare "$ONWARD/card.json" pretrained/simclr-resnet18-cifar10.card.json --verdict
 }
+# The card being replaced is kept (KEPT, committed with the promotion: the comparisons made against it and the new
+# card's control were taken from it, and the card must not name itself as its control's source).
+KEPT=${KEPT:-benchmarks/results/previous-shipped_simclr-6ep_card.json}
 promote() {
+  cp pretrained/simclr-resnet18-cifar10.card.json "$KEPT"
   cp "$ONWARD/simclr-resnet18-cifar10.pt" pretrained/simclr-resnet18-cifar10.pt
   cat "$ONWARD/previous.log.jsonl" "$ONWARD/log.jsonl" > pretrained/simclr-resnet18-cifar10.log.jsonl
-  cp "$ONWARD/card.json" pretrained/simclr-resnet18-cifar10.card.json
+  $py -c 'import json, sys; from ssl_patch_analysis.report import save_json
+rows = json.load(open(sys.argv[1])); rows[0]["random_init_from"] = sys.argv[3]; save_json(rows, sys.argv[2])' \
+      "$ONWARD/card.json" pretrained/simclr-resnet18-cifar10.card.json "$KEPT"
   card   # the same bytes and settings: both parts reused, the card now names the shipped file
 }
 

@@ -1105,8 +1105,9 @@ def _refuse_overrides_of_a_record(model: SSLModel, source: str, **given: object)
     for name, value in given.items():
         if value is not None and value != recorded[name]:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {value}: {source} is this project's own checkpoint, which records "
-                             f"{name} {recorded[name]} and is built as recorded; leave {flag} out")
+            what = f"{name} {recorded[name]}" if recorded[name] is not None else f"no {name} (it holds a ResNet)"
+            raise ValueError(f"{flag} {value}: {source} is this project's own checkpoint, which records {what} "
+                             f"and is built as recorded; leave {flag} out")
 
 
 def _check_finite(model: SSLModel, source: str) -> None:

@@ -385,11 +385,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     elif device.type != "cpu":
-        backend = getattr(torch, device.type, None) if device.type != "meta" else None
-        available = getattr(backend, "is_available", None)
+        available = getattr(getattr(torch, device.type, None), "is_available", None)  # torch.mps, torch.xpu, ...
         if available is None or not available():
-            raise UserError(f"--device {device}: this machine cannot run on {device.type} (the toolkit runs on cpu "
-                            "and cuda); pass --device cpu" + (" or cuda" if torch.cuda.is_available() else ""))
+            raise UserError(f"--device {device}: this machine cannot run on {device.type}; pass --device cpu"
+                            + (" or cuda" if torch.cuda.is_available() else ""))
     return device
 
 

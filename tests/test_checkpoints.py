@@ -696,6 +696,8 @@ def test_an_override_that_contradicts_an_own_checkpoints_record_is_refused(tmp_p
                            ({"arch": "resnet50"}, "--arch resnet50"), ({"num_heads": 3}, "--num-heads 3")):
         with pytest.raises(ValueError, match=rf"^{flag}: .*own.pt is this project's own checkpoint, which records "):
             load_model(tmp_path / "own.pt", verbose=False, **override)
+    with pytest.raises(ValueError, match=r"records no num_heads \(it holds a ResNet\)"):
+        load_model(tmp_path / "own.pt", verbose=False, num_heads=3)
     agreeing = load_model(tmp_path / "own.pt", verbose=False, arch="resnet18", stem="cifar", cifar_padding=1)
     assert agreeing.backbone.conv1.padding == (1, 1)
     with pytest.raises(SystemExit) as stopped:

@@ -135,6 +135,7 @@ def test_a_control_taken_from_another_card_names_a_committed_card_that_gives_it(
         source = row.get("random_init_from")
         if source is None:
             continue
+        assert (root / source).resolve() != path.resolve(), f"{path.name} names itself as its control's source"
         if ":" in source and not (root / source).exists():  # REV:PATH
             text = _from_history(source, path).decode()
         else:
