@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "patches for patch-trained models)")
     parser.add_argument("--seed", type=cli.non_negative_int, default=0)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (default float32)")
-    parser.add_argument("--json", default=None,
+    parser.add_argument("--json", type=cli.output_file, default=None,
                         help="write the results here (also after each model's trained part, so that an interrupted "
                              "run keeps what it measured)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1030,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(figures/claims.md and claims.json).")
     parser.add_argument("--figures", type=Path, default=cli.DEFAULT_OUT,
                         help="folder holding the analyses' JSON files (default: figures/)")
-    parser.add_argument("--out", type=cli.folder, default=cli.DEFAULT_OUT,
+    parser.add_argument("--out", type=cli.folder, default=str(cli.DEFAULT_OUT),
                         help="folder claims.md and claims.json are written to (default: figures/)")
     parser.add_argument("--cards", type=Path, nargs="*", default=[], metavar="CARD",
                         help="model cards (pretrained/model_card.py --json) to judge b and e on too: the full "

@@ -135,11 +135,42 @@ def positive_float(text: str) -> float:
 
 def folder(text: str) -> Path:
     """argparse type of a folder the command writes into (``--out``, ``--cache-dir``, ``--run-dir``): a path that is
-    not an existing file (it is made when missing), said before any work instead of an errno after it."""
+    not an existing file, that can be made when missing (no file on the way to it) and that can be written into,
+    said before any work instead of an errno after it (and the results lost)."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"expected a folder, but {text} is a file")
+    _check_can_write_under(path, text)
     return path
+
+
+def output_file(text: str) -> Path:
+    """argparse type of a file the command writes (``--json``): not a folder, and its folder can be made and written
+    into, said before any work."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file, but {text} is a folder")
+    _check_can_write_under(path.parent, text)
+    return path
+
+
+def _check_can_write_under(path: Path, text: str) -> None:
+    """ArgumentTypeError unless ``path`` exists as a folder that can be written into, or its nearest existing
+    ancestor is such a folder (``path`` is made there later). Probed by making an unnamed temporary file: permissions
+    alone do not say it (a read-only file system, a root user, an immutable folder)."""
+    import tempfile
+
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} cannot be made: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot write into {existing} ({error.strerror or error}): pass a folder "
+                                         "you can write to") from None
 
 
 def probability(text: str) -> float:
@@ -275,7 +306,7 @@ def add_device_args(parser: argparse.ArgumentParser, cpu_amp_default: bool = Fal
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     """``--out`` (the folder of figures and numbers) and ``--pdf``."""
-    parser.add_argument("--out", type=folder, default=DEFAULT_OUT,
+    parser.add_argument("--out", type=folder, default=str(DEFAULT_OUT),  # a string: argparse checks it as typed
                         help=f"folder the figures and numbers are written to (default: {DEFAULT_OUT}/)")
     parser.add_argument("--pdf", action="store_true", help="also write the figures as PDF")
 

@@ -1317,7 +1317,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "holds a part: the largest indexes) or replicate it (each holds all: the most queries/s)")
     parser.add_argument("--store", type=Path, default=None,
                         help="patch-embedding store directory to reuse, or to write (and resume) the extraction in")
-    parser.add_argument("--save-index", type=Path, default=None,
+    parser.add_argument("--save-index", type=cli.folder, default=None,
                         help="also save the indexes to DIR/z and DIR/h (checksummed; loading verifies them)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the indexes already saved in --save-index DIR (a damaged one too), and a --store "
@@ -1336,8 +1336,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return _main(args)
 
 
-def _refuse_to_replace_saved_indexes(save_index: Path) -> None:
-    """Before any work: --save-index DIR already holding indexes needs --overwrite."""
+# a saved index's files, their staged names, its lock, and a build's checkpoint (index.CHECKPOINT_PREFIX)
+_OWN_INDEX_FILE = re.compile(r"\.?(?:index\.faiss|metadata\.npz|info\.json)(?:\.tmp)?|\.lock|\.build\..+")
+
+
+def _check_save_index_folder(save_index: Path, overwrite: bool) -> None:
+    """Before any work: --save-index DIR holds nothing but saved indexes (DIR/z, DIR/h: it is not someone's folder of
+    images or notes, written into even with --overwrite); already holding indexes, it needs --overwrite."""
+    if save_index.is_dir():
+        foreign = [entry for entry in sorted(save_index.iterdir())
+                   if entry.name not in RETRIEVAL_LAYERS or not entry.is_dir()]
+        foreign += [entry for layer in RETRIEVAL_LAYERS if (save_index / layer).is_dir()
+                    for entry in sorted((save_index / layer).iterdir()) if not _OWN_INDEX_FILE.fullmatch(entry.name)]
+        if foreign:
+            raise FileExistsError(f"--save-index {save_index} holds files that are not saved indexes ({foreign[0]}"
+                                  f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); refusing to write "
+                                  "into it: choose a new or empty folder")
+    if overwrite:
+        return
     held = [str(save_index / layer) for layer in RETRIEVAL_LAYERS
             if any((save_index / layer / name).exists() for name in _INDEX_FILES)]
     if held:
@@ -1363,8 +1379,8 @@ def _in_retrieval_terms(message: str) -> str:
 
 
 def _main(args: argparse.Namespace) -> dict[str, Any]:
-    if args.save_index is not None and not args.overwrite:
-        _refuse_to_replace_saved_indexes(args.save_index)
+    if args.save_index is not None:
+        _check_save_index_folder(args.save_index, args.overwrite)
     if args.multi_gpu is not None:  # before any work
         check_multi_gpu(args.multi_gpu, args.index, args.index in COMPRESSED_KINDS and args.nbits == 4)
     model, data, device = cli.load_model_and_data(args)

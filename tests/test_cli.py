@@ -76,6 +76,13 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("convergence", [*model, "--out", str(folder / "notes.txt")], "--out: expected a folder"),
         ("evaluate", [*model, "--cache-dir", str(folder / "notes.txt")], "--cache-dir: expected a folder"),
         ("train", ["--run-dir", str(folder / "notes.txt"), "--device", "cpu"], "--run-dir: expected a folder"),
+        # ... or a folder that cannot be made (a file on the way to it): said before the work, not after it
+        ("convergence", [*model, "--out", str(folder / "notes.txt" / "figures")], "notes.txt is a file, not a folder"),
+        ("heatmap", [*model, "--out", str(folder / "notes.txt" / "figures")], "--out: "),
+        ("evaluate", [*model, "--cache-dir", str(folder / "notes.txt" / "c")], "--cache-dir: "),
+        ("retrieval", [*model, "--save-index", str(folder / "notes.txt")], "--save-index: expected a folder"),
+        ("retrieval", [*model, "--save-index", str(folder / "notes.txt" / "i")], "--save-index: "),
+        ("train", ["--run-dir", str(folder / "notes.txt" / "run"), "--device", "cpu"], "--run-dir: "),
         # values that parse but do not fit
         ("convergence", [*model, "--layers", "h,z"], "h,z"),
         ("evaluate", [*model, "--protocols", "central,lots"], "lots"),
@@ -137,6 +144,48 @@ def test_every_bad_input_is_one_line_and_status_2(index, files, data_root, monke
 
 def test_the_table_covers_every_command(files):
     assert {name for name, _, _ in bad_inputs(files)} == set(COMMANDS)
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write into: a read-only one (mode 555), or where permissions do not bind (root),
+    one of the system's that refuses new files (/sys); skips when there is none."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/sys")):
+        try:
+            with open(candidate / ".probe", "x"):
+                pass
+        except OSError:
+            return candidate
+        (candidate / ".probe").unlink()
+    pytest.skip("no folder here refuses a new file (a root user and no read-only /sys)")
+
+
+@pytest.mark.parametrize("name", ["convergence", "heatmap", "retrieval", "evaluate", "claims"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_work(name, files, tmp_path, capsys):
+    # was: the figure's or JSON's write failed after the whole extraction and analysis, and the numbers were lost
+    target = unwritable_folder(tmp_path)
+    argv = [] if name == "claims" else ["--model", str(files / "tiny.pt"), "--device", "cpu"]
+    for out in (target, target / "figures"):
+        code = run_command(name, [*argv, "--out", str(out)])
+        assert code == 2
+        assert_one_line(capsys.readouterr().err, f"--out: cannot write into {target}")
+
+
+def test_the_default_out_is_checked_too(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(unwritable_folder(tmp_path))  # its figures/ cannot be made
+    assert run_command("convergence", ["--model", str(files / "tiny.pt"), "--device", "cpu"]) == 2
+    assert_one_line(capsys.readouterr().err, "--out: cannot write into")
+
+
+def test_a_writable_out_is_accepted_and_not_made_by_parsing(tmp_path):
+    out = tmp_path / "new" / "figures"
+    assert cli.folder(str(out)) == out and not (tmp_path / "new").exists()
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+    assert cli.output_file(str(tmp_path / "card.json")) == tmp_path / "card.json"
+    with pytest.raises(Exception, match="is a folder"):
+        cli.output_file(str(tmp_path))
 
 
 @NO_GPU

@@ -187,6 +187,21 @@ def test_model_card_that_cannot_write_its_json_says_so_with_the_numbers(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pt"]  # no card, no temporary file left
 
 
+def test_a_json_that_cannot_be_written_is_refused_before_anything_is_measured(tmp_path, tiny_model, capsys,
+                                                                              monkeypatch):
+    # was: --json under a file (or naming a folder) failed after the card's first part, minutes in
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model, checkpoint, train={"method": "vicreg"})
+    card = _card_module()
+    monkeypatch.setattr(card, "evaluate_protocols", lambda *a, **k: pytest.fail("measured before --json was checked"))
+    for json_path, said in ((checkpoint / "card.json", "tiny.pt is a file, not a folder"),
+                            (tmp_path, "expected a file, but")):
+        with pytest.raises(SystemExit) as stop:
+            card.main([str(checkpoint), "--device", "cpu", "--json", str(json_path)])
+        assert stop.value.code == 2
+        assert said in capsys.readouterr().err
+
+
 def _count_evaluations(card, monkeypatch) -> list[str]:
     """Each evaluate_protocols call of the card, by the model's source (``...-random-init`` for a control)."""
     calls, real = [], card.evaluate_protocols

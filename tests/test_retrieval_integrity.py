@@ -406,6 +406,29 @@ def test_store_errors_in_retrieval_name_only_flags_retrieval_has(command, tmp_pa
     assert (store / "notes.txt").read_text() == "my notes"
 
 
+def test_save_index_refuses_a_folder_that_holds_other_things_even_with_overwrite(command, tmp_path, capsys):
+    # was: --save-index into any existing folder (a folder of images, of notes) wrote z/ and h/ into it
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8 a photo")
+    for extra in ([], ["--overwrite"]):
+        message = user_error(capsys, [*command, "--save-index", str(photos), *extra])
+        assert f"--save-index {photos} holds files that are not saved indexes ({photos / 'cat.jpg'})" in message
+    assert sorted(p.name for p in photos.iterdir()) == ["cat.jpg"]  # nothing written, nothing computed
+    assert not (tmp_path / "figures").exists()
+    # A z/ that is someone's folder is not taken for an index's either.
+    mine = tmp_path / "mine"
+    (mine / "z").mkdir(parents=True)
+    (mine / "z" / "notes.txt").write_text("my notes")
+    message = user_error(capsys, [*command, "--save-index", str(mine), "--overwrite"])
+    assert str(mine / "z" / "notes.txt") in message
+    # An empty folder, and one holding saved indexes (with --overwrite), are written into.
+    (tmp_path / "empty").mkdir()
+    retrieval.main([*command, "--save-index", str(tmp_path / "empty")])
+    retrieval.main([*command, "--save-index", str(tmp_path / "empty"), "--overwrite"])
+    assert {p.name for p in (tmp_path / "empty").iterdir()} == {"z", "h"}
+
+
 def test_damage_to_every_file_of_a_saved_index_is_named_and_the_advised_command_rebuilds_it(command, tmp_path,
                                                                                                 capsys):
     saved = tmp_path / "indexes"
