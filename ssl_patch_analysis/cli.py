@@ -518,6 +518,21 @@ def _out_of_host_memory(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
+MEMORY_FLAGS = ("--batch-size", "--num-patches", "--resize-to", "--image-size", "--num-images")
+
+
+def _memory_flags(main: Callable[..., Any]) -> str:
+    """The flags of ``main``'s command (its module's ``build_parser``) that ask for less memory at once, in words:
+    only flags the command has (train has no --resize-to)."""
+    build = getattr(sys.modules.get(main.__module__), "build_parser", None)
+    try:
+        flags = {option for action in build()._actions for option in action.option_strings} if build else set()
+    except Exception:  # noqa: BLE001 - advice only: the error being reported matters more
+        flags = set()
+    named = [flag for flag in MEMORY_FLAGS if flag in flags] or ["--batch-size"]
+    return named[0] if len(named) == 1 else f"{', '.join(named[:-1])} or {named[-1]}"
+
+
 def command(main: F) -> F:
     """Wrap a command's ``main(argv)``: a user's error ends it with one line on stderr and exit status 2 (a bug
     with one line and status 1), unless ``--debug`` or ``SSL_PATCH_ANALYSIS_DEBUG=1`` asks for the traceback.
@@ -551,8 +566,8 @@ def command(main: F) -> F:
             if _out_of_host_memory(error):  # what was asked for does not fit this machine: the user can ask less
                 asked = re.search(r"tried to allocate (\d+) bytes", str(error))
                 size = f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)" if asked else ""
-                print(f"error: out of memory{size}: ask for less at once (a smaller --batch-size, --resize-to, "
-                      "--image-size or --num-images)", file=sys.stderr)
+                print(f"error: out of memory{size}: ask for less at once (a smaller {_memory_flags(main)})",
+                      file=sys.stderr)
                 raise SystemExit(2) from None
             print(f"internal error ({type(error).__name__}): {one_line(error)}; run again with --debug for the "
                   "traceback, and please report it", file=sys.stderr)

@@ -196,6 +196,7 @@ class TrainConfig:
     data: str = "cifar10"
     data_root: str | None = None
     image_size: int = 224
+    skip_bad_images: bool = False
     train_size: int | None = None
     arch: str = "resnet18"
     width: float = 1.0
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-root", default=None, help="folder holding the data files (default: $SSL_PATCH_ANALYSIS_DATA)")
     add("--image-size", type=cli.positive_int, default=defaults.image_size,
         help="image folders only: resize and centre-crop every image to this")
+    add("--skip-bad-images", action="store_true",
+        help="image folders only: check every file first and leave out those that cannot be read, listing them "
+             "(default: stop at the first, naming it)")
     add("--train-size", type=cli.positive_int, default=None,
         help="train on a fixed random subset of this many images (all: None)")
     add("--arch", choices=TRAIN_ARCHS, default=defaults.arch,
@@ -546,7 +550,8 @@ def _held_out_split(config: TrainConfig) -> ImageDataset | None:
         return None
     for split in ("val", "test"):
         if (Path(config.data).expanduser() / split).is_dir():
-            return load_dataset(config.data, split, image_size=config.image_size)
+            return load_dataset(config.data, split, image_size=config.image_size,
+                                skip_bad_images=config.skip_bad_images)
     return None
 
 
@@ -555,11 +560,15 @@ KNN_SEED = 0  # the online k-NN's subsets are drawn as for --seed 0, whatever --
 
 def load_training_data(config: TrainConfig, device: torch.device, show: bool) -> TrainingData:
     key = config.data.lower()
+    if key in ARCHIVE_DATASETS and config.skip_bad_images:
+        raise ValueError(f"--skip-bad-images is for image folders: {config.data} is read from an archive, checked as "
+                         "a whole (it has no images to leave out); drop the flag")
     if key in ARCHIVE_DATASETS:
         train_split = ARCHIVE_DATASETS[key][0][0]
         train = load_dataset(key, train_split, root=config.data_root)
     else:
-        train = load_dataset(config.data, "train", image_size=config.image_size)
+        train = load_dataset(config.data, "train", image_size=config.image_size,
+                             skip_bad_images=config.skip_bad_images)
     held_out = _held_out_split(config)
     n = len(train)
     pick = torch.Generator().manual_seed(mixed_seed(config.seed, 1))
@@ -1428,11 +1437,16 @@ def _init_from(model: SSLModel, path: str, say: bool = True) -> dict[str, Any]:
             continue
         theirs, ours = weights.state_dict(), target.state_dict()
         if set(theirs) != set(ours) or any(theirs[k].shape != ours[k].shape for k in ours):
-            raise ValueError(f"--init-from: the {part} of {source} has other shapes than this run's ({loaded.info.arch}"
-                             f", width {loaded.info.width:g}, projector {loaded.info.projector_dims}): pass the {hint} "
-                             "of the run that made it")
+            raise ValueError(f"--init-from: the {part} of {source} ({_shape_words(loaded.info)}) has other shapes than "
+                             f"this run's ({_shape_words(model.info)}): pass the {hint} of the run that made it")
         target.load_state_dict(theirs)
     return {"path": str(path), "sha256": file_sha256(source), "heads": heads}
+
+
+def _shape_words(info: Any) -> str:
+    """A model's architecture in words, as --init-from's mismatch names the file's and the run's."""
+    padding = f", cifar padding {info.cifar_padding}" if info.cifar_padding is not None else ""
+    return f"{info.arch}, width {info.width:g}{padding}, projector {info.projector_dims}"
 
 
 def _plain(config: TrainConfig) -> dict[str, Any]:

@@ -259,6 +259,27 @@ def test_out_of_memory_on_the_host_is_a_users_error(files, monkeypatch, capsys, 
         assert "(11,175.9 GiB at once)" in err  # 12e12 bytes / 2**30
 
 
+@pytest.mark.parametrize("name, stage", [("train", "load_training_data"), ("convergence", "convergence_curve"),
+                                         ("evaluate", "evaluate_protocols")])
+def test_out_of_memory_advice_names_only_flags_the_command_has(name, stage, files, tmp_path, monkeypatch, capsys):
+    # was: train's advice named --resize-to and --num-images, flags train does not have (and not --num-patches)
+    module = importlib.import_module(f"ssl_patch_analysis.{name}")
+
+    def too_big(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(module, stage, too_big)
+    argv = ["--run-dir", str(tmp_path / "run")] if name == "train" else ["--model", str(files / "tiny.pt")]
+    argv += ["--patch-size", "16"] if name == "evaluate" else []
+    assert run_command(name, [*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    advised = set(re.findall(r"--[a-z-]+", err.split("ask for less at once")[1]))
+    has = {option for action in parser_of(name)._actions for option in action.option_strings}
+    assert "--batch-size" in advised and advised <= has, (advised - has, err)
+    if name == "train":
+        assert "--num-patches" in advised
+
+
 def test_from_the_shell_one_line_and_status_2(files):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(cli.DEBUG_ENV, None)
@@ -276,7 +297,7 @@ SHARED_FLAGS = {  # flag -> commands that take it (each with the same type and m
     "--amp": COMMANDS[:-1], "--no-amp": COMMANDS[:-1], "--compile": COMMANDS[:-1], "--seed": COMMANDS[:-1],
     "--batch-size": ("extract", "convergence", "retrieval", "evaluate", "train"), "--debug": COMMANDS,
     "--download": COMMANDS[:-2] + ("checkpoints",),
-    "--split": COMMANDS[:-2], "--skip-bad-images": COMMANDS[:-2], "--random-init": COMMANDS[:-2],
+    "--split": COMMANDS[:-2], "--skip-bad-images": COMMANDS[:-1], "--random-init": COMMANDS[:-2],
     "--resize-to": COMMANDS[:-2], "--out": COMMANDS[1:-2], "--cifar-padding": COMMANDS,
     "--num-images": ("extract", "convergence", "retrieval"),
     "--layers": ("extract", "convergence", "heatmap", "evaluate"),

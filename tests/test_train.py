@@ -3,6 +3,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -549,6 +550,30 @@ def test_image_folder_trains_with_its_val_split_as_knn_queries(cifar10_npz, tmp_
     assert model.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
+def test_an_image_folder_with_an_unreadable_file_trains_with_skip_bad_images(cifar10_npz, tmp_path):
+    # was: the error advised --skip-bad-images, a flag train did not have
+    from PIL import Image
+
+    from ssl_patch_analysis.data import load_dataset
+
+    cifar = load_dataset("cifar10", "test", root=cifar10_npz.parent)
+    for i in range(12):
+        folder = tmp_path / "photos" / "train" / cifar.class_names[int(cifar.labels[i])]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(cifar.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not an image")
+    tiny = [*TINY[:TINY.index("--train-size")], *TINY[TINY.index("--train-size") + 2:]]
+    argv = ["--data", str(tmp_path / "photos"), "--image-size", "32", *tiny, "--batch-size", "4", "--epochs", "1"]
+    with pytest.raises(ValueError, match=r"broken\.png.*--skip-bad-images"):
+        train(build_parser().parse_args([*argv, "--run-dir", str(tmp_path / "a")]))
+    train(build_parser().parse_args([*argv, "--run-dir", str(tmp_path / "b"), "--skip-bad-images"]))
+    header, _ = read_log(tmp_path / "b")
+    assert header["train_images"] == 12  # the 12 readable images, the broken one left out
+    assert header["args"]["skip_bad_images"] is True and "--skip-bad-images" in header["command"]
+    with pytest.raises(ValueError, match=r"--skip-bad-images is for image folders: cifar10"):
+        train(tiny_args(cifar10_npz.parent, tmp_path / "c", "--epochs", "1", "--skip-bad-images"))
+
+
 def _lars_problem(seed: int = 0):
     """Three parameters (a weight, a bias, a weight whose gradient is 0) and five gradient draws."""
     g = torch.Generator().manual_seed(seed)
@@ -768,6 +793,10 @@ def test_init_from_refuses_weights_of_another_shape_in_one_line(cifar10_npz, tmp
         train(tiny_args(cifar10_npz.parent, tmp_path / "a", "--epochs", "1", "--width", "0.25",
                         "--init-from", str(source)))
     assert "\n" not in str(caught.value)
+    # the file's shapes as the file's, this run's as the run's (the file's were once called "this run's")
+    width = load_model(source, verbose=False).info.width
+    assert re.search(rf"backbone of .*\(resnet\w*, width {width:g}\b.*\) has other shapes than this run's "
+                     r"\(resnet\w*, width 0.25\b", str(caught.value)), str(caught.value)
     with pytest.raises(ValueError, match=r"--init-from: .* projector .*--projector"):
         train(tiny_args(cifar10_npz.parent, tmp_path / "b", "--epochs", "1", "--projector", "64-32",
                         "--init-from", str(source)))
