@@ -1076,12 +1076,21 @@ class RetrievalResult:
         """Where the searches ran (``cpu``, or the GPU of a faiss with GPU support)."""
         return list(self.layers.values())[-1].index_info["faiss_device"]
 
+    @property
+    def num_queries(self) -> int:
+        """The query patches the statistics used: ``settings.num_queries``, or every indexed patch where there are
+        fewer."""
+        return min((layer.statistics.num_queries for layer in self.layers.values()), default=self.settings.num_queries)
+
     def to_dict(self) -> dict[str, Any]:
-        """The numbers as Python values (tuples, NaN where a fraction is undefined)."""
+        """The numbers as Python values (tuples, NaN where a fraction is undefined). ``num_queries`` is the number
+        used; ``num_queries_asked`` is there when fewer were used than asked for."""
         s = self.settings
+        asked = {"num_queries_asked": s.num_queries} if self.num_queries != s.num_queries else {}
         return {"model": self.model, "data": self.data, "patch_size": s.patch_size, "stride": s.stride,
-                "num_images": self.num_images, "k": s.k, "num_queries": s.num_queries, "query": asdict(self.query),
-                "extraction": self.extraction, "layers": {name: layer.to_dict() for name, layer in self.layers.items()}}
+                "num_images": self.num_images, "k": s.k, "num_queries": self.num_queries, **asked,
+                "query": asdict(self.query), "extraction": self.extraction,
+                "layers": {name: layer.to_dict() for name, layer in self.layers.items()}}
 
     def to_json(self) -> dict[str, Any]:
         """:meth:`to_dict` as the command's JSON file holds it: lists, and null for NaN."""
@@ -1415,7 +1424,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     paths = save_figure_and_json(plot_retrieval_result(result, data), summary, stem, pdf=args.pdf)[:-1]
 
     print(f"{result.model} on {result.data}: {settings.grid_description}; {settings.k} nearest of "
-          f"{settings.num_queries} random query patches among {result.num_indexed_patches} ({settings.index} index "
+          f"{result.num_queries} random query patches among {result.num_indexed_patches} ({settings.index} index "
           f"on {result.faiss_device})")
     print(format_table(result.table_rows(), result.table_headers()))
     print("wrote " + ", ".join(str(p) for p in [*paths, stem.with_suffix(".json")]))

@@ -241,6 +241,22 @@ def test_bad_input_gets_clear_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- figure and command line
+def test_fewer_patches_than_queries_asked_records_and_prints_the_number_used(cifar10_npz, data_root, tmp_path,
+                                                                               capsys):
+    # was: "200 random query patches" printed and recorded where the 18 indexed patches were all the queries
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model(), checkpoint)
+    summary = main(["--model", str(checkpoint), "--data", "cifar10", "--data-root", str(data_root), "--device", "cpu",
+                    "--num-images", "2", "--num-queries", "200", "--neighbours", "4", "--no-progress",
+                    "--out", str(tmp_path / "figures")])
+    used = summary["layers"]["h"]["statistics"]["num_queries"]
+    assert used == 2 * 9  # 3 x 3 patches of 16 px at stride 8 on each 32 px image
+    assert summary["num_queries"] == used and summary["num_queries_asked"] == 200
+    written = json.loads((tmp_path / "figures" / "retrieval_tiny_cifar10.json").read_text())
+    assert written["num_queries"] == used and written["num_queries_asked"] == 200
+    assert f"nearest of {used} random query patches among {used}" in capsys.readouterr().out
+
+
 def test_command_line_writes_figure_and_numbers(cifar10_npz, data_root, tmp_path):
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(tiny_model(), checkpoint)
