@@ -540,9 +540,12 @@ def command(main: F) -> F:
 
     @functools.wraps(main)
     def wrapper(argv: Sequence[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        from .data import progress_bars
+
         debug = debug_requested(argv)
         try:
-            return main(argv, *args, **kwargs)
+            with progress_bars("--no-progress" not in (sys.argv[1:] if argv is None else argv)):
+                return main(argv, *args, **kwargs)
         except SystemExit as stop:
             if isinstance(stop.code, str):  # SystemExit("message"): a user's error said by the command
                 if debug:

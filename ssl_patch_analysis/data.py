@@ -36,6 +36,8 @@ cache carries a checksum of its pixels: a cache that fails it is decoded again, 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import contextvars
 import hashlib
 import io
 import os
@@ -67,6 +69,19 @@ if TYPE_CHECKING:
 
 DATA_ENV = "SSL_PATCH_ANALYSIS_DATA"
 CACHE_ENV = "SSL_PATCH_ANALYSIS_CACHE"
+_PROGRESS = contextvars.ContextVar("ssl_patch_analysis_data_progress", default=True)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """Inside the block, the data loaders' own progress bars (decoding an archive, checking an image folder) are
+    shown, or not: a command's ``--no-progress`` silences them too."""
+    token = _PROGRESS.set(enabled)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
 
 # name -> (valid splits, archive file, native square side, name for titles)
 ARCHIVE_DATASETS = {
@@ -436,7 +451,8 @@ class ImageFolderDataset(ImageDataset):
         # Decoding releases the GIL: threads check several files at once.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             problems = list(tqdm(pool.map(_image_problem, self.paths), total=len(self.paths),
-                                 desc=f"checking the images of {self.root}", unit="img", delay=2.0, mininterval=0.5))
+                                 desc=f"checking the images of {self.root}", unit="img", delay=2.0, mininterval=0.5,
+                                 disable=not _PROGRESS.get()))
         self.skipped = [(path, problem) for path, problem in zip(self.paths, problems, strict=True)
                         if problem is not None]
         if not self.skipped:
@@ -485,7 +501,7 @@ def decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, desc: str = "decoding", 
 
     first = decode(0)
     out = np.empty((n, first.shape[2], first.shape[0], first.shape[1]), dtype=np.uint8)
-    for i in tqdm(range(n), desc=desc, unit="img", delay=2.0, mininterval=0.5):
+    for i in tqdm(range(n), desc=desc, unit="img", delay=2.0, mininterval=0.5, disable=not _PROGRESS.get()):
         image = first if i == 0 else decode(i)
         if image.shape != first.shape:
             raise ValueError(f"{desc}: image {i} is {image.shape[0]}x{image.shape[1]}, image 0 is "

@@ -1197,6 +1197,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace a store made with other settings, by another version, or whose meta.json is "
                         "damaged: the new store is built beside it and moved in once complete; only the store's own "
                         "files are replaced")
+    cli.add_progress_arg(parser)
     parser.add_argument("--verify", action="store_true",
                         help="only check the store --store DIR (every checksum) and list any damage; exit status 0 "
                         "intact, 1 damaged")
@@ -1221,6 +1222,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--{given[0]} places crops; --tokens takes the ViT's own tokens: pass one of them")
     if not given and not args.tokens:
         parser.error("one of the arguments --grid --random --multiscale --central --tokens is required")
+    # flags of one sampler given with another: refused, not ignored (--grid 8 --patch-size 16 embedded 8 px patches)
+    chosen = given[0] if given else "tokens"
+    for flag, dest, sampler in (("--stride", "stride", "grid"), ("--patch-size", "patch_size", "random"),
+                                ("--scale", "scale", "multiscale")):
+        asked = any(word == flag or word.startswith(f"{flag}=") for word in words) if flag == "--scale" \
+            else getattr(args, dest) is not None
+        if asked and chosen != sampler:
+            parser.error(f"{flag} is for --{sampler}; --{chosen} does not use it: drop it, or pass --{sampler}")
     cli.token_block(args)
     _extract_command(args)
 
@@ -1251,6 +1260,7 @@ def _extract_command(args: argparse.Namespace) -> None:
             model, data, sampler, layers=args.layers, image_ids=image_ids, batch_size=args.batch_size,
             chunk_size=args.chunk_size, resize_to=args.resize_to, device=device, out=args.store, dtype=args.dtype,
             amp=args.amp, compile=args.compile, overwrite=args.overwrite, num_workers=args.workers,
+            progress=not args.no_progress,
         )
         if rank == 0:
             print(f"store: {Path(args.store).resolve()}")

@@ -88,6 +88,10 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("evaluate", [*model, "--protocols", "central,lots"], "lots"),
         ("evaluate", [*model, "--patch-size", "8", "--scale", "0.2,1"], "--scale"),
         ("extract", [*model, *store, "--random", "4"], "--patch-size"),
+        # a flag of another sampler: refused, not ignored (--grid 8 --patch-size 16 embedded 8 px patches)
+        ("extract", [*model, *store, "--grid", "8", "--patch-size", "16"], "--patch-size is for --random; --grid"),
+        ("extract", [*model, *store, "--random", "4", "--patch-size", "8", "--stride", "4"], "--stride is for --grid"),
+        ("extract", [*model, *store, "--central", "--scale=0.2,1"], "--scale is for --multiscale; --central"),
         ("retrieval", [*model, "--num-images", "20000"], "20000"),
         ("heatmap", [*model, "--image-ids", "99999"], "99999"),
         ("train", ["--resume", "--run-dir", nowhere, "--device", "cpu"], nowhere),

@@ -467,3 +467,18 @@ def test_two_gloo_ranks_write_one_store_equal_to_a_single_process(tmp_path):
     # Each rank ran one thread, this process may run two: equal up to float32 summation order.
     assert np.allclose(shared.h, single.h, rtol=1e-5, atol=1e-6)
     assert np.allclose(shared.z, single.z, rtol=1e-5, atol=1e-6)
+
+
+def test_no_progress_silences_the_extraction_bar(tmp_path, cifar10_npz, capsys):
+    # extract had no --no-progress (every other command has it)
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model(), checkpoint)
+    argv = ["--model", str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--grid", "16",
+            "--num-images", "4", "--batch-size", "2"]
+    extract.main([*argv, "--store", str(tmp_path / "quiet"), "--no-progress"])
+    assert "img/s" not in capsys.readouterr().err
+    extract.main([*argv, "--store", str(tmp_path / "shown")])
+    assert "img" in capsys.readouterr().err
+    quiet = PatchEmbeddings.load(tmp_path / "quiet")
+    shown = PatchEmbeddings.load(tmp_path / "shown")
+    assert np.array_equal(np.asarray(quiet.layer("h")), np.asarray(shown.layer("h")))
