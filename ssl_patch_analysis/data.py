@@ -436,8 +436,19 @@ class ImageFolderDataset(ImageDataset):
             raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
         self.root = root
         self.resize_to = image_size
-        self.class_names, class_to_idx = find_classes(str(root))
-        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        layout = "expected <folder>/<class>/<image>: one sub-folder per class, or one (e.g. all/) for unlabelled images"
+        try:
+            self.class_names, class_to_idx = find_classes(str(root))
+        except FileNotFoundError:  # torchvision's "Couldn't find any class folder in ..."
+            loose = sum(1 for entry in root.iterdir() if entry.suffix.lower() in IMG_EXTENSIONS)
+            raise FileNotFoundError(f"image folder {root} has no class sub-folders"
+                                    f"{f' (it holds {loose} images directly)' if loose else ''}; {layout}") from None
+        try:
+            samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+        except FileNotFoundError:  # torchvision's "Found no valid file for the classes ..."
+            raise FileNotFoundError(f"image folder {root}: its class sub-folders ({', '.join(self.class_names[:5])}"
+                                    f"{', ...' if len(self.class_names) > 5 else ''}) hold no images (files ending "
+                                    f"in {', '.join(IMG_EXTENSIONS[:4])}, ...)") from None
         self.paths = [Path(p) for p, _ in samples]
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         self.name = root.name

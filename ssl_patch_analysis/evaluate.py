@@ -261,6 +261,15 @@ def _needs_scale(protocol: str) -> bool:
     return protocol.strip().isdigit()
 
 
+def _subset_of_flag(flag: str, data: Any, size: int | None, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """:func:`subset_ids` for the command line: a size larger than the split is said with its flag."""
+    available = len(data.labels) - (0 if exclude is None else len(exclude))
+    if size is not None and size > available:
+        held = "" if exclude is None else f" once the {len(exclude)} training images drawn from it are left out"
+        raise cli.UserError(f"{flag} {size}: {data_label(data)} has {available} images{held}; pass at most that")
+    return subset_ids(data.labels, size, seed, exclude=exclude)
+
+
 def subset_ids(labels: np.ndarray, size: int | None, seed: int = 0, exclude: np.ndarray | None = None) -> np.ndarray:
     """A fixed, seeded, class-stratified random subset of ``size`` indices (sorted); ``None``: all.
 
@@ -1010,10 +1019,10 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
         if not args.tokens or token_protocol(protocol) == "central":
             protocol_sampler(protocol, patch_scale, args.seed)
     train_data = cli.load_data_from_args(args, args.train_split)
-    train_ids = subset_ids(train_data.labels, args.train_size, args.seed)
+    train_ids = _subset_of_flag("--train-size", train_data, args.train_size, args.seed)
     same_split = train_data.split == test_data.split
-    test_ids = subset_ids(test_data.labels, args.test_size, args.seed + 1,
-                          exclude=train_ids if same_split else None)
+    test_ids = _subset_of_flag("--test-size", test_data, args.test_size, args.seed + 1,
+                               exclude=train_ids if same_split else None)
     if schedule.drop_last and len(train_ids) < schedule.batch_size:
         raise cli.UserError(f"the {args.probe} probe drops the last partial batch, and {len(train_ids)} "
                             f"training images are fewer than one batch of {schedule.batch_size}: pass a smaller "

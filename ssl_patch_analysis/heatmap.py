@@ -754,6 +754,14 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
         locality_images=args.locality_images, locality_queries=args.locality_queries, seed=args.seed,
         tokens=args.tokens, block=cli.token_block(args))
     patch_size, stride = settings.grid_on(data)  # first: images of one size, or the error that says --image-size
+    if not settings.tokens:
+        height, width = _image_size(data)
+        cells = max(0, (height - patch_size) // stride + 1) * max(0, (width - patch_size) // stride + 1)
+        if cells < 2:  # was found only after the figure, by the locality score, without naming a flag
+            parser.error(f"--patch-size {patch_size} at --stride {stride} gives {cells or 'no'} patch"
+                         f"{'es' if cells != 1 else ''} on the {height} x {width} images of {data_label(data)}: a "
+                         "heatmap needs at least 2 (a query and another patch); pass a smaller --patch-size or "
+                         "--stride")
     image_ids = settings.figure_image_ids(data)
     if not image_ids or min(image_ids) < 0 or max(image_ids) >= len(data):
         parser.error(f"--image-ids must lie in 0..{len(data) - 1} (the images of {data_label(data)}), got {image_ids}")

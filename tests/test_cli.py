@@ -86,6 +86,8 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         # values that parse but do not fit
         ("convergence", [*model, "--layers", "h,z"], "h,z"),
         ("evaluate", [*model, "--protocols", "central,lots"], "lots"),
+        ("evaluate", [*model, "--train-size", "60000", "--patch-size", "16"], "--train-size 60000: CIFAR-10"),
+        ("evaluate", [*model, "--test-size", "20000", "--patch-size", "16"], "--test-size 20000: CIFAR-10"),
         ("evaluate", [*model, "--patch-size", "8", "--scale", "0.2,1"], "--scale"),
         ("extract", [*model, *store, "--random", "4"], "--patch-size"),
         # a flag of another sampler: refused, not ignored (--grid 8 --patch-size 16 embedded 8 px patches)
@@ -94,6 +96,7 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("extract", [*model, *store, "--central", "--scale=0.2,1"], "--scale is for --multiscale; --central"),
         ("retrieval", [*model, "--num-images", "20000"], "20000"),
         ("heatmap", [*model, "--image-ids", "99999"], "99999"),
+        ("heatmap", [*model, "--patch-size", "32", "--stride", "32"], "gives 1 patch on the 32 x 32 images"),
         ("train", ["--resume", "--run-dir", nowhere, "--device", "cpu"], nowhere),
         # a missing or unknown data set
         ("extract", [*model, *store, "--grid", "8", "--data", nowhere], nowhere),

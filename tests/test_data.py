@@ -427,6 +427,22 @@ def test_image_folder_splits(tmp_path):
         ImageFolderDataset(tmp_path / "absent")
 
 
+def test_an_image_folder_without_class_folders_says_the_layout(tmp_path):
+    # was torchvision's "Couldn't find any class folder in ..." / "Found no valid file for the classes ..."
+    for i in range(3):
+        save_png(tmp_path / "flat" / f"{i}.png", np.zeros((2, 2, 3), dtype=np.uint8))
+    with pytest.raises(FileNotFoundError, match=r"flat has no class sub-folders \(it holds 3 images directly\); "
+                                                r"expected <folder>/<class>/<image>"):
+        load_dataset(str(tmp_path / "flat"))
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"its class sub-folders \(cat\) hold no images"):
+        load_dataset(str(tmp_path / "empty"))
+    (tmp_path / "flat" / "all").mkdir()  # the advice followed: one folder for unlabelled images
+    for i in range(3):
+        (tmp_path / "flat" / f"{i}.png").rename(tmp_path / "flat" / "all" / f"{i}.png")
+    assert len(load_dataset(str(tmp_path / "flat"))) == 3
+
+
 def test_tensor_dataset_validates_and_batches():
     images = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).reshape(4, 3, 2, 2)
     dataset = TensorImageDataset(images, [0, 1, 1, 0], ["a", "b"], name="toy")
