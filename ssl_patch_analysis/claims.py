@@ -327,6 +327,10 @@ def read_outputs(figures: Path) -> tuple[dict[str, list[Output]], list[str]]:
             notes.append(f"{path}: holds a JSON {type(doc).__name__}, not an analysis's output; remake it with "
                          "`make figures`")
             continue
+        if prefix in ("convergence", "evaluate", "evaluate_boost") and doc.get("layer", "h") != "h":
+            notes.append(f"{path}: of layer {doc.get('layer')}, not h (the claims' layer); left out: remake it "
+                         "without --layers")
+            continue
         found[prefix][(model, data)] = Output(prefix, model, data, path, doc)
     for key, boost in found.pop("evaluate_boost").items():
         found["evaluate"].setdefault(key, boost)
@@ -365,6 +369,21 @@ def _check_card_row(row: dict[str, Any]) -> None:
                 raise ValueError(f"{kind} {title}: an accuracy is not a number")
 
 
+_CARD_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError)
+
+
+def _card_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a model card file, each checked readable (else one of ``_CARD_ERRORS``)."""
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    rows = rows if isinstance(rows, list) else [rows]
+    if not rows:
+        raise ValueError("it holds no rows")
+    for row in rows:
+        _check_card_row(row)
+        str(row["checkpoint"]), str(row["checkpoint_sha256"]), int(row["train_images"]), int(row["test_images"])
+    return rows
+
+
 def _checkpoint_scale(checkpoint: Path) -> dict[str, Any] | None:
     """The patch scale a checkpoint records it was trained at, as evaluate records a ``patch_scale``."""
     train = read_checkpoint(checkpoint).get("train") or {}
@@ -398,9 +417,7 @@ def read_cards(paths: Sequence[Path | str]) -> tuple[list[Output], list[str]]:
     for path in map(Path, paths):
         kept = []  # a file is taken whole or not at all
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            for row in rows if isinstance(rows, list) else [rows]:
-                _check_card_row(row)
+            for row in _card_rows(path):
                 checkpoint = _card_checkpoint(path, Path(row["checkpoint"]))
                 if not checkpoint.is_file():
                     notes.append(f"{path}: its checkpoint {checkpoint} is not here; left out")
@@ -414,7 +431,7 @@ def read_cards(paths: Sequence[Path | str]) -> tuple[list[Output], list[str]]:
                 key = (digest, row.get("extraction"), row.get("seed"), row.get("test_ids_sha256"),
                        int(row["train_images"]), int(row["test_images"]), row.get("probe"), row.get("knn"))
                 kept.append((key, row, checkpoint))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        except _CARD_ERRORS as error:
             notes.append(f"{path}: not a model card that can be read ({type(error).__name__}: {error}); remake it "
                          "with pretrained/model_card.py --json")
             continue
@@ -1047,6 +1064,13 @@ def main(argv: Sequence[str] | None = None) -> list[Claim]:
     if missing:
         raise cli.UserError(f"--cards: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a file (pass "
                             "model cards written by pretrained/model_card.py --json)")
+    for path in args.cards:  # a file that is no card at all is the user's mistake, not a note under the table
+        try:
+            _card_rows(path)
+        except _CARD_ERRORS as error:
+            raise cli.UserError(f"--cards {path} is not a model card that can be read ({type(error).__name__}: "
+                                f"{cli.one_line(error)}): pass cards written by pretrained/model_card.py "
+                                "--json") from None
     claims, notes = claims_from_figures(args.figures, args.cards)
     report = markdown_report(claims, notes)
     args.out.mkdir(parents=True, exist_ok=True)

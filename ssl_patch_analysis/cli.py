@@ -382,13 +382,19 @@ def token_block(args: argparse.Namespace) -> int | None:
     return getattr(args, "block", None)
 
 
-def analysis_name(analysis: str, args: argparse.Namespace) -> str:
-    """The name output files of ``analysis`` take: ``convergence``, or ``convergence_tokens`` (``_block<K>``) with
-    ``--tokens``, so a token figure never replaces the figure of crops."""
-    if not getattr(args, "tokens", False):
-        return analysis
-    block = getattr(args, "block", None)
-    return f"{analysis}_tokens" + ("" if block is None else f"_block{block}")
+def analysis_name(analysis: str, args: argparse.Namespace, default_layers: Sequence[str] = ("h",)) -> str:
+    """The name output files of ``analysis`` take: ``convergence``, ``convergence_tokens`` (``_block<K>``) with
+    ``--tokens``, and the layers after it where ``--layers`` is not the command's default (``convergence_z``,
+    ``heatmap_h``), so a token figure never replaces the figure of crops, nor a figure of z the figure of h (the
+    layer the claims are about)."""
+    name = analysis
+    if getattr(args, "tokens", False):
+        block = getattr(args, "block", None)
+        name = f"{analysis}_tokens" + ("" if block is None else f"_block{block}")
+    layers = getattr(args, "layers", None)
+    if isinstance(layers, (list, tuple)) and set(layers) != set(default_layers):
+        name += "_" + "_".join(layers)
+    return name
 
 
 def add_analysis_args(parser: argparse.ArgumentParser) -> None:

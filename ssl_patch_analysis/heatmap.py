@@ -774,7 +774,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
                 if settings.locality_images > 0 else None)
     analysis = HeatmapAnalysis.of(model, data, heatmaps, locality)
 
-    stem = output_stem(args.out, cli.analysis_name("heatmap", args), cli.model_name(args), args.data)
+    stem = output_stem(args.out, cli.analysis_name("heatmap", args, default_layers=("z", "h")), cli.model_name(args),
+                       args.data)
     record = {"command": cli.command_line("python -m ssl_patch_analysis.heatmap", argv), **analysis.to_dict()}
     paths = save_figure_and_json(plot_heatmap_analysis(analysis), record, stem, pdf=args.pdf)
 

@@ -113,6 +113,20 @@ def test_every_claim_reproduced_when_effects_are_clear_and_beat_the_control(tmp_
     assert verdicts(figures_with(tmp_path, effect=0.5, control=0.0)) == dict.fromkeys("abcde", REPRODUCED)
 
 
+def test_a_convergence_or_evaluate_file_of_another_layer_is_left_out_with_a_note(tmp_path):
+    # was: a convergence JSON of z written under h's name (before names carried the layer) was judged as h's
+    figures = figures_with(tmp_path, effect=0.5, control=0.0)
+    for name in ("convergence_vicreg_cifar10", "evaluate_vicreg_cifar10"):
+        doc = json.loads((figures / f"{name}.json").read_text())
+        write(figures, name, {**doc, "layer": "z"})
+    found, notes = claims_from_figures(figures)
+    for name in ("convergence_vicreg_cifar10", "evaluate_vicreg_cifar10"):
+        assert any(f"{name}.json: of layer z, not h" in note for note in notes), notes
+    by_key = {c.key: c for c in found}
+    assert not [m for m in by_key["a"].measurements if m.model == "vicreg"]
+    assert not [m for m in by_key["b"].measurements if m.model == "vicreg"]
+
+
 def test_not_reproduced_when_no_effect_is_shown(tmp_path):
     found = verdicts(figures_with(tmp_path, effect=0.0, control=0.0))
     # e: equal accuracies are inside the +-2 point margin, but 1000 test images cannot show it (CI +-4.4 points)
@@ -488,6 +502,24 @@ def test_command_refuses_cards_that_are_not_there(tmp_path, capsys):
                      "--cards", str(tmp_path / "typo.card.json")])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and "typo.card.json is not a file" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, said", [
+    ("[]", "ValueError: it holds no rows"),
+    ('{"model": "vicreg", "n_values": [1, 2]}', "KeyError"),  # a convergence JSON passed as a card
+    ("not json", "JSONDecodeError"),
+])
+def test_command_refuses_a_file_that_is_not_a_card(tmp_path, capsys, content, said):
+    # Was: exit status 0, the file only a note under the table.
+    figures_with(tmp_path / "figures", effect=0.5, control=0.0)
+    (tmp_path / "notes.json").write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        claims.main(["--figures", str(tmp_path / "figures"), "--out", str(tmp_path / "out"),
+                     "--cards", str(tmp_path / "notes.json")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert f"--cards {tmp_path / 'notes.json'} is not a model card that can be read ({said}" in err
     assert not (tmp_path / "out").exists()
 
 

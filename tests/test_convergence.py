@@ -195,6 +195,12 @@ def test_cli_writes_the_figure_and_the_numbers(tmp_path):
             assert len(point[kind]["per_image"]) == len(numbers["image_ids"]) == 4
             assert sum(point[kind]["per_image"]) / 4 == pytest.approx(point[kind]["mean"], abs=1e-12)
     assert numbers["model_info"]["method"] == "vicreg"
+    # Layer z goes beside h's files, not over them (was: convergence_vicreg_tiles.json replaced by z's curve).
+    h_json = (out / "convergence_vicreg_tiles.json").read_bytes()
+    main(["--model", "vicreg", "--data", str(folder), "--num-images", "4", "--patch-sizes", "16", "--layers", "z",
+          "--n-values", "1,all", "--draws", "3", "--device", "cpu", "--out", str(out), "--no-progress"])
+    assert (out / "convergence_vicreg_tiles.json").read_bytes() == h_json
+    assert json.loads((out / "convergence_z_vicreg_tiles.json").read_text())["layer"] == "z"
 
 
 def test_cli_rejects_bad_n_values(capsys):
