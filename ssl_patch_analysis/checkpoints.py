@@ -54,7 +54,9 @@ import json
 import os
 import pickle
 import re
+import shlex
 import struct
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -1167,7 +1169,12 @@ def main(argv: list[str] | None = None) -> None:
 
     @cli.command
     def inspect(argv: list[str] | None) -> None:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        words = list(sys.argv[1:] if argv is None else argv)
+        if words and not words[0].startswith("-") and "--model" not in words:  # the form of earlier versions
+            parser.error(f"the checkpoint is passed with --model: python -m ssl_patch_analysis.checkpoints --model "
+                         f"{shlex.quote(words[0])}")
+        args = parser.parse_args(words)
         model = cli.load_model_from_args(args, "cpu", verbose=False)
         print(describe(model))
 

@@ -133,6 +133,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's formatter that appends each option's default, except where there is none to say (None, a switch
+    that is off) and where the help already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or isinstance(action.default, bool) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def folder(text: str) -> Path:
     """argparse type of a folder the command writes into (``--out``, ``--cache-dir``, ``--run-dir``): a path that is
     not an existing file, that can be made when missing (no file on the way to it) and that can be written into,
@@ -255,7 +266,7 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "vicre
 
     parser.add_argument("--model", default=default, required=default is None,
                         help="shipped name (vicreg, bagssl), published name (vicreg-resnet50, ...) or checkpoint "
-                             f"path (default: {default})")
+                             "path" + (" (required)" if default is None else f" (default: {default})"))
     parser.add_argument("--arch", choices=list(ARCHS), default=None,
                         help="override the architecture inferred from the weights' shapes")
     parser.add_argument("--stem", choices=["imagenet", "cifar"], default=None,

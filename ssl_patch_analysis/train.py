@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ssl_patch_analysis.train", renamed=cli.RENAMED_FLAGS["train"],
         description="Train a BagSSL / EMP-SSL / VICReg / SimCLR model from scratch (checkpoints in the project's "
                     "own format, resumable, torchrun for several GPUs). Method defaults: " + _method_table(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.DefaultsHelpFormatter)
     add = parser.add_argument
     add("--method", choices=tuple(METHODS), default=defaults.method,
         help="bagssl/emp-ssl: fixed-scale patches of one image are positives; vicreg/simclr: two multi-scale views")
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="image folders only: check every file first and leave out those that cannot be read, listing them "
              "(default: stop at the first, naming it)")
     add("--train-size", type=cli.positive_int, default=None,
-        help="train on a fixed random subset of this many images (all: None)")
+        help="train on a fixed random subset of this many images (default: all)")
     add("--arch", choices=TRAIN_ARCHS, default=defaults.arch,
         help="backbone: a ResNet, or a ViT (timm's vit_<size>_patch<P>: tiny 192 wide, small 384, base 768, depth 12; "
              "the crops' side --input-size must be a multiple of P; use --optimizer adamw)")

@@ -116,6 +116,8 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("evaluate", ["--model", damaged, "--device", "cpu"], damaged),
         ("checkpoints", ["--model", damaged], damaged),
         ("checkpoints", ["--model", missing], "missing.pt"),
+        ("checkpoints", [tiny], f"the checkpoint is passed with --model: python -m ssl_patch_analysis.checkpoints "
+                                f"--model {tiny}"),  # the positional form of earlier versions
     ]
     return table
 
@@ -314,6 +316,17 @@ SHARED_FLAGS = {  # flag -> commands that take it (each with the same type and m
 
 def parser_of(name: str):
     return importlib.import_module(f"ssl_patch_analysis.{name}").build_parser()
+
+
+@pytest.mark.parametrize("name", [*COMMANDS, "claims"])
+def test_help_says_each_default_once_and_never_none(name):
+    # was: train --help printed "(default: None)", and "(default: ...)" after helps that state their default
+    parser = parser_of(name)
+    assert "default: None" not in " ".join(parser.format_help().split())
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help and "default" in action.help.lower():
+            assert formatter._get_help_string(action) == action.help, action.option_strings
 
 
 def test_shared_flags_are_where_they_belong_with_one_type():
