@@ -36,6 +36,7 @@ flag that replaced it.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import functools
 import os
 import re
@@ -550,6 +551,15 @@ def _memory_flags(main: Callable[..., Any]) -> str:
     return named[0] if len(named) == 1 else f"{', '.join(named[:-1])} or {named[-1]}"
 
 
+_RUNNING = contextvars.ContextVar("ssl_patch_analysis_command_line", default=None)
+
+
+def running_command() -> str | None:
+    """The command line of the command running now (``python -m ssl_patch_analysis.extract ...``), or None outside
+    one (a Python caller): what a store records it was made by."""
+    return _RUNNING.get()
+
+
 def command(main: F) -> F:
     """Wrap a command's ``main(argv)``: a user's error ends it with one line on stderr and exit status 2 (a bug
     with one line and status 1), unless ``--debug`` or ``SSL_PATCH_ANALYSIS_DEBUG=1`` asks for the traceback.
@@ -560,8 +570,10 @@ def command(main: F) -> F:
         from .data import progress_bars
 
         debug = debug_requested(argv)
+        words = list(sys.argv[1:] if argv is None else argv)
+        running = _RUNNING.set(command_line(f"python -m {main.__module__}", words))
         try:
-            with progress_bars("--no-progress" not in (sys.argv[1:] if argv is None else argv)):
+            with progress_bars("--no-progress" not in words):
                 return main(argv, *args, **kwargs)
         except SystemExit as stop:
             if isinstance(stop.code, str):  # SystemExit("message"): a user's error said by the command
@@ -592,6 +604,8 @@ def command(main: F) -> F:
             print(f"internal error ({type(error).__name__}): {one_line(error)}; run again with --debug for the "
                   "traceback, and please report it", file=sys.stderr)
             raise SystemExit(1) from None
+        finally:
+            _RUNNING.reset(running)
 
     return wrapper  # type: ignore[return-value]
 

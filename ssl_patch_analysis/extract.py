@@ -1043,6 +1043,8 @@ class _Run:
                                       weights_sha256)
         self.run_info = {"device": str(device), "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
                          "compile": compile}
+        if cli.running_command():  # the command line that wrote (the last of) the store, to re-run or repair it
+            self.run_info["command"] = cli.running_command()
 
     def rows(self, batches: Sequence[slice]) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
         """``(rows, arrays)`` for each batch of rows: every layer ``B x P x D`` and the ``boxes``."""

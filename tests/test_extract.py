@@ -469,7 +469,7 @@ def test_two_gloo_ranks_write_one_store_equal_to_a_single_process(tmp_path):
     assert np.allclose(shared.z, single.z, rtol=1e-5, atol=1e-6)
 
 
-def test_no_progress_silences_the_extraction_bar(tmp_path, cifar10_npz, capsys):
+def test_no_progress_silences_the_extraction_bar_and_the_store_records_its_command(tmp_path, cifar10_npz, capsys):
     # extract had no --no-progress (every other command has it)
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(tiny_model(), checkpoint)
@@ -482,3 +482,9 @@ def test_no_progress_silences_the_extraction_bar(tmp_path, cifar10_npz, capsys):
     quiet = PatchEmbeddings.load(tmp_path / "quiet")
     shown = PatchEmbeddings.load(tmp_path / "shown")
     assert np.array_equal(np.asarray(quiet.layer("h")), np.asarray(shown.layer("h")))
+    # the store records the command line that wrote it (it had none: "re-run the command that made it" named none)
+    assert shown.meta["last_run"]["command"] == "python -m ssl_patch_analysis.extract " + " ".join(
+        [*argv, "--store", str(tmp_path / "shown")])
+    in_python = extract_patch_embeddings(tiny_model(), torch.rand(2, 3, 32, 32), grid(16), out=tmp_path / "api",
+                                         progress=False)
+    assert "command" not in in_python.meta["last_run"]  # a Python caller: no command line to record
