@@ -554,6 +554,16 @@ def _memory_flags(main: Callable[..., Any]) -> str:
 _RUNNING = contextvars.ContextVar("ssl_patch_analysis_command_line", default=None)
 
 
+def _module_name(main: Callable[..., Any]) -> str:
+    """The module of a command's ``main``: ``ssl_patch_analysis.extract``, also when it runs as ``__main__``
+    (``python -m ssl_patch_analysis.extract``)."""
+    name = main.__module__
+    if name == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = spec.name if spec is not None else name
+    return name
+
+
 def running_command() -> str | None:
     """The command line of the command running now (``python -m ssl_patch_analysis.extract ...``), or None outside
     one (a Python caller): what a store records it was made by."""
@@ -571,7 +581,7 @@ def command(main: F) -> F:
 
         debug = debug_requested(argv)
         words = list(sys.argv[1:] if argv is None else argv)
-        running = _RUNNING.set(command_line(f"python -m {main.__module__}", words))
+        running = _RUNNING.set(command_line(f"python -m {_module_name(main)}", words))
         try:
             with progress_bars("--no-progress" not in words):
                 return main(argv, *args, **kwargs)

@@ -1043,8 +1043,6 @@ class _Run:
                                       weights_sha256)
         self.run_info = {"device": str(device), "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype else None,
                          "compile": compile}
-        if cli.running_command():  # the command line that wrote (the last of) the store, to re-run or repair it
-            self.run_info["command"] = cli.running_command()
 
     def rows(self, batches: Sequence[slice]) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
         """``(rows, arrays)`` for each batch of rows: every layer ``B x P x D`` and the ``boxes``."""
@@ -1142,7 +1140,9 @@ class _Run:
                             "for the new ones") from error
                 _barrier(world_size)
                 if rank == 0:
-                    writer.mark_complete({"last_run": {**self.run_info, "world_size": world_size}})
+                    # the command line that completed the store (none from Python), to re-run or repair it
+                    command = {"command": cli.running_command()} if cli.running_command() else {}
+                    writer.mark_complete({"last_run": {**self.run_info, "world_size": world_size, **command}})
             if rank == 0:
                 plan.finish()  # a replacement built beside the old store moves in only now, complete
             _barrier(world_size)

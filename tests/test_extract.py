@@ -1,6 +1,7 @@
 """Patch extraction: crops equal independent crops, stores equal in-memory runs, resume and ranks lose nothing."""
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -430,6 +431,8 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_result(tmp_path, cifar10_np
     assert np.array_equal(got.boxes, want.boxes)
     assert np.array_equal(got.h, want.h) and np.array_equal(got.z, want.z)
     assert len(np.unique(got.h.reshape(num_images, -1), axis=0)) == num_images  # no row written twice or left empty
+    # the command that completed it, as typed (python -m runs the module as __main__: still named by its own name)
+    assert got.meta["last_run"]["command"] == "python -m " + shlex.join(command(out)[2:])
 
 
 def _rank_worker(rank: int, world_size: int, rendezvous: str, weights: str, images: str, out: str) -> None:
@@ -488,3 +491,5 @@ def test_no_progress_silences_the_extraction_bar_and_the_store_records_its_comma
     in_python = extract_patch_embeddings(tiny_model(), torch.rand(2, 3, 32, 32), grid(16), out=tmp_path / "api",
                                          progress=False)
     assert "command" not in in_python.meta["last_run"]  # a Python caller: no command line to record
+    in_memory = extract_patch_embeddings(tiny_model(), torch.rand(2, 3, 32, 32), grid(16), progress=False)
+    assert "command" not in in_memory.meta["last_run"]  # only a store records it (analyses record their own)
