@@ -63,6 +63,12 @@ figures() {
 # runs above, judged against the 6-epoch card: benchmarks/results/previous-shipped_simclr-6ep_card.json).
 #   OLD_RECIPE=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
 #   OLD_RECIPE=1 STEPS="promote figures" benchmarks/simclr_cpu.sh
+# The next session did it again from that 8-epoch model (a new ONWARD, so a new run folder and init.pt; a new KEPT,
+# since promote never replaces a kept card): card k-NN 55.43 / linear 60.13, +1.16 [+0.62, +1.70] paired: shipped
+# (6 + 2 + 2 epochs; the 8-epoch card kept as benchmarks/results/previous-shipped_simclr-8ep_card.json).
+#   ONWARD=runs/simclr-cpu-onward2 OLD_RECIPE=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
+#   ONWARD=runs/simclr-cpu-onward2 OLD_RECIPE=1 KEPT=benchmarks/results/previous-shipped_simclr-8ep_card.json \
+#       STEPS="promote figures" benchmarks/simclr_cpu.sh
 OLD_AUG=${OLD_AUG:-0}
 OLD_RECIPE=${OLD_RECIPE:-0}
 ONWARD=${ONWARD:-runs/simclr-cpu-onward}
@@ -98,6 +104,10 @@ judge() {
 # card's control were taken from it, and the card must not name itself as its control's source).
 KEPT=${KEPT:-benchmarks/results/previous-shipped_simclr-6ep_card.json}
 promote() {
+  if [ -e "$KEPT" ]; then
+    echo "error: KEPT=$KEPT already holds a kept card: pass KEPT=<a new file> for the card being replaced" >&2
+    exit 2
+  fi
   cp pretrained/simclr-resnet18-cifar10.card.json "$KEPT"
   cp "$ONWARD/simclr-resnet18-cifar10.pt" pretrained/simclr-resnet18-cifar10.pt
   cat "$ONWARD/previous.log.jsonl" "$ONWARD/log.jsonl" > pretrained/simclr-resnet18-cifar10.log.jsonl

@@ -14,6 +14,7 @@ import importlib
 import os
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -176,3 +177,17 @@ def test_the_shell_scripts_run_as_documented():
     assert scripts
     not_executable = [str(p.relative_to(ROOT)) for p in scripts if not os.access(p, os.X_OK)]
     assert not not_executable, f"not executable (git update-index --chmod=+x): {not_executable}"
+
+
+def test_simclr_promote_never_replaces_a_kept_card(tmp_path):
+    """``benchmarks/simclr_cpu.sh`` step ``promote`` keeps the card it replaces under ``KEPT``; a second promotion with
+    the same ``KEPT`` would have overwritten the first kept card (the control source of the shipped card): refused
+    before anything is copied."""
+    kept = tmp_path / "kept.json"
+    kept.write_text("[]")
+    shipped = {p: p.read_bytes() for p in (ROOT / "pretrained").glob("simclr-resnet18-cifar10.*")}
+    run = subprocess.run([str(ROOT / "benchmarks" / "simclr_cpu.sh")], capture_output=True, text=True,
+                         env={**os.environ, "STEPS": "promote", "KEPT": str(kept), "ONWARD": str(tmp_path / "none")})
+    assert run.returncode == 2 and f"KEPT={kept} already holds a kept card" in run.stderr
+    assert kept.read_text() == "[]"
+    assert {p: p.read_bytes() for p in shipped} == shipped
