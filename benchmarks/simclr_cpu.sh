@@ -71,6 +71,8 @@ figures() {
 #       STEPS="promote figures" benchmarks/simclr_cpu.sh
 OLD_AUG=${OLD_AUG:-0}
 OLD_RECIPE=${OLD_RECIPE:-0}
+# onward: --seed draws the --train-size subset (0: the same 40,000 images both runs above saw; pass another next)
+SEED=${SEED:-0}
 ONWARD=${ONWARD:-runs/simclr-cpu-onward}
 AUG=()
 if [ "$OLD_RECIPE" = 1 ]; then
@@ -89,8 +91,8 @@ onward() {
   local resume=""
   [ -f "$ONWARD/resume.pt" ] && resume=--resume
   $py -m ssl_patch_analysis.train --method simclr --projector 1024-128 --epochs 2 --train-size 40000 --warmup-epochs 0.1 \
-      --batch-size 128 "${AUG[@]}" --device cpu --init-from "$ONWARD/init.pt" --run-dir "$ONWARD" --time-limit 6300 \
-      $resume
+      --batch-size 128 "${AUG[@]}" --seed "$SEED" --device cpu --init-from "$ONWARD/init.pt" --run-dir "$ONWARD" \
+      --time-limit 6300 $resume
 }
 candidate() {
   $py pretrained/ship.py "$ONWARD/checkpoint.pt" "$ONWARD/simclr-resnet18-cifar10.pt" --overwrite
