@@ -1078,7 +1078,7 @@ def main(argv: Sequence[str] | None = None) -> list[Claim]:
     tmp = markdown.with_name(f".{markdown.name}.tmp")
     tmp.write_text(report, encoding="utf-8")
     tmp.replace(markdown)
-    command = cli.command_line("python -m ssl_patch_analysis.claims", argv)
+    command = cli.running_command()
     written = save_json(claims_json(claims, notes, args.figures, args.cards, command=command),
                         args.out / "claims.json")
     print(report)

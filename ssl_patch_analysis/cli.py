@@ -566,7 +566,7 @@ def _module_name(main: Callable[..., Any]) -> str:
 
 def running_command() -> str | None:
     """The command line of the command running now (``python -m ssl_patch_analysis.extract ...``), or None outside
-    one (a Python caller): what a store records it was made by."""
+    one (a Python caller): what the analyses' JSON files, saved indexes and stores record they were made by."""
     return _RUNNING.get()
 
 

@@ -544,10 +544,10 @@ def main(argv: Sequence[str] | None = None) -> ConvergenceResult:
     parser = build_parser()
     args = parser.parse_args(argv)
     with cli.extraction_flags(args):
-        return _main(args, parser, argv)
+        return _main(args, parser)
 
 
-def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> ConvergenceResult:
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ConvergenceResult:
     started = time.perf_counter()
     try:
         n_values = parse_n_values(args.n_values)
@@ -566,8 +566,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
     seconds = time.perf_counter() - started
 
     stem = output_stem(args.out, cli.analysis_name("convergence", args), cli.model_name(args), args.data)
-    numbers = {**result.to_dict(), "command": cli.command_line(
-        "python -m ssl_patch_analysis.convergence", argv), "seconds": round(seconds, 1), "device": str(device)}
+    numbers = {**result.to_dict(), "command": cli.running_command(), "seconds": round(seconds, 1),
+               "device": str(device)}
     *figures, json_path = save_figure_and_json(plot_convergence(result), numbers, stem, pdf=args.pdf)
 
     print(f"\n{result.model} on {result.data}, layer {result.layer}: {result.num_images} images, {result.draws} draws")

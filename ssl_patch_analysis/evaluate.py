@@ -262,12 +262,11 @@ def _needs_scale(protocol: str) -> bool:
 
 
 def _subset_of_flag(flag: str, data: Any, size: int | None, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """:func:`subset_ids` for the command line: a size larger than the split is said with its flag."""
-    available = len(data.labels) - (0 if exclude is None else len(exclude))
-    if size is not None and size > available:
-        held = "" if exclude is None else f" once the {len(exclude)} training images drawn from it are left out"
-        raise cli.UserError(f"{flag} {size}: {data_label(data)} has {available} images{held}; pass at most that")
-    return subset_ids(data.labels, size, seed, exclude=exclude)
+    """:func:`subset_ids` for the command line: a size the split cannot give is said with its flag."""
+    try:
+        return subset_ids(data.labels, size, seed, exclude=exclude)
+    except ValueError as error:
+        raise cli.UserError(f"{flag} {size} ({data_label(data)}): {error}") from None
 
 
 def subset_ids(labels: np.ndarray, size: int | None, seed: int = 0, exclude: np.ndarray | None = None) -> np.ndarray:
@@ -992,10 +991,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     with cli.extraction_flags(args):
-        return _main(args, argv)
+        return _main(args)
 
 
-def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+def _main(args: argparse.Namespace) -> dict[str, Any]:
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     ks = args.k
     layer = cli.one_layer(args, "evaluate")
@@ -1048,7 +1047,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any
     results["probe"] = args.probe
     results["patch_augmentation"] = args.augment_patches
     results["wall_seconds"] = time.perf_counter() - started
-    results["command"] = cli.command_line("python -m ssl_patch_analysis.evaluate", argv)
+    results["command"] = cli.running_command()
     print()
     print(results_table(results))
     if args.probe == "emp-ssl":

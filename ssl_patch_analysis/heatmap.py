@@ -737,10 +737,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     with cli.extraction_flags(args):
-        return _main(args, parser, argv)
+        return _main(args, parser)
 
 
-def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     try:
         cells = _parse_cells(args.queries) if args.queries else None
         chosen_ids = _parse_ids(args.image_ids) if args.image_ids else None
@@ -754,14 +754,16 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
         locality_images=args.locality_images, locality_queries=args.locality_queries, seed=args.seed,
         tokens=args.tokens, block=cli.token_block(args))
     patch_size, stride = settings.grid_on(data)  # first: images of one size, or the error that says --image-size
-    if not settings.tokens:
+    if not settings.tokens:  # was found only after the figure, by the locality score, without naming a flag
         height, width = _image_size(data)
-        cells = max(0, (height - patch_size) // stride + 1) * max(0, (width - patch_size) // stride + 1)
-        if cells < 2:  # was found only after the figure, by the locality score, without naming a flag
-            parser.error(f"--patch-size {patch_size} at --stride {stride} gives {cells or 'no'} patch"
-                         f"{'es' if cells != 1 else ''} on the {height} x {width} images of {data_label(data)}: a "
-                         "heatmap needs at least 2 (a query and another patch); pass a smaller --patch-size or "
-                         "--stride")
+        try:
+            cells = grid(patch_size, stride).num_patches((height, width))
+        except ValueError as error:  # a patch larger than the images
+            parser.error(f"--patch-size {patch_size}: {error}")
+        if cells < 2:
+            parser.error(f"--patch-size {patch_size} at --stride {stride} gives 1 patch on the {height} x {width} "
+                         f"images of {data_label(data)}: a heatmap needs at least 2 (a query and another patch); "
+                         "pass a smaller --patch-size or --stride")
     image_ids = settings.figure_image_ids(data)
     if not image_ids or min(image_ids) < 0 or max(image_ids) >= len(data):
         parser.error(f"--image-ids must lie in 0..{len(data) - 1} (the images of {data_label(data)}), got {image_ids}")
@@ -776,7 +778,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Seque
 
     stem = output_stem(args.out, cli.analysis_name("heatmap", args, default_layers=("z", "h")), cli.model_name(args),
                        args.data)
-    record = {"command": cli.command_line("python -m ssl_patch_analysis.heatmap", argv), **analysis.to_dict()}
+    record = {"command": cli.running_command(), **analysis.to_dict()}
     paths = save_figure_and_json(plot_heatmap_analysis(analysis), record, stem, pdf=args.pdf)
 
     if heatmaps.tokens is not None:

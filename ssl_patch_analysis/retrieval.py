@@ -78,6 +78,7 @@ import torch
 from . import cli
 from .extract import extract_patch_embeddings, extract_token_embeddings
 from .index import (  # noqa: F401  (IVF_TRAIN_POINTS_PER_LIST: imported from here by users of older versions)
+    CHECKPOINT_PREFIX,
     COMPRESSED_KINDS,
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHUNK_VECTORS,
@@ -1340,13 +1341,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     # Recorded with the saved indexes: a damaged one is rebuilt by re-running it (with --overwrite).
-    args.command = cli.command_line("python -m ssl_patch_analysis.retrieval", argv)
+    args.command = cli.running_command()
     with cli.extraction_flags(args):
         return _main(args)
 
 
-# a saved index's files, their staged names, its lock, and a build's checkpoint (index.CHECKPOINT_PREFIX)
-_OWN_INDEX_FILE = re.compile(r"\.?(?:index\.faiss|metadata\.npz|info\.json)(?:\.tmp)?|\.lock|\.build\..+")
+# a saved index's files, their staged names (.<name>.tmp), its lock, and a build's checkpoint files
+_OWN_INDEX_FILE = re.compile("|".join([*(rf"\.?{re.escape(name)}(?:\.tmp)?" for name in _INDEX_FILES),
+                                       re.escape(_LOCK_FILE), rf"{re.escape(CHECKPOINT_PREFIX)}\..+"]))
 
 
 def _check_save_index_folder(save_index: Path, overwrite: bool) -> None:

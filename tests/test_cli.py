@@ -86,8 +86,10 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         # values that parse but do not fit
         ("convergence", [*model, "--layers", "h,z"], "h,z"),
         ("evaluate", [*model, "--protocols", "central,lots"], "lots"),
-        ("evaluate", [*model, "--train-size", "60000", "--patch-size", "16"], "--train-size 60000: CIFAR-10"),
-        ("evaluate", [*model, "--test-size", "20000", "--patch-size", "16"], "--test-size 20000: CIFAR-10"),
+        ("evaluate", [*model, "--train-size", "60000", "--patch-size", "16"],
+         "--train-size 60000 (CIFAR-10 (JPEG copy) train): subset size must be between 1 and 50000"),
+        ("evaluate", [*model, "--test-size", "20000", "--patch-size", "16"],
+         "--test-size 20000 (CIFAR-10 (JPEG copy) test): subset size must be between 1 and 10000"),
         ("evaluate", [*model, "--patch-size", "8", "--scale", "0.2,1"], "--scale"),
         ("extract", [*model, *store, "--random", "4"], "--patch-size"),
         # a flag of another sampler: refused, not ignored (--grid 8 --patch-size 16 embedded 8 px patches)
@@ -97,6 +99,7 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("retrieval", [*model, "--num-images", "20000"], "20000"),
         ("heatmap", [*model, "--image-ids", "99999"], "99999"),
         ("heatmap", [*model, "--patch-size", "32", "--stride", "32"], "gives 1 patch on the 32 x 32 images"),
+        ("heatmap", [*model, "--patch-size", "40"], "--patch-size 40: patch of side 40 does not fit"),
         ("train", ["--resume", "--run-dir", nowhere, "--device", "cpu"], nowhere),
         # a missing or unknown data set
         ("extract", [*model, *store, "--grid", "8", "--data", nowhere], nowhere),
