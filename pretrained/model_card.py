@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_patch_analysis import cli
-from ssl_patch_analysis.checkpoints import load_model
+from ssl_patch_analysis.checkpoints import describe, load_model
 from ssl_patch_analysis.claims import paired_difference
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.evaluate import (
@@ -360,8 +360,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     previous = earlier_rows(args.json)  # a --json that is not a card is refused before anything is measured
     device = cli.resolve_device(args.device)
-    for path in args.checkpoints:  # a file that is no model is said before a minute of decoding the data sets
-        load_model(path, verbose=False)
+    # Each file loaded once, before a minute of decoding the data sets (a file that is no model is said first), and
+    # hashed as it is loaded: the card names the bytes it measured.
+    loaded = [_load_once(path) for path in args.checkpoints]
     train = load_dataset("cifar10", "train", root=args.data_root)
     test = load_dataset("cifar10", "test", root=args.data_root)
     train_ids = subset_ids(train.labels.numpy(), args.max_images, args.seed)
@@ -373,12 +374,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     rows = []
     for path in args.checkpoints:
-        model = load_model(path, device=device)
+        model, sha256 = loaded.pop(0)
+        model = model.to(device)
+        print(describe(model, one_line=True))
         method = model.info.method
         protocols = args.protocols.split(",") if args.protocols else card_protocols(model, args.num_patches)
         start = time.perf_counter()
         row = {"command": cli.command_line("python pretrained/model_card.py", argv),
-               "checkpoint": path, "checkpoint_sha256": file_sha256(Path(path)), "method": method,
+               "checkpoint": path, "checkpoint_sha256": sha256, "method": method,
                "train_images": len(train_ids), "test_images": len(test_ids),
                "knn": "weighted, cosine, k=20, T=0.07", "probe": schedule.describe(),
                "extraction": "bf16 autocast" if args.amp else "float32", "device": str(device), "seed": args.seed,
@@ -437,6 +440,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"| {row['checkpoint']} | {name} | {trained['knn']:.2f} | {trained['linear']:.2f} "
                   f"| {control['knn']:.2f} | {control['linear']:.2f} |")
     return rows
+
+
+def _load_once(path: str):
+    """The model in ``path`` and the sha256 of the bytes it was loaded from: a file rewritten while it is read (a run
+    saving into it) is refused, since the card would name bytes it did not measure."""
+    before = file_sha256(Path(path)) if Path(path).is_file() else None  # load_model says what a missing file is
+    model = load_model(path, verbose=False)
+    after = file_sha256(Path(path))
+    if before is not None and after != before:
+        raise SystemExit(f"error: {path} changed while it was being read (is a run writing it?): run the card again "
+                         "once it is written")
+    return model, after
 
 
 def _write_json(path: str, rows: list[dict]) -> None:

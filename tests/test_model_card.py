@@ -71,6 +71,40 @@ def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar1
             assert (accuracy * 60 / 100) == pytest.approx(round(accuracy * 60 / 100))  # whole test images
 
 
+def test_model_card_loads_each_checkpoint_once_and_names_the_bytes_it_measured(tmp_path, cifar10_npz, tiny_model,
+                                                                             monkeypatch):
+    """Two files on one card: each is loaded once (it was loaded again after a check load), and the sha256 a row
+    records is that of the file as it was loaded, also when the file is replaced while the card runs; a file replaced
+    while it is being read is refused in one line."""
+    a, b, _ = _two_models_of_one_architecture(tmp_path, tiny_model)
+    hashes = {path: store.file_sha256(path) for path in (a, b)}
+    card = _card_module()
+    loads = []
+
+    replace_when = str(b)
+
+    def load_and_replace(path, *args, **kwargs):
+        loads.append(str(path))
+        model = load_model(path, *args, **kwargs)
+        if str(path) == replace_when:  # another model is written to a's path (a run saving into it)
+            save_checkpoint(helpers.tiny_model(seed=len(loads) + 2), a, train={"method": "vicreg", "min_scale": 0.2,
+                                                                               "max_scale": 1.0})
+        return model
+
+    monkeypatch.setattr(card, "load_model", load_and_replace)
+    argv = [str(a), str(b), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
+            "--probe-epochs", "2", "--protocols", "central", "--no-progress"]
+    rows = card.main(argv)
+    assert loads == [str(a), str(b)]
+    assert [row["checkpoint_sha256"] for row in rows] == [hashes[a], hashes[b]]
+    assert store.file_sha256(a) != hashes[a]
+
+    replace_when = str(a)  # now while a itself is being read
+    with pytest.raises(SystemExit, match=rf"^error: {a} changed while it was being read \(is a run writing it\?\): "
+                                         "run the card again once it is written$"):
+        card.main(argv)
+
+
 def test_model_card_protocols_flag_picks_the_rows(tmp_path, cifar10_npz, tiny_model):
     model = tiny_model
     model.info.method = "bagssl"
