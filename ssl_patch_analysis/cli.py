@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import functools
+import json
 import os
 import re
 import shlex
@@ -499,6 +500,50 @@ def model_name(args: argparse.Namespace) -> str:
     if getattr(args, "random_init", False):
         return f"{Path(str(args.model)).stem}-random-init"
     return str(args.model)
+
+
+def data_name(args: argparse.Namespace) -> str:
+    """``--data`` as output files name it: ``cifar10``, or ``cifar10-train`` where ``--split`` is not the data set's
+    default, so a figure of the training images never replaces the figure of the test images."""
+    from .data import default_split
+
+    split = getattr(args, "split", None)
+    return str(args.data) if split in (None, default_split(args.data)) else f"{args.data}-{split}"
+
+
+def output_of(args: argparse.Namespace, model, data) -> dict[str, str]:
+    """What an analysis's outputs are of, as its JSON records it (``"output_of"``): the model (a shipped or published
+    name, else the checkpoint's absolute path) and the data (:func:`~.report.data_label`). Two models whose files
+    share a name (``runs/a/checkpoint.pt``, ``runs/b/checkpoint.pt``) name their outputs alike;
+    :func:`output_stem_for` refuses to let one replace the other's."""
+    from .report import data_label
+
+    path = Path(str(args.model)).expanduser()
+    name = model.info.extra.get("name")
+    return {"model": str(path.resolve()) if path.is_file() or not name else str(name), "data": data_label(data)}
+
+
+def output_stem_for(args: argparse.Namespace, analysis: str, of: dict[str, str],
+                    default_layers: Sequence[str] = ("h",)) -> Path:
+    """``--out/<analysis>_<model>_<data>`` (:func:`~.report.output_stem` with :func:`analysis_name`,
+    :func:`model_name` and :func:`data_name`), checked before the work: a JSON already there that records other
+    outputs (``output_of``: another model or data under the same file names) is refused in one line, since the run
+    would replace it. A JSON without the record (written before it was kept) is replaced as before."""
+    from .report import output_stem
+
+    stem = output_stem(args.out, analysis_name(analysis, args, default_layers), model_name(args), data_name(args))
+    path = stem.with_suffix(".json")
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8")).get("output_of") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable or not an analysis's: replaced, as before
+        recorded = None
+    if isinstance(recorded, dict):
+        for key in ("model", "data"):
+            if key in recorded and recorded[key] != of[key]:
+                raise UserError(f"{path} holds the outputs of {key} {recorded[key]}, and this run's {key} "
+                                f"{of[key]} would replace them (the same file names): pass another --out, or move "
+                                f"{path.name} and its figures away")
+    return stem
 
 
 def command_line(prog: str, argv: Sequence[str] | None = None) -> str:

@@ -50,7 +50,7 @@ from .extract import (
 )
 from .models import SSLModel
 from .patches import central, grid
-from .report import data_label, format_table, model_label, output_stem, save_figure_and_json
+from .report import data_label, format_table, model_label, save_figure_and_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -559,15 +559,16 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Converge
         raise cli.UserError("--patch-sizes, --stride and --resize-to native do not apply to --tokens (the patches are "
                             "the ViT's own tokens; --resize-to N sets the side the whole image is fed at)")
     model, data, device = cli.load_model_and_data(args)
+    of = cli.output_of(args, model, data)
+    stem = cli.output_stem_for(args, "convergence", of)  # another model's outputs there: refused before the work
     result = convergence_curve(model, data, args.patch_sizes, n_values, stride=args.stride, layer=layer,
                                num_images=args.num_images, draws=args.draws, seed=args.seed, device=device,
                                resize_to=args.resize_to, batch_size=args.batch_size, progress=not args.no_progress,
                                tokens=args.tokens, block=block)
     seconds = time.perf_counter() - started
 
-    stem = output_stem(args.out, cli.analysis_name("convergence", args), cli.model_name(args), args.data)
     numbers = {**result.to_dict(), "command": cli.running_command(), "seconds": round(seconds, 1),
-               "device": str(device)}
+               "device": str(device), "output_of": of}
     *figures, json_path = save_figure_and_json(plot_convergence(result), numbers, stem, pdf=args.pdf)
 
     print(f"\n{result.model} on {result.data}, layer {result.layer}: {result.num_images} images, {result.draws} draws")

@@ -64,7 +64,7 @@ from .extract import (
 from .knn import weighted_knn_predict
 from .models import SSLModel
 from .patches import PatchSampler, central, grid, random_fixed, random_resized
-from .report import data_label, format_table, model_label, output_stem, save_figure_and_json, slug
+from .report import data_label, format_table, model_label, save_figure_and_json, slug
 
 DEFAULT_PROTOCOLS = ("central", "1", "16")
 DEFAULT_KS = (20, 200)
@@ -1006,6 +1006,9 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
         raise cli.UserError("--patch-size, --scale and --augment-patches apply to crops, not to --tokens (the ViT's "
                             "own tokens of the whole image)")
     model, test_data, device = cli.load_model_and_data(args)
+    of = cli.output_of(args, model, test_data)  # another model's outputs there: refused before the work
+    stem = cli.output_stem_for(args, "evaluate", of)
+    boost_stem = cli.output_stem_for(args, "evaluate_boost", of) if args.boost else None
     if args.tokens:  # before the (larger) training split is read
         tokens_grid = token_sampler(model, args.resize_to, block)
         for protocol in protocols:
@@ -1048,6 +1051,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     results["patch_augmentation"] = args.augment_patches
     results["wall_seconds"] = time.perf_counter() - started
     results["command"] = cli.running_command()
+    results["output_of"] = of
     print()
     print(results_table(results))
     if args.probe == "emp-ssl":
@@ -1055,13 +1059,11 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
                          for row in results["protocols"])
         print(f"linear, best epoch selected on the test set (what EMP-SSL's func.py prints as best; the table "
               f"reports the last epoch): {best}")
-    stem = output_stem(args.out, cli.analysis_name("evaluate", args), cli.model_name(args), args.data)
     written = []
     if args.boost:
         results["boost"] = patch_boost(results)
         print()
         print(boost_table(results["boost"]))
-        boost_stem = output_stem(args.out, cli.analysis_name("evaluate_boost", args), cli.model_name(args), args.data)
         context = {key: value for key, value in results.items() if key != "protocols"}
         written += save_figure_and_json(plot_boost(results, results["boost"]), context, boost_stem, pdf=args.pdf)
     written = save_figure_and_json(plot_evaluation(results), results, stem, pdf=args.pdf) + written

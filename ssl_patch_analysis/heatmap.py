@@ -47,7 +47,7 @@ from .data import ImageDataset
 from .extract import TokenSampler, extract_patch_embeddings, token_sampler
 from .models import SSLModel
 from .patches import PatchSampler, grid
-from .report import _plain, data_label, format_table, model_label, output_stem, save_figure_and_json
+from .report import _plain, data_label, format_table, model_label, save_figure_and_json
 
 LAYER_TITLES = {"z": "projection z", "h": "embedding h", "pre_feature": "pre-feature"}
 LOCALITY_DEFINITION = (
@@ -747,6 +747,8 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str
     except ValueError as error:
         parser.error(str(error))
     model, data, device = cli.load_model_and_data(args)
+    of = cli.output_of(args, model, data)
+    stem = cli.output_stem_for(args, "heatmap", of, default_layers=("z", "h"))  # refused before the work
     settings = HeatmapSettings(
         patch_size=args.patch_size, stride=args.stride, resize_to=args.resize_to, layers=tuple(args.layers),
         image_ids=tuple(chosen_ids) if chosen_ids else None, figure_images=args.figure_images,
@@ -757,13 +759,19 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str
     if not settings.tokens:  # was found only after the figure, by the locality score, without naming a flag
         height, width = _image_size(data)
         try:
-            cells = grid(patch_size, stride).num_patches((height, width))
+            per_image = grid(patch_size, stride).num_patches((height, width))
         except ValueError as error:  # a patch larger than the images
             parser.error(f"--patch-size {patch_size}: {error}")
-        if cells < 2:
+        if per_image < 2:
             parser.error(f"--patch-size {patch_size} at --stride {stride} gives 1 patch on the {height} x {width} "
                          f"images of {data_label(data)}: a heatmap needs at least 2 (a query and another patch); "
                          "pass a smaller --patch-size or --stride")
+    else:
+        tokens_grid = _token_grid(model, settings.resize_to, settings.block, settings.patch_size, settings.stride)
+        per_image = tokens_grid.num_patches(_image_size(data))
+    if settings.locality_images > 0 and (settings.locality_queries or 0) > per_image:  # was found after the figure
+        parser.error(f"--locality-queries {settings.locality_queries}: each image has {per_image} "
+                     f"{'tokens' if settings.tokens else 'patches'} on this grid; pass at most {per_image}")
     image_ids = settings.figure_image_ids(data)
     if not image_ids or min(image_ids) < 0 or max(image_ids) >= len(data):
         parser.error(f"--image-ids must lie in 0..{len(data) - 1} (the images of {data_label(data)}), got {image_ids}")
@@ -776,9 +784,7 @@ def _main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str
                 if settings.locality_images > 0 else None)
     analysis = HeatmapAnalysis.of(model, data, heatmaps, locality)
 
-    stem = output_stem(args.out, cli.analysis_name("heatmap", args, default_layers=("z", "h")), cli.model_name(args),
-                       args.data)
-    record = {"command": cli.running_command(), **analysis.to_dict()}
+    record = {"command": cli.running_command(), **analysis.to_dict(), "output_of": of}
     paths = save_figure_and_json(plot_heatmap_analysis(analysis), record, stem, pdf=args.pdf)
 
     if heatmaps.tokens is not None:

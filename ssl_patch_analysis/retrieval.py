@@ -108,7 +108,7 @@ from .index import (  # noqa: F401  (IVF_TRAIN_POINTS_PER_LIST: imported from he
 )
 from .models import SSLModel
 from .patches import grid
-from .report import _plain, data_label, format_table, model_label, output_stem, save_figure_and_json
+from .report import _plain, data_label, format_table, model_label, save_figure_and_json
 from .store import PatchEmbeddings
 
 RETRIEVAL_LAYERS = ("z", "h")  # the figure's row order: projection first, as in the paper
@@ -1395,6 +1395,8 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     if args.multi_gpu is not None:  # before any work
         check_multi_gpu(args.multi_gpu, args.index, args.index in COMPRESSED_KINDS and args.nbits == 4)
     model, data, device = cli.load_model_and_data(args)
+    of = cli.output_of(args, model, data)
+    stem = cli.output_stem_for(args, "retrieval", of)  # another model's outputs there: refused before the work
     if args.num_images is not None and args.num_images > len(data):
         raise cli.UserError(f"--num-images {args.num_images}: {data_label(data)} has only {len(data)} images (pass at "
                             "most that, or all)")
@@ -1421,8 +1423,7 @@ def _main(args: argparse.Namespace) -> dict[str, Any]:
     except RetrievalSettingError as error:  # the query patch, checked once the grid is known
         raise SystemExit(f"--{error.setting.replace('_', '-')} must be {error.requirement}") from None
 
-    stem = output_stem(args.out, cli.analysis_name("retrieval", args), cli.model_name(args), args.data)
-    summary = {**result.to_dict(), "command": args.command}
+    summary = {**result.to_dict(), "command": args.command, "output_of": of}
     paths = save_figure_and_json(plot_retrieval_result(result, data), summary, stem, pdf=args.pdf)[:-1]
 
     print(f"{result.model} on {result.data}: {settings.grid_description}; {settings.k} nearest of "

@@ -100,6 +100,7 @@ def bad_inputs(folder: Path) -> list[tuple[str, list[str], str]]:
         ("heatmap", [*model, "--image-ids", "99999"], "99999"),
         ("heatmap", [*model, "--patch-size", "32", "--stride", "32"], "gives 1 patch on the 32 x 32 images"),
         ("heatmap", [*model, "--patch-size", "40"], "--patch-size 40: patch of side 40 does not fit"),
+        ("heatmap", [*model, "--locality-queries", "500"], "--locality-queries 500: each image has"),
         ("train", ["--resume", "--run-dir", nowhere, "--device", "cpu"], nowhere),
         # a missing or unknown data set
         ("extract", [*model, *store, "--grid", "8", "--data", nowhere], nowhere),

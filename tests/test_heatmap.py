@@ -233,6 +233,28 @@ def test_cli_explains_bad_queries(tmp_path, cifar10_npz, capsys, tiny_model):
     assert not list(tmp_path.glob("heatmap_*"))
 
 
+
+def test_cli_refuses_more_locality_queries_than_patches_before_any_embedding(tmp_path, cifar10_npz, tiny_model,
+                                                                              monkeypatch, capsys):
+    # was: refused by the locality score, after the figure's and the locality images' patches were embedded
+    import ssl_patch_analysis.heatmap as heatmap
+
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model, checkpoint)
+
+    def embedded(*args, **kwargs):
+        raise AssertionError("patches embedded before --locality-queries was checked")
+
+    monkeypatch.setattr(heatmap, "figure_heatmaps", embedded)
+    monkeypatch.setattr(heatmap, "locality_over_images", embedded)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model", str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu",
+              "--patch-size", "16", "--stride", "8", "--locality-queries", "10", "--out", str(tmp_path)])
+    assert stopped.value.code == 2
+    assert ("--locality-queries 10: each image has 9 patches on this grid; pass at most 9"
+            in capsys.readouterr().err)
+
+
 def test_cli_random_init_control_is_named_apart_and_uses_fresh_weights(tmp_path, cifar10_npz, tiny_model):
     checkpoint = tmp_path / "tiny.pt"
     save_checkpoint(tiny_model, checkpoint)
@@ -284,7 +306,7 @@ def test_heatmap_analysis_is_what_the_command_writes(tmp_path, cifar10_npz, caps
                                locality_images=5, locality_queries=4, seed=2)
     data = load_dataset("cifar10", "test", root=cifar10_npz.parent)
     analysis = heatmap_analysis(load_model(checkpoint, device="cpu", verbose=False), data, settings, device="cpu")
-    assert analysis.to_json() == {key: value for key, value in written.items() if key != "command"}
+    assert analysis.to_json() == {key: value for key, value in written.items() if key not in ("command", "output_of")}
     assert record["locality"]["layers"]["h"]["locality_mean"] == analysis.locality.layers["h"].locality_mean
     locality = analysis.locality
     assert list(locality.layers) == ["z", "h"] and len(locality.image_ids) == 5

@@ -316,7 +316,7 @@ def test_patch_retrieval_result_is_what_the_command_writes(cifar10_npz, data_roo
     # The command's store: the same embeddings, and the same record of how they were computed (speed included).
     result = patch_retrieval(load_model(checkpoint, device="cpu", verbose=False), data, settings, device="cpu",
                              store=store)
-    assert result.to_json() == {key: value for key, value in written.items() if key != "command"}
+    assert result.to_json() == {key: value for key, value in written.items() if key not in ("command", "output_of")}
     assert summary["layers"]["h"]["statistics"] == result.layers["h"].statistics.to_dict()
     assert list(result.layers) == ["z", "h"] and result.num_images == 10 and result.num_indexed_patches == 90
     assert result.query == RetrievalQuery(image_id=3, patch_index=1, box=(8.0, 0.0, 24.0, 16.0),
