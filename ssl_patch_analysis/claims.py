@@ -331,6 +331,11 @@ def read_outputs(figures: Path) -> tuple[dict[str, list[Output]], list[str]]:
             notes.append(f"{path}: of layer {doc.get('layer')}, not h (the claims' layer); left out: remake it "
                          "without --layers")
             continue
+        layers = doc.get("heatmaps", {}).get("layers") if prefix == "heatmap" else None
+        if isinstance(layers, list) and set(layers) != {"z", "h"}:  # was judged, its layers read into the model name
+            notes.append(f"{path}: of layers {','.join(map(str, layers))}, not z,h (the claims compare h with z); "
+                         "left out: remake it without --layers")
+            continue
         found[prefix][(model, data)] = Output(prefix, model, data, path, doc)
     for key, boost in found.pop("evaluate_boost").items():
         found["evaluate"].setdefault(key, boost)

@@ -127,6 +127,21 @@ def test_a_convergence_or_evaluate_file_of_another_layer_is_left_out_with_a_note
     assert not [m for m in by_key["b"].measurements if m.model == "vicreg"]
 
 
+def test_a_heatmap_of_other_layers_than_z_and_h_is_left_out_with_a_note(tmp_path):
+    # was: heatmap_z_h_pre_feature_vicreg_cifar10.json judged as the model "z_h_pre_feature_vicreg" (claim c)
+    figures = figures_with(tmp_path, effect=0.5, control=0.0)
+    doc = json.loads((figures / "heatmap_vicreg_cifar10.json").read_text())
+    doc["heatmaps"]["layers"] = ["z", "h", "pre_feature"]
+    write(figures, "heatmap_z_h_pre_feature_vicreg_cifar10", doc)
+    doc["heatmaps"]["layers"] = ["h", "z"]  # z,h in another order: the claims' layers
+    write(figures, "heatmap_vicreg_cifar10", doc)
+    found, notes = claims_from_figures(figures)
+    assert any("heatmap_z_h_pre_feature_vicreg_cifar10.json: of layers z,h,pre_feature, not z,h" in note
+               for note in notes), notes
+    (c,) = [claim for claim in found if claim.key == "c"]
+    assert {m.model for m in c.measurements} == {"vicreg", "bagssl"}, [m.model for m in c.measurements]
+
+
 def test_not_reproduced_when_no_effect_is_shown(tmp_path):
     found = verdicts(figures_with(tmp_path, effect=0.0, control=0.0))
     # e: equal accuracies are inside the +-2 point margin, but 1000 test images cannot show it (CI +-4.4 points)
