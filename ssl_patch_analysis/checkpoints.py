@@ -14,11 +14,13 @@ Formats (``detect_format`` returns the name on the left):
   ``resnet50.pth``, DINO's ``dino_resnet50_pretrain.pth``).
 - ``torchvision``: the same with its ``fc`` classifier (dropped).
 - ``vicreg-full``: facebookresearch/vicreg ``{"epoch", "model", "optimizer"}`` with
-  ``module.backbone.*`` and ``module.projector.*``.
+  ``module.backbone.*`` and ``module.projector.*`` (facebookresearch/barlowtwins saves the same, with its loss's
+  ``module.bn``: method ``barlowtwins``, ``bn`` dropped and listed).
 - ``backbone-projector``: a raw ``state_dict()`` of a model with ``backbone``/``projector``
   submodules (VICReg-style module saved directly).
 - ``solo-learn``: a Lightning ``.ckpt`` of vturrisi/solo-learn (``backbone.*`` or the older
-  ``encoder.*``, ``projector.*``); ``args.json`` beside the file is read when present.
+  ``encoder.*``, ``projector.*``); ``args.json`` beside the file is read when present (without it, the
+  CIFAR padding 2 of solo-learn is listed as assumed: other Lightning projects share the key prefix).
 - ``emp-ssl``: tsb0601/EMP-SSL ``{epoch}.pt`` (``module.backbone``, ``module.pre_feature``,
   ``module.projection``; the projection is L2-normalised).
 - ``lightly``: lightly-ai/lightly models (``backbone`` = ``nn.Sequential`` of torchvision's
@@ -58,7 +60,7 @@ import shlex
 import struct
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,7 +97,7 @@ FORMATS: dict[str, str] = {
     OWN_FORMAT: "this project's own checkpoint (save_checkpoint)",
     "backbone": "bare ResNet state_dict, torchvision names, no fc (VICReg resnet50.pth, DINO backbone)",
     "torchvision": "plain torchvision ResNet state_dict with its fc classifier",
-    "vicreg-full": "facebookresearch/vicreg full checkpoint {epoch, model, optimizer}",
+    "vicreg-full": "facebookresearch/vicreg (or barlowtwins) full checkpoint {epoch, model, optimizer}",
     "backbone-projector": "raw state_dict of a model with backbone/projector submodules",
     "solo-learn": "vturrisi/solo-learn Lightning .ckpt (state_dict with backbone./encoder., projector.)",
     "emp-ssl": "tsb0601/EMP-SSL {epoch}.pt (backbone, pre_feature, projection)",
@@ -150,6 +152,7 @@ class _Parts:
     pre_feature_layout: list[dict[str, Any]] | None = None
     method: str = "unknown"
     cifar_padding: int | None = None
+    cifar_padding_guessed: str | None = None  # why, when the format's padding is a guess: listed as assumed
     preprocess: Preprocess | None = None
     input_size: int | None = None
     mean_std: tuple[Any, Any] | None = None
@@ -437,15 +440,15 @@ def _lookup(args: Mapping[str, Any], *paths: str) -> Any:
 def _parts_solo_learn(obj: Mapping[str, Any], path: Path) -> _Parts:
     state = {_strip(k, ("module.",)): v for k, v in obj["state_dict"].items()}
     prefix = "backbone." if any(k.startswith("backbone.") for k in state) else "encoder."
-    backbone, dropped = _torchvision_backbone(_sub_state(state, prefix))
+    backbone, fc = _torchvision_backbone(_sub_state(state, prefix))
     projector = _sub_state(state, "projector.") or None
-    kept = {prefix.rstrip("."), "projector"}
-    extra: dict[str, Any] = {"dropped": {k: n for k, n in _group_by_prefix(state).items() if k not in kept}}
-    if dropped:
-        extra["dropped"]["backbone.fc"] = len(dropped)
+    extra: dict[str, Any] = {"dropped": _dropped(state, {prefix.rstrip("."), "projector"}, fc, prefix.rstrip("."))}
     args = _solo_learn_args(path)
     parts = _Parts(backbone=backbone, projector=projector, method=str(args.get("method", "unknown")),
                    cifar_padding=2, extra=extra)  # solo-learn's CIFAR conv1 always uses padding=2
+    if not args:  # the format itself is read from a key prefix that other Lightning projects share
+        parts.cifar_padding_guessed = ("CIFAR stem padding 2 (solo-learn's: the keys' backbone. prefix, no "
+                                       "args.json beside the file; pass cifar_padding=1 if another project wrote it)")
     if args:
         extra["args_json"] = str(path.parent / "args.json")
         dataset = _lookup(args, "data.dataset", "dataset")
@@ -466,26 +469,37 @@ def _parts_solo_learn(obj: Mapping[str, Any], path: Path) -> _Parts:
     return parts
 
 
+def _dropped(state: Mapping[str, Any], kept: set[str], backbone_fc: Sequence[str], backbone: str = "backbone",
+             ) -> dict[str, int]:
+    """The tensors of ``state`` a reader leaves out, by top-level module, and the backbone's classifier (``fc``)."""
+    dropped = {k: n for k, n in _group_by_prefix(state).items() if k not in kept}
+    if backbone_fc:
+        dropped[f"{backbone}.fc"] = len(backbone_fc)
+    return dropped
+
+
 def _parts_vicreg_full(obj: Mapping[str, Any]) -> _Parts:
     state = {_strip(k, ("module.",)): v for k, v in obj["model"].items()}
-    backbone, _ = _torchvision_backbone(_sub_state(state, "backbone."))
+    backbone, fc = _torchvision_backbone(_sub_state(state, "backbone."))
     projector = _sub_state(state, "projector.") or None
-    return _Parts(backbone=backbone, projector=projector, method="vicreg",
-                  extra={"epoch": obj.get("epoch")})
+    dropped = _dropped(state, {"backbone", "projector"}, fc)
+    # facebookresearch/barlowtwins saves the same layout, with the loss's affine-free BatchNorm as "bn"
+    method = "barlowtwins" if "bn" in dropped else "vicreg"
+    return _Parts(backbone=backbone, projector=projector, method=method,
+                  extra={"epoch": obj.get("epoch"), "dropped": dropped})
 
 
 def _parts_backbone_projector(obj: Mapping[str, Any]) -> _Parts:
     state = {_strip(k, ("module.",)): v for k, v in obj.items()}
     prefix = "backbone." if any(k.startswith("backbone.") for k in state) else "encoder."
-    backbone, _ = _torchvision_backbone(_sub_state(state, prefix))
-    kept = {prefix.rstrip("."), "projector"}
+    backbone, fc = _torchvision_backbone(_sub_state(state, prefix))
     return _Parts(backbone=backbone, projector=_sub_state(state, "projector.") or None,
-                  extra={"dropped": {k: n for k, n in _group_by_prefix(state).items() if k not in kept}})
+                  extra={"dropped": _dropped(state, {prefix.rstrip("."), "projector"}, fc, prefix.rstrip("."))})
 
 
 def _parts_emp_ssl(obj: Mapping[str, Any]) -> _Parts:
     state = {_strip(k, ("module.",)): v for k, v in obj.items()}
-    backbone, _ = _torchvision_backbone(_sub_state(state, "backbone."))
+    backbone, fc = _torchvision_backbone(_sub_state(state, "backbone."))
     pre_feature = _sub_state(state, "pre_feature.")
     projection = _sub_state(state, "projection.")
     # EMP-SSL: pre_feature = Linear-BN-ReLU (the trailing ReLU has no weights to show it),
@@ -495,7 +509,8 @@ def _parts_emp_ssl(obj: Mapping[str, Any]) -> _Parts:
         pre_feature=pre_feature, pre_feature_layout=infer_mlp_layout(pre_feature) + [{"type": "relu"}],
         projector=projection, projector_layout=infer_mlp_layout(projection) + [{"type": "l2normalize"}],
         method="emp-ssl", cifar_padding=1, mean_std=EMP_SSL_MEAN_STD,
-        extra={"note": "EMP-SSL evaluates on the pre_feature output (the 'pre_feature' key of forward)"},
+        extra={"note": "EMP-SSL evaluates on the pre_feature output (the 'pre_feature' key of forward)",
+               "dropped": _dropped(state, {"backbone", "pre_feature", "projection"}, fc)},
     )
 
 
@@ -863,7 +878,16 @@ def _load_own(obj: Mapping[str, Any], source: str) -> SSLModel:
     if obj.get("version") != OWN_VERSION:
         raise ValueError(f"{source} is version {obj.get('version')!r} of the {OWN_FORMAT} format; this code "
                          f"reads version {OWN_VERSION}: update ssl_patch_analysis")
+    def missing(what: str) -> ValueError:  # a hand-written or cut file: one line, not a KeyError
+        return ValueError(f"{source} is in the {OWN_FORMAT} format but has no {what}: a file of this format is "
+                          "written by save_checkpoint (or pretrained/ship.py), which records it")
+
+    for key in ("arch", "backbone", "preprocess"):
+        if not isinstance(obj.get(key), Mapping):
+            raise missing(f"{key!r} record")
     arch = obj["arch"]
+    if "name" not in arch:
+        raise missing("architecture name (arch.name)")
     stem = arch.get("stem", "imagenet")
     padding = arch.get("cifar_padding") or 1
     extra: dict[str, Any] = {}
@@ -887,6 +911,8 @@ def _load_own(obj: Mapping[str, Any], source: str) -> SSLModel:
         if state is None:
             return None
         layout = arch.get(f"{kind}_layout")
+        if layout is None and f"{kind}_dims" not in arch:
+            raise missing(f"shape of its {kind} (arch.{kind}_layout or arch.{kind}_dims)")
         if layout is None:  # a hand-written file may give the VICReg-style dims only
             module = build_mlp(arch[f"{kind}_dims"], last_bias=arch.get(f"{kind}_last_bias", True))
             if kind == "projector" and arch.get("projection_normalized"):
@@ -906,7 +932,11 @@ def _load_own(obj: Mapping[str, Any], source: str) -> SSLModel:
         pre_feature_dims=mlp_dims(mlp_layout(pre_feature)) if pre_feature is not None else None,
         extra={"train": train, **extra},
     )
-    return SSLModel(backbone, projector, pre_feature, Preprocess.from_dict(obj["preprocess"]), info)
+    try:
+        preprocess = Preprocess.from_dict(obj["preprocess"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise missing(f"complete preprocess record ({type(error).__name__}: {error})") from None
+    return SSLModel(backbone, projector, pre_feature, preprocess, info)
 
 
 # ----------------------------------------------------------------------------- loader
@@ -959,8 +989,13 @@ def _build_from_parts(parts: _Parts, source: str, arch: str | None, stem: str | 
     stem = stem or inferred_stem
     assumed: list[str] = list(parts.extra.pop("assumed", []))
     padding: int | None = None
+    if cifar_padding is not None and stem != "cifar":  # was ignored without a word
+        raise ValueError(f"cifar_padding applies to the CIFAR stem (a 3x3 conv1); {source} holds a ResNet with the "
+                         "ImageNet stem (a 7x7 conv1): leave it out")
     if stem == "cifar":
         padding = cifar_padding or parts.cifar_padding
+        if cifar_padding is None and parts.cifar_padding_guessed:
+            assumed.append(parts.cifar_padding_guessed)
         if padding is None:
             padding = 1
             assumed.append("CIFAR stem padding 1 (not visible in weights; pass cifar_padding=2 for solo-learn-style "

@@ -23,6 +23,7 @@ from torchvision.models.resnet import Bottleneck
 
 from ssl_patch_analysis import weights
 from ssl_patch_analysis.checkpoints import (
+    CHECKSUM_KEY,
     FORMATS,
     detect_format,
     infer_backbone_arch,
@@ -358,6 +359,63 @@ def test_cifar_stem_without_padding_information_is_recorded_as_assumed(tmp_path)
     assert told.info.cifar_padding == 2
 
 
+
+def test_a_lightning_checkpoint_without_args_json_lists_solo_learns_padding_as_assumed(tmp_path):
+    """A Lightning .ckpt whose keys start with backbone. is read as solo-learn's, whose CIFAR padding is 2; without
+    args.json nothing confirms it is solo-learn's (other Lightning projects name their trunk backbone too), so the
+    padding is listed as assumed (was: padding 2, silently, and another project's padding-1 net embedded wrongly)."""
+    method, backbone, _ = _solo_learn_module("backbone")
+    torch.save({"epoch": 9, "global_step": 1, "pytorch-lightning_version": "2.0.9",
+                "state_dict": method.state_dict()}, tmp_path / "last.ckpt")
+    model = _load(tmp_path / "last.ckpt")
+    assert model.info.cifar_padding == 2
+    (padding,) = [a for a in model.info.extra["assumed"] if "padding" in a]
+    assert "padding 2" in padding and "no args.json" in padding and "cifar_padding=1" in padding
+    x = _images(8)
+    with torch.no_grad():  # the padding it assumed is the writer's here: h is the writer's
+        torch.testing.assert_close(model.embed(x), backbone(_normalize(x, CIFAR10)), atol=ATOL, rtol=0)
+    told = _load(tmp_path / "last.ckpt", cifar_padding=2)  # said by the user: nothing assumed of it
+    assert not any("padding" in a for a in told.info.extra.get("assumed", []))
+
+
+def test_cifar_padding_on_an_imagenet_stem_is_refused(tmp_path):
+    # was: accepted and ignored (exit 0, no note); on the project's own files it is refused as well
+    torch.save(_tv_resnet(18).state_dict(), tmp_path / "tv18.pth")
+    with pytest.raises(ValueError, match=r"cifar_padding applies to the CIFAR stem \(a 3x3 conv1\); .*tv18\.pth holds "
+                                         r"a ResNet with the ImageNet stem \(a 7x7 conv1\): leave it out$"):
+        _load(tmp_path / "tv18.pth", cifar_padding=2)
+
+
+def test_barlow_twins_and_emp_ssl_files_list_what_is_left_out(tmp_path):
+    """facebookresearch/barlowtwins saves vicreg's layout plus its loss's BatchNorm (module.bn): read as Barlow Twins
+    with bn listed as dropped (was: method vicreg, bn gone without a word); an EMP-SSL file with a classifier lists
+    it (was: dropped silently)."""
+    barlow = nn.Module()
+    barlow.backbone = _tv_resnet(18)
+    barlow.projector = nn.Sequential(nn.Linear(512, 32))
+    barlow.bn = nn.BatchNorm1d(32, affine=False)
+    ddp = nn.Module()
+    ddp.module = barlow
+    torch.save({"epoch": 3, "model": ddp.state_dict()}, tmp_path / "checkpoint.pth")
+    model = _load(tmp_path / "checkpoint.pth")
+    assert (model.info.format, model.info.method) == ("vicreg-full", "barlowtwins")
+    assert model.info.extra["dropped"] == {"bn": 3, "backbone.fc": 2}  # running mean, var, batches; fc weight, bias
+    del barlow.bn
+    barlow.backbone.fc = nn.Identity()
+    torch.save({"epoch": 3, "model": ddp.state_dict()}, tmp_path / "vicreg.pth")
+    vicreg = _load(tmp_path / "vicreg.pth")
+    assert (vicreg.info.method, vicreg.info.extra["dropped"]) == ("vicreg", {})
+
+    encoder = nn.Module()
+    encoder.backbone = _tv_resnet(18, cifar_padding=1)
+    encoder.backbone.fc = nn.Identity()
+    encoder.pre_feature = nn.Sequential(nn.Linear(512, 64), nn.BatchNorm1d(64), nn.ReLU())
+    encoder.projection = nn.Sequential(nn.Linear(64, 16))
+    encoder.classifier = nn.Linear(64, 10)
+    torch.save(nn.DataParallel(encoder).state_dict(), tmp_path / "29.pt")
+    assert _load(tmp_path / "29.pt").info.extra["dropped"] == {"classifier": 2}
+
+
 # ----------------------------------------------------------------------------- own format
 
 
@@ -429,6 +487,31 @@ def test_own_format_carries_a_checksum_that_names_a_damaged_file(tmp_path):
     x = _images(32)
     with torch.no_grad():
         torch.testing.assert_close(_load(tmp_path / "own.pt")(x)["z"], model(x)["z"], atol=0, rtol=0)
+
+
+
+@pytest.mark.parametrize("cut, said", [
+    (lambda raw: raw.pop("preprocess"), "no 'preprocess' record"),
+    (lambda raw: raw["arch"].pop("name"), "no architecture name (arch.name)"),
+    (lambda raw: [raw["arch"].pop(k, None) for k in ("projector_layout", "projector_dims")],
+     "no shape of its projector (arch.projector_layout or arch.projector_dims)"),
+    (lambda raw: raw["preprocess"].pop("mean"), "no complete preprocess record (ValueError: preprocess mean and "
+                                                "std must both be given or both be None)"),
+])
+def test_an_own_format_file_missing_a_record_is_named_in_one_line(tmp_path, tiny_model, capsys, cut, said):
+    # was: "internal error (KeyError): projector_dims; ... please report it", exit 1
+    save_checkpoint(tiny_model, tmp_path / "full.pt")
+    raw = torch.load(tmp_path / "full.pt", weights_only=True)
+    cut(raw)
+    raw.pop(CHECKSUM_KEY)  # a hand-written file: no checksum either
+    torch.save(raw, tmp_path / "cut.pt")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model", str(tmp_path / "cut.pt")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / 'cut.pt'} is in the ssl_patch_analysis format but has {said}: a file "
+                          "of this format is written by save_checkpoint"), err
+    assert "\n" not in err
 
 
 def test_shipped_checkpoints_without_a_checksum_still_load():
