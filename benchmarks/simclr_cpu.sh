@@ -66,12 +66,18 @@ figures() {
 # The next session did it again from that 8-epoch model (a new ONWARD, so a new run folder and init.pt; a new KEPT,
 # since promote never replaces a kept card): card k-NN 55.43 / linear 60.13, +1.16 [+0.62, +1.70] paired: shipped
 # (6 + 2 + 2 epochs; the 8-epoch card kept as benchmarks/results/previous-shipped_simclr-8ep_card.json).
+# And once more from that 10-epoch model over another draw of 40,000 images (SEED=1: both runs above saw seed 0's):
+# card k-NN 56.65 / linear 62.44, +1.22 [+0.62, +1.82] / +2.31 [+1.67, +2.95] paired: shipped (6 + 2 + 2 + 2 epochs;
+# the 10-epoch card kept as benchmarks/results/previous-shipped_simclr-10ep_card.json).
+#   ONWARD=runs/simclr-cpu-onward3 OLD_RECIPE=1 SEED=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
+#   ONWARD=runs/simclr-cpu-onward3 OLD_RECIPE=1 SEED=1 KEPT=benchmarks/results/previous-shipped_simclr-10ep_card.json \
+#       STEPS="promote figures" benchmarks/simclr_cpu.sh
 #   ONWARD=runs/simclr-cpu-onward2 OLD_RECIPE=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
 #   ONWARD=runs/simclr-cpu-onward2 OLD_RECIPE=1 KEPT=benchmarks/results/previous-shipped_simclr-8ep_card.json \
 #       STEPS="promote figures" benchmarks/simclr_cpu.sh
 OLD_AUG=${OLD_AUG:-0}
 OLD_RECIPE=${OLD_RECIPE:-0}
-# onward: --seed draws the --train-size subset (0: the same 40,000 images both runs above saw; pass another next)
+# onward: --seed draws the --train-size subset (0: the 40,000 images the first two onward runs saw; 1 the third's)
 SEED=${SEED:-0}
 ONWARD=${ONWARD:-runs/simclr-cpu-onward}
 AUG=()
