@@ -308,7 +308,9 @@ class TrainConfig:
 RESUME_FIXED_ARGS = ("method", "data", "arch", "width", "cifar_padding", "projector", "pre_feature", "patch_size",
                      "num_patches", "min_scale", "max_scale", "batch_size", "lr", "base_lr", "optimizer",
                      "weight_decay", "warmup_epochs", "seed", "train_size", "input_size", "image_size", "blur_p",
-                     "blur_kernel_size", "solarize_p", "schedule_epochs", "jitter", "lars_eta", "lars_clip")
+                     "blur_kernel_size", "solarize_p", "jitter", "lars_eta", "lars_clip")
+# and the learning-rate schedule's length (--schedule-epochs, else --epochs): --epochs may change on --resume only with
+# --schedule-epochs keeping the schedule the run had
 
 
 def _unrecorded_settings(args: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +322,13 @@ def _unrecorded_settings(args: dict[str, Any]) -> dict[str, Any]:
     return {"jitter": (0.4, 0.4, 0.4, 0.2) if emp_ssl else (0.4, 0.4, 0.2, 0.1),
             "lars_eta": 0.005 if emp_ssl else 0.001, "lars_clip": emp_ssl,
             "blur_kernel_size": 2 * max(1, round(side * 0.05)) + 1 if isinstance(side, int) else None}
+
+
+def _schedule_text(config: TrainConfig) -> str:
+    """How a resumed run's flags set the schedule's length, for its error."""
+    if config.schedule_epochs is not None:
+        return f"--schedule-epochs {config.schedule_epochs}"
+    return f"--epochs {config.epochs} (the schedule's length without --schedule-epochs)"
 
 
 def _flags_for(recorded: dict[str, Any], keys: list[str]) -> list[str]:
@@ -1341,6 +1350,12 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
             raise ValueError("--resume needs the settings of the run it continues; these differ: " + ", ".join(
                 f"{k} (was {recorded.get(k)!r}, now {getattr(config, k)!r})" for k in changed)
                 + "; to continue it, add " + " ".join(_flags_for(recorded, changed)))
+        schedule_was = recorded.get("schedule_epochs") or recorded.get("epochs")
+        if schedule_was is not None and int(schedule_was) != (config.schedule_epochs or config.epochs):
+            # was: accepted, and the schedule stretched or cut mid-run without a word
+            raise ValueError(f"--resume continues a run whose learning-rate schedule spans {schedule_was} epochs; "
+                             f"{_schedule_text(config)} would change it mid-run: to continue it, pass --epochs "
+                             f"{schedule_was}, or --schedule-epochs {schedule_was} with the --epochs to train")
         if not knn_protocol_given:  # the online k-NN goes on measuring what it did (runs before the setting: central)
             config.knn_protocol = str(recorded.get("knn_protocol") or "central")
         ssl_model.load_state_dict(state["model"])

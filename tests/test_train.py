@@ -177,6 +177,30 @@ def test_resume_refuses_changed_settings(cifar10_npz, tmp_path, two_epoch_run):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "2"))
 
 
+def test_resume_keeps_the_learning_rate_schedule_of_the_run_it_continues(cifar10_npz, tmp_path, monkeypatch):
+    """--epochs sets the schedule's length without --schedule-epochs: a resumed run given other --epochs would stretch
+    or cut the cosine mid-run (was: accepted without a word). Refused, naming both ways on; --schedule-epochs with the
+    run's length trains longer on the same schedule: the cosine of 2 epochs, then its end."""
+    run = tmp_path / "run"
+    common = ["--warmup-epochs", "0", "--knn-every", "0"]
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(tiny_args(cifar10_npz.parent, run, *common, "--epochs", "2", "--time-limit", "1e-6"))
+    with pytest.raises(ValueError, match=r"^--resume continues a run whose learning-rate schedule spans 2 epochs; "
+                                         r"--epochs 3 \(the schedule's length without --schedule-epochs\) would "
+                                         r"change it mid-run: to continue it, pass --epochs 2, or --schedule-epochs 2 "
+                                         r"with the --epochs to train$"):
+        train(tiny_args(cifar10_npz.parent, run, *common, "--epochs", "3", "--resume"))
+    with pytest.raises(ValueError, match=r"--schedule-epochs 4 would change it"):
+        train(tiny_args(cifar10_npz.parent, run, *common, "--epochs", "2", "--schedule-epochs", "4", "--resume"))
+    assert resume_state(run)["step"] == 2  # nothing trained by the refused runs
+    train(tiny_args(cifar10_npz.parent, run, *common, "--epochs", "3", "--schedule-epochs", "2", "--resume"))
+    lrs = [r["lr"] for r in read_log(run) if "lr" in r]  # each epoch's last step: steps 1, 3 and 5 of a 4-step cosine
+    peak = lrs[0] / learning_rate(1, 4, 0, 1.0)
+    assert lrs == pytest.approx([learning_rate(step, 4, 0, peak) for step in (1, 3, 5)])
+    assert lrs[2] == pytest.approx(peak * 0.001)
+
+
 def test_a_run_started_before_the_solo_learn_rows_resumes_with_the_flags_its_error_names(cifar10_npz, tmp_path,
                                                                                         two_epoch_run):
     """Before 2026-12-05 the bagssl row had VICReg's LARS (eta 0.001, unclipped) and no solarization, and the resume
@@ -745,9 +769,10 @@ def test_a_typed_config_trains_from_python_with_a_longer_schedule_and_amp(cifar1
     assert math.isfinite(record["loss"]) and {"tcr", "invariance"} <= set(record)
     info = read_checkpoint(path)["train"]
     assert info["schedule_epochs"] == 2 and info["epochs"] == 1 and info["amp"] is True
-    with pytest.raises(ValueError, match=r"schedule_epochs \(was 2, now None\)"):
+    with pytest.raises(ValueError, match=r"schedule spans 2 epochs; --epochs 3 \(the schedule's length without "
+                                         r"--schedule-epochs\) would change it mid-run"):
         train(train_module.TrainConfig(**{**dataclasses.asdict(config), "schedule_epochs": None, "resume": True,
-                                          "epochs": 2}))
+                                          "epochs": 3}))
 
 
 def test_init_from_starts_a_new_run_from_a_checkpoints_weights(cifar10_npz, tmp_path, two_epoch_run, capsys):
