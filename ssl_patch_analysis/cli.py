@@ -458,9 +458,17 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | str, v
 
 
 def load_data_from_args(args: argparse.Namespace, split: str | None = None):
-    """``--data`` (``split`` or ``--split``) as :func:`~.data.load_dataset` reads it."""
-    from .data import load_dataset
+    """``--data`` (``split`` or ``--split``) as :func:`~.data.load_dataset` reads it; ``--split`` on an image folder
+    without split sub-folders is refused (was ignored: every split was the whole folder)."""
+    from .data import ARCHIVE_DATASETS, SPLIT_FOLDER_NAMES, load_dataset
 
+    folder = Path(str(args.data)).expanduser()
+    if (split is None and args.split is not None and str(args.data).lower() not in ARCHIVE_DATASETS
+            and folder.is_dir() and not (folder / args.split).is_dir()
+            and not any((folder / name).is_dir() for name in SPLIT_FOLDER_NAMES)):
+        raise UserError(f"--split {args.split}: the image folder {args.data} has no split sub-folders (its images are "
+                        "one set, whatever --split says): leave --split out, or give the folder train/ and test/ "
+                        "sub-folders")
     return load_dataset(args.data, split or split_of(args), root=args.data_root, download=args.download,
                         image_size=args.image_size, skip_bad_images=args.skip_bad_images)
 

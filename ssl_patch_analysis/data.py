@@ -60,7 +60,7 @@ import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -428,7 +428,7 @@ class ImageFolderDataset(ImageDataset):
     """
 
     def __init__(self, root: str | Path, image_size: int | None = None, split: str = "",
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, class_names: Sequence[str] | None = None):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist (expected <folder>/<class>/<image>)")
@@ -437,18 +437,21 @@ class ImageFolderDataset(ImageDataset):
         self.root = root
         self.resize_to = image_size
         layout = "expected <folder>/<class>/<image>: one sub-folder per class, or one (e.g. all/) for unlabelled images"
-        try:
-            self.class_names, class_to_idx = find_classes(str(root))
-        except FileNotFoundError:  # torchvision's "Couldn't find any class folder in ..."
+        # The class of a label: the class folders in sorted order, hidden ones (.ipynb_checkpoints) left out; a split
+        # of a folder with split sub-folders gets the classes of all its splits (_load_folder), so a label means the
+        # same class in every split even where a split lacks a class (was: each split numbered its own folders).
+        self.class_names = list(class_names) if class_names is not None else class_folders(root)
+        if not self.class_names:
             loose = sum(1 for entry in root.iterdir() if entry.suffix.lower() in IMG_EXTENSIONS)
             raise FileNotFoundError(f"image folder {root} has no class sub-folders"
-                                    f"{f' (it holds {loose} images directly)' if loose else ''}; {layout}") from None
-        try:
-            samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
-        except FileNotFoundError:  # torchvision's "Found no valid file for the classes ..."
-            raise FileNotFoundError(f"image folder {root}: its class sub-folders ({', '.join(self.class_names[:5])}"
-                                    f"{', ...' if len(self.class_names) > 5 else ''}) hold no images (files ending "
-                                    f"in {', '.join(IMG_EXTENSIONS[:4])}, ...)") from None
+                                    f"{f' (it holds {loose} images directly)' if loose else ''}; {layout}")
+        class_to_idx = {name: index for index, name in enumerate(self.class_names)}
+        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+        if not samples:
+            shown = [name for name in self.class_names if (root / name).is_dir()]
+            raise FileNotFoundError(f"image folder {root}: its class sub-folders ({', '.join(shown[:5])}"
+                                    f"{', ...' if len(shown) > 5 else ''}) hold no images (files ending "
+                                    f"in {', '.join(IMG_EXTENSIONS[:4])}, ...)")
         self.paths = [Path(p) for p, _ in samples]
         self.labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         self.name = root.name
@@ -806,14 +809,22 @@ def _load_imagenette(split: str, root: Path, download: bool) -> JpegArchiveDatas
         "load_dataset('/path/to/imagenette2', split='val', image_size=224)."))
 
 
+def class_folders(root: Path) -> list[str]:
+    """The class sub-folders of an image folder, sorted (labels are their indices), hidden ones left out."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+
+
 def _load_folder(folder: Path, split: str, image_size: int | None, skip_bad_images: bool) -> ImageFolderDataset:
     if (folder / split).is_dir():
-        return ImageFolderDataset(folder / split, image_size=image_size, split=split, skip_bad_images=skip_bad_images)
+        splits = {folder / name for name in SPLIT_FOLDER_NAMES if (folder / name).is_dir()} | {folder / split}
+        classes = sorted({name for path in splits for name in class_folders(path)})
+        return ImageFolderDataset(folder / split, image_size=image_size, split=split, skip_bad_images=skip_bad_images,
+                                  class_names=classes)
     split_folders = [s for s in SPLIT_FOLDER_NAMES if (folder / s).is_dir()]
     if split_folders:
         # Without this check the split folders themselves would silently become the classes.
         raise ValueError(f"{folder} has split sub-folders ({', '.join(split_folders)}) but no {split!r}; "
-                         f"pass split= one of them")
+                         f"pass split= (--split on the command line) one of them")
     return ImageFolderDataset(folder, image_size=image_size, skip_bad_images=skip_bad_images)
 
 

@@ -427,6 +427,39 @@ def test_image_folder_splits(tmp_path):
         ImageFolderDataset(tmp_path / "absent")
 
 
+
+def test_the_splits_of_an_image_folder_share_one_numbering_of_the_classes(tmp_path):
+    # was: each split numbered its own class folders, so val's "fish" (1 of cat, fish) was train's "dog" (1 of cat,
+    # dog, fish), and train's online k-NN scored val against train with the labels misaligned, without a word
+    for split, classes in (("train", ("cat", "dog", "fish")), ("val", ("cat", "fish"))):
+        for name in classes:
+            save_png(tmp_path / split / name / "0.png", np.full((2, 2, 3), len(name), dtype=np.uint8))
+    (tmp_path / "val" / ".ipynb_checkpoints").mkdir()  # hidden: no class
+    train, val = (load_dataset(str(tmp_path), split=split) for split in ("train", "val"))
+    assert train.class_names == val.class_names == ["cat", "dog", "fish"]
+    assert [train.class_names[label] for label in train.labels] == ["cat", "dog", "fish"]
+    assert [val.class_names[label] for label in val.labels] == ["cat", "fish"]
+    assert [path.parent.name for path in val.paths] == ["cat", "fish"]
+
+
+def test_split_on_an_image_folder_without_split_folders_is_refused(tmp_path, capsys):
+    # was: ignored, every --split the whole folder (a train-vs-test comparison compared the images with themselves)
+    from ssl_patch_analysis import extract
+    from ssl_patch_analysis.checkpoints import save_checkpoint
+
+    for name in ("a", "b"):
+        save_png(tmp_path / "flat" / name / "0.png", np.zeros((32, 32, 3), dtype=np.uint8))
+    save_checkpoint(helpers.tiny_model(), tmp_path / "tiny.pt")
+    with pytest.raises(SystemExit) as stopped:
+        extract.main(["--model", str(tmp_path / "tiny.pt"), "--data", str(tmp_path / "flat"), "--split", "train",
+                      "--central", "--store", str(tmp_path / "store"), "--device", "cpu"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --split train: the image folder {tmp_path / 'flat'} has no split sub-folders (its images are one "
+        "set, whatever --split says): leave --split out, or give the folder train/ and test/ sub-folders")
+    assert not (tmp_path / "store").exists()
+
+
 def test_an_image_folder_without_class_folders_says_the_layout(tmp_path):
     # was torchvision's "Couldn't find any class folder in ..." / "Found no valid file for the classes ..."
     for i in range(3):
