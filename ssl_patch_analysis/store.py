@@ -834,7 +834,9 @@ def prepare_store(
              if len(repr(meta.get(key))) + len(repr(settings[key])) < 80 else key for key in differing]
     hint = (" (to resume, match the store's precision: --amp/--no-amp, amp=True/False)"
             if "precision" in differing else "")
-    if "dataset" in differing and isinstance(meta.get("dataset"), dict):
+    # The content digests cover the images used: other images (--num-images) change them too, so only a store whose
+    # every other setting agrees had its images changed (was: blamed on the pixels when --num-images changed)
+    if differing == ["dataset"] and isinstance(meta.get("dataset"), dict):
         changed = [key for key in _CONTENT_DIGESTS if meta["dataset"].get(key) != settings["dataset"].get(key)]
         same_otherwise = all(meta["dataset"].get(k) == v for k, v in settings["dataset"].items() if k not in changed)
         if changed and same_otherwise:

@@ -56,6 +56,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1064,6 +1065,7 @@ class TrainingRun:
     writes: int = 0  # resume states written in the run folder, this one's included
     last_save: float = 0.0  # time.time() of the last resume state this process wrote (or of its start)
     knn_time: float = 0.0  # seconds the last online k-NN took (0 before the first)
+    images_sha256: str | None = None  # of the training images (_images_sha256), kept in resume states
 
     @property
     def local_batch(self) -> int:
@@ -1340,8 +1342,10 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     log_lines: list[str] = []
     resume_source = resume_path
     loss_fn = build_loss(config.method)
+    images_sha256 = _images_sha256(data.images)
     if config.resume:
         state, resume_source = _read_resume_state(resume_path, device)
+        _check_same_images(state, len(data.images), images_sha256)
         recorded = {**_unrecorded_settings(state["args"]), **state["args"]}
         unused = ("lars_eta", "lars_clip") if config.optimizer != "lars" else ()
         unused += ("blur_kernel_size",) if not config.blur_p else ()  # blur_p is fixed too: no blur then or now
@@ -1351,11 +1355,18 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
                 f"{k} (was {recorded.get(k)!r}, now {getattr(config, k)!r})" for k in changed)
                 + "; to continue it, add " + " ".join(_flags_for(recorded, changed)))
         schedule_was = recorded.get("schedule_epochs") or recorded.get("epochs")
-        if schedule_was is not None and int(schedule_was) != (config.schedule_epochs or config.epochs):
-            # was: accepted, and the schedule stretched or cut mid-run without a word
-            raise ValueError(f"--resume continues a run whose learning-rate schedule spans {schedule_was} epochs; "
-                             f"{_schedule_text(config)} would change it mid-run: to continue it, pass --epochs "
-                             f"{schedule_was}, or --schedule-epochs {schedule_was} with the --epochs to train")
+        schedule_now = config.schedule_epochs or config.epochs
+        if schedule_was is not None and int(schedule_was) != schedule_now:
+            finished = int(state["epoch"]) >= int(recorded.get("epochs") or 0) and not state.get("in_epoch")
+            if not finished:  # was: accepted, and the schedule stretched or cut mid-run without a word
+                raise ValueError(f"--resume continues a run whose learning-rate schedule spans {schedule_was} "
+                                 f"epochs; {_schedule_text(config)} would change it mid-run: to continue it, pass "
+                                 f"--epochs {schedule_was}, or --schedule-epochs {schedule_was} with the --epochs to "
+                                 "train")
+            if main:  # a finished run trained on: its schedule is now another one, said
+                print(f"note: the run finished its {state['epoch']} epochs; it trains on with a schedule of "
+                      f"{schedule_now} epochs (the learning rate goes back up to that schedule's; --schedule-epochs "
+                      f"{schedule_was} keeps the old one's end)", file=sys.stderr)
         if not knn_protocol_given:  # the online k-NN goes on measuring what it did (runs before the setting: central)
             config.knn_protocol = str(recorded.get("knn_protocol") or "central")
         ssl_model.load_state_dict(state["model"])
@@ -1425,7 +1436,25 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         warmup_steps=round(config.warmup_epochs * steps_per_epoch),
         start_epoch=start_epoch, step=step, previous_wall=previous_wall, start_time=start_time, log_lines=log_lines,
         rotate_resume=resume_source == resume_path, init_from=init_from, in_epoch=in_epoch,
-        checkpoint_train=checkpoint_train, writes=writes, last_save=time.time())
+        checkpoint_train=checkpoint_train, writes=writes, last_save=time.time(), images_sha256=images_sha256)
+
+
+def _images_sha256(images: torch.Tensor) -> str:
+    """The sha256 of the training images' pixels (uint8, in training order): what a resumed run must train on."""
+    array = np.ascontiguousarray(images.cpu().numpy())
+    return hashlib.sha256(memoryview(array).cast("B")).hexdigest()
+
+
+def _check_same_images(state: dict[str, Any], count: int, sha256: str) -> None:
+    """A resume state records the images it trained on (states from 2026-12-08 on): other images (a folder with
+    files added or replaced, another --data-root) are refused; was: the run went on, its epoch's order and steps
+    those of other data."""
+    recorded = state.get("train_images_sha256")
+    if recorded is not None and recorded != sha256:
+        was = state.get("train_images")
+        raise ValueError(f"--resume continues a run trained on other images ({was} then, {count} now, their pixels "
+                         "differ): pass the --data, --data-root, --image-size and --train-size it was trained with, "
+                         "and leave its images as they were")
 
 
 def _init_from(model: SSLModel, path: str, say: bool = True) -> dict[str, Any]:
@@ -1582,7 +1611,7 @@ def _write_resume_state(run: TrainingRun, epochs_done: int, wall: float,
         "model": run.ssl_model.state_dict(), "optimizer": run.optimizer.state_dict(), "epoch": epochs_done,
         "step": run.step, "rng": _rng_states(), "args": _plain(run.config), "wall_time_s": wall,
         "checkpoint_train": run.checkpoint_train, "log": list(run.log_lines), "writes": run.writes,
-        "init_from": run.init_from}
+        "init_from": run.init_from, "train_images": len(run.data.images), "train_images_sha256": run.images_sha256}
     if in_epoch is not None:
         state["in_epoch"] = in_epoch
     atomic_torch_save(with_checksum(state), run.resume_path,

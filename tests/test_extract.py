@@ -184,6 +184,24 @@ def test_complete_store_is_reused_and_other_settings_are_refused(tmp_path):
     assert replaced.h.shape == (6, 16, 64)
 
 
+
+def test_a_refused_store_blames_the_images_only_when_nothing_else_differs(tmp_path):
+    # was: asked for other images (image_ids), the refusal said "the images' pixels changed since the store was made"
+    model, images = tiny_model(projector=False), random_images(6)
+    extract_patch_embeddings(model, images, grid(16), batch_size=4, image_ids=[0, 1, 2], out=tmp_path / "s",
+                             progress=False)
+    with pytest.raises(ValueError, match=r"different: dataset, image_ids_sha256\); choose another --store") as other:
+        extract_patch_embeddings(model, images, grid(16), batch_size=4, image_ids=[0, 1, 2, 3], out=tmp_path / "s",
+                                 progress=False)
+    assert "changed since" not in str(other.value)
+    changed = images.clone()
+    changed[1] = 255 - changed[1]
+    with pytest.raises(ValueError, match=r"different: dataset\) \(the images' pixels changed since the store was "
+                                         r"made\); choose another --store"):
+        extract_patch_embeddings(model, changed, grid(16), batch_size=4, image_ids=[0, 1, 2], out=tmp_path / "s",
+                                 progress=False)
+
+
 def test_a_store_that_failed_before_its_first_batch_is_replaced_by_other_settings(tmp_path, capsys):
     # Was: a start that failed at once (out of memory at a huge --resize-to, a bad first image) left a store that
     # refused the corrected command ("made with other settings"). It holds nothing, so it is replaced, said on stderr;

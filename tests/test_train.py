@@ -177,10 +177,11 @@ def test_resume_refuses_changed_settings(cifar10_npz, tmp_path, two_epoch_run):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "2"))
 
 
-def test_resume_keeps_the_learning_rate_schedule_of_the_run_it_continues(cifar10_npz, tmp_path, monkeypatch):
-    """--epochs sets the schedule's length without --schedule-epochs: a resumed run given other --epochs would stretch
-    or cut the cosine mid-run (was: accepted without a word). Refused, naming both ways on; --schedule-epochs with the
-    run's length trains longer on the same schedule: the cosine of 2 epochs, then its end."""
+def test_resume_keeps_the_learning_rate_schedule_of_the_run_it_continues(cifar10_npz, tmp_path, monkeypatch, capsys):
+    """--epochs sets the schedule's length without --schedule-epochs: a run interrupted before its end, resumed with
+    other --epochs, would have its cosine stretched or cut mid-run (was: accepted without a word). Refused, naming
+    both ways on; --schedule-epochs with the run's length trains longer on the same schedule: the cosine of 2 epochs,
+    then its end. A finished run may be trained on with a longer schedule (said in a note)."""
     run = tmp_path / "run"
     common = ["--warmup-epochs", "0", "--knn-every", "0"]
     with monkeypatch.context() as patch:
@@ -199,6 +200,10 @@ def test_resume_keeps_the_learning_rate_schedule_of_the_run_it_continues(cifar10
     peak = lrs[0] / learning_rate(1, 4, 0, 1.0)
     assert lrs == pytest.approx([learning_rate(step, 4, 0, peak) for step in (1, 3, 5)])
     assert lrs[2] == pytest.approx(peak * 0.001)
+    capsys.readouterr()
+    train(tiny_args(cifar10_npz.parent, run, *common, "--epochs", "4", "--resume"))  # finished: trained on
+    assert "note: the run finished its 3 epochs; it trains on with a schedule of 4 epochs" in capsys.readouterr().err
+    assert [r["lr"] for r in read_log(run) if "lr" in r][3] == pytest.approx(learning_rate(7, 8, 0, peak))
 
 
 def test_a_run_started_before_the_solo_learn_rows_resumes_with_the_flags_its_error_names(cifar10_npz, tmp_path,
@@ -572,6 +577,36 @@ def test_image_folder_trains_with_its_val_split_as_knn_queries(cifar10_npz, tmp_
     # Folders are ImageNet-like: ImageNet normalisation; 32 px images still get the CIFAR stem.
     assert model.info.stem == "cifar" and model.preprocess.input_size == 32
     assert model.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+
+def test_resume_refuses_other_training_images(cifar10_npz, tmp_path, monkeypatch):
+    # was: a folder whose files changed (or another --data-root) was accepted, the run going on over other data
+    from PIL import Image
+
+    from ssl_patch_analysis.data import load_dataset
+
+    cifar = load_dataset("cifar10", "test", root=cifar10_npz.parent)
+    for i in range(16):
+        folder = tmp_path / "photos" / "train" / cifar.class_names[int(cifar.labels[i]) % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(cifar.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    tiny = [*TINY[:TINY.index("--train-size")], *TINY[TINY.index("--train-size") + 2:]]
+    argv = ["--data", str(tmp_path / "photos"), "--image-size", "32", *tiny, "--batch-size", "8", "--epochs", "2",
+            "--run-dir", str(tmp_path / "run"), "--knn-every", "0"]
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(build_parser().parse_args([*argv, "--time-limit", "1e-6"]))
+    first = next((tmp_path / "photos" / "train").rglob("0.png"))
+    kept = first.read_bytes()
+    Image.fromarray(cifar.images[99].permute(1, 2, 0).numpy()).save(first)  # one image replaced by another
+    with pytest.raises(ValueError, match=r"^--resume continues a run trained on other images \(16 then, 16 now, "
+                                         r"their pixels differ\): pass the --data"):
+        train(build_parser().parse_args([*argv, "--resume"]))
+    assert resume_state(tmp_path / "run")["step"] == 2  # nothing trained
+    first.write_bytes(kept)  # the images as they were: it goes on
+    train(build_parser().parse_args([*argv, "--resume"]))
+    assert resume_state(tmp_path / "run")["step"] == 4 and resume_state(tmp_path / "run")["train_images"] == 16
 
 
 def test_an_image_folder_with_an_unreadable_file_trains_with_skip_bad_images(cifar10_npz, tmp_path):
