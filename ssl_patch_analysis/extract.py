@@ -256,7 +256,7 @@ class _ImageSource:
         }
         every = len(ids) == len(self) and bool((ids == np.arange(len(self))).all())
         if self.images is not None:
-            description["pixels_sha256"] = _tensor_sha256(self.images if every else self.images[torch.from_numpy(ids)])
+            description["pixels_sha256"] = tensor_sha256(self.images if every else self.images[torch.from_numpy(ids)])
         elif hasattr(self.dataset, "paths") and hasattr(self.dataset, "root"):
             description["files_sha256"] = _files_sha256(self.dataset.root, [self.dataset.paths[i] for i in ids])
         elif hasattr(self.dataset, "jpeg") and hasattr(self.dataset, "offsets"):
@@ -290,9 +290,11 @@ class _BatchReader(Dataset):
         return self.source.get_batch(self.batches[k])
 
 
-def _tensor_sha256(tensor: torch.Tensor) -> str:
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """The sha256 of a tensor's bytes (on the host, row-major), hashed in place: a store's pixels, a model's
+    weights, the trainer's images."""
     raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(raw.numpy())).hexdigest()
 
 
 def model_sha256(model: torch.nn.Module) -> str:
@@ -300,7 +302,7 @@ def model_sha256(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(bytes.fromhex(_tensor_sha256(tensor)))
+        digest.update(bytes.fromhex(tensor_sha256(tensor)))
     return digest.hexdigest()
 
 

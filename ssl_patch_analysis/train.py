@@ -56,7 +56,6 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
-import hashlib
 import json
 import math
 import os
@@ -92,7 +91,14 @@ from .checkpoints import (
 )
 from .data import ARCHIVE_DATASETS, ImageDataset, TensorImageDataset, load_dataset
 from .evaluate import PatchScale, protocol_sampler, protocol_title
-from .extract import boxes_are_exact, check_boxes, cpu_has_bf16, crop_checked_patches, warn_if_bf16_is_slow
+from .extract import (
+    boxes_are_exact,
+    check_boxes,
+    cpu_has_bf16,
+    crop_checked_patches,
+    tensor_sha256,
+    warn_if_bf16_is_slow,
+)
 from .knn import knn_accuracy
 from .losses import BagSSLLoss, EMPSSLLoss, LossOutput, NTXentLoss, VICRegLoss
 from .models import IMAGENET_MEAN, IMAGENET_STD, L2Normalize, ModelInfo, Preprocess, SSLModel, build_backbone, build_mlp
@@ -1065,7 +1071,7 @@ class TrainingRun:
     writes: int = 0  # resume states written in the run folder, this one's included
     last_save: float = 0.0  # time.time() of the last resume state this process wrote (or of its start)
     knn_time: float = 0.0  # seconds the last online k-NN took (0 before the first)
-    images_sha256: str | None = None  # of the training images (_images_sha256), kept in resume states
+    images_sha256: str | None = None  # of the training images (tensor_sha256), kept in resume states
 
     @property
     def local_batch(self) -> int:
@@ -1342,10 +1348,9 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     log_lines: list[str] = []
     resume_source = resume_path
     loss_fn = build_loss(config.method)
-    images_sha256 = _images_sha256(data.images)
+    images_sha256 = tensor_sha256(data.images)  # the pixels trained on, in order: a resumed run must train on them
     if config.resume:
         state, resume_source = _read_resume_state(resume_path, device)
-        _check_same_images(state, len(data.images), images_sha256)
         recorded = {**_unrecorded_settings(state["args"]), **state["args"]}
         unused = ("lars_eta", "lars_clip") if config.optimizer != "lars" else ()
         unused += ("blur_kernel_size",) if not config.blur_p else ()  # blur_p is fixed too: no blur then or now
@@ -1354,6 +1359,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
             raise ValueError("--resume needs the settings of the run it continues; these differ: " + ", ".join(
                 f"{k} (was {recorded.get(k)!r}, now {getattr(config, k)!r})" for k in changed)
                 + "; to continue it, add " + " ".join(_flags_for(recorded, changed)))
+        _check_same_images(state, len(data.images), images_sha256)  # the same flags, other files
         schedule_was = recorded.get("schedule_epochs") or recorded.get("epochs")
         schedule_now = config.schedule_epochs or config.epochs
         if schedule_was is not None and int(schedule_was) != schedule_now:
@@ -1437,12 +1443,6 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         start_epoch=start_epoch, step=step, previous_wall=previous_wall, start_time=start_time, log_lines=log_lines,
         rotate_resume=resume_source == resume_path, init_from=init_from, in_epoch=in_epoch,
         checkpoint_train=checkpoint_train, writes=writes, last_save=time.time(), images_sha256=images_sha256)
-
-
-def _images_sha256(images: torch.Tensor) -> str:
-    """The sha256 of the training images' pixels (uint8, in training order): what a resumed run must train on."""
-    array = np.ascontiguousarray(images.cpu().numpy())
-    return hashlib.sha256(memoryview(array).cast("B")).hexdigest()
 
 
 def _check_same_images(state: dict[str, Any], count: int, sha256: str) -> None:

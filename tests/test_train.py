@@ -604,6 +604,8 @@ def test_resume_refuses_other_training_images(cifar10_npz, tmp_path, monkeypatch
                                          r"their pixels differ\): pass the --data"):
         train(build_parser().parse_args([*argv, "--resume"]))
     assert resume_state(tmp_path / "run")["step"] == 2  # nothing trained
+    with pytest.raises(ValueError, match=r"these differ: train_size \(was None, now 12\)"):  # a flag: named as such
+        train(build_parser().parse_args([*argv, "--train-size", "12", "--resume"]))
     first.write_bytes(kept)  # the images as they were: it goes on
     train(build_parser().parse_args([*argv, "--resume"]))
     assert resume_state(tmp_path / "run")["step"] == 4 and resume_state(tmp_path / "run")["train_images"] == 16
