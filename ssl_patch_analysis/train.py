@@ -1379,6 +1379,8 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
         optimizer.load_state_dict(state["optimizer"])
         # states from 2026-12-06 on carry it (one within the first epoch has no checkpoint record yet)
         init_from = state.get("init_from", (state.get("checkpoint_train") or {}).get("init_from"))
+        if config.init_from is not None:  # every rank: a refusal stops them all before any step
+            _check_resumed_init_from(config.init_from, init_from, recorded="init_from" in state, say=main)
         start_epoch, step, previous_wall = int(state["epoch"]), int(state["step"]), float(state["wall_time_s"])
         in_epoch, checkpoint_train = state.get("in_epoch"), state.get("checkpoint_train")
         writes = int(state.get("writes", start_epoch))
@@ -1485,6 +1487,37 @@ def _init_from(model: SSLModel, path: str, say: bool = True) -> dict[str, Any]:
                              f"this run's ({_shape_words(model.info)}): pass the {hint} of the run that made it")
         target.load_state_dict(theirs)
     return {"path": str(path), "sha256": file_sha256(source), "heads": heads}
+
+
+def _check_resumed_init_from(path: str, started: dict[str, Any] | None, recorded: bool, say: bool = True) -> None:
+    """``--resume --init-from``: the resumed run's weights come from its state, not from the file. The file the run
+    started from (or a copy) goes on quietly; another file, or a run started from its random init, is refused (it
+    was ignored without a word); the run's own path now holding other bytes goes on, said."""
+    source = Path(path).expanduser()
+    if started is None:
+        if recorded:
+            raise ValueError(f"--resume continues a run that started from its random init; --init-from {source} "
+                             "would not be loaded: drop --init-from to continue the run, or pass another --run-dir "
+                             "to start a new one from that file")
+        return  # a state from before init_from was recorded: nothing to compare with
+    same_path = Path(str(started.get("path", ""))).expanduser().resolve() == source.resolve()
+    if not source.is_file():
+        if same_path:
+            return  # moved away since: the state holds its weights
+        raise FileNotFoundError(f"--init-from: {source} does not exist (the run in this --run-dir started from "
+                                f"{started.get('path')}); drop --init-from to continue the run")
+    digest = file_sha256(source)
+    if digest == started.get("sha256"):
+        return  # the same weights
+    if same_path:
+        if say:
+            notice(f"--init-from {source} holds other bytes than when the run started (sha256 {digest[:12]}, was "
+                   f"{str(started.get('sha256'))[:12]}); not loaded: the run goes on from its own state")
+        return
+    raise ValueError(f"--init-from {source} is not the file the run in this --run-dir started from "
+                     f"({started.get('path')}, sha256 {str(started.get('sha256'))[:12]}); the resumed run goes on "
+                     "from its own state, so it would not be loaded: drop --init-from to continue the run, or pass "
+                     "another --run-dir to start a new one from that file")
 
 
 def _shape_words(info: Any) -> str:

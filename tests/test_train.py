@@ -1059,3 +1059,65 @@ def test_a_resume_state_holding_pickled_code_is_named_as_such(cifar10_npz, tmp_p
     torch.save({"model": _PickledCall()}, out / "resume.pt")
     with pytest.raises(ValueError, match=r"resume\.pt is damaged \(it holds Python objects that are not tensors"):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
+
+
+def test_resume_with_another_init_from_is_refused_in_one_line(cifar10_npz, tmp_path, two_epoch_run, monkeypatch):
+    """--resume --init-from X: the resumed run holds its own weights, so X is not loaded. Where X is not the file the
+    run started from (another file, or the run started from its random init), that was ignored without a word: it is
+    refused; the same file (or a copy, or the same path since rewritten: said) goes on."""
+    _, source = two_epoch_run
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(source), "--time-limit", "1e-6"))
+    other = tmp_path / "other.pt"
+    other_model = load_model(source, verbose=False)
+    with torch.no_grad():
+        other_model.backbone.conv1.weight.add_(1.0)
+    save_checkpoint(other_model, other)
+    before = resume_state(out)["step"]
+    with pytest.raises(ValueError, match=r"--init-from .*other\.pt.* not the file .*started from") as caught:
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(other), "--resume"))
+    assert "\n" not in str(caught.value) and "drop --init-from" in str(caught.value)
+    assert resume_state(out)["step"] == before  # nothing trained, nothing lost
+    with pytest.raises(FileNotFoundError, match=r"--init-from: .*gone\.pt does not exist"):
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(tmp_path / "gone.pt"), "--resume"))
+
+    # a copy of the file the run started from, under another name: the same weights, it goes on
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(Path(source).read_bytes())
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(copy), "--resume",
+                        "--time-limit", "1e-6"))
+    assert resume_state(out)["step"] > before
+
+    # a run started from its random init, resumed with --init-from: refused as well
+    fresh = tmp_path / "fresh"
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(tiny_args(cifar10_npz.parent, fresh, "--epochs", "2", "--time-limit", "1e-6"))
+    with pytest.raises(ValueError, match=r"started from its random init"):
+        train(tiny_args(cifar10_npz.parent, fresh, "--epochs", "2", "--init-from", str(source), "--resume"))
+
+
+def test_resume_with_init_from_rewritten_since_says_so(cifar10_npz, tmp_path, two_epoch_run, monkeypatch, capsys):
+    """The path the run started from now holds other bytes (a shipped file promoted since): the run goes on from its
+    own state, and stderr says the file changed (its weights were not used again)."""
+    _, source = two_epoch_run
+    start = tmp_path / "start.pt"
+    start.write_bytes(Path(source).read_bytes())
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        only_at_epoch_ends(patch)
+        train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(start), "--time-limit", "1e-6"))
+    model = load_model(start, verbose=False)
+    with torch.no_grad():
+        model.backbone.conv1.weight.mul_(2.0)
+    save_checkpoint(model, start)
+    capsys.readouterr()
+    train(tiny_args(cifar10_npz.parent, out, "--epochs", "2", "--init-from", str(start), "--resume"))
+    err = capsys.readouterr().err
+    assert "holds other bytes than when the run started" in err and "not loaded" in err
+    started = read_checkpoint(out / "checkpoint.pt")["train"]["init_from"]
+    assert started["sha256"] != hashlib.sha256(start.read_bytes()).hexdigest()
