@@ -809,6 +809,19 @@ def _load_imagenette(split: str, root: Path, download: bool) -> JpegArchiveDatas
         "load_dataset('/path/to/imagenette2', split='val', image_size=224)."))
 
 
+def _say_folder_not_read(name: str, roots: list[Path]) -> None:
+    """A data set's name is the data set, even where a folder of that name holds images (./cifar10/<class>/...): said
+    on stderr, with the spelling that reads the folder (that folder was read from the archive without a word)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir() or any(folder.resolve() == r.resolve() for r in roots):
+        return
+    own = {entry[0] for entry in TORCHVISION_CIFAR.values()}  # a data root holding torchvision's files is no images
+    if not [c for c in class_folders(folder) if c not in own]:
+        return
+    print(f"note: {name!r} is the data set {name} (its archive, as documented); the image folder ./{name} is not "
+          f"read: to read it, give its path (./{name})", file=sys.stderr)
+
+
 def class_folders(root: Path) -> list[str]:
     """The class sub-folders of an image folder, sorted (labels are their indices), hidden ones left out."""
     return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
@@ -893,6 +906,7 @@ def load_dataset(name: str, split: str = "test", root: str | Path | None = None,
                              "archive, which is checked as a whole (a damaged one must be replaced)")
         loader = _load_imagenette if key == "imagenette" else partial(_load_cifar, key)
         roots = [Path(root).expanduser()] if root is not None else data_roots()
+        _say_folder_not_read(name, roots)
         missing = []
         for data_root in roots:
             try:

@@ -493,3 +493,22 @@ def test_tensor_dataset_validates_and_batches():
         TensorImageDataset(images, [0, 1], ["a", "b"])
     with pytest.raises(ValueError, match=r"0\.\.1"):
         TensorImageDataset(images, [0, 1, 2, 0], ["a", "b"])
+
+
+def test_a_folder_named_like_a_data_set_is_said_not_to_be_read(cifar10_npz, tmp_path, monkeypatch, capsys):
+    """``cifar10`` is the named data set even where ./cifar10/ is an image folder (the user's own CIFAR-10 as PNGs):
+    it was read from the archive without a word. It still is (the name is documented), and stderr says the folder was
+    not read and how to read it; no notice where ./cifar10/ holds no class folders."""
+    monkeypatch.chdir(tmp_path)
+    save_png(tmp_path / "cifar10" / "cat" / "a.png", np.zeros((4, 4, 3), dtype=np.uint8))
+    capsys.readouterr()
+    loaded = load_dataset("cifar10", "test", root=cifar10_npz.parent)
+    assert len(loaded) == 10_000  # the archive's test split, as the name says
+    err = capsys.readouterr().err
+    assert "cifar10" in err and "not read" in err and "./cifar10" in err
+    assert len(load_dataset("./cifar10", "test")) == 1  # the hint's spelling reads the folder
+    capsys.readouterr()
+    (tmp_path / "cifar10" / "cat" / "a.png").unlink()
+    (tmp_path / "cifar10" / "cat").rmdir()
+    load_dataset("cifar10", "test", root=cifar10_npz.parent)
+    assert "not read" not in capsys.readouterr().err
