@@ -113,8 +113,8 @@ def embed_data(model: SSLModel, data: ImageDataset, num_images: int = DEFAULT_NU
     call with the same settings reads them back instead of running the model.
     """
     if data.image_size is None:
-        raise ValueError(f"the images of {data_label(data)} vary in size: load it with image_size=S so that one "
-                         "grid fits every image")
+        raise ValueError(f"the images of {data_label(data)} vary in size: load it with --image-size S (image_size=S) "
+                         "so that one grid fits every image")
     if not 1 <= num_images <= len(data):
         raise ValueError(f"num_images must be between 1 and {len(data)} (the images of {data_label(data)}), "
                          f"got {num_images}")

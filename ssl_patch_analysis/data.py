@@ -199,7 +199,8 @@ class ImageDataset(Dataset):
         if len(sizes) > 1:
             raise ValueError(
                 f"images of {self.name} differ in size ({', '.join(f'{h}x{w}' for h, w in sizes)}) and cannot be "
-                "stacked; load the folder with image_size=S to resize and centre-crop every image to S x S"
+                "stacked; load the folder with --image-size S (image_size=S) to resize and centre-crop every image "
+                "to S x S"
             )
         return torch.stack(images)
 
@@ -692,7 +693,7 @@ def _damaged_cifar(path: Path, problem: str) -> DataFileError:
 def _read_cifar_pickle(path: Path, keys: Sequence[str]) -> dict[str, object]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from torchvision's CIFAR folder; remove the folder and "
-                                "reload with download=True (on a machine with internet) to fetch it again")
+                                "reload with --download (download=True, on a machine with internet) to fetch it again")
     with open(path, "rb") as f:
         try:
             # latin1, like torchvision: the official files were pickled by Python 2.
@@ -759,8 +760,9 @@ def _download_cifar(root: Path, name: str) -> None:
         # train=False downloads the same archive (it holds both splits).
         dataset_class(str(root), train=False, download=True)
     except OSError as e:
-        raise RuntimeError(f"downloading {name} into {root} failed ({e}); download=True needs internet access. "
-                           f"Otherwise pass root= (or set {DATA_ENV}) to a folder holding {name}_jpeg.npz") from e
+        raise RuntimeError(f"downloading {name} into {root} failed ({e}); --download (download=True) needs internet "
+                           f"access. Otherwise pass --data-root (root=, or set {DATA_ENV}) to a folder holding "
+                           f"{name}_jpeg.npz") from e
 
 
 class DataSetNotFoundError(FileNotFoundError):
@@ -779,7 +781,8 @@ def _check_split(name: str, split: str, valid: Sequence[str]) -> None:
 
 def _check_native_size(name: str, image_size: int | None, native: int) -> None:
     if image_size is not None and image_size != native:
-        raise ValueError(f"{name} images are {native}x{native}; image_size={image_size} is only for image folders. "
+        raise ValueError(f"{name} images are {native}x{native}; --image-size {image_size} (image_size=) is only for "
+                         "image folders. "
                          "Patch extraction resizes crops on the device, so load the native size")
 
 
@@ -794,19 +797,20 @@ def _load_cifar(name: str, split: str, root: Path, download: bool) -> TensorImag
     if archive.is_file():
         return _load_decoded_archive(archive, name, split)
     raise _not_found(name, [folder, archive], (
-        f"To get it: load_dataset({name!r}, download=True) on a machine with internet (torchvision downloads the "
-        f"official files into {folder}), or pass root= (or set {DATA_ENV}) to the folder holding {archive.name}."))
+        f"To get it: --download (load_dataset({name!r}, download=True)) on a machine with internet (torchvision "
+        f"downloads the official files into {folder}), or pass --data-root (root=, or set {DATA_ENV}) to the folder "
+        f"holding {archive.name}."))
 
 
 def _load_imagenette(split: str, root: Path, download: bool) -> JpegArchiveDataset:
     archive = root / ARCHIVE_DATASETS["imagenette"][1]
     if archive.is_file():
         return _load_lazy_archive(archive, "imagenette", split)
-    hint = "download=True cannot fetch it (only CIFAR downloads). " if download else ""
+    hint = "--download (download=True) cannot fetch it (only CIFAR downloads). " if download else ""
     raise _not_found("imagenette", [archive], (
-        f"To get it: {hint}pass root= (or set {DATA_ENV}) to the folder holding {archive.name}, or download "
-        "fast.ai's imagenette2 (https://github.com/fastai/imagenette) and load its folder: "
-        "load_dataset('/path/to/imagenette2', split='val', image_size=224)."))
+        f"To get it: {hint}pass --data-root (root=, or set {DATA_ENV}) to the folder holding {archive.name}, or "
+        "download fast.ai's imagenette2 (https://github.com/fastai/imagenette) and load its folder: --data "
+        "/path/to/imagenette2 --image-size 224 (load_dataset('/path/to/imagenette2', split='val', image_size=224))."))
 
 
 def _say_folder_not_read(name: str, roots: list[Path]) -> None:

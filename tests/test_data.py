@@ -343,8 +343,12 @@ def test_wrong_names_splits_and_sizes(tmp_path):
         load_dataset("imagenette", "test", root=tmp_path)
     with pytest.raises(ValueError, match="cifar10, cifar100, imagenette"):
         load_dataset("mnist", root=tmp_path)
-    with pytest.raises(ValueError, match="32x32"):
+    # the flag a command-line user passed is named (the message named only the Python argument, image_size=224)
+    with pytest.raises(ValueError, match=r"32x32; --image-size 224 \(image_size=\) is only for image folders"):
         load_dataset("cifar10", "test", root=tmp_path, image_size=224)
+    with pytest.raises(FileNotFoundError, match=r"--data-root \(root=") as caught:
+        load_dataset("imagenette", "val", root=tmp_path)
+    assert "--data /path/to/imagenette2 --image-size 224" in str(caught.value)
 
 
 def test_default_locations_follow_environment(tmp_path, monkeypatch):
@@ -401,7 +405,7 @@ def test_image_folder_sizes_resize_and_batches(tmp_path):
     native = ImageFolderDataset(tmp_path)
     assert native.image_size is None
     assert native[2][0].shape == (3, 6, 6) and int(native[2][0].min()) == int(native[2][0].max()) == 77
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match=r"--image-size S \(image_size=S\)"):
         native.get_batch([0, 1])
 
     resized = ImageFolderDataset(tmp_path, image_size=4)
