@@ -69,6 +69,12 @@ figures() {
 # And once more from that 10-epoch model over another draw of 40,000 images (SEED=1: both runs above saw seed 0's):
 # card k-NN 56.65 / linear 62.44, +1.22 [+0.62, +1.82] / +2.31 [+1.67, +2.95] paired: shipped (6 + 2 + 2 + 2 epochs;
 # the 10-epoch card kept as benchmarks/results/previous-shipped_simclr-10ep_card.json).
+# And again from that 12-epoch model over a third draw (SEED=2): card k-NN 57.63 / linear 63.92, +0.98 [+0.38, +1.58] /
+# +1.48 [+0.90, +2.06] paired: shipped (6 + 2 + 2 + 2 + 2 epochs; the 12-epoch card kept as
+# benchmarks/results/previous-shipped_simclr-12ep_card.json).
+#   ONWARD=runs/simclr-cpu-onward4 OLD_RECIPE=1 SEED=2 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
+#   ONWARD=runs/simclr-cpu-onward4 OLD_RECIPE=1 SEED=2 KEPT=benchmarks/results/previous-shipped_simclr-12ep_card.json \
+#       STEPS="promote figures" benchmarks/simclr_cpu.sh
 #   ONWARD=runs/simclr-cpu-onward3 OLD_RECIPE=1 SEED=1 STEPS="onward candidate judge" benchmarks/simclr_cpu.sh
 #   ONWARD=runs/simclr-cpu-onward3 OLD_RECIPE=1 SEED=1 KEPT=benchmarks/results/previous-shipped_simclr-10ep_card.json \
 #       STEPS="promote figures" benchmarks/simclr_cpu.sh
@@ -77,7 +83,8 @@ figures() {
 #       STEPS="promote figures" benchmarks/simclr_cpu.sh
 OLD_AUG=${OLD_AUG:-0}
 OLD_RECIPE=${OLD_RECIPE:-0}
-# onward: --seed draws the --train-size subset (0: the 40,000 images the first two onward runs saw; 1 the third's)
+# onward: --seed draws the --train-size subset (0: the 40,000 images the first two onward runs saw; 1 the third's; 2 the
+# fourth's)
 SEED=${SEED:-0}
 ONWARD=${ONWARD:-runs/simclr-cpu-onward}
 AUG=()
