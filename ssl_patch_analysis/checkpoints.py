@@ -69,6 +69,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from .errors import disk_full, is_disk_full
 from .models import (
     ARCHS,
     CIFAR10_MEAN,
@@ -749,7 +750,8 @@ def _float32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- own format
 
 
-def save_checkpoint(model: SSLModel, path: str | Path, train: dict | None = None, half: bool = False) -> None:
+def save_checkpoint(model: SSLModel, path: str | Path, train: dict | None = None, half: bool = False,
+                    advice: str = "free some space and run the same command again") -> None:
     """Write ``model`` in the project's own format: one ``torch.save`` of tensors and plain values.
 
     ``train`` holds what produced the model (method, patch size, epochs, data set, final
@@ -801,22 +803,32 @@ def save_checkpoint(model: SSLModel, path: str | Path, train: dict | None = None
         checkpoint["pre_feature"] = tensors(model.pre_feature)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(with_checksum(checkpoint), path)
+    atomic_torch_save(with_checksum(checkpoint), path, advice=advice)
 
 
-def atomic_torch_save(obj: Any, path: Path, previous: Path | None = None) -> None:
+def atomic_torch_save(obj: Any, path: Path, previous: Path | None = None,
+                      advice: str = "free some space and run the same command again") -> None:
     """``torch.save`` to a temporary name, flushed to disk, then renamed: a crash never leaves a partial file at
     ``path``. With ``previous``, the file at ``path`` (if any) is first renamed to it, so that one intact older
-    version is always kept."""
+    version is always kept. A full disk is a :class:`~.errors.DiskFullError` naming the folder, what is kept and
+    ``advice`` (the object is serialised in memory first: torch's own file writer turned a full disk into a
+    RuntimeError, "unexpected pos")."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         if previous is not None and path.is_file():
             os.replace(path, previous)
         os.replace(tmp, path)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        kept = f"{path.name} as it was is kept" if path.is_file() else f"no {path.name} was there before"
+        raise disk_full(path.parent, path.name, kept, advice) from error
     finally:
         tmp.unlink(missing_ok=True)
     directory = os.open(path.parent, os.O_RDONLY)

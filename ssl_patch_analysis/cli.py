@@ -49,6 +49,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from .errors import is_disk_full
+
 DEBUG_ENV = "SSL_PATCH_ANALYSIS_DEBUG"
 DEFAULT_OUT = Path("figures")
 LAYER_NAMES = ("h", "z", "pre_feature")
@@ -578,6 +580,10 @@ def one_line(error: BaseException) -> str:
         text = f"{error.filename}: {error.strerror}"
         if error.filename2 is not None:
             text = f"{error.filename} -> {error.filename2}: {error.strerror}"
+    elif isinstance(error, OSError) and error.errno is not None and error.strerror:
+        text = " ".join(str(error.strerror).split())  # without "[Errno 28] ", which only repeats what it says
+    if is_disk_full(error) and "is full" not in text:  # a writer that does not name its folder: what to do, still
+        text = f"the disk is full ({text}): free some space and run the same command again"
     if isinstance(error, KeyError) and len(error.args) == 1:
         text = str(error.args[0])
     return text[len("error: "):] if text.startswith("error: ") else text

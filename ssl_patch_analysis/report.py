@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import disk_full, is_disk_full
+
 
 def model_label(model) -> str:
     """A short name for titles: the shipped/published name or checkpoint file, and the method."""
@@ -65,14 +67,23 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+OUTPUT_ADVICE = "free some space (or pass another --out) and run the same command again"
+
+
 def save_json(obj: Any, path: Path | str) -> Path:
     """Write ``obj`` (dicts, lists, numbers, arrays, tensors) as indented JSON, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(_plain(obj), indent=1) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(_plain(obj), indent=1) + "\n")
         os.replace(tmp, path)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        kept = f"the earlier {path.name} is kept" if path.is_file() else f"no {path.name} was there before"
+        raise disk_full(path.parent, path.name, kept, OUTPUT_ADVICE) from error
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -103,11 +114,18 @@ def save_figure_and_json(fig, numbers: Any, stem: Path | str, pdf: bool = False,
         for path in paths:
             if path.is_dir():
                 raise IsADirectoryError(f"{path} is a folder: move it away, or pass another --out")
-        for path, draft in zip(paths, drafts, strict=True):
-            if path.suffix == ".json":
-                draft.write_text(json.dumps(_plain(numbers), indent=1) + "\n")
-            else:
-                fig.savefig(draft, dpi=dpi, bbox_inches="tight")
+        try:
+            for path, draft in zip(paths, drafts, strict=True):
+                if path.suffix == ".json":
+                    with open(draft, "w") as f:
+                        f.write(json.dumps(_plain(numbers), indent=1) + "\n")
+                else:
+                    fig.savefig(draft, dpi=dpi, bbox_inches="tight")
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            raise disk_full(stem.parent, " and ".join(p.name for p in paths), "the earlier files are kept as they were",
+                            OUTPUT_ADVICE) from error
         for path, kept in zip(paths, earlier, strict=True):
             if path.exists():
                 try:

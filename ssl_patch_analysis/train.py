@@ -1648,8 +1648,15 @@ def _write_resume_state(run: TrainingRun, epochs_done: int, wall: float,
     if in_epoch is not None:
         state["in_epoch"] = in_epoch
     atomic_torch_save(with_checksum(state), run.resume_path,
-                      previous=run.out / PREVIOUS_RESUME if run.rotate_resume else None)
+                      previous=run.out / PREVIOUS_RESUME if run.rotate_resume else None, advice=_full_disk_advice(run))
     run.rotate_resume = True
+
+
+def _full_disk_advice(run: TrainingRun) -> str:
+    """What to do when the disk holding the run folder is full: --resume where a resume state was written."""
+    if run.resume_path.is_file():
+        return "free some space, then continue the run with --resume (it goes on from the last state kept)"
+    return "free some space and run the same command again (no resume state was written yet)"
 
 
 def training_step(run: TrainingRun, images: torch.Tensor, boxes: torch.Tensor, exact: bool, lr: float) -> LossOutput:
@@ -1774,7 +1781,7 @@ def end_of_epoch(run: TrainingRun, epoch: int, result: EpochResult) -> str | Non
         train_info = _train_info(config, run.data, epoch + 1, wall, device, knn, stopped_early, run.init_from,
                                  loss=loss_settings(run.loss_fn))
         run.export_model.load_state_dict(run.ssl_model.state_dict())
-        save_checkpoint(run.export_model, run.checkpoint_path, train=train_info)
+        save_checkpoint(run.export_model, run.checkpoint_path, train=train_info, advice=_full_disk_advice(run))
         run.checkpoint_train = train_info
         line = log_line(record)
         run.log_lines.append(line)

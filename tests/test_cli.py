@@ -446,3 +446,18 @@ def test_one_default_split():
 def test_outputs_record_the_command_in_one_shape():
     assert cli.command_line("python -m ssl_patch_analysis.heatmap", ["--model", "my model.pt", "--layers", "z"]) == (
         "python -m ssl_patch_analysis.heatmap --model 'my model.pt' --layers z")
+
+
+def test_an_os_error_without_a_file_name_is_said_without_its_errno_and_a_full_disk_says_what_to_do():
+    """Was "[Errno 28] No space left on device" (a writer that names no file): the number only repeats the words,
+    and a full disk needs the advice a user can act on."""
+    import errno
+
+    from ssl_patch_analysis.errors import disk_full
+
+    bare = cli.one_line(OSError(errno.ENOSPC, "No space left on device"))
+    assert bare == "the disk is full (No space left on device): free some space and run the same command again"
+    named = disk_full("/runs/x", "resume.pt", "resume.pt as it was is kept", "free some space")
+    assert cli.one_line(named) == ("the disk holding /runs/x is full: resume.pt was not written (resume.pt as it was "
+                                   "is kept); free some space")
+    assert cli.one_line(OSError(errno.EACCES, "Permission denied", "/x/y")) == "/x/y: Permission denied"

@@ -1,11 +1,13 @@
 """The shared output helpers: file names, JSON of arrays/tensors, tables, figures."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ssl_patch_analysis import cli
 from ssl_patch_analysis.report import (
     data_label,
     format_table,
@@ -131,9 +133,31 @@ def test_a_write_that_fails_half_way_moves_nothing_in(tmp_path):
         png_only(path, **kwargs)
 
     fig.savefig = full_disk_for_the_pdf
-    with pytest.raises(OSError, match="No space left"):
+    # one line naming the folder, the files and what is kept (was the bare "[Errno 28] No space left on device")
+    with pytest.raises(OSError, match=rf"the disk holding {tmp_path} is full: heatmap_x_cifar10.png and "
+                                      r"heatmap_x_cifar10.pdf and heatmap_x_cifar10.json was not written \(the "
+                                      r"earlier files are kept as they were\); free some space \(or pass another "
+                                      r"--out\)") as caught:
         save_figure_and_json(fig, {"n": 2}, stem, pdf=True)
+    assert caught.value.errno == 28 and "Errno" not in cli.one_line(caught.value)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the PNG written as a draft, not moved in
+
+
+def test_save_json_on_a_full_disk_keeps_the_earlier_file_and_says_where(tmp_path, monkeypatch):
+    import builtins
+
+    from ssl_patch_analysis import report
+
+    if not Path("/dev/full").exists():
+        pytest.skip("/dev/full is not available on this system (needed to simulate a full disk)")
+    path = save_json({"n": 1}, tmp_path / "retrieval_x_cifar10.json")
+    real_open = builtins.open
+    monkeypatch.setattr(report, "open", lambda p, mode="r", *a, **k: real_open("/dev/full", mode, *a, **k),
+                        raising=False)
+    with pytest.raises(OSError, match=rf"the disk holding {tmp_path} is full: retrieval_x_cifar10.json was not "
+                                      r"written \(the earlier retrieval_x_cifar10.json is kept\)"):
+        save_json({"n": 2}, path)
+    assert json.loads(path.read_text()) == {"n": 1} and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 @pytest.mark.parametrize("first_time, hard_links", [(False, True), (True, True), (False, False)])

@@ -13,7 +13,7 @@ import torch
 from ssl_patch_analysis import train as train_module
 from ssl_patch_analysis.checkpoints import load_model
 from ssl_patch_analysis.train import read_log, train
-from test_train import _one_thread, tiny_args  # noqa: F401 - the fixture keeps tiny runs on one thread
+from test_train import TINY, _one_thread, tiny_args  # noqa: F401 - the fixture keeps tiny runs on one thread
 
 # Interrupted after epoch 2 of 3, so that the folder holds resume.prev.pt (the state after epoch 1) too.
 SCHEDULE = ("--schedule-epochs", "3")
@@ -372,3 +372,40 @@ def test_a_state_written_within_an_epoch_by_two_processes_resumes_on_one(cifar10
     got, want = read_log(out / "log.jsonl")[-1], read_log(uninterrupted_within / "log.jsonl")[-1]
     assert got["epoch"] == want["epoch"] == 2
     assert got["loss"] == pytest.approx(want["loss"] + 0.5 * 2 / 3, rel=1e-6)
+
+
+def _full_disk_for_writes(monkeypatch, module):
+    """Every file ``module`` opens for writing is /dev/full: its writes fail as on a full disk (ENOSPC)."""
+    import builtins
+
+    if not Path("/dev/full").exists():
+        pytest.skip("/dev/full is not available on this system (needed to simulate a full disk)")
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        return real_open("/dev/full", mode, *args, **kwargs) if "w" in mode else real_open(path, mode, *args, **kwargs)
+    monkeypatch.setattr(module, "open", full, raising=False)
+
+
+def test_a_full_disk_while_saving_stops_in_one_line_and_the_run_resumes(cifar10_npz, tmp_path, interrupted,
+                                                                       uninterrupted, monkeypatch, capsys):
+    """torch.save's own writer turned a full disk into a RuntimeError: "internal error ... unexpected pos ...,
+    please report it" (exit 1). Now one line names the folder, the file not written and --resume (exit 2); the
+    files before are kept as they were, and the run resumes to the uninterrupted run's result."""
+    from ssl_patch_analysis import checkpoints
+
+    out = shutil.copytree(interrupted, tmp_path / "run")
+    before = {name: (out / name).read_bytes() for name in ("resume.pt", "resume.prev.pt", "checkpoint.pt")}
+    with monkeypatch.context() as patch:
+        _full_disk_for_writes(patch, checkpoints)
+        with pytest.raises(SystemExit) as stopped:
+            train_module.main(["--data-root", str(cifar10_npz.parent), "--run-dir", str(out), *TINY, "--epochs", "3",
+                               *SCHEDULE, "--resume"])
+    assert stopped.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert f"the disk holding {out} is full" in line and "was not written" in line and "--resume" in line, line
+    assert "Errno" not in line and "internal error" not in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    resume(cifar10_npz, out)
+    assert_same_run(out, uninterrupted)
