@@ -45,10 +45,13 @@ def weighted_knn_votes(
     temperature: float = 0.07,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Summed vote weights per class, ``num_test x num_classes`` (float32).
+    """Summed vote weights per class, ``num_test x num_classes`` (float32): each of the ``k`` nearest neighbours
+    votes for its class with weight ``exp(similarity / temperature)`` (DINO's and solo-learn's k-NN).
 
-    Features are L2-normalised here (cosine similarity); ``k`` is capped at the bank size. Runs on
-    the device of ``train_features``.
+    Each query's votes are in units of its nearest neighbour's weight (divided by ``exp(s_max / temperature)``),
+    which leaves the prediction unchanged and keeps them finite at any temperature (``exp(1 / 0.005)`` overflows
+    float32: classes tied at inf, the prediction the lowest-numbered). Features are L2-normalised here (cosine
+    similarity); ``k`` is capped at the bank size. Runs on the device of ``train_features``.
     """
     _check_features(train_features, train_labels, test_features, num_classes, k, temperature, chunk_size)
     device = train_features.device
@@ -59,7 +62,7 @@ def weighted_knn_votes(
     for start in range(0, test_features.shape[0], chunk_size):
         query = F.normalize(test_features[start:start + chunk_size].to(device).float(), dim=1)
         similarity, index = (query @ bank.T).topk(k, dim=1)
-        weights = (similarity / temperature).exp()
+        weights = ((similarity - similarity[:, :1]) / temperature).exp()  # topk is sorted: column 0 is the largest
         chunk_votes = torch.zeros(query.shape[0], num_classes, device=device)
         votes.append(chunk_votes.scatter_add_(1, labels[index], weights))
     if not votes:
