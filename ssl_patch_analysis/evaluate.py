@@ -702,6 +702,25 @@ def ids_digest(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(np.asarray(ids, dtype=np.int64)).tobytes()).hexdigest()
 
 
+def _same_images(a: ImageDataset, b: ImageDataset) -> bool:
+    """The same data set and split (one object, or loaded twice: name, split, size and labels agree)."""
+    return a is b or (a.name == b.name and a.split == b.split and len(a) == len(b)
+                      and torch.equal(torch.as_tensor(a.labels), torch.as_tensor(b.labels)))
+
+
+def _check_test_images_not_in_bank(train_data: ImageDataset, test_data: ImageDataset, train_ids: np.ndarray,
+                                   test_ids: np.ndarray) -> None:
+    """A test image in the k-NN bank is its own nearest neighbour (and the probe trains on it): refused."""
+    if not _same_images(train_data, test_data):
+        return
+    shared = np.intersect1d(train_ids, test_ids)
+    if len(shared):
+        raise ValueError(f"train_ids and test_ids share {len(shared)} images of {train_data.name} {train_data.split}: "
+                         "a test image in the k-NN bank is its own nearest neighbour (and the linear probe trains on "
+                         "it); pass disjoint ids (subset_ids(labels, size, exclude=train_ids) draws them), or a test "
+                         "split")
+
+
 def evaluate_protocols(
     model: SSLModel,
     train_data: ImageDataset,
@@ -756,6 +775,7 @@ def evaluate_protocols(
     num_classes = len(train_data.class_names)
     train_ids = np.arange(len(train_data)) if train_ids is None else np.asarray(train_ids)
     test_ids = np.arange(len(test_data)) if test_ids is None else np.asarray(test_ids)
+    _check_test_images_not_in_bank(train_data, test_data, train_ids, test_ids)
     requested_ks = [int(k) for k in ks]
     ks = effective_ks(requested_ks, len(train_ids))
     if ks != requested_ks:

@@ -83,7 +83,7 @@ def save_json(obj: Any, path: Path | str) -> Path:
         if not is_disk_full(error):
             raise
         kept = f"the earlier {path.name} is kept" if path.is_file() else f"no {path.name} was there before"
-        raise disk_full(path.parent, path.name, kept, OUTPUT_ADVICE) from error
+        raise disk_full(path.parent, path.name, kept, "free some space and run the same command again") from error
     finally:
         tmp.unlink(missing_ok=True)
     return path

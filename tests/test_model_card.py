@@ -214,7 +214,8 @@ def test_model_card_that_cannot_write_its_json_says_so_with_the_numbers(tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("os.replace", full_disk)
-    with pytest.raises(SystemExit, match=r"cannot write the card .*No space left.*measured so far: .*\"knn\": "):
+    with pytest.raises(SystemExit, match=r"cannot write the card .*is full: card.json was not written.*measured so "
+                                         r"far: .*\"knn\": "):
         card.main([str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "40",
                    "--probe-epochs", "2", "--protocols", "central", "--no-progress",
                    "--json", str(tmp_path / "card.json")])
