@@ -65,13 +65,16 @@ STORE_VERSION = 2  # 2: checksums (records per batch, meta.json digest); version
 LAYERS = ("h", "z", "pre_feature")
 STORE_DTYPES = ("float16", "float32")
 LOCK_FILE = ".lock"
+# Written first by a store's creation and removed once its meta.json is in: files named like a store's without
+# meta.json are leftovers to replace only where it is there (else they may be a user's own h.npy, kept).
+CREATING_FILE = ".creating"
 SMALL_FILES = ("image_ids.npy", "labels.npy")
 _ROW_ARRAYS = ("boxes",)  # written per batch beside the layers
 _RECORD_DTYPE = np.dtype("<u4")
 _RECORD_FILE = "batches.rank{}.npy"
 # Every name a store writes (done.rank<r>.npy: version 1); nothing else in its folder is ever touched.
 _OWN_FILE = re.compile(
-    r"(meta\.json|(h|z|pre_feature|boxes|image_ids|labels)\.npy|(batches|done)\.rank\d+\.npy)(\.tmp)?|\.lock"
+    r"(meta\.json|(h|z|pre_feature|boxes|image_ids|labels)\.npy|(batches|done)\.rank\d+\.npy)(\.tmp)?|\.lock|\.creating"
 )
 # A store whose meta.json cannot be trusted (or read) can only be replaced.
 _REPLACE_ADVICE = ("re-extract it: re-run the command that made it with --overwrite (overwrite=True), which replaces "
@@ -241,8 +244,9 @@ def _read_meta_if_any(path: Path) -> dict[str, Any] | None:
     return _read_meta(path)
 
 
-def _check_writable_folder(path: Path) -> None:
-    """FileExistsError unless ``path`` is absent, empty, or holds a store (damaged too) or leftovers of one."""
+def _check_writable_folder(path: Path, overwrite: bool = False) -> None:
+    """FileExistsError unless ``path`` is absent, empty, or holds a store (damaged too) or leftovers of one (files
+    named like a store's without meta.json: only a creation's own, or any with ``overwrite``)."""
     if not path.exists():
         return
     if not path.is_dir():
@@ -260,11 +264,18 @@ def _check_writable_folder(path: Path) -> None:
             return
         raise FileExistsError(f"{path} holds a meta.json that is not a patch-embedding store's; refusing to write "
                               "into it: choose another --store")
-    if any(not _OWN_FILE.fullmatch(entry.name) for entry in path.iterdir()):
+    names = [entry.name for entry in path.iterdir()]
+    if any(not _OWN_FILE.fullmatch(name) for name in names):
         raise FileExistsError(
             f"{path} exists and is not a patch-embedding store (no meta.json); refusing to write into it: "
             "choose another --store"
         )
+    data = sorted(name for name in names if name not in (LOCK_FILE, CREATING_FILE))
+    # a store's own batch records (valid ones) beside the files: a store that lost its meta.json, said when read
+    if data and CREATING_FILE not in names and not overwrite and not _has_records(path):
+        raise FileExistsError(f"{path} holds {', '.join(data)} without a store's meta.json, not written by a store "
+                              "being created (it marks its folder first); refusing to replace them: choose another "
+                              "--store, or pass --overwrite to replace them (a store whose meta.json was lost)")
 
 
 def _own_files(path: Path) -> list[Path]:
@@ -810,7 +821,7 @@ def prepare_store(
     path = Path(path)
     settings = _json_roundtrip(dict(settings))
     entries = {**(info or {}), **settings}
-    _check_writable_folder(path)
+    _check_writable_folder(path, overwrite)
     try:
         meta = _read_meta_if_any(path)
     except (DamagedStoreError, StoreVersionError):
@@ -922,6 +933,7 @@ def _create_store(path: Path, entries: Mapping[str, Any], arrays: Mapping[str, t
     made_folder = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
+        (path / CREATING_FILE).write_text(f"{os.getpid()}\n")  # until meta.json: the files here are this creation's
         for name, (shape, array_dtype) in arrays.items():
             _create_array(path / f"{name}.npy", shape, array_dtype)
         small = {"image_ids.npy": _npy_bytes(image_ids), "labels.npy": _npy_bytes(np.asarray(labels, dtype=np.int64))}
@@ -945,6 +957,7 @@ def _create_store(path: Path, entries: Mapping[str, Any], arrays: Mapping[str, t
             "num_batches": -(-n // batch_size),
         }
         _write_meta(path, meta)
+        (path / CREATING_FILE).unlink()
     except OSError as error:
         _remove_own_files(path)
         if made_folder:

@@ -250,3 +250,40 @@ def test_lock_of_a_folder_that_cannot_be_written_is_skipped(tmp_path, monkeypatc
     monkeypatch.setattr(store.os, "open", read_only)
     with store.store_lock(path):  # a reader of a store it may not write: nothing to lock
         assert store.verify_store(path) == []
+
+
+def test_a_users_own_arrays_named_like_a_stores_are_never_replaced(tmp_path):
+    """A folder holding h.npy / labels.npy of the user's own (no meta.json) was taken for the leftovers of an
+    unfinished store and replaced without a word. Leftovers are only what a creation marks as its own (it writes a
+    marker first); anything else is refused in one line, and the files are kept, unless --overwrite asks (the advice
+    for a store whose meta.json was lost)."""
+    own = tmp_path / "mine"
+    own.mkdir()
+    np.save(own / "h.npy", np.arange(6.0))
+    np.save(own / "labels.npy", np.arange(3))
+    before = {p.name: p.read_bytes() for p in own.iterdir()}
+    with pytest.raises(FileExistsError, match=r"h.npy, labels.npy .*not written by a store being created.*"
+                                              r"--overwrite") as e:
+        prepare_store(own, SETTINGS, layout())
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in own.iterdir()} == before
+    assert prepare_store(own, SETTINGS, layout(), overwrite=True).complete is False  # asked for: replaced
+    assert (own / "meta.json").is_file()
+
+    # a creation stopped before its meta.json (killed): its own leftovers are replaced by the next run
+    path = tmp_path / "s"
+    real = store._write_meta
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    store._write_meta = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare_store(path, SETTINGS, layout())
+    finally:
+        store._write_meta = real
+    assert (path / "h.npy").exists() and not (path / "meta.json").exists()
+    plan = prepare_store(path, SETTINGS, layout())
+    assert plan.complete is False and (path / "meta.json").is_file()
+    assert not (path / store.CREATING_FILE).exists()
