@@ -1230,11 +1230,21 @@ def _resume_state_problem(path: Path, device: torch.device) -> tuple[dict[str, A
     return state, None
 
 
-def _read_resume_state(path: Path, device: torch.device) -> tuple[dict[str, Any], Path]:
+def _start_over(folder: Path) -> str:
+    """What to do with a run folder that cannot be continued: its checkpoint.pt (if readable) can seed a new run."""
+    checkpoint = folder / "checkpoint.pt"
+    if _checkpoint_problem(checkpoint) is None:
+        return (f"pass another --run-dir (with --init-from {checkpoint} to start from the weights of its last "
+                f"finished epoch), or delete {folder} to start over")
+    return f"pass another --run-dir, or delete {folder} to start over"
+
+
+def _read_resume_state(path: Path, device: torch.device, say: bool = True) -> tuple[dict[str, Any], Path]:
     """The resume state for ``--resume`` and the file it came from: ``resume.pt``, or ``resume.prev.pt`` (with a
-    notice) when ``resume.pt`` is missing or damaged; one line saying what to do when neither can be used."""
-    start_over = (f"it cannot be continued: pass another --run-dir, or delete {path.parent} to start over "
-                  "(checkpoint.pt, if present, still holds the last finished epoch's weights)")
+    notice, on the process that says things: ``say``) when ``resume.pt`` is missing or damaged; one line saying what
+    to do when neither can be used."""
+    start_over = f"it cannot be continued: {_start_over(path.parent)}"
+    tell = notice if say else (lambda message: None)
     previous = path.with_name(PREVIOUS_RESUME)
     if not path.is_file() and not previous.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist, so {start_over}" if path.parent.is_dir() else
@@ -1246,7 +1256,7 @@ def _read_resume_state(path: Path, device: torch.device) -> tuple[dict[str, Any]
         if int(state.get("writes", state["epoch"])) >= 2 and CHECKSUM_KEY in state:
             _, previous_problem = _resume_state_problem(previous, device)
             if previous_problem is not None:
-                notice(f"{previous} (the previous epoch's resume state, used only when resume.pt is damaged) is "
+                tell(f"{previous} (the previous epoch's resume state, used only when resume.pt is damaged) is "
                        f"{previous_problem}; the next epoch writes it again")
         return state, path
     if previous.is_file():
@@ -1255,11 +1265,11 @@ def _read_resume_state(path: Path, device: torch.device) -> tuple[dict[str, Any]
             assert fallback is not None
             epoch = int(fallback["epoch"])
             if fallback.get("in_epoch"):
-                notice(f"{path} is {problem}; continuing from {previous} (after step "
+                tell(f"{path} is {problem}; continuing from {previous} (after step "
                        f"{int(fallback['in_epoch']['steps_done'])} in epoch {epoch + 1}): the steps after it are "
                        "trained again, with the same result")
             else:
-                notice(f"{path} is {problem}; continuing from {previous} (epoch {epoch}): epoch {epoch + 1} is "
+                tell(f"{path} is {problem}; continuing from {previous} (epoch {epoch}): epoch {epoch + 1} is "
                        "trained again, with the same result")
             return fallback, previous
         problem = f"{problem}, and {previous} is {previous_problem} too"
@@ -1350,7 +1360,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
     loss_fn = build_loss(config.method)
     images_sha256 = tensor_sha256(data.images)  # the pixels trained on, in order: a resumed run must train on them
     if config.resume:
-        state, resume_source = _read_resume_state(resume_path, device)
+        state, resume_source = _read_resume_state(resume_path, device, say=main)
         recorded = {**_unrecorded_settings(state["args"]), **state["args"]}
         unused = ("lars_eta", "lars_clip") if config.optimizer != "lars" else ()
         unused += ("blur_kernel_size",) if not config.blur_p else ()  # blur_p is fixed too: no blur then or now
@@ -1409,7 +1419,7 @@ def setup_run(config: TrainConfig, processes: Processes) -> TrainingRun:
             raise FileExistsError(f"{out / 'checkpoint.pt'} exists: pass --resume to continue that run, or another "
                                   "--run-dir")
         raise FileExistsError(f"{out} holds a finished or foreign run (checkpoint.pt without resume.pt, so it cannot "
-                              "be continued): pass another --run-dir, or delete the folder to start over")
+                              f"be continued): {_start_over(out)}")
 
     if main:
         out.mkdir(parents=True, exist_ok=True)

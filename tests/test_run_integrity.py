@@ -208,7 +208,10 @@ def test_both_resume_states_damaged_say_so_in_one_line(cifar10_npz, tmp_path, in
     assert "\n" not in message
     assert f"{out / 'resume.pt'} is damaged (its contents no longer match their sha256), and " \
            f"{out / 'resume.prev.pt'} is damaged" in message
-    assert "cannot be continued: pass another --run-dir, or delete" in message
+    assert f"cannot be continued: pass another --run-dir (with --init-from {out / 'checkpoint.pt'}" in message
+    # the advice works: a new run starts from the intact checkpoint's weights
+    train(tiny_args(cifar10_npz.parent, tmp_path / "new", "--epochs", "1", "--init-from", str(out / "checkpoint.pt")))
+    assert read_log(tmp_path / "new" / "log.jsonl")[0]["init_from"]["path"] == str(out / "checkpoint.pt")
 
 
 def test_read_log_checks_each_lines_crc(tmp_path, interrupted):
@@ -340,6 +343,10 @@ def test_damaged_state_and_checkpoint_within_an_epoch_fall_back_and_lose_nothing
     out = shutil.copytree(killed_within, tmp_path / "run")
     flip(out / "resume.pt", largest_tensor_offset(out / "resume.pt"), 0x01)
     flip(out / "checkpoint.pt", largest_tensor_offset(out / "checkpoint.pt"), 0x01)
+    # the other processes of a torchrun read the same state and fall back too, without saying so again (each said
+    # it: the notice came once per process)
+    _, source = train_module._read_resume_state(out / "resume.pt", torch.device("cpu"), say=False)
+    assert source == out / "resume.prev.pt" and capsys.readouterr().err == ""
     train(tiny_args(cifar10_npz.parent, out, *WITHIN, "--resume"))
     notices = [line for line in capsys.readouterr().err.splitlines() if line.startswith("notice: ")]
     assert len(notices) == 2, notices

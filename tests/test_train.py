@@ -273,7 +273,8 @@ def test_damaged_or_missing_resume_state_gives_one_consistent_advice(cifar10_npz
     (out / "resume.prev.pt").unlink()  # with it, --resume falls back to it (tests/test_run_integrity.py)
     data = (out / "resume.pt").read_bytes()
     (out / "resume.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"resume\.pt is damaged .*pass another --run-dir, or delete"):
+    with pytest.raises(ValueError, match=r"resume\.pt is damaged .*pass another --run-dir \(with --init-from .*\), "
+                                         r"or delete"):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
     torch.save({"model": {}}, out / "resume.pt")
     with pytest.raises(ValueError, match=r"not this trainer's resume state \(no args, optimizer"):
@@ -281,9 +282,12 @@ def test_damaged_or_missing_resume_state_gives_one_consistent_advice(cifar10_npz
     # resume.pt gone, checkpoint.pt kept: with and without --resume the advice is the same (was: "run
     # without --resume", then "pass --resume").
     (out / "resume.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="cannot be continued: pass another --run-dir, or delete"):
+    # the advice names the intact checkpoint.pt as a start (was: "delete the folder", with the weights in it)
+    with pytest.raises(FileNotFoundError, match=r"cannot be continued: pass another --run-dir \(with --init-from "
+                                                r".*checkpoint\.pt to start from the weights of its last finished "
+                                                r"epoch\), or delete"):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "3", "--resume"))
-    with pytest.raises(FileExistsError, match="cannot be continued\\): pass another --run-dir, or delete"):
+    with pytest.raises(FileExistsError, match=r"cannot be continued\): pass another --run-dir \(with --init-from"):
         train(tiny_args(cifar10_npz.parent, out, "--epochs", "3"))
     with pytest.raises(FileNotFoundError, match="there is no run in"):
         train(tiny_args(cifar10_npz.parent, tmp_path / "never", "--epochs", "3", "--resume"))
