@@ -285,7 +285,8 @@ def ship_verdict(rows: list[dict]) -> tuple[bool, str]:
         return f"{r['a']} {r['classifier']} {d['value']:+.2f} [{d['ci95_low']:+.2f}, {d['ci95_high']:+.2f}]"
 
     worse = [line(r) for r in same if r["difference"]["ci95_high"] < 0]
-    flat = [line(r) for r in same if r["classifier"] == "knn" and r["difference"]["ci95_low"] <= 0]
+    # an interval that is not a number (one test image) is no gain: NaN <= 0 is false, so it is asked the other way
+    flat = [line(r) for r in same if r["classifier"] == "knn" and not r["difference"]["ci95_low"] > 0]
     if worse:
         return False, "worse beyond the interval: " + "; ".join(worse)
     if flat:

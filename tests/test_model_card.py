@@ -526,3 +526,16 @@ def test_command_line_errors_are_one_line_with_status_2(tmp_path, cifar10_npz, t
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and said in err, err  # before any data is decoded
     assert not (tmp_path / "card.json").exists()
+
+
+def test_a_verdict_whose_interval_is_not_a_number_keeps_the_shipped_model():
+    """With one test image the paired interval is NaN; NaN <= 0 and NaN < 0 are both false, so the candidate was
+    shipped (exit 0) on no evidence. An interval that is not a number is no gain."""
+    card = _card_module()
+    nan = float("nan")
+    rows = [{"a": "central", "b": "central", "classifier": "knn",
+             "difference": {"value": 1.0, "ci95_low": nan, "ci95_high": nan}},
+            {"a": "central", "b": "central", "classifier": "linear",
+             "difference": {"value": 0.0, "ci95_low": nan, "ci95_high": nan}}]
+    ship, reason = card.ship_verdict(rows)
+    assert ship is False and "not better beyond the interval" in reason
