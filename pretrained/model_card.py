@@ -57,6 +57,7 @@ from ssl_patch_analysis.claims import paired_difference
 from ssl_patch_analysis.data import load_dataset
 from ssl_patch_analysis.evaluate import (
     ProbeSchedule,
+    effective_ks,
     evaluate_protocols,
     pretraining_scale,
     protocol_title,
@@ -66,13 +67,16 @@ from ssl_patch_analysis.evaluate import (
 from ssl_patch_analysis.extract import extract_patch_embeddings, extraction_options
 from ssl_patch_analysis.models import randomly_initialised
 from ssl_patch_analysis.patches import central, random_fixed
-from ssl_patch_analysis.report import save_json
+from ssl_patch_analysis.report import data_label, save_json
 from ssl_patch_analysis.store import file_sha256
 
 CALIBRATION_IMAGES = 512
 # What two cards must share for one's measurement to stand for the other's (a resumed part, a shared control); the
 # test ids' sha256 follows from the images and the seed, and is known only once a part has been measured.
-SAME_SETTINGS = ("train_images", "test_images", "knn", "probe", "extraction", "seed")
+SAME_SETTINGS = ("train_images", "test_images", "knn", "probe", "extraction", "seed", "data")
+# Settings a card written before they were recorded lacks: unknown there, so not compared (cards before 2026-12-08
+# have no "data"; the project's were all measured on CIFAR-10 (JPEG copy)).
+_RECORDED_LATER = ("data",)
 
 
 def amp_agreement(model, data, protocols, device) -> dict[str, dict[str, float]]:
@@ -133,7 +137,8 @@ def _differences(row: dict, other: dict, keys: tuple[str, ...]) -> list[str]:
     def value(card: dict, key: str):
         return card.get(key, 0) if key == "seed" else card.get(key)
     return [f"{key} ({value(other, key)!r} there, {value(row, key)!r} here)" for key in keys
-            if value(other, key) != value(row, key)]
+            if value(other, key) != value(row, key)
+            and not (key in _RECORDED_LATER and (key not in row or key not in other))]
 
 
 def earlier_rows(path: str | None) -> list:
@@ -233,6 +238,9 @@ def compare_cards(path_a: str, path_b: str, a: dict, b: dict, kind: str = "train
     """Card ``a`` (read from ``path_a`` by ``_read_card``) minus card ``b``, paired over the same test images: one row
     per protocol of A, protocol of B and classifier (k-NN, linear), with the Student-t 95% interval of the mean
     per-image difference."""
+    if a.get("data") and b.get("data") and a["data"] != b["data"]:  # the same ids of other pixels (official vs JPEG)
+        raise SystemExit(f"error: {path_a} and {path_b} were measured on different data ({a['data']} vs {b['data']}): "
+                         "measure both on the same data (--data-root)")
     if a["test_ids_sha256"] != b["test_ids_sha256"]:
         raise SystemExit(f"error: {path_a} and {path_b} were measured on different test images (test ids sha256 "
                          f"{a['test_ids_sha256'][:12]} vs {b['test_ids_sha256'][:12]}): measure both with the same "
@@ -368,6 +376,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     test = load_dataset("cifar10", "test", root=args.data_root)
     train_ids = subset_ids(train.labels.numpy(), args.max_images, args.seed)
     test_ids = subset_ids(test.labels.numpy(), args.max_images, args.seed)
+    (knn_k,) = effective_ks([20], len(train_ids))  # the k used: a bank of fewer than 20 images caps it
     schedule = ProbeSchedule()
     if args.probe_epochs:
         schedule = dataclasses.replace(schedule, epochs=args.probe_epochs)
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"command": cli.command_line("python pretrained/model_card.py", argv),
                "checkpoint": path, "checkpoint_sha256": sha256, "method": method,
                "train_images": len(train_ids), "test_images": len(test_ids),
-               "knn": "weighted, cosine, k=20, T=0.07", "probe": schedule.describe(),
+               "knn": f"weighted, cosine, k={knn_k}, T=0.07", "probe": schedule.describe(), "data": data_label(test),
                "extraction": "bf16 autocast" if args.amp else "float32", "device": str(device), "seed": args.seed,
                "patch_scale": _patch_scale(model), "correct": {}}
         rows.append(row)

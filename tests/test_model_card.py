@@ -3,6 +3,7 @@ import functools
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,8 @@ def test_model_card_numbers_are_evaluates_for_model_and_control(tmp_path, cifar1
     assert row["command"] == "python pretrained/model_card.py " + " ".join(argv)  # as every JSON output records it
     assert set(row["trained"]) == set(row["random_init"]) == {"central", "2 patches"}
     assert row["train_images"] == row["test_images"] == 60
+    # the pixels measured (the official CIFAR-10 files and the JPEG copy share test ids) and the k used
+    assert row["data"] == "CIFAR-10 (JPEG copy) test" and row["knn"] == "weighted, cosine, k=20, T=0.07"
 
     # The same numbers from evaluate's own entry point, computed here independently of the card.
     loaded = load_model(checkpoint, verbose=False)
@@ -539,3 +542,23 @@ def test_a_verdict_whose_interval_is_not_a_number_keeps_the_shipped_model():
              "difference": {"value": 0.0, "ci95_low": nan, "ci95_high": nan}}]
     ship, reason = card.ship_verdict(rows)
     assert ship is False and "not better beyond the interval" in reason
+
+
+def test_cards_of_other_data_are_not_compared_and_a_small_bank_names_its_k(tmp_path, cifar10_npz, tiny_model):
+    """Two cards of the same test ids on other pixels (the official CIFAR-10 files, the JPEG copy) were compared
+    paired without a word; a card with fewer than 20 training images said k=20 while measuring with fewer."""
+    card = _card_module()
+    a = _synthetic_card(tmp_path / "a.json", "1" * 10, "1" * 10)
+    b = _synthetic_card(tmp_path / "b.json", "1" * 10, "1" * 10)
+    for path, data in ((a, "CIFAR-10 test"), (b, "CIFAR-10 (JPEG copy) test")):
+        rows = json.loads(Path(path).read_text())
+        rows[0]["data"] = data
+        Path(path).write_text(json.dumps(rows))
+    with pytest.raises(SystemExit, match=r"different data \(CIFAR-10 test vs CIFAR-10 \(JPEG copy\) test\)"):
+        card.main(["--compare", a, b])
+    checkpoint = tmp_path / "tiny.pt"
+    save_checkpoint(tiny_model, checkpoint, train={"method": "vicreg"})
+    card.main([str(checkpoint), "--data-root", str(cifar10_npz.parent), "--device", "cpu", "--max-images", "12",
+               "--probe-epochs", "1", "--protocols", "central", "--no-progress", "--json", str(tmp_path / "c.json")])
+    (row,) = json.loads((tmp_path / "c.json").read_text())
+    assert row["knn"] == "weighted, cosine, k=12, T=0.07" and row["train_images"] == 12
