@@ -90,6 +90,7 @@ from .checkpoints import (
     with_checksum,
 )
 from .data import ARCHIVE_DATASETS, ImageDataset, TensorImageDataset, load_dataset
+from .errors import disk_full, is_disk_full
 from .evaluate import PatchScale, protocol_sampler, protocol_title
 from .extract import (
     boxes_are_exact,
@@ -941,8 +942,16 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _append_log(path: Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(line)
+    """One record appended to log.jsonl (after the resume state, which holds a copy of the log: --resume restores a
+    line a full disk kept out)."""
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full(path.parent, f"{path.name}'s last line", "the resume state holds a copy of the log",
+                        "free some space, then continue the run with --resume (it restores the line)") from error
 
 
 def _device_name(device: torch.device) -> str:

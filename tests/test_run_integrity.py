@@ -381,8 +381,9 @@ def test_a_state_written_within_an_epoch_by_two_processes_resumes_on_one(cifar10
     assert got["loss"] == pytest.approx(want["loss"] + 0.5 * 2 / 3, rel=1e-6)
 
 
-def _full_disk_for_writes(monkeypatch, module):
-    """Every file ``module`` opens for writing is /dev/full: its writes fail as on a full disk (ENOSPC)."""
+def _full_disk_for_writes(monkeypatch, module, modes="w"):
+    """Every file ``module`` opens for writing (a mode with one of ``modes``) is /dev/full: its writes fail as on a
+    full disk (ENOSPC)."""
     import builtins
 
     if not Path("/dev/full").exists():
@@ -390,7 +391,8 @@ def _full_disk_for_writes(monkeypatch, module):
     real_open = builtins.open
 
     def full(path, mode="r", *args, **kwargs):
-        return real_open("/dev/full", mode, *args, **kwargs) if "w" in mode else real_open(path, mode, *args, **kwargs)
+        full = any(m in mode for m in modes)
+        return real_open("/dev/full", mode, *args, **kwargs) if full else real_open(path, mode, *args, **kwargs)
     monkeypatch.setattr(module, "open", full, raising=False)
 
 
@@ -416,3 +418,21 @@ def test_a_full_disk_while_saving_stops_in_one_line_and_the_run_resumes(cifar10_
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
     resume(cifar10_npz, out)
     assert_same_run(out, uninterrupted)
+
+
+def test_a_full_disk_while_appending_the_log_says_resume_and_the_log_comes_back(cifar10_npz, tmp_path, interrupted,
+                                                                               uninterrupted, monkeypatch, capsys):
+    """The log line is written after the resume state (which holds a copy of the log): a full disk there was the
+    generic "run the same command again", which would start over; --resume restores the line."""
+    out = shutil.copytree(interrupted, tmp_path / "run")
+    with monkeypatch.context() as patch:
+        _full_disk_for_writes(patch, train_module, modes="a")  # the log's appends (checkpoints write the states)
+        with pytest.raises(SystemExit) as stopped:
+            train_module.main(["--data-root", str(cifar10_npz.parent), "--run-dir", str(out), *TINY, "--epochs", "3",
+                               *SCHEDULE, "--resume"])
+    assert stopped.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert f"the disk holding {out} is full: log.jsonl" in line and "--resume" in line, line
+    resume(cifar10_npz, out)
+    assert_same_run(out, uninterrupted)
+
