@@ -835,6 +835,7 @@ def prepare_store(
         return StorePlan(path, path, False)
     differing = sorted(key for key in settings if meta.get(key) != settings[key])
     if not differing:
+        _say_unfinished_replacement(path)
         return StorePlan(path, path, _check_and_repair(path, meta, layout))
     if overwrite or _holds_no_batch(path, meta):
         if not overwrite:  # a start that failed (a bad image, memory) before its first batch: nothing is lost
@@ -880,6 +881,18 @@ def _check_and_repair(path: Path, meta: dict[str, Any], layout: StoreLayout) -> 
           f"{'; ...' if len(found.damage) > 3 else ''}): {action}", file=sys.stderr, flush=True)
     _repair(path, meta, layout, found)
     return False
+
+
+def _say_unfinished_replacement(path: Path) -> None:
+    """An interrupted --overwrite left its replacement beside the store (as large as a store): said where the store
+    is used as it is, so that it is neither forgotten on the disk nor removed behind its command's back."""
+    staging = path.resolve().with_name(f".{path.resolve().name}.new")
+    if not staging.is_dir():
+        return
+    size = sum(entry.stat().st_size for entry in staging.iterdir() if entry.is_file())
+    print(f"note: {staging} holds an unfinished replacement of {path} ({size / 2**20:,.1f} MiB; an interrupted "
+          "--overwrite with other settings); the store is used as it is: run that --overwrite command again to "
+          f"finish it, or delete {staging}", file=sys.stderr)
 
 
 def _replace_beside(path: Path, entries: Mapping[str, Any], settings: Mapping[str, Any],

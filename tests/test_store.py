@@ -287,3 +287,19 @@ def test_a_users_own_arrays_named_like_a_stores_are_never_replaced(tmp_path):
     plan = prepare_store(path, SETTINGS, layout())
     assert plan.complete is False and (path / "meta.json").is_file()
     assert not (path / store.CREATING_FILE).exists()
+
+
+def test_an_unfinished_replacement_beside_a_store_is_said_when_the_store_is_used(tmp_path, capsys):
+    """An --overwrite with other settings, interrupted, leaves its replacement in a hidden folder beside the store
+    (as large as a store); the old command, run again, used the store as it was and never mentioned it."""
+    path = tmp_path / "s"
+    prepare_store(path, SETTINGS, layout())
+    other = {**SETTINGS, "dtype": "float32"}
+    staging = prepare_store(path, other, layout(dtype="float32"), overwrite=True).path  # then interrupted
+    capsys.readouterr()
+    assert prepare_store(path, SETTINGS, layout()).path == path
+    err = capsys.readouterr().err
+    assert f"{staging} holds an unfinished replacement of {path}" in err and "--overwrite" in err
+    assert "delete" in err and staging.is_dir()  # said, not removed: that run can still finish it
+    prepare_store(path, other, layout(dtype="float32"), overwrite=True)  # resuming the replacement: no notice
+    assert "unfinished replacement" not in capsys.readouterr().err
