@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DiskFullError, is_disk_full
+
 STORE_FORMAT = "ssl_patch_analysis.patch_embeddings"
 STORE_VERSION = 2  # 2: checksums (records per batch, meta.json digest); version 1 stores are re-extracted
 LAYERS = ("h", "z", "pre_feature")
@@ -723,12 +725,9 @@ def _staging_dir(path: Path) -> Path:
 
 
 def _explain_os_error(error: OSError, path: Path) -> OSError:
-    if error.errno == errno.ENOSPC:
-        return OSError(
-            errno.ENOSPC,
-            f"the disk holding {path} is full: free some space (or choose another --store) and re-run "
-            "the same command; an interrupted store resumes where it stopped",
-        )
+    if is_disk_full(error):
+        return DiskFullError(f"the disk holding {path} is full: free some space (or choose another --store) and "
+                             "re-run the same command; an interrupted store resumes where it stopped")
     return error
 
 
@@ -883,10 +882,15 @@ def _check_and_repair(path: Path, meta: dict[str, Any], layout: StoreLayout) -> 
     return False
 
 
+def _replacement_path(path: Path) -> Path:
+    """Where ``--overwrite`` builds the replacement of the store at ``path``: ``.<name>.new`` beside it."""
+    return path.resolve().with_name(f".{path.resolve().name}.new")
+
+
 def _say_unfinished_replacement(path: Path) -> None:
     """An interrupted --overwrite left its replacement beside the store (as large as a store): said where the store
     is used as it is, so that it is neither forgotten on the disk nor removed behind its command's back."""
-    staging = path.resolve().with_name(f".{path.resolve().name}.new")
+    staging = _replacement_path(path)
     if not staging.is_dir():
         return
     size = sum(entry.stat().st_size for entry in staging.iterdir() if entry.is_file())
@@ -898,7 +902,7 @@ def _say_unfinished_replacement(path: Path) -> None:
 def _replace_beside(path: Path, entries: Mapping[str, Any], settings: Mapping[str, Any],
                     layout: StoreLayout) -> StorePlan:
     """Build (or resume building) the replacement of the store at ``path`` in ``.<name>.new`` beside it."""
-    staging = path.resolve().with_name(f".{path.resolve().name}.new")
+    staging = _replacement_path(path)
     _check_writable_folder(staging)
     try:
         meta = _read_meta_if_any(staging)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ssl_patch_analysis import store
+from ssl_patch_analysis.errors import DiskFullError
 from ssl_patch_analysis.store import (
     PatchEmbeddings,
     StoreLayout,
@@ -164,6 +165,8 @@ def test_full_disk_while_writing_leaves_a_resumable_store(tmp_path, monkeypatch)
         with pytest.raises(OSError, match=r"full.*re-run the same command") as error:
             writer.write_batch(1, rows_of(emb, writer.batch_rows(1)))
         assert error.value.errno == errno.ENOSPC
+        # the one mechanism every writer uses (it was a plain OSError, said as "[Errno 28] the disk holding ...")
+        assert isinstance(error.value, DiskFullError) and "Errno" not in str(error.value)
         monkeypatch.setattr(store.os, "pwrite", real_pwrite)
         assert done_batches(path).tolist() == [True, False, False]
         for batch in writer.pending_batches():
